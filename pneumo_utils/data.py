@@ -1,0 +1,162 @@
+"""Splits, tf.data input pipelines and class weights, all driven by the index table.
+
+See :mod:`pneumo_utils.datasets` for the index (one row per image: path, label, patient,
+split, source). Everything here takes the index and never looks at folders again.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.utils.class_weight import compute_class_weight
+
+from pneumo_utils.images import read_resized
+
+
+class PatientLeakError(AssertionError):
+    """A patient appears in more than one split."""
+
+
+def set_seed(seed: int, deterministic_ops: bool = True) -> None:
+    """Seed Python, NumPy and TensorFlow; optionally make TensorFlow ops deterministic.
+
+    Op determinism makes two runs with the same seed give identical weights on CPU,
+    at some cost in speed for a few kernels.
+    """
+    import tensorflow as tf
+
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    tf.keras.utils.set_random_seed(seed)
+    if deterministic_ops:
+        tf.config.experimental.enable_op_determinism()
+
+
+def grouped_split(
+    index: pd.DataFrame,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    source_split: str = "train",
+    keep_official_val: bool = False,
+) -> pd.DataFrame:
+    """Carve a patient-grouped, class-stratified validation split out of ``source_split``.
+
+    Kermany's official ``val`` holds only 16 images, far too few to choose a threshold or to
+    early-stop on; a validation set carved from train by *patient* is both larger and honest
+    (no patient's images on both sides). The official val images are merged into train
+    unless ``keep_official_val`` is true, in which case they stay in ``val`` too.
+
+    Parameters
+    ----------
+    index : the index table.
+    val_fraction : fraction of ``source_split`` patients moved to ``val`` (0 < f < 1).
+    seed : seeds the fold assignment.
+
+    Returns a copy of the index with an updated ``split`` column.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    out = index.copy()
+    if not keep_official_val:
+        out.loc[out["split"] == "val", "split"] = source_split
+    pool = out[out["split"] == source_split]
+    n_splits = max(2, round(1.0 / val_fraction))
+    if pool["patient"].nunique() < n_splits:
+        raise ValueError(
+            f"{pool['patient'].nunique()} patients in split {source_split!r} are too few for "
+            f"a validation fraction of {val_fraction}; lower it or add data."
+        )
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    _, val_rows = next(folds.split(pool, pool["label"], groups=pool["patient"]))
+    out.loc[pool.index[val_rows], "split"] = "val"
+    assert_no_patient_leak(out)
+    return out
+
+
+def assert_no_patient_leak(index: pd.DataFrame) -> None:
+    """Raise :class:`PatientLeakError` when any patient id is in two or more splits."""
+    per_patient = index.groupby("patient")["split"].nunique()
+    leaked = per_patient[per_patient > 1]
+    if len(leaked):
+        examples = ", ".join(map(str, leaked.index[:5]))
+        raise PatientLeakError(f"{len(leaked)} patient(s) appear in several splits: {examples}")
+
+
+def subsample(index: pd.DataFrame, max_per_class: int | None, seed: int = 0) -> pd.DataFrame:
+    """At most ``max_per_class`` images per (split, class), sampled reproducibly.
+
+    For quick runs; ``None`` returns the index unchanged.
+    """
+    if max_per_class is None:
+        return index
+    parts = [
+        group.sample(n=min(len(group), max_per_class), random_state=seed)
+        for _, group in index.groupby(["split", "label"], sort=True)
+    ]
+    return pd.concat(parts).sort_index()
+
+
+def class_weights(labels: np.ndarray) -> dict[int, float]:
+    """Balanced class weights ``n / (2 * n_c)`` for Keras' ``class_weight`` (scikit-learn)."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=classes, y=labels)
+    return {int(c): float(w) for c, w in zip(classes, weights, strict=True)}
+
+
+def image_dataset(
+    paths: list[str],
+    labels: np.ndarray | None = None,
+    image_size: int = 224,
+    batch_size: int = 32,
+    shuffle: bool = False,
+    seed: int = 0,
+    cache: bool | str = True,
+):
+    """A tf.data pipeline of resized RGB images from file paths.
+
+    Decoding runs in parallel (Pillow/pydicom through :func:`read_resized`, which handles
+    JPEG, PNG of any mode, DICOM and very large images), decoded ``uint8`` images are cached
+    (in memory, or in a file when ``cache`` is a path) so later epochs skip decoding, and
+    batches are prefetched. Backbone preprocessing lives inside the models, so the pipeline
+    yields raw pixel values.
+
+    Yields ``float32`` batches of shape ``(batch, image_size, image_size, 3)`` in 0-255,
+    paired with ``float32`` labels of shape ``(batch,)`` when ``labels`` is given.
+    """
+    import tensorflow as tf
+
+    def load(path):
+        image = tf.numpy_function(
+            lambda p: read_resized(p.decode(), image_size), [path], tf.uint8, stateful=False
+        )
+        image.set_shape((image_size, image_size, 3))
+        return image
+
+    autotune = tf.data.AUTOTUNE
+    images = tf.data.Dataset.from_tensor_slices(list(paths)).map(load, num_parallel_calls=autotune)
+    if labels is not None:
+        targets = tf.data.Dataset.from_tensor_slices(np.asarray(labels, dtype=np.float32))
+        ds = tf.data.Dataset.zip((images, targets))
+    else:
+        ds = images
+    if cache:
+        ds = ds.cache("" if cache is True else str(cache))
+    if shuffle:
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if labels is not None:
+        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=autotune)
+    else:
+        ds = ds.map(lambda x: tf.cast(x, tf.float32), num_parallel_calls=autotune)
+    return ds.prefetch(autotune)
+
+
+def load_images(paths: list[str], image_size: int = 224) -> np.ndarray:
+    """Decode a few images into one ``(n, size, size, 3)`` float32 array (0-255), for figures."""
+    return np.stack([read_resized(p, image_size) for p in paths]).astype(np.float32)

@@ -1,0 +1,80 @@
+"""Grad-CAM (Selvaraju et al. 2017) for the flat classifiers in :mod:`pneumo_utils.models`.
+
+The heat map weights the last convolutional feature maps by the gradient of the class score,
+showing which regions drove a prediction. It explains the model, not the disease: a model
+that learned a shortcut (text markers, borders) shows that shortcut.
+"""
+
+from __future__ import annotations
+
+import cv2
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pneumo_utils.models import HEAD_PREFIX
+
+
+def find_last_conv_layer(model: keras.Model) -> str:
+    """Name of the last layer before the head whose output is a 4-D feature map."""
+    for layer in reversed(model.layers):
+        if layer.name.startswith(HEAD_PREFIX):
+            continue
+        if len(layer.output.shape) == 4:
+            return layer.name
+    raise ValueError(f"model {model.name} has no 4-D convolutional output for Grad-CAM")
+
+
+def grad_cam(
+    model: keras.Model,
+    images: np.ndarray,
+    layer_name: str | None = None,
+    target: str = "predicted",
+) -> np.ndarray:
+    """Grad-CAM heat maps for a batch.
+
+    Parameters
+    ----------
+    images : ``(n, h, w, 3)`` RGB in 0-255, the model's input size.
+    layer_name : the convolutional layer to explain; found automatically when ``None``.
+    target : ``"predicted"`` explains each image's predicted class (at 0.5),
+        ``"pneumonia"`` always the PNEUMONIA score.
+
+    Returns ``(n, h', w')`` float32 maps in [0, 1] at the layer's resolution.
+    """
+    layer_name = layer_name or find_last_conv_layer(model)
+    grad_model = keras.Model(model.inputs, [model.get_layer(layer_name).output, model.output])
+    x = tf.convert_to_tensor(np.asarray(images, dtype=np.float32))
+    with tf.GradientTape() as tape:
+        conv, proba = grad_model(x, training=False)
+        score = proba[:, 0]
+        if target == "predicted":
+            score = tf.where(score >= 0.5, score, 1.0 - score)
+    grads = tape.gradient(score, conv)
+    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1)).numpy()
+    peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
+    return (cam / np.maximum(peak, 1e-12)).astype(np.float32)
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """Blend a heat map (any size, values in [0, 1]) over an RGB image in 0-255.
+
+    Returns ``(h, w, 3)`` uint8, the heat map resized to the image and coloured with
+    OpenCV's JET colour map.
+    """
+    image = np.clip(np.asarray(image), 0, 255).astype(np.uint8)
+    h, w = image.shape[:2]
+    heat = cv2.resize(np.asarray(heatmap, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    colour = cv2.applyColorMap(np.uint8(255 * np.clip(heat, 0, 1)), cv2.COLORMAP_JET)
+    colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB)
+    return cv2.addWeighted(colour, alpha, image, 1.0 - alpha, 0.0)
+
+
+def heat_in_box(heatmap: np.ndarray, box: tuple[float, float, float, float]) -> float:
+    """Share of a heat map's total mass inside ``box = (y0, x0, y1, x1)`` (image fractions)."""
+    heat = np.asarray(heatmap, dtype=np.float64)
+    h, w = heat.shape
+    y0, x0, y1, x1 = box
+    inside = heat[int(y0 * h) : int(np.ceil(y1 * h)), int(x0 * w) : int(np.ceil(x1 * w))].sum()
+    return float(inside / max(heat.sum(), 1e-12))

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv on first use, generates synthetic data sets, prepares the
+# notebooks with the smoke profile on them, and runs pytest over the package tests and nbval
+# over the notebooks. Extra arguments go to pytest (e.g. -k gradcam, -x).
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/bootstrap.sh
+
+build="build/test-run"
+rm -rf "$build"
+mkdir -p "$build"
+echo "[tests] generating synthetic data sets in $build"
+python -m pneumo_utils.synthetic "$build/kermany" --per-class 16 --image-size 64 --seed 0
+python -m pneumo_utils.runner --profile smoke --prepare-only "$build/nbval" \
+  --data-root "$build/kermany" --nih-root "$build/nih" \
+  --set "models_dir=$PWD/$build/saved_models" --set "cache_dir=$PWD/$build/cache" \
+  --reports-dir "$build/reports"
+echo "[tests] pytest (package) + nbval (notebooks, smoke profile on synthetic data)"
+python -m pytest tests "$build/nbval" --nbval-lax -p no:cacheprovider "$@"

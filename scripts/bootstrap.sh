@@ -1,0 +1,18 @@
+# Sourced by run_all.sh and run_tests.sh: create the project virtual environment on first use
+# and (re)install the package whenever pyproject.toml changes. Needs only Python >= 3.10
+# (3.11 recommended) with venv; offline machines need a reachable package index or wheel cache.
+VENV="${PNEUMO_VENV:-.venv}"
+PY="$(command -v python3.11 || command -v python3)"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtual environment $VENV with $PY"
+  "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.pneumo-installed"
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+  echo "[setup] installing pneumo and its dependencies into $VENV (first run: a few minutes)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e ".[${PNEUMO_EXTRAS:-cpu,dev,fetch}]"
+  touch "$STAMP"
+fi
+export PATH="$PWD/$VENV/bin:$PATH"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
