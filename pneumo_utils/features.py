@@ -25,9 +25,16 @@ DEFAULT_CACHE_DIR = ".cache/pneumo/features"
 
 
 def weights_fingerprint(model: keras.Model) -> str:
-    """SHA-256 over a model's weight values and architecture, in layer order."""
-    digest = hashlib.sha256(model.to_json().encode())
+    """SHA-256 over a model's layers (class, name) and weights (path, shape, values), in order.
+
+    The model's own auto-generated name is left out, so rebuilding the same extractor gives
+    the same fingerprint.
+    """
+    digest = hashlib.sha256()
+    for layer in model.layers:
+        digest.update(f"{type(layer).__name__}:{layer.name};".encode())
     for weight in model.weights:
+        digest.update(f"{weight.path}{tuple(weight.shape)}".encode())
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
     return digest.hexdigest()
 

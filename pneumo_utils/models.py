@@ -222,7 +222,7 @@ def build_scratch_cnn(
             x = keras.layers.Conv2D(
                 n, 3, padding="same", use_bias=False, name=f"block{block}_conv{conv}"
             )(x)
-            x = keras.layers.BatchNormalization(name=f"block{block}_bn{conv}")(x)
+            x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{block}_bn{conv}")(x)
             x = keras.layers.Activation("relu", name=f"block{block}_relu{conv}")(x)
         if block < len(filters):
             x = keras.layers.MaxPooling2D(name=f"block{block}_pool")(x)

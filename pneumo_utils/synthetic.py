@@ -41,7 +41,10 @@ SPLITS: tuple[str, str, str] = ("train", "val", "test")
 
 _BLOB_SIGMA = (0.055, 0.045)  # (y, x) as fractions of the image size
 _BLOB_AMPLITUDE = (80.0, 110.0)  # grey levels added at the blob centre, before contrast
+_BLOB_MARGIN = 2.5  # blob centre stays this many sigmas inside SIGNAL_BOX
 _MAX_SHIFT_PX = 3
+_BRIGHTNESS_JITTER = 25.0  # grey levels, uniform +-
+_CONTRAST_JITTER = 0.2  # relative, uniform +-
 _NOISE_SD = 6.0
 
 
@@ -66,13 +69,14 @@ def synthetic_xray(label: int, rng: np.random.Generator, image_size: int = 64) -
         raise ValueError(f"image_size must be at least 8, got {image_size!r}")
     # draws first, in a fixed order
     shift_y, shift_x = rng.integers(-_MAX_SHIFT_PX, _MAX_SHIFT_PX + 1, size=2) / n
-    offset = rng.uniform(-25.0, 25.0)
-    contrast = rng.uniform(0.8, 1.2)
+    offset = rng.uniform(-_BRIGHTNESS_JITTER, _BRIGHTNESS_JITTER)
+    contrast = rng.uniform(1.0 - _CONTRAST_JITTER, 1.0 + _CONTRAST_JITTER)
     lung_shade = rng.uniform(55.0, 75.0)
     y0, x0, y1, x1 = SIGNAL_BOX
     sy, sx = _BLOB_SIGMA
-    blob_cy = rng.uniform(y0 + 2.5 * sy, y1 - 2.5 * sy)
-    blob_cx = rng.uniform(x0 + 2.5 * sx, x1 - 2.5 * sx)
+    m = _BLOB_MARGIN
+    blob_cy = rng.uniform(y0 + m * sy, y1 - m * sy)
+    blob_cx = rng.uniform(x0 + m * sx, x1 - m * sx)
     blob_amp = rng.uniform(*_BLOB_AMPLITUDE)
     noise = rng.normal(0.0, _NOISE_SD, size=(n, n)).astype(np.float32)
 

@@ -84,7 +84,7 @@ def fit(
     if isinstance(train_data, tuple):
         fit_kwargs.update(x=train_data[0], y=train_data[1])
     else:
-        fit_kwargs.update(x=train_data)
+        fit_kwargs.update(x=train_data, shuffle=False)  # tf.data pipelines shuffle themselves
     history = model.fit(
         validation_data=val_data,
         epochs=initial_epoch + epochs,

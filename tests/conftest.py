@@ -1,0 +1,28 @@
+"""Shared fixtures: small generated data sets, so tests need neither network nor ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def kermany_root(tmp_path_factory) -> Path:
+    """A Kermany-layout synthetic data set (64 px), generated once per session."""
+    from pneumo_utils.synthetic import make_kermany_like
+
+    return make_kermany_like(tmp_path_factory.mktemp("kermany"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The read-only ../shared folder; tests using it skip with a message when it is absent."""
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"{SHARED} not found: shared data/weights tests need ../shared beside the repo")
+    return SHARED

@@ -1,0 +1,137 @@
+"""End to end on generated data: a model really learns, Grad-CAM finds the planted signal,
+the feature cache gives the same head as training over images, and predict/evaluate CLIs work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from pneumo_utils import data, evaluate, features, gradcam, models, predict, train
+from pneumo_utils.datasets import load_kermany, paths_and_labels
+from pneumo_utils.synthetic import SIGNAL_BOX, make_kermany_like
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def learn_root(tmp_path_factory):
+    return make_kermany_like(tmp_path_factory.mktemp("learn"), n_train_per_class=40,
+                             n_val_per_class=10, n_test_per_class=20, image_size=64, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(learn_root, tmp_path_factory):
+    data.set_seed(0)
+    index = load_kermany(learn_root)
+    split = {s: paths_and_labels(index, s) for s in ("train", "val", "test")}
+    model = models.build_scratch_cnn(64, filters=(16, 32, 64), seed=0)
+    train.compile_binary(model, 3e-3)
+    ds = {s: data.image_dataset(p, y, 64, 16, shuffle=(s == "train")) for s, (p, y) in split.items()}
+    train.fit(model, ds["train"], ds["val"], epochs=25, class_weight=data.class_weights(split["train"][1]),
+              patience=8, verbose=0)
+    path = tmp_path_factory.mktemp("models") / "scratch.keras"
+    proba_val = models.predict_paths(model, split["val"][0])
+    threshold = evaluate.choose_threshold(split["val"][1], proba_val)
+    models.save_model(model, path, models.model_metadata(model, backbone="scratch_cnn", threshold=threshold,
+                                                         threshold_rule="youden on validation"))
+    return model, split, path
+
+
+def test_model_learns_the_planted_signal(trained):
+    model, split, _ = trained
+    paths, labels = split["test"]
+    auc = roc_auc_score(labels, models.predict_paths(model, paths))
+    assert auc > 0.9, f"test AUC {auc:.3f} on separable synthetic data"
+
+
+def test_gradcam_heat_concentrates_on_the_signal(trained):
+    model, split, _ = trained
+    paths, labels = split["test"]
+    positives = [p for p, y in zip(paths, labels, strict=True) if y == 1][:10]
+    heat = gradcam.grad_cam(model, data.load_images(positives, 64), target="pneumonia")
+    box_area = (SIGNAL_BOX[2] - SIGNAL_BOX[0]) * (SIGNAL_BOX[3] - SIGNAL_BOX[1])
+    shares = [gradcam.heat_in_box(h, SIGNAL_BOX) for h in heat]
+    assert heat.shape[1:] == (16, 16) and heat.min() >= 0 and heat.max() <= 1
+    assert np.median(shares) > 2 * box_area, f"heat share in box {np.median(shares):.2f} vs area {box_area:.2f}"
+    picture = gradcam.overlay(data.load_images(positives[:1], 64)[0], heat[0])
+    assert picture.shape == (64, 64, 3) and picture.dtype == np.uint8
+
+
+def test_gradcam_finds_last_conv_layer_of_each_backbone():
+    expected = {"densenet121": "relu", "resnet50": "conv5_block3_out", "mobilenet_v2": "out_relu"}
+    for backbone, layer in expected.items():
+        model = models.build_classifier(backbone, 32 if backbone != "resnet50" else 64, None)
+        assert gradcam.find_last_conv_layer(model) == layer
+        assert models.get_backbone(backbone).last_conv == layer
+        heat = gradcam.grad_cam(model, np.full((1, *model.inputs[0].shape[1:]), 128.0, "float32"))
+        assert heat.ndim == 3
+
+
+def test_feature_cache_trains_the_same_head(learn_root, tmp_path):
+    index = load_kermany(learn_root)
+    paths = {s: paths_and_labels(index, s)[0] for s in ("train", "val", "test")}
+    labels = {s: paths_and_labels(index, s)[1] for s in ("train", "val", "test")}
+    results = {}
+    for cached in (True, False):
+        data.set_seed(0)
+        model = models.build_classifier("mobilenet_v2", 32, None, seed=0)
+        _, proba = train.train_frozen_head(model, paths, labels, epochs=3, batch_size=16, patience=5,
+                                           use_feature_cache=cached, cache_dir=tmp_path / "cache", verbose=0)
+        full = models.predict_paths(model, paths["test"])
+        np.testing.assert_allclose(proba["test"], full, atol=1e-4)
+        results[cached] = full
+    np.testing.assert_allclose(results[True], results[False], atol=2e-3)
+
+
+def test_feature_cache_is_reused_and_keyed_by_content(learn_root, tmp_path):
+    index = load_kermany(learn_root)
+    paths = index["path"].tolist()[:12]
+    model = models.build_classifier("mobilenet_v2", 32, None, seed=0)
+    first = features.extract_features(model, paths, cache_dir=tmp_path, verbose=False)
+    files = sorted(tmp_path.glob("*.npy"))
+    assert len(files) == 1 and first.shape == (12, 1280)
+    np.testing.assert_array_equal(features.extract_features(model, paths, cache_dir=tmp_path, verbose=False), first)
+    assert sorted(tmp_path.glob("*.npy")) == files
+    features.extract_features(model, paths[:-1], cache_dir=tmp_path, verbose=False)
+    other = models.build_classifier("mobilenet_v2", 32, None, seed=1)
+    features.extract_features(other, paths, cache_dir=tmp_path, verbose=False)
+    assert len(list(tmp_path.glob("*.npy"))) == 3
+    assert not list(tmp_path.glob(".partial-*"))
+
+
+def test_predict_cli(trained, capsys, tmp_path):
+    _, split, path = trained
+    image = split["test"][0][-1]
+    out = tmp_path / "cam.png"
+    assert predict.main([image, "--model", str(path), "--gradcam", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("Prediction: ") and "% confidence)" in printed
+    assert out.is_file() and out.stat().st_size > 0
+
+
+def test_predict_cli_bad_inputs_exit_2(trained, capsys, tmp_path):
+    _, split, path = trained
+    broken = tmp_path / "broken.jpeg"
+    broken.write_bytes(open(split["test"][0][0], "rb").read()[:200])
+    assert predict.main([str(broken), "--model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.jpeg" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert predict.main([str(tmp_path / "none.png"), "--model", str(path)]) == 2
+    not_model = tmp_path / "model.keras"
+    not_model.write_text("x")
+    assert predict.main([split["test"][0][0], "--model", str(not_model)]) == 2
+
+
+def test_evaluate_cli_on_a_folder(trained, learn_root, tmp_path, capsys):
+    _, _, path = trained
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--model", str(path), "--data", str(learn_root), "--out", str(out), "--n-boot", "50"]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 40 and result["auc"] > 0.9
+    assert set(result["ci"]) >= {"auc", "accuracy", "sensitivity", "specificity"}
+    assert result["threshold_rule"] == "youden on validation"
+    assert json.loads(capsys.readouterr().out)["auc"] == result["auc"]
+    assert evaluate.main(["--model", str(path), "--data", str(learn_root / "test" / "NORMAL" / "nope")]) == 2

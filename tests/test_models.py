@@ -1,0 +1,117 @@
+"""Backbone building, weights resolution, preprocessing, and the saved-model contract."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+from pneumo_utils import models
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return models.build_classifier("mobilenet_v2", image_size=48, weights=None, seed=0)
+
+
+def test_flat_classifier_has_head_and_frozen_base(small_model):
+    names = [layer.name for layer in small_model.layers]
+    assert names[-4:] == ["head_gap", "head_dense", "head_dropout", "head_output"]
+    assert small_model.get_layer("head_dense").units == 128
+    assert small_model.get_layer("head_dropout").rate == 0.5
+    assert not any(layer.trainable for layer in models.base_layers(small_model))
+    assert small_model.output.shape[-1] == 1
+
+
+def test_unfreeze_top_keeps_batchnorm_frozen(small_model):
+    models.unfreeze_top(small_model, 10)
+    top = models.base_layers(small_model)[-10:]
+    assert all(layer.trainable != isinstance(layer, keras.layers.BatchNormalization) for layer in top)
+    assert not any(layer.trainable for layer in models.base_layers(small_model)[:-10])
+    models.unfreeze_top(small_model, 0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "reference"),
+    [
+        ("tf", keras.applications.mobilenet_v2.preprocess_input),
+        ("torch", keras.applications.densenet.preprocess_input),
+        ("caffe", keras.applications.resnet50.preprocess_input),
+    ],
+)
+def test_preprocess_layer_matches_keras_applications(mode, reference):
+    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    ours = keras.ops.convert_to_numpy(models.Preprocess(mode)(x))
+    np.testing.assert_allclose(ours, reference(x.copy()), rtol=1e-5, atol=1e-4)
+
+
+def test_resolve_weights_from_folder(tmp_path, monkeypatch):
+    spec = models.get_backbone("resnet50")
+    (tmp_path / spec.weights_file).write_bytes(b"weights")
+    monkeypatch.setenv("PNEUMO_WEIGHTS_DIR", str(tmp_path))
+    assert models.resolve_weights("resnet50", "imagenet") == str(tmp_path / spec.weights_file)
+    assert models.resolve_weights("resnet50", None) is None
+    assert models.resolve_weights("resnet50", "none") is None
+    assert models.resolve_weights("ResNet-50".replace("-", ""), str(tmp_path / spec.weights_file))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        models.resolve_weights("resnet50", tmp_path / "missing.h5")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        models.resolve_weights("vgg16", "imagenet")
+
+
+def test_offline_without_weights_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("PNEUMO_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(models.WeightsNotFoundError, match="PNEUMO_WEIGHTS_DIR"):
+        models.resolve_weights("densenet121", "imagenet")
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        assert models.resolve_weights("densenet121", "imagenet", fallback="random") is None
+
+
+def test_shared_imagenet_weights_load_into_the_flat_model(shared_dir):
+    weights = shared_dir / "weights" / models.get_backbone("mobilenet_v2").weights_file
+    model = models.build_classifier("mobilenet_v2", 96, str(weights))
+    reference = keras.applications.MobileNetV2(include_top=False, weights=str(weights),
+                                               input_shape=(96, 96, 3), pooling="avg")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 96, 96, 3)).astype("float32")
+    ours = models.pooled_features_model(model).predict(x, verbose=0)
+    ref = reference.predict(keras.applications.mobilenet_v2.preprocess_input(x.copy()), verbose=0)
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_save_and_load_round_trip_with_sidecar(small_model, tmp_path):
+    path = tmp_path / "m.keras"
+    meta = models.model_metadata(small_model, backbone="mobilenet_v2", threshold=0.37)
+    models.save_model(small_model, path, meta)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left"
+    loaded, loaded_meta = models.load_model(path)
+    assert loaded_meta["threshold"] == 0.37 and loaded_meta["image_size"] == 48
+    assert json.loads(models.sidecar_path(path).read_text())["backbone"] == "mobilenet_v2"
+    x = np.random.default_rng(0).uniform(0, 255, (2, 48, 48, 3)).astype("float32")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), small_model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_not_a_model_file_is_a_clear_error(tmp_path):
+    text = tmp_path / "notes.keras"
+    text.write_text("hello")
+    with pytest.raises(models.ModelFileError, match="not a Keras .keras model"):
+        models.load_model(text)
+    pickle_like = tmp_path / "model.pkl"
+    pickle_like.write_bytes(b"\x80\x04")
+    with pytest.raises(models.ModelFileError):
+        models.load_model(pickle_like)
+    broken = tmp_path / "broken.keras"
+    with zipfile.ZipFile(broken, "w") as archive:
+        archive.writestr("config.json", "{not json")
+    with pytest.raises(models.ModelFileError, match="cannot load"):
+        models.load_model(broken)
+    with pytest.raises(FileNotFoundError):
+        models.load_model(tmp_path / "absent.keras")
