@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import keras
@@ -81,7 +82,9 @@ def extract_features(
                 return features
     image_size = int(extractor.inputs[0].shape[1])
     dataset = image_dataset(paths, image_size=image_size, batch_size=batch_size, cache=False)
-    features = extractor.predict(dataset, verbose=1 if verbose else 0).astype(np.float32)
+    start = time.perf_counter()
+    features = extractor.predict(dataset, verbose=0).astype(np.float32)
+    seconds = time.perf_counter() - start
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".npy", dir=cache_file.parent, prefix=".partial-")
@@ -89,5 +92,6 @@ def extract_features(
             np.save(handle, features)
         os.replace(tmp, cache_file)
         if verbose:
-            print(f"features: computed {features.shape}, cached in {cache_file}")
+            print(f"features: computed {features.shape} in {seconds:.0f} s "
+                  f"({len(paths) / seconds:.1f} images/s), cached in {cache_file}")
     return features

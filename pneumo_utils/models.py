@@ -330,12 +330,19 @@ def save_model(model: keras.Model, path: str | Path, metadata: dict | None = Non
     os.close(fd)
     try:
         model.save(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     write_json_atomic(sidecar_path(path), meta)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
