@@ -119,7 +119,8 @@ def read_resized(path: str | os.PathLike, size: int | tuple[int, int]) -> np.nda
     case) and bilinear interpolation when enlarging either side. JPEGs are first decoded
     by libjpeg at the smallest 1/2, 1/4 or 1/8 scale that is still at least twice the target.
     """
-    out_h, out_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    is_int = isinstance(size, (int, np.integer))
+    out_h, out_w = (int(size), int(size)) if is_int else (int(size[0]), int(size[1]))
     if out_h < 1 or out_w < 1:
         raise ValueError(f"size must be positive, got {size!r}")
     arr = _decode(Path(path), (2 * out_w, 2 * out_h))

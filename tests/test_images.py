@@ -490,3 +490,12 @@ def test_text_file_named_dcm(tmp_path):
     with pytest.raises(ImageReadError, match="fake.dcm"):
         read_image(path)
     assert check_image(path)
+
+
+def test_truncated_dicom(tmp_path):
+    path = _write_dicom(tmp_path / "cut.dcm", np.tile(_ramp12(), (2, 2)))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match=r"cut\.dcm.*less than expected"):
+        read_image(path)
+    assert "less than expected" in check_image(path)
