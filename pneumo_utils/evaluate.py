@@ -177,18 +177,31 @@ def evaluation_report(
     seed: int = 0,
 ) -> dict:
     """Everything a report states about one model: the threshold and how it was chosen on
-    validation, validation metrics, test metrics with bootstrap CIs at that threshold, and
-    test metrics at the default 0.5 for comparison."""
+    validation, validation metrics, test metrics with bootstrap CIs at that threshold, test
+    metrics at the default 0.5 for comparison, and a temperature fitted on validation with
+    the test calibration (Brier, ECE) it gives. The threshold applies to the model's raw
+    output; temperature scaling only recalibrates the probabilities shown to users."""
     threshold = choose_threshold(y_val, proba_val, rule)
     test = binary_metrics(y_test, proba_test, threshold)
     cis = bootstrap_ci(y_test, proba_test, threshold, n_boot=n_boot, seed=seed)
     test.update({f"{m}_ci": list(ci) for m, ci in cis.items()})
+    temperature = fit_temperature(y_val, proba_val)
     return {
         "threshold": threshold,
         "threshold_rule": describe_rule(rule),
         "validation": binary_metrics(y_val, proba_val, threshold),
         "test": test,
         "test_at_0.5": binary_metrics(y_test, proba_test, 0.5),
+        "temperature": temperature,
+        "test_calibrated": calibration_summary(y_test, apply_temperature(proba_test, temperature)),
+    }
+
+
+def calibration_summary(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """Brier score and ECE of one set of probabilities."""
+    return {
+        "brier": float(skm.brier_score_loss(y_true, proba)),
+        "ece": expected_calibration_error(y_true, proba),
     }
 
 
@@ -259,11 +272,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     proba = predict_paths(model, index["path"].tolist(), args.batch_size)
-    if "temperature" in meta:
-        proba = apply_temperature(proba, meta["temperature"])
+    labels = index["label"].to_numpy()
     threshold = float(meta.get("threshold", 0.5))
-    result = binary_metrics(index["label"].to_numpy(), proba, threshold)
-    result["ci"] = bootstrap_ci(index["label"].to_numpy(), proba, threshold, n_boot=args.n_boot)
+    result = binary_metrics(labels, proba, threshold)
+    result["ci"] = bootstrap_ci(labels, proba, threshold, n_boot=args.n_boot)
+    if "temperature" in meta:
+        result["calibrated"] = {
+            "temperature": meta["temperature"],
+            **calibration_summary(labels, apply_temperature(proba, meta["temperature"])),
+        }
     result.update(
         model=str(args.model),
         data=str(args.data),

@@ -20,20 +20,23 @@ from pneumo_utils import CLASS_NAMES
 def predict_image(model, meta: dict, path: str | Path) -> dict:
     """Probability, label and confidence for one image file (any supported format or size).
 
-    Confidence is the probability of the predicted class: ``p`` for PNEUMONIA and ``1 - p``
-    for NORMAL, where the class follows the model's stored threshold.
+    The class follows the model's raw output against its stored threshold. Confidence is the
+    probability of that class (``p`` for PNEUMONIA, ``1 - p`` for NORMAL), using the
+    validation-fitted temperature when the sidecar has one, so it reads as a probability.
     """
     from pneumo_utils.evaluate import apply_temperature
     from pneumo_utils.images import read_resized
 
     image = read_resized(str(path), int(meta["image_size"]))[None].astype(np.float32)
-    proba = float(model.predict(image, verbose=0).reshape(-1)[0])
-    if "temperature" in meta:
-        proba = float(apply_temperature(np.array([proba]), meta["temperature"])[0])
+    raw = float(model.predict(image, verbose=0).reshape(-1)[0])
     threshold = float(meta.get("threshold", 0.5))
-    label = int(proba >= threshold)
+    label = int(raw >= threshold)
+    proba = raw
+    if "temperature" in meta:
+        proba = float(apply_temperature(np.array([raw]), meta["temperature"])[0])
     return {
         "image": str(path),
+        "raw_output": raw,
         "probability_pneumonia": proba,
         "threshold": threshold,
         "label": CLASS_NAMES[label],

@@ -16,7 +16,12 @@ from IPython.display import Markdown, display
 
 from pneumo_utils import CLASS_NAMES, plots
 from pneumo_utils.data import load_images
-from pneumo_utils.evaluate import classification_table, evaluation_report, metrics_table
+from pneumo_utils.evaluate import (
+    apply_temperature,
+    classification_table,
+    evaluation_report,
+    metrics_table,
+)
 from pneumo_utils.gradcam import grad_cam
 from pneumo_utils.models import write_json_atomic
 
@@ -53,9 +58,20 @@ def show_evaluation(
     for figure in (
         plots.confusion_matrix(y_test, proba_test, report["threshold"], f"{name}: test"),
         plots.roc_pr_curves({f"{name} test": (y_test, proba_test), f"{name} validation": (y_val, proba_val)}),
-        plots.reliability_diagram({f"{name} test": (y_test, proba_test)}),
+        plots.reliability_diagram({
+            f"{name} test": (y_test, proba_test),
+            f"{name} test, temperature {report['temperature']:.2f}":
+                (y_test, apply_temperature(proba_test, report["temperature"])),
+        }),
     ):
         display(figure)
+    calibrated = report["test_calibrated"]
+    display(Markdown(
+        f"Calibration: test Brier {report['test']['brier']:.3f}, ECE {report['test']['ece']:.3f}; "
+        f"with temperature scaling fitted on validation (T = {report['temperature']:.2f}): "
+        f"Brier {calibrated['brier']:.3f}, ECE {calibrated['ece']:.3f}. Temperature changes "
+        "the probabilities shown, not the ranking (AUC) or the thresholded decisions."
+    ))
     return report
 
 
@@ -137,7 +153,8 @@ def model_card(meta: dict, report: dict) -> str:
 - **Architecture**: {meta.get('backbone', '?')} backbone, input {meta.get('image_size')} px RGB (0-255, preprocessing inside the model), sigmoid output = P(PNEUMONIA).
 - **Weights**: {meta.get('weights', '?')}
 - **Data and split**: {meta.get('data', '?')}
-- **Decision threshold**: {report['threshold']:.4f}, chosen by {report['threshold_rule']}.
+- **Decision threshold**: {report['threshold']:.4f} on the raw output, chosen by {report['threshold_rule']}.
+- **Calibration**: test ECE {report['test']['ece']:.3f}; temperature {report.get('temperature', 1.0):.2f} fitted on validation gives ECE {report.get('test_calibrated', report['test'])['ece']:.3f}.
 - **Intended use**: research and teaching on chest X-ray classification. **Not for diagnostic use.**
 
 ## Test metrics (95% bootstrap CIs, threshold above)

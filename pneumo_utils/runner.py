@@ -587,6 +587,31 @@ not used to choose it.</p>
     return index_path
 
 
+def link_best_model(results: Sequence[RunResult]) -> Path | None:
+    """Point ``best.keras`` (and its ``best.json`` sidecar, ``best.md`` card) at the saved
+    model with the highest validation AUC, as relative symlinks beside it.
+
+    Test metrics play no part in the choice. Returns the link, or ``None`` when no model
+    with a validation AUC was saved.
+    """
+    key = best_row_key(results)
+    if key is None:
+        return None
+    result = next(r for r in results if r.name == key[0])
+    model_path = metric_rows(result)[key[1]].get("model_path")
+    if not model_path or not Path(model_path).is_file():
+        return None
+    model_path = Path(model_path)
+    for suffix in (".keras", ".json", ".md"):
+        target = model_path.with_suffix(suffix)
+        link = model_path.parent / f"best{suffix}"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        if target.is_file():
+            link.symlink_to(target.name)
+    return model_path.parent / "best.keras"
+
+
 def print_summary(results: Sequence[RunResult], stream: Any = None) -> None:
     """Print a plain-text table of name, status and seconds."""
     stream = stream or sys.stdout
@@ -731,6 +756,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     index = write_index(results, reports_dir, args.profile, settings)
     print_summary(results)
     print(f"\nreports: {index}")
+    best = link_best_model(results)
+    if best is not None:
+        print(f"best model by validation AUC: {best} -> {best.resolve().name}")
     return 1 if any(not r.ok for r in results) else 0
 
 

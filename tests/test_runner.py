@@ -346,3 +346,25 @@ def test_fetch_without_any_kaggle_package(tmp_path: Path, monkeypatch, capsys) -
     assert fetch.main(["nih", "--dest", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "kagglehub" in err and "nih-chest-xrays/data" in err
+
+
+def test_best_model_link_follows_validation_auc_not_test(tmp_path):
+    from pneumo_utils.runner import RunResult, link_best_model
+
+    models_dir = tmp_path / "saved_models"
+    models_dir.mkdir()
+    for name in ("a", "b"):
+        for suffix in (".keras", ".json", ".md"):
+            (models_dir / f"{name}{suffix}").write_text(name)
+
+    def result(name, val_auc, test_auc):
+        metrics = {"models": [{"name": name, "val_auc": val_auc, "test": {"auc": test_auc},
+                               "model_path": str(models_dir / f"{name}.keras")}]}
+        return RunResult(name, "ok", 1.0, {}, tmp_path / f"{name}.ipynb", metrics=metrics)
+
+    link = link_best_model([result("a", 0.90, 0.99), result("b", 0.95, 0.80)])
+    assert link == models_dir / "best.keras"
+    assert (models_dir / "best.keras").resolve().name == "b.keras"
+    assert (models_dir / "best.json").read_text() == "b" and (models_dir / "best.md").is_symlink()
+    link_best_model([result("a", 0.99, 0.5), result("b", 0.95, 0.80)])
+    assert (models_dir / "best.keras").resolve().name == "a.keras"
