@@ -160,3 +160,81 @@ def image_dataset(
 def load_images(paths: list[str], image_size: int = 224) -> np.ndarray:
     """Decode a few images into one ``(n, size, size, 3)`` float32 array (0-255), for figures."""
     return np.stack([read_resized(p, image_size) for p in paths]).astype(np.float32)
+
+
+class TooFewPositivesError(ValueError):
+    """Too few positive images or patients for a meaningful patient-level split."""
+
+
+def patient_split(
+    index: pd.DataFrame,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    min_positive_patients: int = 10,
+    min_per_split: int = 2,
+) -> pd.DataFrame:
+    """A patient-level, stratified train/validation/test split of the whole index.
+
+    For data sets without an official split (NIH ChestX-ray14). Patients, not images, are
+    assigned: about ``test_fraction`` of them to ``test``, ``val_fraction`` to ``val`` and the
+    rest to ``train``, stratified by whether a patient has any positive image (scikit-learn's
+    seeded stratified shuffle split over the patient table, so it takes well under a second
+    even for the 30,000 patients of the full NIH table). All of a patient's images land in
+    one split; this is asserted.
+
+    Raises :class:`TooFewPositivesError`, saying how many there are and what to do, when
+    fewer than ``min_positive_patients`` patients have a positive image or when a split
+    would get fewer than ``min_per_split`` images of either class: metrics on one or two
+    positive test images say nothing, and a threshold chosen on them would be noise.
+
+    Returns a copy of the index with a new ``split`` column.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if not (0.0 < test_fraction < 1.0 and 0.0 < val_fraction < 1.0 and test_fraction + val_fraction < 1.0):
+        raise ValueError(
+            "test_fraction and val_fraction must be between 0 and 1 and sum to less than 1, "
+            f"got {test_fraction} and {val_fraction}"
+        )
+    advice = (
+        "Choose a more common positive finding (for NIH ChestX-ray14 e.g. finding='Effusion' "
+        "or 'Infiltration') or add images"
+    )
+    has_positive = index.groupby("patient")["label"].max()
+    n_positive = int((index["label"] == 1).sum())
+    counts = has_positive.value_counts()
+    positive_patients, negative_patients = int(counts.get(1, 0)), int(counts.get(0, 0))
+    if positive_patients < min_positive_patients or negative_patients < 2:
+        raise TooFewPositivesError(
+            f"only {n_positive} positive image(s) from {positive_patients} patient(s), and "
+            f"{negative_patients} patient(s) with negative images only ({len(index)} images in "
+            f"all): a patient-level train/validation/test split needs at least "
+            f"{min_positive_patients} positive patients and {min_per_split} images of each class "
+            f"in every split. {advice}."
+        )
+    patients = has_positive.index.to_numpy()
+    strata = has_positive.to_numpy()
+    rest, test = train_test_split(patients, test_size=test_fraction, stratify=strata, random_state=seed)
+    rest_strata = has_positive.loc[rest].to_numpy()
+    train, val = train_test_split(
+        rest, test_size=val_fraction / (1.0 - test_fraction), stratify=rest_strata, random_state=seed
+    )
+    assignment = {**dict.fromkeys(train, "train"), **dict.fromkeys(val, "val"), **dict.fromkeys(test, "test")}
+    out = index.copy()
+    out["split"] = out["patient"].map(assignment)
+    per_split = out.groupby(["split", "label"]).size().unstack("label", fill_value=0)
+    per_split = per_split.reindex(index=["train", "val", "test"], columns=[0, 1], fill_value=0)
+    short = per_split[(per_split < min_per_split).any(axis=1)]
+    if len(short):
+        described = "; ".join(
+            f"{split}: {row[1]} positive, {row[0]} negative" for split, row in short.iterrows()
+        )
+        raise TooFewPositivesError(
+            f"the patient-level split leaves too few images of a class ({described}; at least "
+            f"{min_per_split} of each are needed in every split). There are {n_positive} positive "
+            f"image(s) from {positive_patients} patient(s). {advice}, or change "
+            "test_fraction/val_fraction."
+        )
+    assert_no_patient_leak(out)
+    return out
