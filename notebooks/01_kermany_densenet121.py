@@ -81,7 +81,7 @@ run_name = "01_kermany_densenet121"
 # %%
 from IPython.display import Markdown, display
 
-from pneumo_utils import CLASS_NAMES, data, datasets, models, plots, report, train
+from pneumo_utils import CLASS_NAMES, data, datasets, models, plots, report, train, workflow
 from pneumo_utils.predict import predict_image
 
 data.set_seed(seed)
@@ -91,8 +91,8 @@ for folder in (reports_dir, models_dir):
 # %% [markdown]
 # ## 1. Index the data set
 # One row per image: path, label (0 NORMAL, 1 PNEUMONIA), patient id parsed from the file name,
-# and split. Every file is decode-checked now, so a corrupt image is reported here and not in
-# the middle of an epoch; stray non-image files (`.DS_Store`) are skipped with a warning.
+# and split, as published. Every file is decode-checked now, so a corrupt image is reported here
+# and not in the middle of an epoch; stray non-image files (`.DS_Store`) are skipped with a warning.
 
 # %%
 index = datasets.load_kermany(data_dir)
@@ -138,10 +138,7 @@ display(Markdown(f"Backbone **{backbone}**, weights: `{weights_used}`, "
 # early stopping on validation AUC restores the best epoch.
 
 # %%
-splits = ("train", "val", "test")
-paths, labels = {}, {}
-for split in splits:
-    paths[split], labels[split] = datasets.paths_and_labels(index, split)
+paths, labels = workflow.split_files(index)
 history, proba = train.train_frozen_head(
     model, paths, labels, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
     patience=patience, use_feature_cache=use_feature_cache, cache_dir=f"{cache_dir}/features",
@@ -157,8 +154,9 @@ display(plots.training_curves(history))
 # intervals; the 0.5 column shows what the default threshold would have given.
 
 # %%
+test_patients = index.loc[index["split"] == "test", "patient"].to_numpy()
 evaluation = report.show_evaluation(backbone, labels["val"], proba["val"], labels["test"], proba["test"],
-                                    threshold_rule, n_boot, seed)
+                                    threshold_rule, n_boot, seed, groups_test=test_patients)
 
 # %% [markdown]
 # ## 6. Grad-CAM: where does the model look?
@@ -177,14 +175,10 @@ _ = report.show_gradcam(model, [paths["test"][i] for i in rows], captions)
 
 # %%
 model_path = Path(models_dir) / f"{run_name}.keras"
-meta = models.model_metadata(
-    model, backbone=backbone, weights=weights_used, threshold=evaluation["threshold"],
-    threshold_rule=evaluation["threshold_rule"], data=f"Kermany chest_xray at {data_dir}; {split_description}",
-    metrics={"validation": evaluation["validation"], "test": evaluation["test"]},
+meta = workflow.save_with_card(
+    model, model_path, evaluation, backbone=backbone, weights=weights_used,
+    data=f"Kermany chest_xray at {data_dir}; {split_description}",
 )
-models.save_model(model, model_path, meta)
-card = report.model_card(meta, evaluation)
-(Path(models_dir) / f"{run_name}.md").write_text(card)
 result = predict_image(model, meta, paths["test"][0])
 display(Markdown(f"`{paths['test'][0]}` (true {CLASS_NAMES[labels['test'][0]]}): "
                  f"**Prediction: {result['label']} ({result['confidence']:.2%} confidence)**"))

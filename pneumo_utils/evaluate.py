@@ -115,20 +115,32 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    groups: np.ndarray | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap confidence intervals of :data:`CI_METRICS`.
 
     Images are resampled with replacement ``n_boot`` times, stratified by class so every
-    resample has both classes. The threshold is held fixed: it was chosen on validation
+    resample has both classes. With ``groups`` (patient ids, one per image) whole patients
+    are resampled instead (a cluster bootstrap, stratified by whether the patient has a
+    positive image): images of one patient are correlated, so resampling images would give
+    intervals that are too narrow. The threshold is held fixed: it was chosen on validation
     data, so the interval covers test-sampling variation only.
     """
     y_true = np.asarray(y_true).astype(int)
     proba = np.asarray(proba, dtype=float).reshape(-1)
     rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(y_true == c) for c in (0, 1) if (y_true == c).any()]
+    if groups is None:
+        units = [np.array([i]) for i in range(len(y_true))]
+        unit_label = y_true
+    else:
+        codes, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        units = [np.flatnonzero(inverse == g) for g in range(len(codes))]
+        unit_label = np.array([y_true[rows].max() for rows in units])
+    strata = [np.flatnonzero(unit_label == c) for c in (0, 1) if (unit_label == c).any()]
     samples = {m: [] for m in CI_METRICS}
     for _ in range(n_boot):
-        idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+        chosen = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
+        idx = np.concatenate([units[u] for u in chosen])
         values = binary_metrics(y_true[idx], proba[idx], threshold)
         for m in CI_METRICS:
             samples[m].append(values[m])
@@ -175,6 +187,7 @@ def evaluation_report(
     rule: str = "youden",
     n_boot: int = 1000,
     seed: int = 0,
+    groups_test: np.ndarray | None = None,
 ) -> dict:
     """Everything a report states about one model: the threshold and how it was chosen on
     validation, validation metrics, test metrics with bootstrap CIs at that threshold, test
@@ -183,7 +196,7 @@ def evaluation_report(
     output; temperature scaling only recalibrates the probabilities shown to users."""
     threshold = choose_threshold(y_val, proba_val, rule)
     test = binary_metrics(y_test, proba_test, threshold)
-    cis = bootstrap_ci(y_test, proba_test, threshold, n_boot=n_boot, seed=seed)
+    cis = bootstrap_ci(y_test, proba_test, threshold, n_boot=n_boot, seed=seed, groups=groups_test)
     test.update({f"{m}_ci": list(ci) for m, ci in cis.items()})
     temperature = fit_temperature(y_val, proba_val)
     return {
@@ -192,6 +205,8 @@ def evaluation_report(
         "validation": binary_metrics(y_val, proba_val, threshold),
         "test": test,
         "test_at_0.5": binary_metrics(y_test, proba_test, 0.5),
+        "ci_method": f"{n_boot} bootstrap resamples of "
+                     + ("patients" if groups_test is not None else "images") + ", stratified by class",
         "temperature": temperature,
         "test_calibrated": calibration_summary(y_test, apply_temperature(proba_test, temperature)),
     }

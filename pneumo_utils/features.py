@@ -14,6 +14,7 @@ import hashlib
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import keras
@@ -49,10 +50,9 @@ def files_fingerprint(paths: list[str]) -> str:
     return digest.hexdigest()
 
 
-def cache_key(extractor: keras.Model, paths: list[str]) -> str:
-    """Content key for the features of ``paths`` under ``extractor`` (image size included)."""
-    image_size = extractor.inputs[0].shape[1]
-    parts = (weights_fingerprint(extractor), files_fingerprint(paths), str(image_size))
+def cache_key(weights_hash: str, image_size: int, paths: list[str]) -> str:
+    """Content key for the features of ``paths`` under one extractor and image size."""
+    parts = (weights_hash, files_fingerprint(paths), str(image_size))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
@@ -65,33 +65,71 @@ def extract_features(
 ) -> np.ndarray:
     """Pooled backbone features of ``paths``, ``(n_images, channels)`` float32, cached.
 
+    See :func:`extract_split_features`, which does the same for several file lists at once.
+    """
+    return extract_split_features(model, {"images": paths}, batch_size, cache_dir, verbose)["images"]
+
+
+def extract_split_features(
+    model: keras.Model,
+    paths: Mapping[str, list[str]],
+    batch_size: int = 32,
+    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+    verbose: bool = True,
+) -> dict[str, np.ndarray]:
+    """Pooled backbone features per split, ``{split: (n_images, channels) float32}``, cached.
+
     ``model`` is a classifier from :mod:`pneumo_utils.models` (or any model with a
-    ``head_gap`` layer); its layers up to the pooling are run once per image. With
-    ``cache_dir=None`` nothing is read or written. The cache file is written through a
-    temporary file and a rename, so an interrupted run leaves no half-written cache.
+    ``head_gap`` layer); its layers up to the pooling run once per image, in one pass over
+    every file list not found in the cache (one extractor, traced once). Each list is cached
+    under its own content key, so a split that did not change is reused even when another
+    did. With ``cache_dir=None`` nothing is read or written. Cache files are written through
+    a temporary file and a rename, so an interrupted run leaves no half-written cache.
     """
     extractor = pooled_features_model(model)
-    cache_file = None
-    if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"{model.name}-{cache_key(extractor, paths)}.npy"
-        if cache_file.is_file():
-            features = np.load(cache_file)
-            if features.shape[0] == len(paths):
-                if verbose:
-                    print(f"features: loaded {features.shape} from cache {cache_file}")
-                return features
     image_size = int(extractor.inputs[0].shape[1])
-    dataset = image_dataset(paths, image_size=image_size, batch_size=batch_size, cache=False)
-    start = time.perf_counter()
-    features = extractor.predict(dataset, verbose=0).astype(np.float32)
-    seconds = time.perf_counter() - start
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npy", dir=cache_file.parent, prefix=".partial-")
+    weights_hash = weights_fingerprint(extractor) if cache_dir is not None else ""
+    out: dict[str, np.ndarray] = {}
+    todo: dict[str, Path | None] = {}
+    for split, split_paths in paths.items():
+        cache_file = None
+        if cache_dir is not None:
+            key = cache_key(weights_hash, image_size, split_paths)
+            cache_file = Path(cache_dir) / f"{model.name}-{key}.npy"
+            if cache_file.is_file():
+                cached = np.load(cache_file)
+                if cached.shape[0] == len(split_paths):
+                    out[split] = cached
+                    if verbose:
+                        print(f"features: {split} {cached.shape} loaded from cache {cache_file}")
+                    continue
+        todo[split] = cache_file
+    if todo:
+        all_paths = [p for split in todo for p in paths[split]]
+        dataset = image_dataset(all_paths, image_size=image_size, batch_size=batch_size, cache=False)
+        start = time.perf_counter()
+        features = extractor.predict(dataset, verbose=0).astype(np.float32)
+        seconds = time.perf_counter() - start
+        if verbose:
+            print(f"features: computed {features.shape} for {', '.join(todo)} in {seconds:.0f} s "
+                  f"({len(all_paths) / max(seconds, 1e-9):.1f} images/s)")
+        offset = 0
+        for split, cache_file in todo.items():
+            out[split] = features[offset: offset + len(paths[split])]
+            offset += len(paths[split])
+            if cache_file is not None:
+                _save_atomic(cache_file, out[split])
+    return {split: out[split] for split in paths}
+
+
+def _save_atomic(cache_file: Path, features: np.ndarray) -> None:
+    """``np.save`` through a temporary file and a rename; no partial file survives a failure."""
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".npy", dir=cache_file.parent, prefix=".partial-")
+    try:
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, features)
         os.replace(tmp, cache_file)
-        if verbose:
-            print(f"features: computed {features.shape} in {seconds:.0f} s "
-                  f"({len(paths) / seconds:.1f} images/s), cached in {cache_file}")
-    return features
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

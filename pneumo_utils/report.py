@@ -41,17 +41,21 @@ def show_evaluation(
     rule: str = "youden",
     n_boot: int = 1000,
     seed: int = 0,
+    groups_test: np.ndarray | None = None,
 ) -> dict:
     """Compute and display the standard evaluation of one model; return the report dict.
+
+    Pass the test images' patient ids as ``groups_test`` to bootstrap whole patients.
 
     Displays: the threshold rule and value, the metrics table (test with 95% bootstrap CIs
     at the validation-chosen threshold, test at 0.5, validation), the per-class report,
     the confusion matrix, ROC/PR curves and the reliability diagram.
     """
-    report = evaluation_report(y_test, proba_test, y_val, proba_val, rule, n_boot, seed)
+    report = evaluation_report(y_test, proba_test, y_val, proba_val, rule, n_boot, seed, groups_test)
     display(Markdown(
         f"**{name}** - decision threshold **{report['threshold']:.3f}**, chosen by "
-        f"{report['threshold_rule']}; applied unchanged to the test split."
+        f"{report['threshold_rule']}; applied unchanged to the test split. "
+        f"95% CIs: {report['ci_method']}."
     ))
     display(metrics_table(report))
     display(classification_table(y_test, proba_test, report["threshold"]))

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from pneumo_utils.data import class_weights, image_dataset
-from pneumo_utils.features import DEFAULT_CACHE_DIR, extract_features
+from pneumo_utils.features import DEFAULT_CACHE_DIR, extract_split_features
 from pneumo_utils.models import head_on_features, predict_paths, unfreeze_top, write_json_atomic
 
 
@@ -195,8 +195,7 @@ def train_frozen_head(
     """
     weights = class_weights(labels["train"])
     if use_feature_cache:
-        feats = {s: extract_features(model, p, batch_size, cache_dir, verbose=bool(verbose))
-                 for s, p in paths.items()}
+        feats = extract_split_features(model, paths, batch_size, cache_dir, verbose=bool(verbose))
         history = fit_head_on_features(
             model, feats["train"], labels["train"], feats["val"], labels["val"], epochs,
             weights, learning_rate, batch_size, patience, history_path, verbose=verbose,

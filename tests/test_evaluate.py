@@ -86,3 +86,16 @@ def test_evaluation_report_uses_validation_threshold(predictions):
     assert rep["test"]["threshold"] == rep["threshold"] and rep["test_at_0.5"]["threshold"] == 0.5
     table = evaluate.metrics_table(rep)
     assert {"auc", "accuracy", "sensitivity", "specificity", "f1"} <= set(table.index)
+
+
+def test_patient_bootstrap_is_wider_when_images_of_a_patient_agree():
+    rng = np.random.default_rng(3)
+    patients = np.repeat(np.arange(40), 10)
+    y = np.repeat(rng.integers(0, 2, 40), 10)
+    p = np.clip(np.repeat(0.3 * y[::10] + rng.normal(0.35, 0.2, 40), 10), 0, 1)
+    by_image = evaluate.bootstrap_ci(y, p, 0.5, n_boot=300, seed=0)
+    by_patient = evaluate.bootstrap_ci(y, p, 0.5, n_boot=300, seed=0, groups=patients)
+    width = lambda ci: ci["auc"][1] - ci["auc"][0]  # noqa: E731
+    assert width(by_patient) > 1.8 * width(by_image)
+    point = evaluate.binary_metrics(y, p, 0.5)["auc"]
+    assert by_patient["auc"][0] <= point <= by_patient["auc"][1]
