@@ -23,13 +23,26 @@ Choices worth knowing:
   published preprocessing ignores it).
 * Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (``Image.draft``)
   whenever a ``max_side`` or target size is given, so memory stays bounded.
+* PNG has no reduced-scale decoding, and Pillow keeps a decoded RGB image at 4 bytes per
+  pixel, so an 8000 x 8000 RGB PNG would need 256 MB (about 600 MB of peak memory with the
+  array copies). PNGs of at least :data:`PNG_STREAM_MIN_PIXELS` pixels that are read with a
+  ``max_side`` or target size are therefore decoded in strips of about 1 MB: each strip is
+  unfiltered by Pillow and box-averaged by an integer factor (as ``Image.reduce`` would)
+  before the next one is read, so peak memory grows by about 30 MB at most (measured for
+  8000 x 8000 RGB) whatever the image size.
+  This covers non-interlaced 8-bit PNGs of every colour type and 16-bit grayscale (with or
+  without alpha); the rare others (interlaced, 1/2/4-bit, 16-bit colour) are decoded in
+  full, which needs about ``4 * width * height`` bytes (up to 3x that at the peak).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import threading
 import warnings
+import zlib
 from pathlib import Path
 
 import cv2
@@ -55,6 +68,11 @@ MAX_PIXELS = 20_000 * 20_000
 ~179 Mpx) guards against decompression bombs; we raise it because JPEGs are decoded
 downscaled via ``draft`` and some scanners export very large files."""
 
+PNG_STREAM_MIN_PIXELS = 4096 * 4096
+"""PNGs with at least this many pixels, read at a reduced size, are decoded strip by strip
+(see the module docstring); smaller ones are decoded in full by Pillow."""
+
+_PNG_STRIP_BYTES = 2**20  # unfiltered bytes per strip of a streamed PNG
 _CHECK_FULL_DECODE_BYTES = 64 * 1024  # check_image fully decodes files up to this size
 _JPEG_EOI = b"\xff\xd9"
 _PIL_LIMIT_LOCK = threading.Lock()
@@ -208,6 +226,10 @@ def _decode(path: Path, draft: tuple[int, int] | None) -> np.ndarray:
         if _is_dicom(path):
             return _decode_dicom(path)
         with _open_pil(path) as im:
+            if draft is not None and im.format == "PNG":
+                reduced = _decode_png_reduced(path, draft)
+                if reduced is not None:
+                    return reduced
             if draft is not None:
                 im.draft(None, draft)  # no-op for formats other than JPEG
             im.load()
@@ -216,6 +238,136 @@ def _decode(path: Path, draft: tuple[int, int] | None) -> np.ndarray:
         raise
     except Exception as exc:
         raise ImageReadError(path, _describe(exc, path, size)) from exc
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+_PNG_TYPE_WITH_BYTES = {1: 0, 2: 4, 3: 2, 4: 6}  # 8-bit colour type with N bytes per pixel
+
+
+def _decode_png_reduced(path: Path, draft: tuple[int, int]) -> np.ndarray | None:
+    """A big PNG decoded strip by strip and box-reduced by an integer factor ``k``.
+
+    ``k`` is the largest factor (at most 32) that keeps the result at least ``draft``
+    (width, height), as ``Image.draft`` does for JPEGs; the caller resizes the rest.
+    Returns ``None`` (decode in full instead) for small images, ``k < 2`` and PNG variants
+    not handled here (see the module docstring).
+
+    Each strip of ``k * m`` rows is inflated from the IDAT stream, wrapped into a small
+    8-bit PNG whose first row is the previous strip's last unfiltered row (the filters
+    refer to it) and whose colour type has the same bytes per pixel as the original, and
+    decoded by Pillow: that undoes the PNG filters in C and yields the raw sample bytes,
+    which are interpreted (palette, alpha, 16-bit) and summed per ``k x k`` block here.
+    """
+    with open(path, "rb") as f:
+        if f.read(8) != _PNG_SIGNATURE:
+            return None
+        length, kind = struct.unpack(">I4s", f.read(8))
+        if kind != b"IHDR" or length != 13:
+            return None
+        w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", f.read(13))
+        f.read(4)  # CRC
+        k = min(w // draft[0], h // draft[1], 32)  # capped: strips hold >= k rows
+        supported = (depth == 8 and ctype in _PNG_CHANNELS) or (depth == 16 and ctype in (0, 4))
+        if w * h < PNG_STREAM_MIN_PIXELS or k < 2 or interlace or not supported:
+            return None
+        bpp = _PNG_CHANNELS[ctype] * depth // 8
+        row = w * bpp + 1  # one filter-type byte per row
+        palette = np.zeros((256, 3), np.uint8)
+        strip_rows = k * max(1, _PNG_STRIP_BYTES // (k * row))
+        col_starts = np.arange(0, w, k)
+        sums, prev, done = [], bytes(row - 1), 0
+        lo, hi = np.inf, -np.inf
+        for data in _png_inflate(f, strip_rows * row, palette):
+            n = min(len(data) // row, h - done)
+            if n == 0:
+                break
+            raw = _png_unfilter(prev + data[: n * row], w, n + 1, _PNG_TYPE_WITH_BYTES[bpp])
+            raw = raw.reshape(n + 1, w, bpp)
+            prev, raw = raw[-1].tobytes(), raw[1:]
+            if depth == 16:  # big-endian gray (alpha, if any, dropped)
+                values = (raw[..., 0].astype(np.uint32) << 8 | raw[..., 1])[..., None]
+                lo, hi = min(lo, int(values.min())), max(hi, int(values.max()))
+            elif ctype == 3:
+                values = palette[raw[..., 0]]
+            else:
+                values = raw[..., : 1 if ctype in (0, 4) else 3]  # drop alpha
+            # uint32 holds k rows of 16-bit samples; uint64 k x k blocks
+            block = np.add.reduceat(values, np.arange(0, n, k), axis=0, dtype=np.uint32)
+            sums.append(np.add.reduceat(block, col_starts, axis=1, dtype=np.uint64))
+            done += n
+    if done < h:
+        size = path.stat().st_size
+        raise ImageReadError(path, f"truncated PNG data (file is {size} bytes): {done} of {h} rows")
+    rows_per_block = np.minimum(k, h - np.arange(0, h, k))
+    cols_per_block = np.minimum(k, w - col_starts)
+    means = np.concatenate(sums) / (rows_per_block[:, None, None] * cols_per_block[None, :, None])
+    if depth == 16:
+        if lo >= 0 and 4096 <= hi <= 65535:  # same rule as _high_depth_to_uint8
+            out = ((means + 128) // 257).astype(np.uint8)
+        else:
+            out = _minmax_to_uint8(means, float(lo), float(hi))
+    else:
+        out = np.clip(np.rint(means), 0, 255).astype(np.uint8)
+    return out[..., 0] if out.shape[-1] == 1 else out
+
+
+def _png_inflate(f, n_bytes: int, palette: np.ndarray):
+    """Inflate the IDAT stream of the PNG open at ``f`` (just after IHDR) in pieces of
+    ``n_bytes`` (the last may be shorter); fills ``palette`` from PLTE on the way."""
+    inflater = zlib.decompressobj()
+    pending = bytearray()
+    seen_idat = False
+    while True:
+        header = f.read(8)
+        if len(header) < 8:
+            break  # truncated file: the caller counts the rows it got
+        length, kind = struct.unpack(">I4s", header)
+        if kind != b"IDAT":
+            if seen_idat or kind == b"IEND":
+                break
+            data = f.read(length)
+            if kind == b"PLTE":
+                colours = np.frombuffer(data[: len(data) // 3 * 3], np.uint8).reshape(-1, 3)
+                palette[: len(colours)] = colours[:256]
+            f.read(4)
+            continue
+        seen_idat = True
+        left = length
+        while left:
+            piece = f.read(min(left, 2**20))
+            if not piece:
+                break
+            left -= len(piece)
+            while piece:
+                pending += inflater.decompress(piece, n_bytes)
+                piece = inflater.unconsumed_tail
+                while len(pending) >= n_bytes:
+                    yield bytes(pending[:n_bytes])
+                    del pending[:n_bytes]
+        if left:
+            break
+        f.read(4)  # CRC (Pillow's check_image verifies it)
+    pending += inflater.flush()
+    while pending:
+        yield bytes(pending[:n_bytes])
+        del pending[:n_bytes]
+
+
+def _png_unfilter(rows: bytes, width: int, height: int, ctype: int) -> np.ndarray:
+    """Raw 8-bit samples of PNG scan lines ``rows`` (each: filter byte + data): they are
+    wrapped into a minimal PNG of colour type ``ctype`` and decoded by Pillow."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, ctype, 0, 0, 0)
+    idat = zlib.compress(b"\0" + rows, 0)  # stored, not compressed: it is decoded at once
+    png = _PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    with Image.open(io.BytesIO(png)) as im:
+        im.load()
+        return np.asarray(im)
 
 
 def _describe(exc: BaseException, path: Path, size: int | None = None) -> str:

@@ -350,8 +350,11 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write: no half-written temporary file
 
 
 def _json_default(value: Any) -> Any:
@@ -365,8 +368,11 @@ def _json_default(value: Any) -> Any:
 def load_model(path: str | Path) -> tuple[keras.Model, dict]:
     """Load a saved model (Keras safe mode, never unpickling) and its sidecar metadata.
 
-    Raises :class:`ModelFileError` naming the file when it is not a ``.keras`` model.
-    Without a sidecar, metadata is inferred from the model (threshold 0.5).
+    Raises :class:`ModelFileError` naming the file when it is not a ``.keras`` model, when
+    Keras safe mode refuses it (a ``Lambda`` layer or other Python code inside), when the
+    model does not take one square RGB image ``(h, w, 3)``, or when the sidecar's
+    ``image_size`` disagrees with the model's input. Without a sidecar, metadata is inferred
+    from the model (threshold 0.5).
     """
     path = Path(path)
     if not path.is_file():
@@ -379,8 +385,46 @@ def load_model(path: str | Path) -> tuple[keras.Model, dict]:
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:
-        raise ModelFileError(f"cannot load {path} as a Keras model: {exc}") from None
+        text = " ".join(str(exc).split())
+        if "safe_mode" in text or "unsafe" in text.lower():
+            raise ModelFileError(
+                f"refusing to load {path}: it contains Python code (e.g. a Lambda layer) that "
+                "Keras safe mode will not deserialize, and pneumo never loads models unsafely; "
+                "rebuild the model without Lambda layers and save it again "
+                f"(Keras: {text.split('. ')[0]})"
+            ) from None
+        raise ModelFileError(f"cannot load {path} as a Keras model: {text}") from None
     meta_file = sidecar_path(path)
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else model_metadata(model)
-    meta.setdefault("image_size", int(model.inputs[0].shape[1]))
+    try:
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"sidecar {meta_file} is not valid JSON: {exc}") from None
+    size = _square_rgb_input_size(model, path)
+    if "image_size" in meta and size is not None and int(meta["image_size"]) != size:
+        raise ModelFileError(
+            f"sidecar {meta_file} says image_size {meta['image_size']} but {path} takes "
+            f"{size}x{size} input: the sidecar belongs to another model or was edited"
+        )
+    if size is None and "image_size" not in meta:
+        raise ModelFileError(
+            f"{path} accepts any image size and has no sidecar {meta_file} giving image_size"
+        )
+    if not meta:
+        meta = model_metadata(model)
+    meta.setdefault("image_size", size)
     return model, meta
+
+
+def _square_rgb_input_size(model: keras.Model, path: Path) -> int | None:
+    """The side ``n`` of a model taking ``(batch, n, n, 3)`` (``None`` if not fixed), else
+    :class:`ModelFileError`: pneumo models take one square RGB image per example."""
+    shapes = [tuple(t.shape) for t in model.inputs]
+    if len(shapes) == 1 and len(shapes[0]) == 4:
+        _, h, w, channels = shapes[0]
+        if channels == 3 and h == w:
+            return None if h is None else int(h)
+    shown = ", ".join(str(s) for s in shapes) or "none"
+    raise ModelFileError(
+        f"{path} expects (h, w, 3) RGB input with h == w (one square RGB image, as the "
+        f"pneumo builders make), but its input shape is {shown}"
+    )

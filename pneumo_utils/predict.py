@@ -23,11 +23,22 @@ def predict_image(model, meta: dict, path: str | Path) -> dict:
     The class follows the model's raw output against its stored threshold. Confidence is the
     probability of that class (``p`` for PNEUMONIA, ``1 - p`` for NORMAL), using the
     validation-fitted temperature when the sidecar has one, so it reads as a probability.
+    The image is resized to ``meta["image_size"]`` whatever its own size (huge JPEGs and
+    PNGs are decoded at reduced scale, see :mod:`pneumo_utils.images`); a ``meta`` whose
+    ``image_size`` disagrees with the model's input raises
+    :class:`~pneumo_utils.models.ModelFileError`.
     """
     from pneumo_utils.evaluate import apply_temperature
     from pneumo_utils.images import read_resized
 
-    image = read_resized(str(path), int(meta["image_size"]))[None].astype(np.float32)
+    size, expected = int(meta["image_size"]), model.inputs[0].shape[1]
+    if expected is not None and int(expected) != size:
+        from pneumo_utils.models import ModelFileError
+
+        raise ModelFileError(
+            f"metadata image_size {size} does not match the model's {expected} px input"
+        )
+    image = read_resized(str(path), size)[None].astype(np.float32)
     raw = float(model.predict(image, verbose=0).reshape(-1)[0])
     threshold = float(meta.get("threshold", 0.5))
     label = int(raw >= threshold)
@@ -60,18 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     import cv2
 
     from pneumo_utils.images import ImageReadError, read_image
-    from pneumo_utils.models import ModelFileError, load_model
 
     if not Path(args.image).is_file():
         print(f"error: image file {args.image} does not exist", file=sys.stderr)
         return 2
     try:
-        read_image(args.image, max_side=64)
+        read_image(args.image, max_side=64)  # a bad image fails fast, before TensorFlow loads
+    except (ImageReadError, FileNotFoundError, ValueError) as exc:
+        return _fail(exc)
+
+    from pneumo_utils.models import ModelFileError, load_model
+
+    try:
         model, meta = load_model(args.model)
         result = predict_image(model, meta, args.image)
     except (ImageReadError, ModelFileError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc)
     print(f"Prediction: {result['label']} ({result['confidence']:.2%} confidence)")
     print(
         f"P(PNEUMONIA) = {result['probability_pneumonia']:.4f}, threshold {result['threshold']:.4f} "
@@ -86,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         cv2.imwrite(args.gradcam, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
         print(f"Grad-CAM overlay written to {args.gradcam}")
     return 0
+
+
+def _fail(exc: Exception) -> int:
+    """Print ``error: <message>`` as one line on stderr (no traceback); exit status 2."""
+    print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -74,12 +74,14 @@ def fit(
     history_path: str | Path | None = None,
     initial_epoch: int = 0,
     verbose: int = 2,
+    callbacks: list[keras.callbacks.Callback] | None = None,
     **fit_kwargs,
 ) -> dict[str, list[float]]:
     """``model.fit`` with :func:`standard_callbacks`; returns (and optionally saves) the history.
 
     ``train_data``/``val_data`` are tf.data datasets or ``(x, y)`` tuples of arrays. The
-    model must be compiled (:func:`compile_binary`).
+    model must be compiled (:func:`compile_binary`). ``callbacks`` are added after the
+    standard ones (e.g. a timer in ``pneumo_utils.bench``).
     """
     if isinstance(train_data, tuple):
         fit_kwargs.update(x=train_data[0], y=train_data[1])
@@ -90,7 +92,7 @@ def fit(
         epochs=initial_epoch + epochs,
         initial_epoch=initial_epoch,
         class_weight=class_weight,
-        callbacks=standard_callbacks(patience, checkpoint_path),
+        callbacks=[*standard_callbacks(patience, checkpoint_path), *(callbacks or [])],
         verbose=verbose,
         **fit_kwargs,
     )
@@ -115,6 +117,7 @@ def fit_head_on_features(
     history_path: str | Path | None = None,
     seed: int = 0,
     verbose: int = 2,
+    callbacks: list[keras.callbacks.Callback] | None = None,
 ) -> dict[str, list[float]]:
     """Train ``model``'s head on cached pooled features ``(n, channels)``, in place.
 
@@ -134,6 +137,7 @@ def fit_head_on_features(
         batch_size=batch_size,
         shuffle=True,
         verbose=verbose,
+        callbacks=callbacks,
     )
 
 
