@@ -1,0 +1,65 @@
+"""Cheap looks at a data set before training: original image sizes and colour modes.
+
+Sizes come from file headers (Pillow opens a file lazily and reads only its header; DICOM
+headers are read without pixel data), so a few thousand files take a second or two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pneumo_utils import CLASS_NAMES
+
+
+def image_header(path: str | Path) -> tuple[int, int, str]:
+    """``(width, height, mode)`` of one image file from its header, without decoding pixels.
+
+    DICOM files report ``mode`` as their photometric interpretation (e.g. ``MONOCHROME2``).
+    Raises ``OSError``/``ValueError`` for files that are not readable images.
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(132)
+    if head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom"):
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return int(ds.Columns), int(ds.Rows), str(ds.get("PhotometricInterpretation", "?"))
+    with Image.open(path) as im:
+        return int(im.width), int(im.height), im.mode
+
+
+def image_size_table(paths: Sequence[str], labels: Sequence[int] | None = None) -> pd.DataFrame:
+    """One row per file: ``path``, ``width``, ``height``, ``mode``, ``aspect`` (w / h), and
+    ``class`` when ``labels`` are given. Unreadable files get NaN sizes and mode ``"error"``.
+
+    The input of :func:`pneumo_utils.plots.image_size_histogram` and :func:`size_summary`.
+    """
+    rows = []
+    for path in paths:
+        try:
+            width, height, mode = image_header(path)
+        except (OSError, ValueError):
+            width, height, mode = np.nan, np.nan, "error"
+        rows.append((str(path), width, height, mode))
+    table = pd.DataFrame(rows, columns=["path", "width", "height", "mode"])
+    table["aspect"] = table["width"] / table["height"]
+    if labels is not None:
+        table["class"] = [CLASS_NAMES[int(y)] for y in labels]
+    return table
+
+
+def size_summary(sizes: pd.DataFrame) -> pd.DataFrame:
+    """Count, min, median and max of width, height and aspect ratio (per class if known),
+    plus the number of distinct colour modes, for a compact table in a notebook."""
+    group = sizes.groupby("class") if "class" in sizes else sizes.assign(_all="all").groupby("_all")
+    stats = group[["width", "height", "aspect"]].agg(["min", "median", "max"]).round(2)
+    stats.insert(0, ("images", "count"), group.size())
+    stats[("mode", "values")] = group["mode"].agg(lambda m: ", ".join(sorted(set(m))))
+    stats.index.name = None
+    return stats
