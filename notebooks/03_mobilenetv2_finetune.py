@@ -286,7 +286,9 @@ gradcam_png = f"{reports_dir}/{run_name}.gradcam.png"
 command = [sys.executable, "-m", "pneumo_utils.predict", image_path, "--model", str(model_path),
            "--gradcam", gradcam_png]
 print("$", shlex.join(["python"] + command[1:]))
-print(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+completed = subprocess.run(command, capture_output=True, text=True)
+print(completed.stdout or completed.stderr)
+completed.check_returncode()
 display(Image(filename=gradcam_png, width=300))
 
 # %%

@@ -162,7 +162,7 @@ def compare_phases(y_val: np.ndarray, phases: list[Phase]) -> pd.DataFrame:
     table = pd.DataFrame(rows).set_index("phase")
     best = int(np.argmax(table["validation AUC"].to_numpy()))  # first maximum: earlier phase
     table["kept"] = ["yes" if i == best else "" for i in range(len(table))]
-    return table.round(4)
+    return table.round(5)
 
 
 def keep_best(

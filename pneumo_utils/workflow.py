@@ -98,16 +98,17 @@ def comparison_table(evaluations: Mapping[str, dict]) -> pd.DataFrame:
 def prediction_captions(
     labels: np.ndarray, rows: Sequence[int], predictions: Mapping[str, tuple[np.ndarray, float]]
 ) -> list[str]:
-    """One caption per row: the true class, then each model's probability and verdict.
+    """One caption per row: the true class, then a line per model with its probability of
+    PNEUMONIA and whether its decision (at its own threshold) is right.
 
     ``predictions`` maps a model name to ``(probabilities, threshold)``.
     """
     captions = []
     for i in rows:
-        parts = [f"true {CLASS_NAMES[int(labels[i])]}"]
+        lines = [f"true {CLASS_NAMES[int(labels[i])]}"]
         for name, (proba, threshold) in predictions.items():
             predicted = int(proba[i] >= threshold)
             mark = "ok" if predicted == int(labels[i]) else "WRONG"
-            parts.append(f"{name}: p={proba[i]:.2f} {mark}")
-        captions.append("; ".join(parts))
+            lines.append(f"{name}: p={proba[i]:.2f} {mark}")
+        captions.append("\n".join(lines))
     return captions

@@ -124,4 +124,4 @@ def test_save_with_card_and_comparison_table(tmp_path):
     assert table.loc["auc", "a"].count("(") == 1 and "threshold (from validation)" in table.index
 
     captions = workflow.prediction_captions(y, [0, 1], {"a": (proba, 0.5), "b": (1 - proba, 0.5)})
-    assert captions[0].startswith("true NORMAL; a: p=") and "b: p=" in captions[0]
+    assert captions[0].startswith("true NORMAL\na: p=") and "\nb: p=" in captions[0]
