@@ -494,7 +494,7 @@ def write_index(
         for index, row in enumerate(metric_rows(r)):
             test = row.get("test") if isinstance(row.get("test"), dict) else {}
             is_best = best == (r.name, index)
-            label = row.get("title") or row.get("backbone") or row.get("run_name") or r.name
+            label = row.get("name") or row.get("title") or row.get("backbone") or row.get("run_name") or r.name
             threshold = _fmt(row.get("threshold"))
             if row.get("threshold_rule"):
                 threshold += f"<br><small>{esc(str(row['threshold_rule']))}</small>"
