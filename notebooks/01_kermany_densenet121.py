@@ -154,9 +154,8 @@ display(plots.training_curves(history))
 # intervals; the 0.5 column shows what the default threshold would have given.
 
 # %%
-test_patients = index.loc[index["split"] == "test", "patient"].to_numpy()
 evaluation = report.show_evaluation(backbone, labels["val"], proba["val"], labels["test"], proba["test"],
-                                    threshold_rule, n_boot, seed, groups_test=test_patients)
+                                    threshold_rule, n_boot, seed, datasets.patients_of(index, "test"))
 
 # %% [markdown]
 # ## 6. Grad-CAM: where does the model look?

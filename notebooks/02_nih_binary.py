@@ -287,13 +287,14 @@ if "learning_rate" in history:
 # default) and applied unchanged to the test patients. Test metrics come with 95% bootstrap
 # confidence intervals; the 0.5 column shows what the default threshold would have given.
 # Then the classification report (per-class precision, recall, F1), the confusion matrix, ROC
-# and precision-recall curves and the reliability diagram. The bootstrap resamples images; NIH
-# patients often contribute several images, so with a few dozen test patients the intervals
-# are, if anything, too narrow.
+# and precision-recall curves and the reliability diagram. NIH patients often contribute
+# several images, and one patient's images are correlated, so the bootstrap resamples whole
+# test *patients* (images alone would give intervals that are too narrow).
 
 # %%
 evaluation = report.show_evaluation(f"{backbone}: {positive_name} vs No Finding", labels["val"], proba["val"],
-                                    labels["test"], proba["test"], threshold_rule, n_boot, seed)
+                                    labels["test"], proba["test"], threshold_rule, n_boot, seed,
+                                    datasets.patients_of(index, "test"))
 
 # %% [markdown]
 # ## 8. Grad-CAM: where does the model look?

@@ -104,6 +104,7 @@ from pneumo_utils import (
     CLASS_NAMES,
     augment,
     data,
+    datasets,
     finetune,
     models,
     plots,
@@ -236,8 +237,8 @@ display(Markdown(f"Kept: **phase {kept.name}**."))
 # table is the per-class precision, recall and F1.
 
 # %%
-evaluation = report.show_evaluation(f"{backbone} fine-tuned", labels["val"], proba["val"],
-                                    labels["test"], proba["test"], threshold_rule, n_boot, seed)
+evaluation = report.show_evaluation(f"{backbone} fine-tuned", labels["val"], proba["val"], labels["test"],
+                                    proba["test"], threshold_rule, n_boot, seed, datasets.patients_of(index, "test"))
 
 # %% [markdown]
 # ## 8. Grad-CAM: where does the model look?

@@ -103,7 +103,7 @@ run_name = "04_resnet_vs_scratch_cnn"
 # %%
 from IPython.display import Markdown, display
 
-from pneumo_utils import augment, data, explore, finetune, models, plots, report, workflow
+from pneumo_utils import augment, data, datasets, explore, finetune, models, plots, report, workflow
 
 data.set_seed(seed)
 for folder in (reports_dir, models_dir):
@@ -243,7 +243,7 @@ candidates = {
 }
 evaluations = {
     name: report.show_evaluation(name, labels["val"], proba["val"], labels["test"], proba["test"],
-                                 threshold_rule, n_boot, seed)
+                                 threshold_rule, n_boot, seed, datasets.patients_of(index, "test"))
     for name, (_, proba, _) in candidates.items()
 }
 

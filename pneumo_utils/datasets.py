@@ -213,6 +213,12 @@ def paths_and_labels(index: pd.DataFrame, split: str) -> tuple[list[str], np.nda
     return part["path"].tolist(), part["label"].to_numpy(dtype=np.int64)
 
 
+def patients_of(index: pd.DataFrame, split: str) -> np.ndarray:
+    """Patient ids of one split, in the order of :func:`paths_and_labels` (for patient-level
+    bootstrap CIs)."""
+    return index.loc[index["split"] == split, "patient"].to_numpy()
+
+
 def require_columns(table: pd.DataFrame, expected: Iterable[str], what: str) -> None:
     """Raise naming the missing columns, the expected ones and those found."""
     expected = list(expected)

@@ -106,3 +106,12 @@ def test_require_columns_lists_expected_and_found():
 
     with pytest.raises(DatasetLayoutError, match=r"missing column\(s\) \['Patient ID'\].*found \['a'\]"):
         require_columns(pd.DataFrame({"a": [1]}), ["a", "Patient ID"], "labels.csv")
+
+
+def test_patients_of_follows_paths_and_labels_order(kermany_root):
+    from pneumo_utils.datasets import paths_and_labels, patients_of
+
+    index = load_kermany(kermany_root)
+    paths, _ = paths_and_labels(index, "test")
+    patients = patients_of(index, "test")
+    assert [kermany_patient_id(p) for p in paths] == list(patients)
