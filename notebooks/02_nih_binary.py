@@ -335,7 +335,7 @@ summary = report.write_metrics(
     f"{reports_dir}/{run_name}.metrics.json", run_name,
     f"NIH ChestX-ray14: {positive_name} vs No Finding (DenseNet121 head, L2)", data_line,
     [report.model_entry(backbone, evaluation, model_path, weights=weights_used, finding=positive_name)],
-    backbone=backbone, finding=positive_name, missing_images=n_missing,
+    task=f"nih:{positive_name}", backbone=backbone, finding=positive_name, missing_images=n_missing,
 )
 assert 0.0 <= summary["test"]["auc"] <= 1.0 and model_path.is_file()
 

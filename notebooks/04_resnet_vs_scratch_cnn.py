@@ -56,11 +56,12 @@ if Path.cwd().name == "notebooks":
 # ## Parameters
 # papermill overrides this cell (`run_all.sh` sets them per profile; the `full` profile
 # holds the CPU settings the reported results come from). ResNet50: `epochs`/`learning_rate`
-# for phase 1 (head only), `fine_tune_*` for phase 2. The CNN from scratch has its own
+# for phase 1 (head only), `fine_tune_*` for phase 2, `label_smoothing` for both. The CNN from scratch has its own
 # `scratch_*` settings, including its input size and filters per block. `*_images_per_epoch`
 # makes each epoch over images a random share of the training set (`None`: all of it).
 # Augmentation ranges are in degrees (rotation) and fractions (the rest); 0 switches a
-# transform off.
+# transform off. `stress_images` validation images go through the acquisition-shift stress
+# test (0 skips it).
 
 # %% tags=["parameters"]
 data_dir = "data/chest_xray"
@@ -75,6 +76,7 @@ fine_tune_epochs = 3
 fine_tune_learning_rate = 1e-5
 unfreeze_layers = 10
 fine_tune_images_per_epoch = None
+label_smoothing = 0.1
 scratch_image_size = 128
 scratch_filters = [32, 64, 128, 256]
 scratch_epochs = 15
@@ -94,6 +96,7 @@ brightness = 0.1
 contrast = 0.1
 horizontal_flip = False
 threshold_rule = "youden"
+stress_images = 200
 n_boot = 1000
 reports_dir = "reports"
 models_dir = "saved_models"
@@ -101,9 +104,11 @@ cache_dir = ".cache/pneumo"
 run_name = "04_resnet_vs_scratch_cnn"
 
 # %%
+import pandas as pd
 from IPython.display import Markdown, display
 
 from pneumo_utils import augment, data, datasets, explore, finetune, models, plots, report, workflow
+from pneumo_utils.shift import stress_test
 
 data.set_seed(seed)
 for folder in (reports_dir, models_dir):
@@ -211,7 +216,16 @@ display(Markdown(f"Best validation AUC {max(scratch_history['val_auc']):.4f} aft
 # `unfreeze_layers` layers (10 = the last residual block, `conv5_block3`) and trains them on
 # augmented images with a much lower learning rate, BatchNorm layers kept in inference mode
 # so their ImageNet statistics stay put. Whichever phase scores the higher **validation** AUC
-# is kept.
+# is kept. `fine_tune_epochs=0` skips phase 2 (the CPU `full` profile does: on this data it
+# never beat the frozen head on validation, see `profiles/full.yaml`).
+#
+# Both phases use **label smoothing** (`label_smoothing=0.1`: targets 0.05/0.95 instead of
+# 0/1). The official Kermany test images were collected apart from the training images, and
+# models trained on train over-call pneumonia there; a head that is not pushed to extreme
+# confidence on the training distribution degrades more gracefully. Measured on this split's
+# validation images (three seeds, 224 px, frozen base): validation AUC 0.9968 -> 0.9985 and,
+# on validation images perturbed as another X-ray machine might (gamma, contrast, blur, zoom,
+# noise), mean AUC 0.9952 -> 0.9965. The README's "Generalisation" section has the details.
 
 # %%
 weights_file = models.resolve_weights(backbone, weights, fallback=weights_fallback)
@@ -227,6 +241,7 @@ transfer = finetune.two_phase(
     unfreeze_layers=unfreeze_layers, augment_layers=augmentation,
     images_per_epoch=fine_tune_images_per_epoch, batch_size=batch_size, patience=patience,
     use_feature_cache=use_feature_cache, cache_dir=f"{cache_dir}/features", seed=seed,
+    label_smoothing=label_smoothing,
 )
 display(transfer.table)
 
@@ -252,6 +267,28 @@ workflow.comparison_table(evaluations)
 
 # %%
 plots.roc_pr_curves({name: (labels["test"], proba["test"]) for name, (_, proba, _) in candidates.items()})
+
+# %% [markdown]
+# ### Robustness to acquisition shift (validation images)
+# Both models score almost perfectly on images from the collection they were trained on; the
+# official Kermany test images were collected separately, and models trained on train
+# over-call pneumonia there. The test images cannot guide a choice, so this stress test asks
+# the validation images instead: the same `stress_images` images (a class-stratified sample)
+# darker and brighter (gamma), with less contrast, blurred, zoomed out and in, and noisier, as
+# another X-ray machine might render them (`pneumo_utils.shift`). Each model keeps its own
+# validation threshold. **FPR** is the share of normal X-rays called pneumonia (the error that
+# grows on the official test), **FNR** the share of pneumonia missed; "mean shift" averages
+# the perturbed rows. A model whose numbers move little is less tied to one machine's look.
+# This is a proxy: a real new site also brings new patients and labelling.
+
+# %%
+if stress_images:
+    stress = {
+        name: stress_test(model, paths["val"], labels["val"], evaluations[name]["threshold"],
+                          batch_size=batch_size, max_images=stress_images, seed=seed)
+        for name, (model, _, _) in candidates.items()
+    }
+    display(pd.concat(stress, axis=1).round(3))
 
 # %% [markdown]
 # Training curves of both. The CNN from scratch starts from nothing, and its BatchNorm
@@ -295,6 +332,7 @@ recipes = {
     ),
     f"{backbone} transfer": (
         backbone, weights_used,
+        f"label smoothing {label_smoothing:g}; "
         f"phase 1: head on frozen base, up to {epochs} epochs at {learning_rate:g}; phase 2: top "
         f"{unfreeze_layers} layers (BatchNorm frozen) at {fine_tune_learning_rate:g}, "
         f"{augment.describe(augmentation)}; kept phase {transfer.kept.name} (higher validation AUC)",
@@ -304,10 +342,12 @@ entries = []
 for name, (model, _, _) in candidates.items():
     arch, weights_of, training = recipes[name]
     model_path = Path(models_dir) / f"{run_name}.{arch}.keras"
+    robustness = {"stress_validation": stress[name].round(4).to_dict(orient="index")} if stress_images else {}
     workflow.save_with_card(model, model_path, evaluations[name], backbone=arch, weights=weights_of,
-                            training=training, data=f"Kermany chest_xray at {data_dir}; {split_description}")
+                            training=training, data=f"Kermany chest_xray at {data_dir}; {split_description}",
+                            **robustness)
     entries.append(report.model_entry(name, evaluations[name], model_path, backbone=arch,
-                                      weights=weights_of, training=training))
+                                      weights=weights_of, training=training, **robustness))
 display(Markdown("\n".join(f"- `{e['model_path']}`" for e in entries)))
 
 # %%

@@ -6,7 +6,8 @@ beside the default 0.5 so a reader can see what the choice did.
 
 Command line: ``python -m pneumo_utils.evaluate --model MODEL.keras --data DIR [--out F]``
 evaluates a saved model on a ``{NORMAL,PNEUMONIA}`` folder (or a data root's ``test/``) with
-the threshold stored beside the model, and prints one JSON object.
+the threshold stored beside the model, and prints one JSON object; ``--stress`` adds the
+acquisition-shift stress test of :mod:`pneumo_utils.shift`.
 """
 
 from __future__ import annotations
@@ -276,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON to this file")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    parser.add_argument(
+        "--stress",
+        action="store_true",
+        help="also score perturbed copies of the images (exposure, contrast, blur, zoom, noise) "
+        "at the same threshold: an acquisition-shift proxy (pneumo_utils.shift)",
+    )
     args = parser.parse_args(argv)
 
     from pneumo_utils.models import ModelFileError, load_model, predict_paths, write_json_atomic
@@ -296,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
             "temperature": meta["temperature"],
             **calibration_summary(labels, apply_temperature(proba, meta["temperature"])),
         }
+    if args.stress:
+        from pneumo_utils.shift import stress_test
+
+        table = stress_test(model, index["path"].tolist(), labels, threshold,
+                            batch_size=args.batch_size)
+        result["stress"] = table.round(4).to_dict(orient="index")
     result.update(
         model=str(args.model),
         data=str(args.data),

@@ -42,6 +42,7 @@ def train_on_images(
     seed: int = 0,
     history_path: str | Path | None = None,
     verbose: int = 2,
+    label_smoothing: float = 0.0,
 ) -> tuple[dict[str, list[float]], np.ndarray]:
     """Train ``model`` on the ``train`` images, early-stopping on ``val`` AUC; in place.
 
@@ -50,7 +51,8 @@ def train_on_images(
     with ``None`` whatever is trainable now is trained (a model from scratch: everything).
     Training images go through ``augment_layers`` (:mod:`pneumo_utils.augment`);
     ``images_per_epoch`` makes each epoch a random share of the training set. The loss is
-    class-weighted (balanced); Adam at ``learning_rate`` (:func:`pneumo_utils.train.compile_binary`).
+    class-weighted (balanced), with optional ``label_smoothing``; Adam at ``learning_rate``
+    (:func:`pneumo_utils.train.compile_binary`).
 
     After every epoch the model predicts the validation images once; those predictions give
     the epoch's ``val_*`` metrics (ROC AUC from scikit-learn, unweighted log loss, and
@@ -67,7 +69,7 @@ def train_on_images(
     )
     if unfreeze_layers is not None:
         unfreeze_top(model, unfreeze_layers)
-    compile_binary(model, learning_rate)
+    compile_binary(model, learning_rate, label_smoothing)
     weights = class_weights(labels["train"])
     y_val = np.asarray(labels["val"])
     history: dict[str, list[float]] = {}
@@ -222,6 +224,7 @@ def two_phase(
     cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
     seed: int = 0,
     verbose: int = 2,
+    label_smoothing: float = 0.0,
 ) -> TwoPhaseResult:
     """Transfer learning in two phases, keeping whichever validates better.
 
@@ -230,13 +233,14 @@ def two_phase(
     2. Fine-tuning: the top ``unfreeze_layers`` backbone layers train on augmented images
        at ``fine_tune_learning_rate`` for ``fine_tune_epochs`` (0 skips this phase).
 
+    Both phases use ``label_smoothing`` in the loss (0 = plain binary cross-entropy).
     The model ends up with the weights of the phase with the higher validation AUC.
     ``paths``/``labels`` hold ``train``, ``val`` and ``test``; only ``val`` guides choices.
     """
     history1, proba1 = train_frozen_head(
         model, paths, labels, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
         patience=patience, use_feature_cache=use_feature_cache, cache_dir=cache_dir,
-        verbose=verbose,
+        verbose=verbose, label_smoothing=label_smoothing,
     )
     phases = [snapshot(model, "1: frozen base, head only", proba1, len(history1["loss"]))]
     histories = [history1]
@@ -245,7 +249,7 @@ def two_phase(
             model, paths, labels, fine_tune_epochs, fine_tune_learning_rate, unfreeze_layers,
             initial_epoch=len(history1["loss"]), batch_size=batch_size,
             augment_layers=augment_layers, images_per_epoch=images_per_epoch,
-            patience=patience, seed=seed, verbose=verbose,
+            patience=patience, seed=seed, verbose=verbose, label_smoothing=label_smoothing,
         )
         phases.append(snapshot(model, f"2: top {unfreeze_layers} layers fine-tuned",
                                {"val": proba2_val}, len(history2["loss"])))

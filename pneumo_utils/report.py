@@ -132,11 +132,19 @@ def model_entry(name: str, report: dict, model_path: str | Path | None = None, *
     }
 
 
-def write_metrics(path: str | Path, run_name: str, title: str, data: str, models: list[dict], **extra) -> dict:
-    """Write the run's metrics JSON (read by ``run_all.sh`` for ``reports/index.html``)."""
+def write_metrics(
+    path: str | Path, run_name: str, title: str, data: str, models: list[dict],
+    task: str = "kermany", **extra,
+) -> dict:
+    """Write the run's metrics JSON (read by ``run_all.sh`` for ``reports/index.html``).
+
+    ``task`` names what the models were trained and tested on (``"kermany"``, or
+    ``"nih:<finding>"``); the run's best model is chosen among one task's models only, since
+    validation AUCs of different data sets and findings do not compare.
+    """
     best = max(models, key=lambda m: m["val_auc"])
     record = {
-        "run_name": run_name, "title": title, "data": data, **extra,
+        "run_name": run_name, "title": title, "data": data, "task": task, **extra,
         "threshold": best["threshold"], "threshold_rule": best["threshold_rule"],
         "val_auc": best["val_auc"], "test": best["test"], "model_path": best["model_path"],
         "models": models,

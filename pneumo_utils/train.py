@@ -118,14 +118,16 @@ def fit_head_on_features(
     seed: int = 0,
     verbose: int = 2,
     callbacks: list[keras.callbacks.Callback] | None = None,
+    label_smoothing: float = 0.0,
 ) -> dict[str, list[float]]:
     """Train ``model``'s head on cached pooled features ``(n, channels)``, in place.
 
     The same head, loss, class weights, callbacks and optimiser as training over images
     with a frozen base; only the backbone forward pass is skipped. Afterwards ``model``
     (base + trained head) predicts exactly as a model trained over images would.
+    ``label_smoothing`` (e.g. 0.1) trains towards 0.05/0.95 instead of 0/1 targets.
     """
-    head = compile_binary(head_on_features(model), learning_rate)
+    head = compile_binary(head_on_features(model), learning_rate, label_smoothing)
     return fit(
         head,
         (np.asarray(train_features), np.asarray(train_labels, dtype=np.float32)),
@@ -187,13 +189,15 @@ def train_frozen_head(
     history_path: str | Path | None = None,
     checkpoint_path: str | Path | None = None,
     verbose: int = 2,
+    label_smoothing: float = 0.0,
 ) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
     """Train the head of a frozen-base ``model`` on ``train``, early-stopping on ``val``.
 
     With ``use_feature_cache`` the backbone runs once per image (features cached on disk, see
     :mod:`pneumo_utils.features`) and the head trains on the features; otherwise the seeds'
     way, ``model.fit`` over decoded images every epoch. Class weights are balanced on the
-    train labels. ``paths``/``labels`` map split names to file lists and label arrays.
+    train labels; ``label_smoothing`` goes to the binary cross-entropy. ``paths``/``labels``
+    map split names to file lists and label arrays.
 
     Returns the history and PNEUMONIA probabilities ``(n,)`` for every split given.
     """
@@ -203,13 +207,14 @@ def train_frozen_head(
         history = fit_head_on_features(
             model, feats["train"], labels["train"], feats["val"], labels["val"], epochs,
             weights, learning_rate, batch_size, patience, history_path, verbose=verbose,
+            label_smoothing=label_smoothing,
         )
         head = head_on_features(model)
         return history, {s: head.predict(f, verbose=0).reshape(-1) for s, f in feats.items()}
     size = int(model.inputs[0].shape[1])
     train_ds = image_dataset(paths["train"], labels["train"], size, batch_size, shuffle=True)
     val_ds = image_dataset(paths["val"], labels["val"], size, batch_size)
-    compile_binary(model, learning_rate)
+    compile_binary(model, learning_rate, label_smoothing)
     history = fit(model, train_ds, val_ds, epochs, weights, patience, checkpoint_path,
                   history_path, verbose=verbose)
     return history, {s: predict_paths(model, p, batch_size) for s, p in paths.items()}

@@ -86,6 +86,27 @@ def test_feature_cache_trains_the_same_head(learn_root, tmp_path):
     np.testing.assert_allclose(results[True], results[False], atol=2e-3)
 
 
+def test_label_smoothing_keeps_the_head_away_from_certainty():
+    """Separable features: plain cross-entropy drives outputs to 0/1; smoothing 0.2 (targets
+    0.1/0.9) keeps them clearly short of certainty."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 100)
+    x = (rng.normal(0, 1, (200, 8)) + 4.0 * y[:, None]).astype("float32")
+    extremes = {}
+    for smoothing in (0.0, 0.2):
+        data.set_seed(0)
+        model = models.build_classifier("mobilenet_v2", 32, None, seed=0)
+        head = models.head_on_features(model)  # takes 1280 features: x padded with zeros
+        padded = np.zeros((len(x), int(head.inputs[0].shape[-1])), "float32")
+        padded[:, : x.shape[1]] = x
+        train.fit_head_on_features(model, padded, y, padded, y, epochs=60, learning_rate=1e-2,
+                                   patience=60, verbose=0, label_smoothing=smoothing)
+        proba = head.predict(padded, verbose=0).reshape(-1)
+        assert roc_auc_score(y, proba) > 0.99
+        extremes[smoothing] = max(proba.max(), 1 - proba.min())
+    assert extremes[0.0] > 0.999 and extremes[0.2] < 0.985, extremes
+
+
 def test_feature_cache_is_reused_and_keyed_by_content(learn_root, tmp_path):
     index = load_kermany(learn_root)
     paths = index["path"].tolist()[:12]
@@ -135,3 +156,10 @@ def test_evaluate_cli_on_a_folder(trained, learn_root, tmp_path, capsys):
     assert result["threshold_rule"] == "youden on validation"
     assert json.loads(capsys.readouterr().out)["auc"] == result["auc"]
     assert evaluate.main(["--model", str(path), "--data", str(learn_root / "test" / "NORMAL" / "nope")]) == 2
+    capsys.readouterr()
+    assert evaluate.main(["--model", str(path), "--data", str(learn_root), "--n-boot", "10", "--stress"]) == 0
+    stress = json.loads(capsys.readouterr().out)["stress"]
+    assert list(stress) == ["clean", "gamma_dark", "gamma_bright", "low_contrast", "blur", "zoom_out",
+                            "zoom_in", "noise", "mean shift"]
+    assert stress["clean"]["auc"] == pytest.approx(result["auc"], abs=1e-3), "clean row = the plain evaluation"
+    assert stress["clean"]["accuracy"] == pytest.approx(result["accuracy"], abs=1e-3)

@@ -368,3 +368,7 @@ def test_best_model_link_follows_validation_auc_not_test(tmp_path):
     assert (models_dir / "best.json").read_text() == "b" and (models_dir / "best.md").is_symlink()
     link_best_model([result("a", 0.99, 0.5), result("b", 0.95, 0.80)])
     assert (models_dir / "best.keras").resolve().name == "a.keras"
+    nih = result("a", 0.99, 0.5)
+    nih.metrics["task"] = "nih:Effusion"
+    link_best_model([nih, result("b", 0.95, 0.80)])
+    assert (models_dir / "best.keras").resolve().name == "b.keras", "an NIH model is never the Kermany best"
