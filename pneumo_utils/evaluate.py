@@ -142,13 +142,39 @@ def bootstrap_ci(
     for _ in range(n_boot):
         chosen = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
         idx = np.concatenate([units[u] for u in chosen])
-        values = binary_metrics(y_true[idx], proba[idx], threshold)
+        values = _ci_metrics(y_true[idx], proba[idx], threshold)
         for m in CI_METRICS:
             samples[m].append(values[m])
     tail = (1.0 - level) / 2 * 100
     return {
         m: (float(np.nanpercentile(v, tail)), float(np.nanpercentile(v, 100 - tail)))
         for m, v in samples.items()
+    }
+
+
+def _ci_metrics(y_true: np.ndarray, proba: np.ndarray, threshold: float) -> dict[str, float]:
+    """:data:`CI_METRICS` as :func:`binary_metrics` computes them, for one bootstrap resample.
+
+    The AUCs still come from scikit-learn; the counting metrics and Brier are plain numpy,
+    which makes a 1,000-resample bootstrap several times faster than calling the full
+    :func:`binary_metrics` (with its input validation) per resample.
+    """
+    pred = proba >= threshold
+    positive = y_true == 1
+    tp, fn = int(np.sum(pred & positive)), int(np.sum(~pred & positive))
+    fp, tn = int(np.sum(pred & ~positive)), int(np.sum(~pred & ~positive))
+    sensitivity = tp / (tp + fn) if tp + fn else 0.0
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    both = tp + fn > 0 and tn + fp > 0
+    return {
+        "auc": float(skm.roc_auc_score(y_true, proba)) if both else float("nan"),
+        "pr_auc": float(skm.average_precision_score(y_true, proba)) if both else float("nan"),
+        "accuracy": (tp + tn) / len(y_true),
+        "sensitivity": sensitivity,
+        "specificity": tn / (tn + fp) if tn + fp else 0.0,
+        "precision": precision,
+        "f1": 2 * precision * sensitivity / (precision + sensitivity) if precision + sensitivity else 0.0,
+        "brier": float(np.mean((proba - y_true) ** 2)),
     }
 
 

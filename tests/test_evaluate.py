@@ -99,3 +99,15 @@ def test_patient_bootstrap_is_wider_when_images_of_a_patient_agree():
     assert width(by_patient) > 1.8 * width(by_image)
     point = evaluate.binary_metrics(y, p, 0.5)["auc"]
     assert by_patient["auc"][0] <= point <= by_patient["auc"][1]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.99, 1.1])
+def test_bootstrap_resample_metrics_equal_binary_metrics(threshold):
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60)
+    p = np.clip(0.3 * y + rng.uniform(0, 0.7, 60), 0, 1)
+    full = evaluate.binary_metrics(y, p, threshold)
+    fast = evaluate._ci_metrics(y, p, threshold)
+    assert set(fast) == set(evaluate.CI_METRICS)
+    for name in evaluate.CI_METRICS:
+        assert fast[name] == pytest.approx(full[name], abs=1e-12), name

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dicom_files import write_dicom
 from PIL import Image, ImageFile
 
 from pneumo_utils.images import (
@@ -365,75 +366,29 @@ def test_image_extensions():
 # --------------------------------------------------------------------------- DICOM
 
 
-def _write_dicom(
-    path: Path,
-    pixels: np.ndarray,
-    photometric: str = "MONOCHROME2",
-    window: tuple[float, float] | None = None,
-    rescale: tuple[float, float] | None = None,
-    preamble: bool = True,
-) -> Path:
-    """Minimal valid single- or multi-frame 16-bit DICOM (Explicit VR Little Endian)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import (
-        DigitalXRayImageStorageForPresentation,
-        ExplicitVRLittleEndian,
-        generate_uid,
-    )
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    if pixels.ndim == 3:
-        ds.NumberOfFrames = pixels.shape[0]
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    if rescale is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = rescale
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    if preamble:
-        ds.save_as(path, enforce_file_format=True)
-    else:
-        ds.save_as(path, implicit_vr=False, little_endian=True)  # dataset only, no "DICM"
-    return path
-
-
 def _ramp12() -> np.ndarray:
     return _gradient(hi=4095, dtype=np.uint16)
 
 
 def test_dicom_monochrome2_without_window_is_minmax(tmp_path):
-    arr = read_image(_write_dicom(tmp_path / "m2.dcm", _ramp12()))
+    arr = read_image(write_dicom(tmp_path / "m2.dcm", _ramp12()))
     _assert_rgb_image(arr)
     _assert_increasing_left_to_right(arr, tol=0)
     assert arr.min() == 0 and arr.max() == 255
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path):
-    m2 = read_image(_write_dicom(tmp_path / "m2.dcm", _ramp12(), "MONOCHROME2"))
-    m1 = read_image(_write_dicom(tmp_path / "m1.dcm", _ramp12(), "MONOCHROME1"))
+    m2 = read_image(write_dicom(tmp_path / "m2.dcm", _ramp12(), "MONOCHROME2"))
+    m1 = read_image(write_dicom(tmp_path / "m1.dcm", _ramp12(), "MONOCHROME1"))
     assert np.array_equal(m1, 255 - m2)
-    m2w = read_image(_write_dicom(tmp_path / "m2w.dcm", _ramp12(), "MONOCHROME2", (2048, 1024)))
-    m1w = read_image(_write_dicom(tmp_path / "m1w.dcm", _ramp12(), "MONOCHROME1", (2048, 1024)))
+    m2w = read_image(write_dicom(tmp_path / "m2w.dcm", _ramp12(), "MONOCHROME2", (2048, 1024)))
+    m1w = read_image(write_dicom(tmp_path / "m1w.dcm", _ramp12(), "MONOCHROME1", (2048, 1024)))
     assert np.array_equal(m1w, 255 - m2w)
 
 
 def test_dicom_window_is_applied(tmp_path):
     # window 1536..2560 of a 0..4095 ramp: left third black, right third white
-    arr = read_image(_write_dicom(tmp_path / "w.dcm", _ramp12(), window=(2048, 1024)))[..., 0]
+    arr = read_image(write_dicom(tmp_path / "w.dcm", _ramp12(), window=(2048, 1024)))[..., 0]
     x = np.linspace(0, 4095, W)
     assert np.all(arr[:, x < 1500] == 0)
     assert np.all(arr[:, x > 2600] == 255)
@@ -444,13 +399,13 @@ def test_dicom_window_is_applied(tmp_path):
 def test_dicom_wide_window_is_not_stretched(tmp_path):
     # data 1000..3000 under a 0..4096 window keeps its mid-grey look (no min-max stretch)
     pixels = _gradient(hi=2000, dtype=np.uint16) + 1000
-    arr = read_image(_write_dicom(tmp_path / "w.dcm", pixels, window=(2048, 4096)))[..., 0]
+    arr = read_image(write_dicom(tmp_path / "w.dcm", pixels, window=(2048, 4096)))[..., 0]
     assert 55 <= arr.min() <= 70 and 180 <= arr.max() <= 195
 
 
 def test_dicom_rescale_and_window_in_rescaled_units(tmp_path):
     # stored 0..4095 -> rescaled -1024..3071 (CT-like units); window 0..1000 in those units
-    path = _write_dicom(tmp_path / "r.dcm", _ramp12(), window=(500, 1000), rescale=(1, -1024))
+    path = write_dicom(tmp_path / "r.dcm", _ramp12(), window=(500, 1000), rescale=(1, -1024))
     arr = read_image(path)[..., 0]
     rescaled = np.linspace(0, 4095, W) - 1024
     assert np.all(arr[:, rescaled < -10] == 0)
@@ -459,15 +414,15 @@ def test_dicom_rescale_and_window_in_rescaled_units(tmp_path):
 
 def test_dicom_multiframe_uses_first_frame(tmp_path):
     frames = np.stack([_ramp12(), 4095 - _ramp12(), _ramp12()])
-    arr = read_image(_write_dicom(tmp_path / "mf.dcm", frames))
+    arr = read_image(write_dicom(tmp_path / "mf.dcm", frames))
     _assert_rgb_image(arr)
     _assert_increasing_left_to_right(arr, tol=0)
 
 
 def test_dicom_detected_by_magic_and_without_preamble(tmp_path):
-    no_ext = _write_dicom(tmp_path / "1.2.840.99", _ramp12())
+    no_ext = write_dicom(tmp_path / "1.2.840.99", _ramp12())
     _assert_increasing_left_to_right(read_image(no_ext), tol=0)
-    raw = _write_dicom(tmp_path / "raw.dcm", _ramp12(), preamble=False)
+    raw = write_dicom(tmp_path / "raw.dcm", _ramp12(), preamble=False)
     assert raw.read_bytes()[128:132] != b"DICM"
     _assert_increasing_left_to_right(read_image(raw), tol=0)
     assert read_resized(raw, 16).shape == (16, 16, 3)
@@ -475,7 +430,7 @@ def test_dicom_detected_by_magic_and_without_preamble(tmp_path):
 
 
 def test_dicom_without_pixel_data(tmp_path):
-    path = _write_dicom(tmp_path / "nopix.dcm", _ramp12())
+    path = write_dicom(tmp_path / "nopix.dcm", _ramp12())
     ds = pydicom.dcmread(path)
     del ds.PixelData
     ds.save_as(path)
@@ -493,7 +448,7 @@ def test_text_file_named_dcm(tmp_path):
 
 
 def test_truncated_dicom(tmp_path):
-    path = _write_dicom(tmp_path / "cut.dcm", np.tile(_ramp12(), (2, 2)))
+    path = write_dicom(tmp_path / "cut.dcm", np.tile(_ramp12(), (2, 2)))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageReadError, match=r"cut\.dcm.*less than expected"):

@@ -38,6 +38,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from dicom_files import write_dicom
 from PIL import Image
 
 from pneumo_utils import data, evaluate, features, images, models, predict
@@ -443,42 +444,6 @@ def test_streamed_png_truncated_or_corrupt_is_an_image_read_error(tmp_path, monk
 # --------------------------------------------------------------------------- row 6: DICOM
 
 
-def _write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2",
-                 window: tuple[float, float] | None = None, voi_lut: np.ndarray | None = None) -> Path:
-    """A minimal 16-bit (12 bits stored) single-frame DX DICOM file."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.sequence import Sequence
-    from pydicom.uid import (
-        DigitalXRayImageStorageForPresentation,
-        ExplicitVRLittleEndian,
-        generate_uid,
-    )
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    if voi_lut is not None:
-        item = Dataset()
-        item.LUTDescriptor = [len(voi_lut), 0, 16]
-        item.add_new(0x00283006, "US", [int(v) for v in voi_lut])  # LUTData
-        ds.VOILUTSequence = Sequence([item])
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def _raw12(picture: np.ndarray) -> np.ndarray:
     return picture.astype(np.uint16) * 16  # 0..4080: 12-bit detector values
 
@@ -488,10 +453,10 @@ def test_dicom_folder_through_index_and_pipeline(tmp_path):
     through load_class_folder and image_dataset like any JPEG, inverted and windowed."""
     picture = _picture(80)
     folder = tmp_path / "test"
-    mono1 = _write_dicom(folder / "NORMAL" / "IM-0001-0001.dcm", 4080 - _raw12(picture),
+    mono1 = write_dicom(folder / "NORMAL" / "IM-0001-0001.dcm", 4080 - _raw12(picture),
                          "MONOCHROME1", window=(2040, 4080))
     step = np.where(np.arange(4096) < 2048, 0, 65535)  # VOI LUT: a hard threshold at 2048
-    lut = _write_dicom(folder / "PNEUMONIA" / "person1_virus_1.dcm", _raw12(picture), voi_lut=step)
+    lut = write_dicom(folder / "PNEUMONIA" / "person1_virus_1.dcm", _raw12(picture), voi_lut=step)
     _save(picture, folder / "NORMAL" / "IM-0002-0001.png")
     index = load_class_folder(folder)
     assert sorted(Path(p).suffix for p in index["path"]) == [".dcm", ".dcm", ".png"]
@@ -510,7 +475,7 @@ def test_dicom_folder_through_index_and_pipeline(tmp_path):
 def test_predict_cli_on_a_dicom(saved_model, loaded, tmp_path, capsys):
     model, meta = loaded
     picture = _picture(300)
-    dcm = _write_dicom(tmp_path / "chest.dcm", 4080 - _raw12(picture), "MONOCHROME1")
+    dcm = write_dicom(tmp_path / "chest.dcm", 4080 - _raw12(picture), "MONOCHROME1")
     png = _save(picture, tmp_path / "chest.png")
     expected = predict.predict_image(model, meta, png)
     assert predict.predict_image(model, meta, dcm)["probability_pneumonia"] == pytest.approx(
