@@ -29,8 +29,9 @@
 #
 # On the way: a look at the data (samples, class balance, original image sizes), and data
 # augmentation with Keras preprocessing layers. Both models end with the same evaluation as
-# the other notebooks: the decision threshold chosen on validation data, test metrics with
-# bootstrap 95% confidence intervals, ROC curves, Grad-CAM maps, saved models and cards.
+# the other notebooks: a decision threshold fixed before test is touched, test metrics with
+# bootstrap 95% confidence intervals, ROC curves, Grad-CAM maps, saved models and cards, plus
+# a stress test of how each holds up when the validation images look as if taken elsewhere.
 #
 # > **Not for diagnostic use.** Everything here is for research and teaching.
 
@@ -61,7 +62,9 @@ if Path.cwd().name == "notebooks":
 # makes each epoch over images a random share of the training set (`None`: all of it).
 # Augmentation ranges are in degrees (rotation) and fractions (the rest); 0 switches a
 # transform off. `stress_images` validation images go through the acquisition-shift stress
-# test (0 skips it).
+# test (0 skips it). `threshold_rule` sets the CNN's decision threshold,
+# `transfer_threshold_rule` the transfer model's (`None`: the same rule); section 5 says why
+# they differ.
 
 # %% tags=["parameters"]
 data_dir = "data/chest_xray"
@@ -96,6 +99,7 @@ brightness = 0.1
 contrast = 0.1
 horizontal_flip = False
 threshold_rule = "youden"
+transfer_threshold_rule = "fixed:0.5"
 stress_images = 200
 n_boot = 1000
 reports_dir = "reports"
@@ -247,18 +251,28 @@ display(transfer.table)
 
 # %% [markdown]
 # ## 5. Side by side on the test split
-# Each model gets its own decision threshold, chosen on its own validation predictions
-# (rule `threshold_rule`) and applied unchanged to test. First the full standard evaluation
-# of each model, then one table with both and overlaid ROC and precision-recall curves.
+# Each model gets its own decision threshold, fixed before test is touched and applied
+# unchanged to test. The CNN from scratch uses `threshold_rule` (Youden's J on its validation
+# predictions). The transfer model uses `transfer_threshold_rule`, by default **0.5**, the
+# balanced decision point of a class-weighted model: with a validation AUC near 0.999, Youden's
+# J is almost flat over a wide range of thresholds and its maximum falls near the low end
+# (0.27-0.39 for three seeds), where normals start being called pneumonia as soon as images
+# look a little different. On the perturbed validation images (acquisition-shift proxy, three
+# seeds of this exact recipe) 0.5 was more accurate than Youden's threshold for every seed
+# (mean 0.966 vs 0.959) and called half as many normals pneumonia (FPR 0.07 vs 0.15); the
+# official test split's known failure is exactly that over-calling. No test image was used.
+# First the full standard evaluation of each model, then one table with both and overlaid ROC
+# and precision-recall curves.
 
 # %%
 candidates = {
     "CNN from scratch": (scratch, scratch_proba, scratch_history),
     f"{backbone} transfer": (resnet, transfer.proba, transfer.history),
 }
+rules = {"CNN from scratch": threshold_rule, f"{backbone} transfer": transfer_threshold_rule or threshold_rule}
 evaluations = {
     name: report.show_evaluation(name, labels["val"], proba["val"], labels["test"], proba["test"],
-                                 threshold_rule, n_boot, seed, datasets.patients_of(index, "test"))
+                                 rules[name], n_boot, seed, datasets.patients_of(index, "test"))
     for name, (_, proba, _) in candidates.items()
 }
 
@@ -276,7 +290,7 @@ plots.roc_pr_curves({name: (labels["test"], proba["test"]) for name, (_, proba, 
 # the validation images instead: the same `stress_images` images (a class-stratified sample)
 # darker and brighter (gamma), with less contrast, blurred, zoomed out and in, and noisier, as
 # another X-ray machine might render them (`pneumo_utils.shift`). Each model keeps its own
-# validation threshold. **FPR** is the share of normal X-rays called pneumonia (the error that
+# threshold from above. **FPR** is the share of normal X-rays called pneumonia (the error that
 # grows on the official test), **FNR** the share of pneumonia missed; "mean shift" averages
 # the perturbed rows. A model whose numbers move little is less tied to one machine's look.
 # This is a proxy: a real new site also brings new patients and labelling.

@@ -63,7 +63,7 @@ def describe_rule(rule: str) -> str:
         "youden": "Youden's J (max sensitivity + specificity - 1) on validation predictions",
         "f1": "maximum F1 on validation predictions",
         "sensitivity": f"highest threshold with sensitivity >= {value} on validation predictions",
-        "fixed": f"fixed at {value or 0.5}, not tuned",
+        "fixed": f"a fixed threshold of {value or 0.5}, not fitted to any predictions",
     }.get(name, rule)
 
 
