@@ -30,8 +30,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pneumo_utils import augment, data, models, train, workflow
+from pneumo_utils.evaluate import choose_threshold
 from pneumo_utils.features import extract_split_features, pooled_features_model
-from pneumo_utils.shift import PERTURBATIONS, perturbed_batches
+from pneumo_utils.shift import PERTURBATIONS, perturbed_batches, shift_metrics
 
 SEEDS = (42, 43, 44)
 
@@ -109,7 +110,7 @@ def thresholds(y_val: np.ndarray, p_val: np.ndarray) -> dict[str, float]:
     j = tpr - fpr
     near = th[j >= j.max() - 0.01]
     logit = np.log(np.clip(near, 1e-7, 1 - 1e-7) / (1 - np.clip(near, 1e-7, 1 - 1e-7)))
-    rules = {"youden": th[np.argmax(j)], "fixed 0.5": 0.5,
+    rules = {"youden": choose_threshold(y_val, p_val, "youden"), "fixed 0.5": 0.5,
              "plateau centre": 1 / (1 + np.exp(-np.median(logit)))}
     for target in (0.98, 0.99):
         rules[f"specificity {target}"] = th[np.where(1 - fpr >= target)[0][-1]]
@@ -118,11 +119,10 @@ def thresholds(y_val: np.ndarray, p_val: np.ndarray) -> dict[str, float]:
 
 def summarise(y_val: np.ndarray, proba: dict) -> dict[str, float]:
     row = {"val AUC": skm.roc_auc_score(y_val, proba["val"])}
-    aucs = [skm.roc_auc_score(y_val, proba[k]) for k in PERTURBATIONS]
-    row.update({"shift AUC": np.mean(aucs), "worst AUC": np.min(aucs)})
     for rule, t in thresholds(y_val, proba["val"]).items():
-        row[f"acc {rule}"] = np.mean([np.mean((proba[k] >= t) == y_val) for k in PERTURBATIONS])
-        row[f"FPR {rule}"] = np.mean([np.mean(proba[k][y_val == 0] >= t) for k in PERTURBATIONS])
+        shifted = pd.DataFrame([shift_metrics(y_val, proba[k], t) for k in PERTURBATIONS])
+        row.update({"shift AUC": shifted["auc"].mean(), "worst AUC": shifted["auc"].min()})
+        row[f"acc {rule}"], row[f"FPR {rule}"] = shifted["accuracy"].mean(), shifted["fpr"].mean()
     return row
 
 
