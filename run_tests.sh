@@ -10,8 +10,8 @@ build="build/test-run"
 rm -rf "$build"
 mkdir -p "$build"
 echo "[tests] generating synthetic data sets in $build"
-python -m pneumo_utils.synthetic "$build/kermany" --per-class 16 --image-size 64 --seed 0
-python -m pneumo_utils.synthetic "$build/nih" --kind nih --patients 60 --image-size 64 --seed 0
+python tests/synthetic.py "$build/kermany" --per-class 16 --image-size 64 --seed 0
+python tests/synthetic.py "$build/nih" --kind nih --patients 60 --image-size 64 --seed 0
 python -m pneumo_utils.runner --profile smoke --prepare-only "$build/nbval" \
   --data-root "$build/kermany" --nih-root "$build/nih" \
   --set "models_dir=$PWD/$build/saved_models" --set "cache_dir=$PWD/$build/cache" \

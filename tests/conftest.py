@@ -15,7 +15,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 @pytest.fixture(scope="session")
 def kermany_root(tmp_path_factory) -> Path:
     """A Kermany-layout synthetic data set (64 px), generated once per session."""
-    from pneumo_utils.synthetic import make_kermany_like
+    from synthetic import make_kermany_like
 
     return make_kermany_like(tmp_path_factory.mktemp("kermany"), seed=0)
 

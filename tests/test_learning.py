@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
+from synthetic import SIGNAL_BOX, make_kermany_like
 
 from pneumo_utils import data, evaluate, features, gradcam, models, predict, train
 from pneumo_utils.datasets import load_kermany, paths_and_labels
-from pneumo_utils.synthetic import SIGNAL_BOX, make_kermany_like
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import synthetic
 from PIL import Image
 
-from pneumo_utils import data, datasets, synthetic
+from pneumo_utils import data, datasets
 from pneumo_utils.datasets import DatasetLayoutError, MissingImagesError, MissingImagesWarning
 
 NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID"]

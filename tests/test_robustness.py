@@ -40,6 +40,7 @@ import numpy as np
 import pytest
 from dicom_files import write_dicom
 from PIL import Image
+from synthetic import synthetic_xray
 
 from pneumo_utils import data, evaluate, features, images, models, predict
 from pneumo_utils.datasets import (
@@ -49,7 +50,6 @@ from pneumo_utils.datasets import (
     load_kermany,
 )
 from pneumo_utils.images import ImageReadError, read_image, read_resized
-from pneumo_utils.synthetic import synthetic_xray
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 224  # input side of the prediction model used here
@@ -648,7 +648,7 @@ def test_notebook_01_smoke_profile_is_repeatable(tmp_path):
     DenseNet121 is kept: a random MobileNetV2 gives the same output for every image, which
     would make any two runs agree.)"""
     dest = tmp_path / "data"
-    subprocess.run([sys.executable, "-m", "pneumo_utils.synthetic", str(dest), "--per-class", "16",
+    subprocess.run([sys.executable, "tests/synthetic.py", str(dest), "--per-class", "16",
                     "--image-size", "64", "--seed", "0"], check=True, cwd=ROOT, capture_output=True)
     runs = []
     for i in (1, 2):

@@ -1,4 +1,4 @@
-"""Tests for pneumo_utils.synthetic: the Kermany-like generated data set used by other tests."""
+"""Tests for tests/synthetic.py: the Kermany-like generated data set used by other tests."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
+from synthetic import SIGNAL_BOX, main, make_kermany_like, synthetic_xray
 
 from pneumo_utils.images import read_image
-from pneumo_utils.synthetic import SIGNAL_BOX, main, make_kermany_like, synthetic_xray
 
 SPLITS = ("train", "val", "test")
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -191,11 +191,11 @@ def test_main_prints_counts(tmp_path, capsys):
         assert im.size == (32, 32)
 
 
-def test_module_cli(tmp_path):
+def test_script_cli(tmp_path):
     root = Path(__file__).resolve().parents[1]
     dest = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, "-m", "pneumo_utils.synthetic", str(dest), "--per-class", "6"],
+        [sys.executable, "tests/synthetic.py", str(dest), "--per-class", "6"],
         capture_output=True, text=True, cwd=root, check=True,
     )
     assert "train: NORMAL 6, PNEUMONIA 6" in result.stdout

@@ -17,9 +17,9 @@ localised signal (so training, AUC and Grad-CAM checks are meaningful):
   class, 25 epochs). The blob constants below were tuned for that; a smaller or fainter
   blob made the GAP-headed CNN fail on some seeds.
 
-Command line: ``python -m pneumo_utils.synthetic DEST [--per-class N] [--image-size S]
+Command line: ``python tests/synthetic.py DEST [--per-class N] [--image-size S]
 [--seed S]`` writes ``DEST/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``;
-``python -m pneumo_utils.synthetic DEST --kind nih [--patients N] [--image-size S] [--seed S]``
+``python tests/synthetic.py DEST --kind nih [--patients N] [--image-size S] [--seed S]``
 writes an NIH ChestX-ray14-style set, ``DEST/images/*.png`` plus ``DEST/Data_Entry_2017.csv``
 (see :func:`make_nih_like`).
 """
@@ -259,9 +259,9 @@ def _count(root: Path) -> dict[tuple[str, str], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pneumo_utils.synthetic DEST ...``: write a data set and print counts."""
+    """``python tests/synthetic.py DEST ...``: write a data set and print counts."""
     parser = argparse.ArgumentParser(
-        prog="python -m pneumo_utils.synthetic",
+        prog="python tests/synthetic.py",
         description="Write a small synthetic Kermany-style chest X-ray data set "
         "(DEST/{train,val,test}/{NORMAL,PNEUMONIA}/), or with --kind nih an NIH-style one "
         "(DEST/images/*.png + DEST/Data_Entry_2017.csv).",
