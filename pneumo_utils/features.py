@@ -2,7 +2,7 @@
 
 With a frozen base and no augmentation, every epoch of ``model.fit`` over images repeats the
 same backbone forward pass. Computing the pooled features once and training the head on them
-gives the same model (the head sees identical inputs; see ``pneumo_utils.bench``) at a small
+gives the same model (the head sees identical inputs; see ``benchmarks/bench.py``) at a small
 fraction of the time. Features are stored on disk under a *content key* built from the
 backbone's weights, the image size, and the exact file list (path, size, modification time),
 so changing any of those recomputes instead of silently reusing stale features.
