@@ -1,0 +1,115 @@
+"""Shortcut audit, counterfactual cue tests and the cue-removing input layers."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from pneumo_utils import shortcuts
+from pneumo_utils.preprocessing import HistogramEqualization, cue_removal
+
+
+def _images(labels: np.ndarray, cue: bool, seed: int = 0, side: int = 48) -> np.ndarray:
+    """Grey X-ray-like images; class 1 has a bright blob in the centre (the 'lung' signal).
+
+    With ``cue``, class 0 also gets a black frame and class 1 a grey one (the shortcut).
+    """
+    rng = np.random.default_rng(seed)
+    images = rng.normal(120, 25, (len(labels), side, side)).clip(0, 255)
+    c = side // 2
+    images[labels == 1, c - 6: c + 6, c - 6: c + 6] += 60
+    if cue:
+        frame = np.zeros((side, side), bool)
+        frame[:4], frame[-4:], frame[:, :4], frame[:, -4:] = True, True, True, True
+        images[(labels == 0)[:, None, None] & frame] = 0
+        images[(labels == 1)[:, None, None] & frame] = 60
+    return np.repeat(images.clip(0, 255)[..., None], 3, axis=-1).astype(np.float32)
+
+
+def _border_reader(x: np.ndarray) -> np.ndarray:
+    """A 'model' that looks only at the frame: bright frame -> class 1."""
+    return (x[:, :3, :, 0].mean(axis=(1, 2)) / 80.0).clip(0, 1)
+
+
+def _centre_reader(x: np.ndarray) -> np.ndarray:
+    """A 'model' that looks only at the centre, where the class signal is."""
+    c = x.shape[1] // 2
+    centre = x[:, c - 6: c + 6, c - 6: c + 6, 0].mean(axis=(1, 2))
+    return 1 / (1 + np.exp(-(centre - 150) / 10))
+
+
+def test_audit_finds_a_planted_border_cue_and_nothing_without_it():
+    y = np.tile([0, 1], 60)
+    with_cue = shortcuts.audit(shortcuts.image_statistics(_images(y, True, 0)), y,
+                               shortcuts.image_statistics(_images(y, True, 1)), y)
+    assert with_cue.loc["border intensity", "validation auc"] > 0.95
+    no_cue = shortcuts.audit(shortcuts.image_statistics(_images(y, False, 0)), y,
+                             shortcuts.image_statistics(_images(y, False, 1)), y)
+    assert no_cue.loc["border intensity", "validation auc"] < 0.75
+
+
+def test_counterfactuals_swap_exactly_the_cue():
+    y = np.array([0, 1])
+    images = _images(y, True)
+    image, reference = images[0], images[1]
+    swapped = shortcuts.counterfactual(image, reference, "histogram_swap")
+    assert np.allclose(np.sort(swapped[..., 0].ravel()), np.sort(reference[..., 0].ravel()))
+    order = np.argsort(image[..., 0].ravel(), kind="stable")
+    assert np.all(np.diff(swapped[..., 0].ravel()[order]) >= 0), "grey-level order kept"
+    framed = shortcuts.counterfactual(image, reference, "border_swap", border=0.1)
+    assert np.array_equal(framed[:4], reference[:4]) and np.array_equal(framed[10:-10, 10:-10], image[10:-10, 10:-10])
+    masked = shortcuts.counterfactual(image, reference, "border_mask", border=0.1)
+    assert np.all(masked[:4] == 128)
+    with pytest.raises(ValueError, match="unknown counterfactual"):
+        shortcuts.counterfactual(image, reference, "flip")
+
+
+def test_references_come_from_the_other_class():
+    labels, ref_labels = np.array([0, 1, 1, 0]), np.array([1, 1, 0, 0, 1])
+    refs = shortcuts.other_class_references(labels, ref_labels, seed=3)
+    assert np.all(ref_labels[refs] != labels)
+
+
+def test_cue_test_exposes_a_shortcut_model_and_spares_a_lung_model():
+    y = np.tile([0, 1], 40)
+    images = _images(y, True)
+    refs = shortcuts.other_class_references(y, y, seed=0)
+    sets = shortcuts.counterfactuals(images, images[refs], border=0.08)
+    shortcut = shortcuts.cue_test(_border_reader, sets, y, threshold=0.5)
+    honest = shortcuts.cue_test(_centre_reader, sets, y, threshold=0.5)
+    assert shortcut.loc["clean", "auc"] > 0.99 and honest.loc["clean", "auc"] > 0.99
+    assert shortcut.loc["border_swap", "specificity"] < 0.1 and shortcut.loc["border_swap", "flipped"] > 0.9
+    assert honest.loc["border_swap", "flipped"] < 0.05
+    assert shortcuts.selection_score(honest) > 0.9 > 0.5 >= shortcuts.selection_score(shortcut)
+
+
+def _reference_equalisation(image: np.ndarray) -> np.ndarray:
+    grey = image.mean(axis=-1).round().astype(int)
+    cdf = np.cumsum(np.bincount(grey.ravel(), minlength=256)) / grey.size
+    return cdf[grey] * 255
+
+
+def test_histogram_equalisation_matches_the_textbook_definition_and_ignores_exposure():
+    y = np.array([0, 1, 1])
+    images = _images(y, True, side=64)
+    out = keras.ops.convert_to_numpy(HistogramEqualization()(images))
+    assert out.shape == images.shape
+    for image, equalised in zip(images, out, strict=True):
+        assert np.allclose(equalised[..., 0], _reference_equalisation(image), atol=1e-3)
+        assert np.array_equal(equalised[..., 0], equalised[..., 2])
+    darker = 255 * (images / 255) ** 1.3
+    stats = shortcuts.image_statistics(keras.ops.convert_to_numpy(HistogramEqualization()(darker)))
+    assert np.allclose(stats["p50"], shortcuts.image_statistics(out)["p50"], atol=6)
+
+
+def test_cue_removal_saves_and_loads_inside_a_model(tmp_path):
+    inputs = keras.Input((40, 40, 3))
+    model = keras.Model(inputs, cue_removal(inputs, crop_fraction=0.8))
+    assert model.output.shape[1:] == (40, 40, 3)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    x = _images(np.array([0, 1]), True, side=40)
+    assert np.allclose(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
+    with pytest.raises(ValueError, match="crop_fraction"):
+        cue_removal(inputs, crop_fraction=0)
