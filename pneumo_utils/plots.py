@@ -1,26 +1,66 @@
-"""Every figure the notebooks show. Each function returns a matplotlib Figure."""
+"""Every figure the notebooks show. Each function returns a matplotlib Figure.
+
+The curves and the confusion matrix are scikit-learn's displays. Figures of X-ray images
+(:class:`PhotoFigure`) show as JPEG in a notebook, a fraction of a PNG's size, which keeps
+each rendered report small; every other figure shows as PNG.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from sklearn import metrics as skm
+from matplotlib.figure import Figure
+from sklearn.calibration import CalibrationDisplay
+from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
 from pneumo_utils import CLASS_NAMES
 from pneumo_utils.data import load_images
 from pneumo_utils.evaluate import expected_calibration_error
-from pneumo_utils.gradcam import overlay
+
+JPEG_QUALITY = 85
+"""JPEG quality of image figures in notebooks: no visible loss on X-rays at this size."""
+
+
+class PhotoFigure(Figure):
+    """A figure of photographs (X-ray grids, Grad-CAM overlays): a notebook shows it as JPEG."""
+
+
+def show_photos_as_jpeg(quality: int = JPEG_QUALITY) -> None:
+    """In IPython or Jupyter, display :class:`PhotoFigure` as JPEG instead of PNG.
+
+    Registered for the subclass only, so the inline backend's own set-up (which resets the
+    formats of ``Figure``) leaves it in place and other figures stay PNG. Does nothing
+    outside IPython; called when this module is imported.
+    """
+    try:
+        from IPython import get_ipython
+        from IPython.core.pylabtools import print_figure
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    formatters = shell.display_formatter.formatters
+    formatters["image/png"].for_type(PhotoFigure, lambda figure: None)
+    formatters["image/jpeg"].for_type(
+        PhotoFigure, partial(print_figure, fmt="jpeg", base64=True, pil_kwargs={"quality": quality})
+    )
+
+
+show_photos_as_jpeg()
 
 
 def sample_grid(images: np.ndarray, titles: Sequence[str], ncols: int = 4) -> plt.Figure:
     """A grid of images ``(n, h, w, 3)`` in 0-255 with one title each."""
     n = len(images)
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 3 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 3 * nrows), squeeze=False,
+                             FigureClass=PhotoFigure)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles, strict=False):
@@ -76,39 +116,41 @@ def training_curves(
 
 
 def confusion_matrix(
-    y_true: np.ndarray, proba: np.ndarray, threshold: float, title: str = ""
+    y_true: np.ndarray,
+    proba: np.ndarray,
+    threshold: float,
+    title: str = "",
+    class_names: Sequence[str] = CLASS_NAMES,
 ) -> plt.Figure:
-    """Confusion-matrix heat map at ``threshold`` (counts and row percentages)."""
+    """Confusion matrix at ``threshold``: counts and row percentages (share of each true class).
+
+    ``proba`` is the model's output for class 1; a case is predicted as class 1 when
+    ``proba >= threshold``. Drawn by scikit-learn's ``ConfusionMatrixDisplay``.
+    """
     y_pred = (np.asarray(proba) >= threshold).astype(int)
-    cm = skm.confusion_matrix(y_true, y_pred, labels=[0, 1])
-    pct = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    labels = np.array(
-        [[f"{c}\n{p:.1%}" for c, p in zip(r, q, strict=True)] for r, q in zip(cm, pct, strict=True)]
-    )
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
-    sns.heatmap(
-        cm,
-        annot=labels,
-        fmt="",
-        cmap="Blues",
-        cbar=False,
-        ax=ax,
-        xticklabels=CLASS_NAMES,
-        yticklabels=CLASS_NAMES,
+    display = ConfusionMatrixDisplay.from_predictions(
+        y_true, y_pred, labels=[0, 1], display_labels=list(class_names), cmap="Blues",
+        colorbar=False, ax=ax,
     )
+    counts = display.confusion_matrix
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    for (i, j), text in np.ndenumerate(display.text_):
+        text.set_text(f"{counts[i, j]}\n{shares[i, j]:.1%}")
     ax.set(xlabel="predicted", ylabel="true", title=title or f"threshold {threshold:.3f}")
     return _finish(fig)
 
 
 def roc_pr_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> plt.Figure:
-    """ROC and precision-recall curves for one or more ``name -> (y_true, proba)``."""
+    """ROC and precision-recall curves for one or more ``name -> (y_true, proba)``.
+
+    scikit-learn's ``RocCurveDisplay`` and ``PrecisionRecallDisplay``; each legend entry
+    carries the curve's AUC or average precision (AP).
+    """
     fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, (y, p) in curves.items():
-        fpr, tpr, _ = skm.roc_curve(y, p)
-        roc_ax.plot(fpr, tpr, label=f"{name} (AUC {skm.roc_auc_score(y, p):.3f})")
-        precision, recall, _ = skm.precision_recall_curve(y, p)
-        pr_ax.plot(recall, precision, label=f"{name} (AP {skm.average_precision_score(y, p):.3f})")
-    roc_ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    for i, (name, (y, p)) in enumerate(curves.items()):
+        RocCurveDisplay.from_predictions(y, p, name=name, ax=roc_ax, plot_chance_level=i == 0)
+        PrecisionRecallDisplay.from_predictions(y, p, name=name, ax=pr_ax)
     roc_ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC")
     pr_ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall")
     roc_ax.legend(loc="lower right", fontsize=8)
@@ -117,18 +159,22 @@ def roc_pr_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> plt.Fi
 
 
 def reliability_diagram(
-    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], n_bins: int = 10
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    n_bins: int = 10,
+    class_names: Sequence[str] = CLASS_NAMES,
 ) -> plt.Figure:
-    """Observed PNEUMONIA rate against mean predicted probability per bin, with ECE."""
+    """Observed rate of class 1 against the mean predicted probability in ``n_bins`` equal-width
+    bins (scikit-learn's ``CalibrationDisplay``), one curve per ``name -> (y_true, proba)``
+    with its expected calibration error (ECE) in the legend. On the diagonal is perfect."""
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
-    ax.plot([0, 1], [0, 1], ls=":", c="grey", label="perfect calibration")
-    for name, (y, p) in curves.items():
-        observed, predicted = _calibration_bins(np.asarray(y), np.asarray(p), n_bins)
+    for i, (name, (y, p)) in enumerate(curves.items()):
         ece = expected_calibration_error(y, p, n_bins)
-        ax.plot(predicted, observed, "o-", label=f"{name} (ECE {ece:.3f})")
+        CalibrationDisplay.from_predictions(
+            y, p, n_bins=n_bins, name=f"{name} (ECE {ece:.3f})", ax=ax, ref_line=i == 0
+        )
     ax.set(
         xlabel="mean predicted probability",
-        ylabel="observed PNEUMONIA rate",
+        ylabel=f"observed {class_names[1]} rate",
         title="Reliability diagram",
         xlim=(0, 1),
         ylim=(0, 1),
@@ -140,33 +186,67 @@ def reliability_diagram(
 def _finish(fig: plt.Figure) -> plt.Figure:
     """Lay out and close the figure: notebooks show it once, via ``display`` or as a cell's
     value, instead of a second time when the inline backend flushes open figures."""
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     plt.close(fig)
     return fig
 
 
-def _calibration_bins(y: np.ndarray, p: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
-    bins = np.clip((p * n_bins).astype(int), 0, n_bins - 1)
-    used = [b for b in range(n_bins) if (bins == b).any()]
-    return (
-        np.array([y[bins == b].mean() for b in used]),
-        np.array([p[bins == b].mean() for b in used]),
-    )
-
-
 def gradcam_grid(
-    images: np.ndarray, heatmaps: np.ndarray, titles: Sequence[str], alpha: float = 0.4
+    images: np.ndarray,
+    heatmaps: np.ndarray,
+    *,
+    probabilities: Sequence[float],
+    titles: Sequence[str] | None = None,
+    target: str = "predicted",
+    alpha: float = 0.45,
+    class_names: Sequence[str] = CLASS_NAMES,
 ) -> plt.Figure:
-    """Each image beside its Grad-CAM overlay; one row per image."""
+    """Each image beside its Grad-CAM heat map, one row per image, with one colour bar.
+
+    ``images`` are ``(n, h, w, 3)`` in 0-255, ``heatmaps`` the ``(n, h', w')`` maps in [0, 1]
+    from :func:`pneumo_utils.gradcam.grad_cam` (any resolution; drawn stretched over the
+    image) and ``probabilities`` the model's output for class 1 on each image, shown in each
+    caption below the optional ``titles``. ``target`` is the one passed to ``grad_cam``:
+    with ``"predicted"`` each map explains the class the model predicts at 0.5 (as
+    ``grad_cam`` decides it), with ``"pneumonia"`` always class 1; the overlay's title says
+    which.
+
+    How to read it: red marks the regions whose features raised the score of the explained
+    class most, blue regions that did not raise it (the colour bar runs from 0, no
+    contribution, to 1, the strongest in *that* image: each map is scaled to its own peak, so
+    colours do not compare between images). Grad-CAM shows where the model looked, not where
+    the disease is: heat on text markers, the image border or outside the lungs means a
+    shortcut. Its resolution is that of the last convolutional layer (7 x 7 for 224 px
+    inputs to DenseNet121), so it is coarse by design.
+    """
     n = len(images)
-    fig, axes = plt.subplots(n, 2, figsize=(6, 3 * n), squeeze=False)
-    for row, image, heat, title in zip(axes, images, heatmaps, titles, strict=True):
-        row[0].imshow(np.clip(image, 0, 255).astype(np.uint8))
-        row[0].set_title(title, fontsize=9)
-        row[1].imshow(overlay(image, heat, alpha))
-        row[1].set_title("Grad-CAM", fontsize=9)
+    titles = list(titles) if titles is not None else [""] * n
+    if n == 0 or not len(heatmaps) == len(probabilities) == len(titles) == n:
+        raise ValueError(
+            f"gradcam_grid needs one heat map, probability and title per image; got {n} images, "
+            f"{len(heatmaps)} heat maps, {len(probabilities)} probabilities, {len(titles)} titles"
+        )
+    fig, axes = plt.subplots(n, 2, figsize=(6.4, 3.1 * n), squeeze=False, layout="constrained",
+                             FigureClass=PhotoFigure)
+    heat_image = None
+    for row, image, heat, p, title in zip(axes, images, heatmaps, probabilities, titles, strict=True):
+        picture = np.clip(image, 0, 255).astype(np.uint8)
+        h, w = picture.shape[:2]
+        explained = class_names[1] if target == "pneumonia" else class_names[int(p >= 0.5)]
+        caption = f"{title}\nP({class_names[1]}) = {p:.2f}".lstrip("\n")
+        row[0].imshow(picture)
+        row[0].set_title(caption, fontsize=9)
+        row[1].imshow(picture)
+        heat_image = row[1].imshow(
+            np.asarray(heat, dtype=np.float32), cmap="jet", vmin=0.0, vmax=1.0, alpha=alpha,
+            extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear",
+        )
+        row[1].set_title(f"Grad-CAM: evidence for {explained}", fontsize=9)
         for ax in row:
             ax.axis("off")
+    fig.colorbar(heat_image, ax=axes[:, 1], shrink=min(0.9, 0.3 + 0.6 / n),
+                 label="Grad-CAM (0 none, 1 strongest in the image)")
     return _finish(fig)
 
 
