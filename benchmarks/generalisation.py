@@ -29,7 +29,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pneumo_utils import augment, data, models, train, workflow
+from pneumo_utils import augment, data, models, train
 from pneumo_utils.evaluate import choose_threshold
 from pneumo_utils.features import extract_split_features, pooled_features_model
 from pneumo_utils.shift import PERTURBATIONS, perturbed_batches, shift_metrics
@@ -134,8 +134,8 @@ def main() -> None:
     args = parse_args()
     if args.weights_dir:
         os.environ["PNEUMO_WEIGHTS_DIR"] = str(Path(args.weights_dir).resolve())
-    index = workflow.kermany_split(args.data_root, 0.15, 42)
-    paths, y = workflow.split_files(index, ("train", "val"))
+    index = data.kermany_split(args.data_root, 0.15, 42)
+    paths, y = data.split_files(index, ("train", "val"))
     rows, heads = {}, {}
     for name in args.backbones:
         feats = backbone_features(name, args.image_size, paths, args.cache_dir, args.augmented_views)

@@ -1,20 +1,26 @@
 """Splits, tf.data input pipelines and class weights, all driven by the index table.
 
 See :mod:`pneumo_utils.datasets` for the index (one row per image: path, label, patient,
-split, source). Everything here takes the index and never looks at folders again.
+split, source). :func:`kermany_split` builds the index of a Kermany folder and splits it;
+everything else takes the index and never looks at folders again.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.utils.class_weight import compute_class_weight
 
+from pneumo_utils.datasets import load_kermany, paths_and_labels
 from pneumo_utils.images import read_resized
+
+SPLITS = ("train", "val", "test")
 
 
 class PatientLeakError(AssertionError):
@@ -99,6 +105,35 @@ def subsample(index: pd.DataFrame, max_per_class: int | None, seed: int = 0) -> 
         for _, group in index.groupby(["split", "label"], sort=True)
     ]
     return pd.concat(parts).sort_index()
+
+
+def kermany_split(
+    data_dir: str | Path,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    keep_official_val: bool = False,
+    max_images_per_class: int | None = None,
+) -> pd.DataFrame:
+    """Index a Kermany folder and carve a patient-grouped validation split out of train.
+
+    :func:`pneumo_utils.datasets.load_kermany` (every file decode-checked), then
+    :func:`grouped_split` (official ``val/`` merged into train unless ``keep_official_val``),
+    :func:`subsample` to ``max_images_per_class`` per split and class (``None``: all), and a
+    check that no patient is in two splits. ``test/`` is left exactly as published.
+    """
+    index = load_kermany(data_dir)
+    index = grouped_split(index, val_fraction, seed, keep_official_val=keep_official_val)
+    index = subsample(index, max_images_per_class, seed)
+    assert_no_patient_leak(index)
+    return index
+
+
+def split_files(
+    index: pd.DataFrame, splits: Sequence[str] = SPLITS
+) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
+    """File paths and labels per split: ``({split: paths}, {split: labels (n,) int})``."""
+    pairs = {split: paths_and_labels(index, split) for split in splits}
+    return {s: p for s, (p, _) in pairs.items()}, {s: y for s, (_, y) in pairs.items()}
 
 
 def class_weights(labels: np.ndarray) -> dict[int, float]:

@@ -1,25 +1,57 @@
-"""Training helpers: compile, fit with the standard callbacks, head-on-features, fine-tuning.
+"""Training with ``model.fit`` and Keras callbacks.
 
-All of them return a plain ``dict`` history (metric name -> list per epoch) that is also
-saved as JSON, so curves can be redrawn without re-training.
+The notebooks write their ``model.compile`` and ``model.fit`` calls out in the open; this
+module holds what is not worth repeating there: a one-line-per-epoch progress callback, so a
+run stays quiet (``verbose=0``) and still shows where it is, and the same compile/fit recipe
+as functions for code that trains without a notebook (benchmarks, tests): Adam, binary
+cross-entropy, ROC AUC as the monitored metric, early stopping that restores the best epoch,
+and a learning rate reduced on plateaus.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import time
 
 import keras
 import numpy as np
 
-from pneumo_utils.data import class_weights, image_dataset
-from pneumo_utils.features import DEFAULT_CACHE_DIR, extract_split_features
-from pneumo_utils.models import head_on_features, predict_paths, unfreeze_top, write_json_atomic
+from pneumo_utils.models import head_on_features
+
+
+class EpochLine(keras.callbacks.Callback):
+    """Print one line per epoch: epoch, seconds, loss and AUC (train and validation), learning rate.
+
+    For ``model.fit(..., verbose=0)``: a long run shows progress in the notebook and in the
+    terminal running papermill, without Keras' per-batch progress bars in the report.
+    """
+
+    def __init__(self, keys: tuple[str, ...] = ("loss", "auc", "val_loss", "val_auc")):
+        super().__init__()
+        self.keys = keys
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        total = self.params.get("epochs") if self.params else None
+        parts = [f"epoch {epoch + 1}" + (f"/{total}" if total else ""),
+                 f"{time.perf_counter() - self._start:.0f} s"]
+        parts += [f"{key} {logs[key]:.4f}" for key in self.keys if key in logs]
+        learning_rate = self.model.optimizer.learning_rate if self.model.optimizer else None
+        if learning_rate is not None:
+            parts.append(f"lr {float(keras.ops.convert_to_numpy(learning_rate)):.1e}")
+        print("  ".join(parts), flush=True)
 
 
 def compile_binary(
     model: keras.Model, learning_rate: float = 1e-3, label_smoothing: float = 0.0
 ) -> keras.Model:
-    """Adam + binary cross-entropy, tracking ROC AUC, accuracy, precision and recall."""
+    """Adam and binary cross-entropy, tracking ROC AUC, accuracy, precision and recall.
+
+    ``label_smoothing`` (e.g. 0.1) trains towards 0.05/0.95 instead of 0/1 targets.
+    """
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
@@ -34,18 +66,14 @@ def compile_binary(
 
 
 def standard_callbacks(
-    patience: int = 3,
-    checkpoint_path: str | Path | None = None,
-    monitor: str = "val_auc",
-    lr_patience: int = 2,
+    patience: int = 5, monitor: str = "val_auc", lr_patience: int = 2
 ) -> list[keras.callbacks.Callback]:
-    """EarlyStopping (best weights restored), ReduceLROnPlateau, optional ModelCheckpoint.
+    """EarlyStopping (best weights restored) and ReduceLROnPlateau (x0.3, down to 1e-6).
 
-    Monitoring validation ROC AUC rather than loss matches what we report and is not thrown
-    off by class weights. The checkpoint keeps the best model so far should a long run be
-    interrupted; the final model is saved separately, atomically, with its sidecar.
+    Validation ROC AUC rather than loss is monitored: it is what the reports lead with, and
+    class weights do not distort it.
     """
-    callbacks = [
+    return [
         keras.callbacks.EarlyStopping(
             monitor=monitor, mode="max", patience=patience, restore_best_weights=True
         ),
@@ -53,14 +81,6 @@ def standard_callbacks(
             monitor=monitor, mode="max", factor=0.3, patience=lr_patience, min_lr=1e-6
         ),
     ]
-    if checkpoint_path is not None:
-        Path(checkpoint_path).parent.mkdir(parents=True, exist_ok=True)
-        callbacks.append(
-            keras.callbacks.ModelCheckpoint(
-                str(checkpoint_path), monitor=monitor, mode="max", save_best_only=True
-            )
-        )
-    return callbacks
 
 
 def fit(
@@ -69,19 +89,16 @@ def fit(
     val_data,
     epochs: int = 10,
     class_weight: dict[int, float] | None = None,
-    patience: int = 3,
-    checkpoint_path: str | Path | None = None,
-    history_path: str | Path | None = None,
-    initial_epoch: int = 0,
-    verbose: int = 2,
+    patience: int = 5,
+    verbose: int = 0,
     callbacks: list[keras.callbacks.Callback] | None = None,
     **fit_kwargs,
 ) -> dict[str, list[float]]:
-    """``model.fit`` with :func:`standard_callbacks`; returns (and optionally saves) the history.
+    """``model.fit`` with :func:`standard_callbacks`; returns the history as a plain dict.
 
-    ``train_data``/``val_data`` are tf.data datasets or ``(x, y)`` tuples of arrays. The
-    model must be compiled (:func:`compile_binary`). ``callbacks`` are added after the
-    standard ones (e.g. a timer in ``pneumo_utils.bench``).
+    ``train_data``/``val_data`` are tf.data datasets or ``(x, y)`` tuples of arrays; the
+    model must be compiled (:func:`compile_binary`). ``callbacks`` run after the standard
+    ones (a timer, :class:`EpochLine`). The history maps each metric to one value per epoch.
     """
     if isinstance(train_data, tuple):
         fit_kwargs.update(x=train_data[0], y=train_data[1])
@@ -89,18 +106,13 @@ def fit(
         fit_kwargs.update(x=train_data, shuffle=False)  # tf.data pipelines shuffle themselves
     history = model.fit(
         validation_data=val_data,
-        epochs=initial_epoch + epochs,
-        initial_epoch=initial_epoch,
+        epochs=epochs,
         class_weight=class_weight,
-        callbacks=[*standard_callbacks(patience, checkpoint_path), *(callbacks or [])],
+        callbacks=[*standard_callbacks(patience), *(callbacks or [])],
         verbose=verbose,
         **fit_kwargs,
     )
-    record = {k: [float(v) for v in values] for k, values in history.history.items()}
-    record["epoch"] = [int(e) for e in history.epoch]
-    if history_path is not None:
-        write_json_atomic(history_path, record)
-    return record
+    return {key: [float(v) for v in values] for key, values in history.history.items()}
 
 
 def fit_head_on_features(
@@ -114,19 +126,22 @@ def fit_head_on_features(
     learning_rate: float = 1e-3,
     batch_size: int = 32,
     patience: int = 5,
-    history_path: str | Path | None = None,
-    seed: int = 0,
-    verbose: int = 2,
+    seed: int | None = None,
+    verbose: int = 0,
     callbacks: list[keras.callbacks.Callback] | None = None,
     label_smoothing: float = 0.0,
 ) -> dict[str, list[float]]:
-    """Train ``model``'s head on cached pooled features ``(n, channels)``, in place.
+    """Train ``model``'s head in place on cached pooled features ``(n, channels)``.
 
-    The same head, loss, class weights, callbacks and optimiser as training over images
-    with a frozen base; only the backbone forward pass is skipped. Afterwards ``model``
-    (base + trained head) predicts exactly as a model trained over images would.
-    ``label_smoothing`` (e.g. 0.1) trains towards 0.05/0.95 instead of 0/1 targets.
+    The head, loss, class weights, callbacks and optimiser are those of training over images
+    with a frozen base; only the backbone's forward pass is skipped
+    (:func:`pneumo_utils.models.head_on_features` shares the head's layers). Afterwards
+    ``model`` (base and trained head) predicts as a model trained over images would.
+    ``seed``, when given, seeds Keras (head initialisation aside: it exists already) so the
+    shuffling of the feature rows is reproducible.
     """
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     head = compile_binary(head_on_features(model), learning_rate, label_smoothing)
     return fit(
         head,
@@ -135,86 +150,8 @@ def fit_head_on_features(
         epochs=epochs,
         class_weight=class_weight,
         patience=patience,
-        history_path=history_path,
         batch_size=batch_size,
         shuffle=True,
         verbose=verbose,
         callbacks=callbacks,
     )
-
-
-def fine_tune(
-    model: keras.Model,
-    train_data,
-    val_data,
-    unfreeze_layers: int = 30,
-    learning_rate: float = 1e-5,
-    epochs: int = 5,
-    initial_epoch: int = 0,
-    label_smoothing: float = 0.0,
-    **fit_args,
-) -> dict[str, list[float]]:
-    """Phase 2 of transfer learning: unfreeze the top backbone layers and train on slowly.
-
-    BatchNormalization layers stay in inference mode (see :func:`unfreeze_top`); the low
-    learning rate keeps the pretrained features from being destroyed by the first updates.
-    ``initial_epoch`` continues the epoch count of phase 1 so both phases share one curve.
-    """
-    unfreeze_top(model, unfreeze_layers)
-    compile_binary(model, learning_rate, label_smoothing)
-    return fit(model, train_data, val_data, epochs=epochs, initial_epoch=initial_epoch, **fit_args)
-
-
-def concat_histories(*histories: dict[str, list[float]]) -> dict[str, list[float]]:
-    """Join the histories of successive phases; ``phase`` records which phase each epoch was."""
-    out: dict[str, list[float]] = {"phase": []}
-    for phase, history in enumerate(histories, start=1):
-        n = len(history.get("loss", []))
-        out["phase"] += [phase] * n
-        for key, values in history.items():
-            out.setdefault(key, []).extend(values)
-    return out
-
-
-def train_frozen_head(
-    model: keras.Model,
-    paths: dict[str, list[str]],
-    labels: dict[str, np.ndarray],
-    epochs: int = 30,
-    learning_rate: float = 1e-3,
-    batch_size: int = 32,
-    patience: int = 5,
-    use_feature_cache: bool = True,
-    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-    history_path: str | Path | None = None,
-    checkpoint_path: str | Path | None = None,
-    verbose: int = 2,
-    label_smoothing: float = 0.0,
-) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
-    """Train the head of a frozen-base ``model`` on ``train``, early-stopping on ``val``.
-
-    With ``use_feature_cache`` the backbone runs once per image (features cached on disk, see
-    :mod:`pneumo_utils.features`) and the head trains on the features; otherwise the seeds'
-    way, ``model.fit`` over decoded images every epoch. Class weights are balanced on the
-    train labels; ``label_smoothing`` goes to the binary cross-entropy. ``paths``/``labels``
-    map split names to file lists and label arrays.
-
-    Returns the history and PNEUMONIA probabilities ``(n,)`` for every split given.
-    """
-    weights = class_weights(labels["train"])
-    if use_feature_cache:
-        feats = extract_split_features(model, paths, batch_size, cache_dir, verbose=bool(verbose))
-        history = fit_head_on_features(
-            model, feats["train"], labels["train"], feats["val"], labels["val"], epochs,
-            weights, learning_rate, batch_size, patience, history_path, verbose=verbose,
-            label_smoothing=label_smoothing,
-        )
-        head = head_on_features(model)
-        return history, {s: head.predict(f, verbose=0).reshape(-1) for s, f in feats.items()}
-    size = int(model.inputs[0].shape[1])
-    train_ds = image_dataset(paths["train"], labels["train"], size, batch_size, shuffle=True)
-    val_ds = image_dataset(paths["val"], labels["val"], size, batch_size)
-    compile_binary(model, learning_rate, label_smoothing)
-    history = fit(model, train_ds, val_ds, epochs, weights, patience, checkpoint_path,
-                  history_path, verbose=verbose)
-    return history, {s: predict_paths(model, p, batch_size) for s, p in paths.items()}

@@ -73,3 +73,18 @@ def test_image_dataset_shapes_and_dtypes(kermany_root):
     np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), labels)
     unlabeled = next(iter(data.image_dataset(paths, image_size=48, batch_size=4)))
     np.testing.assert_array_equal(unlabeled.numpy(), x.numpy())
+
+
+def test_kermany_split_and_split_files_follow_the_index(kermany_root):
+    index = data.kermany_split(kermany_root, val_fraction=0.25, seed=0, max_images_per_class=5)
+    data.assert_no_patient_leak(index)
+    assert (index.groupby(["split", "label"]).size() <= 5).all()
+    paths, labels = data.split_files(index)
+    assert set(paths) == {"train", "val", "test"}
+    for name in paths:
+        part = index[index["split"] == name]
+        assert paths[name] == part["path"].tolist()
+        np.testing.assert_array_equal(labels[name], part["label"].to_numpy())
+        assert set(labels[name]) == {0, 1}
+    only_train, _ = data.split_files(index, ("train",))
+    assert list(only_train) == ["train"]

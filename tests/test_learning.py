@@ -31,7 +31,7 @@ def trained(learn_root, tmp_path_factory):
     train.compile_binary(model, 3e-3)
     ds = {s: data.image_dataset(p, y, 64, 16, shuffle=(s == "train")) for s, (p, y) in split.items()}
     train.fit(model, ds["train"], ds["val"], epochs=25, class_weight=data.class_weights(split["train"][1]),
-              patience=8, verbose=0)
+              patience=8)
     path = tmp_path_factory.mktemp("models") / "scratch.keras"
     proba_val = models.predict_paths(model, split["val"][0])
     threshold = evaluate.choose_threshold(split["val"][1], proba_val)
@@ -71,18 +71,27 @@ def test_gradcam_finds_last_conv_layer_of_each_backbone():
 
 
 def test_feature_cache_trains_the_same_head(learn_root, tmp_path):
+    """Head on cached backbone features, or model.fit over images with the base frozen
+    inside: the same trained model, up to float noise."""
     index = load_kermany(learn_root)
-    paths = {s: paths_and_labels(index, s)[0] for s in ("train", "val", "test")}
-    labels = {s: paths_and_labels(index, s)[1] for s in ("train", "val", "test")}
+    paths, labels = data.split_files(index)
+    weights = data.class_weights(labels["train"])
     results = {}
     for cached in (True, False):
         data.set_seed(0)
         model = models.build_classifier("mobilenet_v2", 32, None, seed=0)
-        _, proba = train.train_frozen_head(model, paths, labels, epochs=3, batch_size=16, patience=5,
-                                           use_feature_cache=cached, cache_dir=tmp_path / "cache", verbose=0)
-        full = models.predict_paths(model, paths["test"])
-        np.testing.assert_allclose(proba["test"], full, atol=1e-4)
-        results[cached] = full
+        if cached:
+            feats = features.extract_split_features(model, paths, 16, cache_dir=tmp_path / "cache", verbose=False)
+            train.fit_head_on_features(model, feats["train"], labels["train"], feats["val"], labels["val"],
+                                       epochs=3, class_weight=weights, batch_size=16)
+            head_proba = models.head_on_features(model).predict(feats["test"], verbose=0).reshape(-1)
+        else:
+            train.compile_binary(model)
+            train.fit(model, data.image_dataset(paths["train"], labels["train"], 32, 16, shuffle=True),
+                      data.image_dataset(paths["val"], labels["val"], 32, 16), epochs=3, class_weight=weights)
+        results[cached] = models.predict_paths(model, paths["test"])
+        if cached:
+            np.testing.assert_allclose(head_proba, results[cached], atol=1e-4)
     np.testing.assert_allclose(results[True], results[False], atol=2e-3)
 
 
@@ -100,7 +109,7 @@ def test_label_smoothing_keeps_the_head_away_from_certainty():
         padded = np.zeros((len(x), int(head.inputs[0].shape[-1])), "float32")
         padded[:, : x.shape[1]] = x
         train.fit_head_on_features(model, padded, y, padded, y, epochs=60, learning_rate=1e-2,
-                                   patience=60, verbose=0, label_smoothing=smoothing)
+                                   patience=60, label_smoothing=smoothing)
         proba = head.predict(padded, verbose=0).reshape(-1)
         assert roc_auc_score(y, proba) > 0.99
         extremes[smoothing] = max(proba.max(), 1 - proba.min())

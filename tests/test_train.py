@@ -1,0 +1,155 @@
+"""Training with model.fit and Keras callbacks, and the files and tables a run leaves behind."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from pneumo_utils import augment, data, models, report, train
+from pneumo_utils.evaluate import evaluation_report
+
+
+def _separable(n: int = 200, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], n // 2)
+    x = rng.normal(0, 1, (n, dim)).astype("float32")
+    x[:, 0] += 3.0 * y
+    return x, y.astype("float32")
+
+
+def _dense_model(dim: int = 8) -> keras.Model:
+    inputs = keras.Input((dim,))
+    outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.Dense(4, activation="relu")(inputs))
+    return keras.Model(inputs, outputs)
+
+
+def test_epoch_line_prints_one_compact_line_per_epoch(capsys):
+    keras.utils.set_random_seed(0)
+    x, y = _separable()
+    model = train.compile_binary(_dense_model())
+    model.fit(x, y, validation_data=(x, y), epochs=3, verbose=0, callbacks=[train.EpochLine()])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert all("val_auc" in line and " lr " in line for line in lines)
+
+
+def test_fit_stops_early_and_ends_at_the_best_validation_epoch():
+    keras.utils.set_random_seed(0)
+    x, y = _separable()
+    x_val, y_val = _separable(seed=1)
+    model = train.compile_binary(_dense_model(), learning_rate=1e-2)
+    history = train.fit(model, (x, y), (x_val, y_val), epochs=200, patience=2, batch_size=32)
+    assert len(history["loss"]) < 200, "early stopping never fired on a problem learned in a few epochs"
+    assert set(history) >= {"loss", "auc", "val_loss", "val_auc", "learning_rate"}
+    restored = roc_auc_score(y_val, model.predict(x_val, verbose=0).reshape(-1))
+    assert restored == pytest.approx(max(history["val_auc"]), abs=0.01)
+
+
+def test_fit_head_on_features_learns_and_trains_the_full_models_head():
+    x, y = _separable()
+    model = models.build_classifier("mobilenet_v2", 32, None, seed=0)
+    head = models.head_on_features(model)  # 1280 features in: x padded with zeros
+    padded = np.zeros((len(x), int(head.inputs[0].shape[-1])), "float32")
+    padded[:, : x.shape[1]] = x
+    before = model.get_layer("head_output").get_weights()[0].copy()
+    history = train.fit_head_on_features(model, padded, y, padded, y, epochs=20, learning_rate=1e-2,
+                                         class_weight=data.class_weights(y), seed=0)
+    assert max(history["val_auc"]) > 0.95
+    assert not np.allclose(model.get_layer("head_output").get_weights()[0], before)
+    assert roc_auc_score(y, head.predict(padded, verbose=0).reshape(-1)) > 0.95
+
+
+@pytest.mark.slow
+def test_fine_tuning_on_augmented_images_moves_only_the_unfrozen_layers(kermany_root):
+    index = data.kermany_split(kermany_root, val_fraction=0.25, seed=0)
+    paths, labels = data.split_files(index)
+    model = models.build_scratch_cnn(32, filters=(4, 8), dense_units=8, seed=0)
+    n_trainable = models.unfreeze_top(model, 4)
+    layers = models.base_layers(model)
+    frozen = {layer.name: [w.copy() for w in layer.get_weights()] for layer in layers if not layer.trainable}
+    tuned = {layer.name: [w.copy() for w in layer.get_weights()] for layer in layers if layer.trainable}
+    assert len(tuned) == n_trainable and all(not isinstance(model.get_layer(n), keras.layers.BatchNormalization)
+                                             for n in tuned)
+    train_ds, steps = augment.training_dataset(paths["train"], labels["train"], 32, batch_size=8,
+                                               layers=augment.augmentation(seed=0), images_per_epoch=16)
+    val_ds = data.image_dataset(paths["val"], labels["val"], 32, batch_size=8)
+    train.compile_binary(model, learning_rate=1e-2)
+    history = train.fit(model, train_ds, val_ds, epochs=2, patience=2, steps_per_epoch=steps,
+                        class_weight=data.class_weights(labels["train"]))
+    assert len(history["val_auc"]) == 2
+    for name, weights in frozen.items():  # BatchNorm moving statistics included
+        for now, before in zip(model.get_layer(name).get_weights(), weights, strict=True):
+            np.testing.assert_array_equal(now, before)
+    assert any(not np.allclose(now, before) for name, weights in tuned.items()
+               for now, before in zip(model.get_layer(name).get_weights(), weights, strict=True))
+
+
+def _evaluation(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    y = np.array([0, 1] * 20)
+    proba = np.clip(y * 0.5 + rng.random(40) * 0.5, 0, 1)
+    return evaluation_report(y_test=y, proba_test=proba, y_val=y, proba_val=proba, n_boot=20)
+
+
+def test_save_with_card_writes_model_sidecar_and_card_with_the_tasks_class_names(tmp_path):
+    evaluation = _evaluation()
+    model = models.build_scratch_cnn(32, filters=(4, 8), dense_units=8, seed=0)
+    path = tmp_path / "m.keras"
+    meta = report.save_with_card(model, path, evaluation=evaluation, backbone="scratch_cnn",
+                                 weights=report.describe_weights(None), training="test run",
+                                 class_names=["NO FINDING", "EFFUSION"])
+    _, sidecar = models.load_model(path)
+    assert sidecar["threshold"] == pytest.approx(evaluation["threshold"])
+    assert sidecar["class_names"] == ["NO FINDING", "EFFUSION"] and meta["weights"] == "random initialisation"
+    assert sidecar["metrics"]["test"]["auc"] == pytest.approx(evaluation["test"]["auc"])
+    card = path.with_suffix(".md").read_text()
+    assert "P(EFFUSION)" in card and "NO FINDING" in card and "test run" in card
+    assert "Not for diagnostic use" in card
+
+
+def test_model_entries_and_metrics_json_carry_what_the_index_shows(tmp_path):
+    entries = [
+        report.model_entry(name=f"model {i}", backbone="resnet50", weights=report.describe_weights(w),
+                           positive_class="PNEUMONIA", evaluation=_evaluation(seed=i), model_path=f"m{i}.keras")
+        for i, w in ((0, None), (1, "/w/resnet50_notop.h5"))
+    ]
+    for entry in entries:
+        assert {"name", "backbone", "weights", "positive_class", "threshold", "threshold_rule",
+                "validation", "test", "model_path", "val_auc"} <= set(entry)
+    assert entries[1]["weights"] == "ImageNet (resnet50_notop.h5)"
+    path = tmp_path / "run.metrics.json"
+    record = report.write_metrics(path, run_name="run", title="t", data="d", models=entries)
+    best = max(entries, key=lambda e: e["val_auc"])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(record))
+    assert record["task"] == "kermany" and record["model_path"] == best["model_path"]
+    assert record["weights"] == best["weights"] and len(record["models"]) == 2
+
+
+def test_tables_and_captions_for_the_report():
+    evaluation = _evaluation()
+    table = report.comparison_table({"a": evaluation, "b": evaluation})
+    assert list(table.columns) == ["a", "b"]
+    assert table.loc["auc", "a"].count("(") == 1 and "threshold (from validation)" in table.index
+
+    labels = np.array([0, 0, 1, 1, 1])
+    proba = np.array([0.1, 0.7, 0.9, 0.2, 0.8])
+    rows, captions = report.pick_examples(labels=labels, proba=proba, threshold=0.5, n_correct=2, n_wrong=5)
+    assert len(rows) == 4 and sorted(rows[2:]) == [1, 3]  # only two wrong predictions exist
+    assert captions[2].startswith("WRONG: true ")
+    names = ("NO FINDING", "EFFUSION")
+    captions = report.prediction_captions(labels=labels, rows=[0, 3], class_names=names,
+                                          predictions={"a": (proba, 0.5), "b": (1 - proba, 0.5)})
+    assert captions[0] == "true NO FINDING\na: p=0.10 ok\nb: p=0.90 WRONG"
+
+
+def test_describe_split_counts_images_positives_and_patients(kermany_root):
+    index = data.kermany_split(kermany_root, val_fraction=0.25, seed=0)
+    sentence = report.describe_split(index, class_names=("NO FINDING", "EFFUSION"))
+    train_part = index[index["split"] == "train"]
+    assert sentence.startswith(f"train: {len(train_part)} images ({int(train_part['label'].sum())} EFFUSION) "
+                               f"from {train_part['patient'].nunique()} patients")
+    assert sentence.count(";") == 2
