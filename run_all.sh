@@ -1,29 +1,47 @@
 #!/usr/bin/env bash
-# Execute every notebook with papermill, render an HTML report for each into reports/, and
-# write reports/index.html with the headline metrics. Sets up .venv on first use.
-#
-#   ./run_all.sh [--smoke] [--data-root DIR] [--nih-root DIR] [--weights-dir DIR] [RUNNER OPTIONS]
-#
-#   --smoke           quick plumbing run: a few images per class, 1 epoch (profile smoke)
-#   --full            the full profile (default)
-#   --data-root DIR   Kermany root with {train,val,test}/{NORMAL,PNEUMONIA} (env PNEUMO_DATA_ROOT)
-#   --nih-root DIR    NIH folder with images/ and the label CSV (env PNEUMO_NIH_ROOT)
-#   --weights-dir DIR ImageNet .h5 files under Keras' names (env PNEUMO_WEIGHTS_DIR)
-# Any other option goes to `python -m pneumo_utils.runner` (see --help there), e.g.
-#   --notebooks 01 03   --set 01.backbone=resnet50   --set epochs=5
-# Exit status: 0 when every notebook ran, 1 when any failed (its partial report is kept).
+# The main job: run every notebook and write reports/index.html plus one HTML report per notebook.
+# Sets up .venv on first use (not for --help).
 set -euo pipefail
 cd "$(dirname "$0")"
-source scripts/bootstrap.sh
+
+usage() {
+  cat <<'HELP'
+Usage: ./run_all.sh [--smoke | --full] [OPTIONS]
+
+Runs notebooks/NN_*.py with papermill (what runs is the .py you edited) and writes
+reports/index.html plus one HTML report per notebook. The first run creates .venv and
+installs the project (a few minutes); set PNEUMO_VENV to use another folder.
+
+  --smoke             quick plumbing run (profiles/smoke.yaml): writes to reports/smoke/ and
+                      saved_models/smoke/, never to the full run's results or best.json
+  --full              the full profile (default); sets saved_models/best.json
+  --notebooks NB ...  only these notebooks (prefixes such as 01 03, or names)
+  --set [NB.]KEY=VAL  override a notebook parameter (YAML literal: 3, 1e-3, null, [16, 32]);
+                      KEY must be declared in the notebook's parameters cell
+  --data-root DIR     Kermany folder with {train,val,test}/{NORMAL,PNEUMONIA} (env PNEUMO_DATA_ROOT)
+  --nih-root DIR      NIH ChestX-ray14 folder: label table + images (env PNEUMO_NIH_ROOT)
+  --weights-dir DIR   ImageNet .h5 files under Keras' names (env PNEUMO_WEIGHTS_DIR)
+  --reports-dir DIR   where reports go (default reports/, reports/smoke/ with --smoke)
+  --offline           never download; fail at once if data is missing (env PNEUMO_OFFLINE=1)
+  -h, --help          this help
+
+Data is looked for in --data-root, data/chest_xray, then ../shared/data/chest_xray (NIH:
+--nih-root, data/nih, data/nih_sample, ../shared/data/...); when none is there, the public
+Kaggle sets are downloaded with kagglehub (no account needed; NIH: the 5,606-image sample).
+Exit status: 0 every notebook ran, 1 some failed (their partial reports are kept), 2 bad
+usage or missing data.
+HELP
+}
 
 args=()
 profile="full"
-while [ $# -gt 0 ]; do
-  case "$1" in
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) usage; exit 0 ;;
     --smoke) profile="smoke" ;;
     --full) profile="full" ;;
-    *) args+=("$1") ;;
+    *) args+=("$arg") ;;
   esac
-  shift
 done
-exec python -m pneumo_utils.runner --profile "$profile" "${args[@]}"
+source scripts/bootstrap.sh
+exec python -m pneumo_utils.runner --profile "$profile" ${args[@]+"${args[@]}"}

@@ -1,89 +1,141 @@
-"""Download the public chest X-ray data sets from Kaggle and lay them out for the notebooks.
+"""Find the chest X-ray data sets on disk, or download the public ones with kagglehub.
 
 Usage::
 
-    python -m pneumo_utils.fetch kermany --dest data/     # -> data/chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}
-    python -m pneumo_utils.fetch nih --dest data/nih      # -> data/nih/{Data_Entry_2017.csv,images_001,...}
+    python -m pneumo_utils.fetch kermany [--dest data]  # -> data/chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}
+    python -m pneumo_utils.fetch nih-sample             # -> data/nih_sample/{sample_labels.csv,images/}
+    python -m pneumo_utils.fetch nih                    # -> data/nih (the full 45 GB ChestX-ray14 set)
 
-The files are downloaded with ``kagglehub`` (into its cache, ``~/.cache/kagglehub`` unless
-``KAGGLEHUB_CACHE`` says otherwise), falling back to the ``kaggle`` API package when kagglehub
-is not installed. They are then *symlinked* into ``--dest`` (``--copy`` copies instead), so the
-notebooks always find the same layout whatever the cache location.
+Downloads go to kagglehub's cache (``~/.cache/kagglehub`` unless ``KAGGLEHUB_CACHE`` says
+otherwise, with a progress bar) and are *symlinked* into the data folder (``--copy`` copies), so
+the notebooks find the same layout wherever the cache is. The three sets are public: no Kaggle
+credentials are needed. A failed download prints one message saying what went wrong and the two
+ways to fix it, and exits with status 2.
 
-Without a network, without Kaggle credentials or when Kaggle refuses, the command prints one
-message saying what went wrong and what to do, and exits with status 2 (no traceback).
+:func:`locate` is how ``run_all.sh`` finds a data set before any notebook starts: an explicit
+folder, else ``data/<name>``, else the read-only copy in ``../shared/data/<name>``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 EXIT_FETCH_FAILED = 2
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+KERMANY_SPLITS = ("train", "val", "test")
+KERMANY_CLASSES = ("NORMAL", "PNEUMONIA")
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A Kaggle data set and how to recognise and place its root folder."""
-
-    key: str
-    handle: str
-    url: str
-    is_root: Callable[[Path], bool]
-    description: str
+class FetchError(RuntimeError):
+    """A data set that is missing or could not be downloaded; the message says how to fix it."""
 
 
 def is_kermany_root(path: Path) -> bool:
     """True when ``path`` holds ``train``, ``val`` and ``test``, each with NORMAL and PNEUMONIA."""
-    return all(
-        (path / split / cls).is_dir()
-        for split in ("train", "val", "test")
-        for cls in ("NORMAL", "PNEUMONIA")
-    )
+    return all((path / s / c).is_dir() for s in KERMANY_SPLITS for c in KERMANY_CLASSES)
+
+
+def nih_labels(path: Path) -> Path | None:
+    """The NIH label table in ``path`` (``Data_Entry_2017*.csv[.gz]`` or ``sample_labels.csv``)."""
+    patterns = ("Data_Entry_2017*.csv", "Data_Entry_2017*.csv.gz", "sample_labels.csv")
+    found = [p for pattern in patterns for p in sorted(Path(path).glob(pattern))]
+    return found[0] if found else None
 
 
 def is_nih_root(path: Path) -> bool:
-    """True when ``path`` holds the NIH ChestX-ray14 label file ``Data_Entry_2017.csv``."""
-    return (path / "Data_Entry_2017.csv").is_file()
+    """True when ``path`` holds an NIH label table."""
+    return Path(path).is_dir() and nih_labels(path) is not None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A data set: where it is looked for, its Kaggle handle, and how to recognise its root."""
+
+    key: str
+    title: str
+    handle: str
+    folder: str
+    is_root: Callable[[Path], bool]
+    layout: str
+    size: str
+
+    @property
+    def url(self) -> str:
+        """The data set's Kaggle page."""
+        return f"https://www.kaggle.com/datasets/{self.handle}"
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "kermany": DatasetSpec(
         key="kermany",
+        title="Kermany paediatric chest X-rays (NORMAL / PNEUMONIA)",
         handle="paultimothymooney/chest-xray-pneumonia",
-        url="https://www.kaggle.com/datasets/paultimothymooney/chest-xray-pneumonia",
+        folder="chest_xray",
         is_root=is_kermany_root,
-        description="Kermany et al. pediatric chest X-rays (NORMAL / PNEUMONIA), ~1.2 GB",
+        layout="{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg",
+        size="1.2 GB",
     ),
     "nih": DatasetSpec(
         key="nih",
+        title="NIH ChestX-ray14 (112,120 images)",
         handle="nih-chest-xrays/data",
-        url="https://www.kaggle.com/datasets/nih-chest-xrays/data",
+        folder="nih",
         is_root=is_nih_root,
-        description="NIH ChestX-ray14 (112,120 frontal X-rays, 14 findings), ~45 GB",
+        layout="Data_Entry_2017.csv plus images_*/images/*.png",
+        size="45 GB",
+    ),
+    "nih-sample": DatasetSpec(
+        key="nih-sample",
+        title="NIH ChestX-ray14 sample (5,606 images, same label table)",
+        handle="nih-chest-xrays/sample",
+        folder="nih_sample",
+        is_root=is_nih_root,
+        layout="sample_labels.csv plus images/*.png",
+        size="4 GB",
     ),
 }
 
+SEARCH_ORDER = {"kermany": ("kermany",), "nih": ("nih", "nih-sample")}
+"""Which data sets satisfy a need, in order of preference; the last one is downloaded."""
 
-class FetchError(RuntimeError):
-    """A download that failed for a reason the user can fix (network, credentials, layout)."""
+
+def candidates(need: str, base: Path = Path()) -> list[Path]:
+    """The folders :func:`locate` looks in for ``need`` (``"kermany"`` or ``"nih"``), in order."""
+    specs = [DATASETS[key] for key in SEARCH_ORDER[need]]
+    return [base / "data" / s.folder for s in specs] + [
+        base / ".." / "shared" / "data" / s.folder for s in specs
+    ]
+
+
+def locate(need: str, explicit: str | Path | None = None, base: Path = Path()) -> Path | None:
+    """The folder holding data set ``need``: ``explicit`` if given, else the first candidate.
+
+    An ``explicit`` folder without the expected layout raises :class:`FetchError`; ``None``
+    means nothing was found (the caller may :func:`fetch` it).
+    """
+    spec = DATASETS[SEARCH_ORDER[need][0]]
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not spec.is_root(path):
+            raise FetchError(
+                f"{path} is not a {spec.title} folder: expected {path}/{spec.layout}."
+            )
+        return path
+    return next((p for p in candidates(need, base) if spec.is_root(p)), None)
 
 
 def find_dataset_root(base: Path, is_root: Callable[[Path], bool] = is_kermany_root) -> Path:
-    """Return the shallowest folder under ``base`` (``base`` included) for which ``is_root`` holds.
+    """The shallowest folder under ``base`` (``base`` included) for which ``is_root`` holds.
 
     Kaggle archives nest folders (``chest_xray/chest_xray/train/...``) and carry macOS
-    ``__MACOSX`` resource-fork copies; hidden folders and ``__MACOSX`` are skipped.
-    Raises ``FileNotFoundError`` when no folder qualifies.
+    ``__MACOSX`` copies; hidden folders and ``__MACOSX`` are skipped. Raises
+    ``FileNotFoundError`` when no folder qualifies.
     """
-    base = Path(base)
-    level = [base]
+    level = [Path(base)]
     while level:
         for folder in level:
             if is_root(folder):
@@ -97,101 +149,76 @@ def find_dataset_root(base: Path, is_root: Callable[[Path], bool] = is_kermany_r
     raise FileNotFoundError(f"no data set root found under {base}")
 
 
-def _kagglehub_download(handle: str) -> Path:
-    """Download ``handle`` with kagglehub (cached) and return the local folder."""
+def count_images(root: Path, key: str) -> dict[str, int]:
+    """Images per ``split/CLASS`` (Kermany) or in ``images`` folders (NIH), for the layout check."""
+    if key == "kermany":
+        return {
+            f"{s}/{c}": sum(p.suffix.lower() in IMAGE_SUFFIXES for p in (root / s / c).iterdir())
+            for s in KERMANY_SPLITS
+            for c in KERMANY_CLASSES
+        }
+    folders = [p for p in root.glob("**/images") if p.is_dir()] or [root]
+    return {"images": sum(1 for f in folders for p in f.iterdir() if p.suffix.lower() == ".png")}
+
+
+def download(handle: str) -> Path:
+    """Download a public Kaggle data set with kagglehub (cached, with progress); its folder."""
     import kagglehub
 
     return Path(kagglehub.dataset_download(handle))
 
 
-def _kaggle_api_download(handle: str) -> Path:
-    """Fallback: download and unzip ``handle`` with the ``kaggle`` API package."""
-    from kaggle.api.kaggle_api_extended import KaggleApi  # importing may raise on no credentials
-
-    target = Path(os.environ.get("PNEUMO_KAGGLE_CACHE", Path.home() / ".cache" / "pneumo-kaggle"))
-    target = target / handle.replace("/", "__")
-    api = KaggleApi()
-    api.authenticate()
-    api.dataset_download_files(handle, path=str(target), unzip=True, quiet=False)
-    return target
-
-
-def download(handle: str) -> Path:
-    """Download a Kaggle data set, preferring kagglehub, and return where its files are."""
-    if importlib.util.find_spec("kagglehub") is not None:
-        return _kagglehub_download(handle)
-    if importlib.util.find_spec("kaggle") is not None:
-        return _kaggle_api_download(handle)
-    raise FetchError(
-        "neither 'kagglehub' nor 'kaggle' is installed (pip install 'pneumo[fetch]' "
-        "or pip install kagglehub)"
-    )
-
-
 def _explain(exc: BaseException) -> str:
-    """Turn a download exception into a short description of what went wrong."""
-    name = type(exc).__name__
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    text = f"{name}: {first[:160]}{'...' if len(first) > 160 else ''}".strip().rstrip(":")
-    lowered = f"{name} {exc}".lower()
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    if status in (401, 403) or any(
-        word in lowered for word in ("credential", "unauthenticated", "unauthorized", "kaggle.json")
-    ):
-        return f"Kaggle credentials are missing or were refused ({text})"
-    if status == 404 or "notfound" in lowered.replace(" ", ""):
-        return f"Kaggle did not find the data set ({text})"
-    if any(
-        word in lowered
-        for word in (
-            "connection",
-            "resolve",
-            "name or service",
-            "timed out",
-            "timeout",
-            "network",
-            "unreachable",
-            "max retries",
-        )
-    ):
+    """A short description of why a download failed."""
+    first = (str(exc).splitlines() or [""])[0][:160]
+    text = f"{type(exc).__name__}: {first}".rstrip(": ")
+    lowered = f"{type(exc).__name__} {exc}".lower()
+    if isinstance(exc, ImportError):
+        return f"kagglehub is not installed: pip install kagglehub ({text})"
+    if any(w in lowered for w in ("connection", "resolve", "timed out", "timeout", "unreachable")):
         return f"no network connection to Kaggle ({text})"
+    if "404" in lowered or "not found" in lowered:
+        return f"Kaggle did not find the data set ({text})"
     return f"the download failed ({text})"
 
 
-def _help_message(spec: DatasetSpec, dest: Path, reason: str) -> str:
-    """The single message printed when a download cannot be done."""
-    layout = (
-        f"{dest}/chest_xray/{{train,val,test}}/{{NORMAL,PNEUMONIA}}"
-        if spec.key == "kermany"
-        else f"{dest}/Data_Entry_2017.csv (plus the images_*/ folders)"
+def how_to_fix(needs: dict[str, str]) -> str:
+    """The two ways to provide missing data sets (``needs``: need -> who needs it)."""
+    options = {
+        "kermany": ("--data-root DIR (env PNEUMO_DATA_ROOT)", "kermany"),
+        "nih": ("--nih-root DIR (env PNEUMO_NIH_ROOT)", "nih-sample"),
+    }
+    fetches = "; ".join(f"python -m pneumo_utils.fetch {options[n][1]}" for n in needs)
+    folders = "\n".join(
+        f"     {options[n][0]}: a folder with {DATASETS[SEARCH_ORDER[n][0]].layout}" for n in needs
     )
     return (
-        f"error: could not download '{spec.handle}': {reason}.\n"
         "To fix it, either:\n"
-        "  1. connect to the internet and give Kaggle credentials: set KAGGLE_USERNAME and\n"
-        "     KAGGLE_KEY, or put kaggle.json in ~/.kaggle/ (Kaggle > Settings > API > Create\n"
-        "     New Token), then run this command again; or\n"
-        f"  2. download the archive by hand from {spec.url}\n"
-        f"     and unzip it into {dest} so that {layout} exists."
+        "  1. connect to the internet and run the command again: the public sets are downloaded\n"
+        f"     with kagglehub, no account needed (or download now: {fetches}); or\n"
+        f"  2. point at folders you already have:\n{folders}"
     )
 
 
-def place_dataset(root: Path, dest: Path, spec: DatasetSpec, copy: bool = False) -> Path:
-    """Make the data set found at ``root`` available under ``dest``; return the final folder.
+def place_dataset(root: Path, dest: Path, copy: bool = False) -> Path:
+    """Make the data set found at ``root`` appear as ``dest`` (symlinks, or copies).
 
-    Kermany: ``dest/chest_xray`` becomes a symlink to (or copy of) ``root``.
-    NIH: every entry of ``root`` is symlinked (or copied) into ``dest``.
+    Kermany: ``dest`` links to ``root``. NIH: ``dest`` is a folder with a link to each entry of
+    ``root``, plus ``dest/images`` linking to the image folder when ``root`` has none at its top.
     Existing entries are left alone.
     """
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    import shutil
+
     root = Path(root).resolve()
-    pairs = (
-        [(root, dest / "chest_xray")]
-        if spec.key == "kermany"
-        else [(child, dest / child.name) for child in sorted(root.iterdir())]
-    )
+    if is_kermany_root(root):
+        pairs = [(root, dest)]
+    else:
+        dest.mkdir(parents=True, exist_ok=True)
+        pairs = [(child, dest / child.name) for child in sorted(root.iterdir())]
+        nested = sorted(p for p in root.glob("*/**/images") if p.is_dir())
+        if not (root / "images").is_dir() and not list(root.glob("images_*")) and nested:
+            pairs.append((nested[0], dest / "images"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
     for source, target in pairs:
         if target.exists() or target.is_symlink():
             continue
@@ -201,74 +228,60 @@ def place_dataset(root: Path, dest: Path, spec: DatasetSpec, copy: bool = False)
             shutil.copy2(source, target)
         else:
             target.symlink_to(source, target_is_directory=source.is_dir())
-    return dest / "chest_xray" if spec.key == "kermany" else dest
+    return dest
 
 
-def existing_root(spec: DatasetSpec, dest: Path) -> Path | None:
-    """Return the data set root if it is already in place under ``dest``, else None."""
-    candidate = Path(dest) / "chest_xray" if spec.key == "kermany" else Path(dest)
-    return candidate if candidate.is_dir() and spec.is_root(candidate) else None
+def fetch(key: str, dest: Path | str = "data", copy: bool = False) -> Path:
+    """Download data set ``key`` into ``dest/<its folder>`` (``dest`` itself if so named).
 
-
-def fetch(key: str, dest: Path, copy: bool = False, force: bool = False) -> Path:
-    """Download data set ``key`` (``kermany`` or ``nih``) and place it under ``dest``.
-
-    Raises ``FetchError`` with a user-facing message when the download or layout fails.
+    Checks the layout and counts the images; raises :class:`FetchError` with a message saying
+    what to do when the download or the check fails.
     """
     spec = DATASETS[key]
     dest = Path(dest)
-    if spec.key == "kermany" and dest.name == "chest_xray":
-        dest = dest.parent  # accept --dest data/chest_xray as meaning data/
-    if not force and (found := existing_root(spec, dest)) is not None:
-        print(f"{spec.key}: already in place at {found}")
-        return found
-    print(f"{spec.key}: downloading {spec.handle} ({spec.description}) ...", flush=True)
+    dest = dest if dest.name == spec.folder else dest / spec.folder
+    need = "kermany" if key == "kermany" else "nih"
+    if spec.is_root(dest):
+        print(f"{key}: already in place at {dest}")
+        return dest
+    print(f"{key}: downloading {spec.handle} ({spec.title}, about {spec.size}) ...", flush=True)
     try:
         downloaded = download(spec.handle)
-    except FetchError as exc:
-        raise FetchError(_help_message(spec, dest, str(exc))) from exc
-    except Exception as exc:  # network, credentials, HTTP errors: all user-fixable here
-        raise FetchError(_help_message(spec, dest, _explain(exc))) from exc
+    except Exception as exc:  # network, HTTP, missing package: all fixed the same two ways
+        raise FetchError(
+            f"error: could not download {spec.handle}: {_explain(exc)}.\n{how_to_fix({need: key})}"
+        ) from exc
     try:
         root = find_dataset_root(downloaded, spec.is_root)
     except FileNotFoundError as exc:
         raise FetchError(
-            f"error: downloaded {spec.handle} to {downloaded}, but found no folder with the "
-            "expected layout in it; delete it and try again, or unzip the archive by hand into "
-            f"{dest}."
+            f"error: downloaded {spec.handle} to {downloaded}, but no folder in it has the "
+            f"layout {spec.layout}; delete that folder and try again."
         ) from exc
-    final = place_dataset(root, dest, spec, copy=copy)
-    how = "copied" if copy else "linked"
-    print(f"{spec.key}: data set at {final} ({how} from {root})")
+    final = place_dataset(root, dest, copy=copy)
+    counts = count_images(final, key)
+    empty = [name for name, n in counts.items() if n == 0]
+    if empty:
+        raise FetchError(f"error: {final} has no images in {', '.join(empty)}; delete it and retry.")
+    print(f"{key}: {final} ({'copied' if copy else 'linked'} from {root}): "
+          + ", ".join(f"{name} {n:,}" for name, n in counts.items()), flush=True)
     return final
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface of ``python -m pneumo_utils.fetch``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pneumo_utils.fetch",
-        description="Download a chest X-ray data set from Kaggle and lay it out for the notebooks.",
-    )
-    parser.add_argument("dataset", choices=sorted(DATASETS), help="which data set")
-    parser.add_argument(
-        "--dest",
-        type=Path,
-        default=None,
-        help="target folder (default: data/ for kermany, data/nih for nih)",
-    )
-    parser.add_argument("--copy", action="store_true", help="copy the files instead of symlinking")
-    parser.add_argument(
-        "--force", action="store_true", help="download even if the data set is already in place"
-    )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns 0 on success and 2 when the data set could not be fetched."""
-    args = build_parser().parse_args(argv)
-    dest = args.dest or Path("data" if args.dataset == "kermany" else "data/nih")
+    parser = argparse.ArgumentParser(
+        prog="python -m pneumo_utils.fetch",
+        description="Download a public chest X-ray data set with kagglehub into data/.",
+    )
+    parser.add_argument("dataset", choices=sorted(DATASETS), help="which data set")
+    parser.add_argument(
+        "--dest", type=Path, default=Path("data"), help="parent folder (default: %(default)s)"
+    )
+    parser.add_argument("--copy", action="store_true", help="copy the files instead of linking")
+    args = parser.parse_args(argv)
     try:
-        fetch(args.dataset, dest, copy=args.copy, force=args.force)
+        fetch(args.dataset, args.dest, copy=args.copy)
     except FetchError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_FETCH_FAILED

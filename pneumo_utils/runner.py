@@ -1,775 +1,762 @@
-"""Run the pneumo notebooks with papermill and collect HTML reports: the engine behind run_all.sh.
+"""Run the pneumo notebooks with papermill and write HTML reports: the engine of ``run_all.sh``.
 
 Usage::
 
-    python -m pneumo_utils.runner [--profile smoke|full|PATH.yaml] [--data-root DIR]
-        [--nih-root DIR] [--weights-dir DIR] [--notebooks 01 03 ...] [--set NB.key=value ...]
-        [--reports-dir reports] [--notebooks-dir notebooks] [--prepare-only OUTDIR] [--kernel NAME]
+    python -m pneumo_utils.runner [--profile full|smoke|PATH.yaml|none] [--notebooks 01 03]
+        [--set [NB.]KEY=VALUE ...] [--data-root DIR] [--nih-root DIR] [--weights-dir DIR]
+        [--reports-dir DIR] [--offline] [--prepare-only DIR] [--kernel NAME]
 
-For every selected notebook (default: all ``notebooks/[0-9][0-9]_*.ipynb``, sorted) the runner
-injects parameters, executes it into ``<reports_dir>/<name>.ipynb``, renders
-``<reports_dir>/<name>.html`` (also after a failure: papermill marks the failing cell), then writes
-``<reports_dir>/index.html`` and ``<reports_dir>/summary.json`` and exits with status 1 when any
-notebook failed (0 otherwise, 2 on a usage error).
+Every selected ``notebooks/NN_*.py`` is read with jupytext (what runs is what was edited),
+executed by papermill with the current folder (the repository root) as working directory into
+``<reports>/<name>.ipynb``, and rendered with nbconvert into ``<name>.html`` (a summary from the
+notebook's metrics on top, set-up code hidden) and ``<name>.code.html`` (every cell).
+``<reports>/index.html`` is written before the first kernel starts and rewritten after each
+notebook, so it always says what is on disk. A second runner on the same reports or models
+folder is refused. Exit status: 0 all notebooks ran, 1 some failed, 2 bad usage or missing data.
 
-Parameters, lowest to highest precedence:
+Parameters, lowest to highest precedence: the data folder (``data_dir``), the profile's
+``default:`` section, its section named after the notebook, ``--set KEY=VALUE``, then
+``--set NB.KEY=VALUE`` (NB: a prefix such as ``01``). A key must be a parameter the notebook
+declares in its ``parameters`` cell (``default:`` and ``--set KEY``: some notebook declares it);
+values are YAML literals (``3``, ``null``, ``[16, 32]``), written into the notebook by papermill's
+own translation, so ``--set x=null`` is papermill's ``-p x None``.
 
-1. injected by the runner: ``data_dir`` (``--data-root``, env ``PNEUMO_DATA_ROOT``, default
-   ``data/chest_xray``; for notebooks whose name contains ``nih``: ``--nih-root``, env
-   ``PNEUMO_NIH_ROOT``, default ``data/nih``) and ``reports_dir`` (``--reports-dir``);
-2. the profile's ``default:`` section, then its section named after the notebook;
-3. ``--set key=value`` (every notebook), then ``--set NB.key=value`` (NB: a prefix such as
-   ``01`` or the full name). Values are parsed as YAML (``3``, ``null``, ``true``, ``abc``).
+Data (before any kernel starts): ``--data-root`` / ``PNEUMO_DATA_ROOT``, else ``data/chest_xray``,
+else ``../shared/data/chest_xray``, else a kagglehub download; NIH likewise (``--nih-root`` /
+``PNEUMO_NIH_ROOT``, ``data/nih``, ``data/nih_sample``, ``../shared/data/...``, else the public NIH
+sample). ImageNet weights: ``--weights-dir`` / ``PNEUMO_WEIGHTS_DIR``, else ``../shared/weights``.
 
-Placeholders: in any *string* value from a profile or ``--set``, the tokens ``{data_root}``,
-``{nih_root}``, ``{weights_dir}``, ``{reports_dir}`` and ``{notebook}`` are replaced by the
-runner's values (plain text replacement, no other brace is touched), e.g.
-``data_dir: "{data_root}/../chest_xray_small"``.
-
-``--weights-dir`` (env ``PNEUMO_WEIGHTS_DIR``) is exported to the kernels as the environment
-variable ``PNEUMO_WEIGHTS_DIR``. Kernels run with the runner's working directory as their
-working directory, so relative paths mean the same thing to the runner and the notebooks
-(run it from the repository root).
-
-``--prepare-only OUTDIR`` only writes the parameterised notebooks to ``OUTDIR/<name>.ipynb`` (no
-execution, no HTML), for nbval. There the conventional path parameters (``data_dir``,
-``reports_dir``, ``models_dir``, ``cache_dir``) are made absolute, because nbval runs each
-notebook with its own folder as working directory.
+A profile's ``runner:`` section may set ``reports_dir`` and ``record_best``. After a run with
+``record_best: true`` (the ``full`` profile), ``<models>/best.json`` names the best Kermany model:
+the highest ``selection_score`` of the model entries (else validation AUC), never a model that
+fell back to random weights when ImageNet weights were asked for.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import datetime as dt
-import html
+import importlib.metadata
 import json
-import logging
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import yaml
 
-DEFAULT_PROFILE = "full"
-DEFAULT_DATA_ROOT = "data/chest_xray"
-DEFAULT_NIH_ROOT = "data/nih"
-NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
-PATH_PARAMETERS = ("data_dir", "reports_dir", "models_dir", "cache_dir")
-"""Parameters that hold paths; made absolute by ``--prepare-only``."""
-PATH_DEFAULTS = {"models_dir": "saved_models", "cache_dir": ".cache/pneumo"}
-"""The notebooks' own defaults for path parameters the runner does not inject otherwise."""
-DISCLAIMER = "Research use only — not for diagnostic use."
-PLACEHOLDERS = ("data_root", "nih_root", "weights_dir", "reports_dir", "notebook")
+from pneumo_utils import fetch
 
-log = logging.getLogger("pneumo.runner")
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+TEMPLATES = Path(__file__).with_name("templates")
+NOTEBOOK_PATTERNS = ("[0-9][0-9]_*.py", "[0-9][0-9]_*.ipynb")
+HIDDEN_INPUT_TAGS = ("setup", "parameters", "injected-parameters", "hide-input")
+KERNEL_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "GRPC_VERBOSITY": "ERROR"}
+"""Silences TensorFlow's C++ and gRPC log lines at the source, in kernels and in reports."""
+BEST_TASK = "kermany"
+RUNNER_KEYS = {"reports_dir": "reports", "record_best": False}
+"""A profile's ``runner:`` section: where reports go, and whether the run sets ``best.json``."""
+DISCLAIMER = "Research use only: not for diagnostic use."
+LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "numpy", "scikit-learn", "papermill")
+COLOURS = ("#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#57606a")
 
 
 class UsageError(ValueError):
-    """A bad command line or profile; reported in one line, exit status 2."""
+    """A bad command line, profile or missing data set: one message, exit status 2."""
 
 
 @dataclass
-class RunResult:
-    """What happened to one notebook."""
+class Notebook:
+    """One notebook: its source, declared parameters, the merged values and what happened."""
 
     name: str
-    status: str  # "ok" or "failed"
-    seconds: float
-    parameters: dict[str, Any]
-    output_path: Path
-    html_path: Path | None = None
+    path: Path
+    node: Any
+    declared: dict[str, dict]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    status: str = "pending"
+    seconds: float = 0.0
     error: str | None = None
-    metrics: dict[str, Any] | None = None
-    notes: list[str] = field(default_factory=list)
+    metrics: dict | None = None
 
-    @property
-    def ok(self) -> bool:
-        """True when the notebook ran to the end."""
-        return self.status == "ok"
+    def default(self, key: str) -> Any:
+        """The notebook's own value of parameter ``key`` (None when not a literal)."""
+        try:
+            return ast.literal_eval(self.declared[key]["default"])
+        except (KeyError, ValueError, SyntaxError):
+            return None
 
-    @property
-    def error_line(self) -> str:
-        """The first non-empty line of the error, or an empty string."""
-        lines = [line for line in (self.error or "").splitlines() if line.strip()]
-        return lines[0].strip() if lines else ""
+    def value(self, key: str) -> Any:
+        """The value parameter ``key`` has in this run."""
+        return self.parameters[key] if key in self.parameters else self.default(key)
 
 
 # --------------------------------------------------------------------------- parameters
 
 
-def load_profile(name: str | None, profiles_dir: Path | str = "profiles") -> dict[str, Any]:
-    """Load a profile: ``profiles/<name>.yaml`` or a path to a YAML file; ``None``/"none" -> {}.
-
-    The result maps ``"default"`` and notebook names to parameter dicts (empty sections -> {}).
-    Relative profile names are looked up in ``profiles_dir`` and then next to this package.
-    """
-    if name is None or name.lower() == "none":
+def load_profile(name: str) -> dict[str, dict[str, Any]]:
+    """``profiles/<name>.yaml`` or a YAML path as ``{section: parameters}``; ``"none"`` -> {}."""
+    if name.lower() == "none":
         return {}
-    candidates: list[Path] = []
-    if name.endswith((".yaml", ".yml")) or os.sep in name or "/" in name:
-        candidates.append(Path(name))
-    else:
-        candidates.append(Path(profiles_dir) / f"{name}.yaml")
-        candidates.append(Path(__file__).resolve().parent.parent / "profiles" / f"{name}.yaml")
-    path = next((c for c in candidates if c.is_file()), None)
-    if path is None:
-        raise UsageError(f"profile {name!r} not found (looked for {candidates[0]})")
-    with path.open(encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
-    if not isinstance(data, dict):
-        raise UsageError(f"profile {path} must be a mapping of notebook name -> parameters")
-    profile: dict[str, Any] = {}
-    for section, params in data.items():
-        params = params or {}
-        if not isinstance(params, dict):
-            raise UsageError(f"profile {path}: section {section!r} must be a mapping")
-        profile[str(section)] = dict(params)
-    return profile
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILES / f"{name}.yaml"
+    if not path.is_file():
+        raise UsageError(f"profile {name!r} not found (looked for {path})")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict | None) for v in data.values()):
+        raise UsageError(f"profile {path} must map 'default' and notebook names to parameters")
+    return {
+        str(section): {k: literal(v, f"profile {path.name}: {section}.{k}") for k, v in (params or {}).items()}
+        for section, params in data.items()
+    }
 
 
-def parse_value(text: str) -> Any:
-    """Parse a ``--set`` value as YAML (``3`` -> 3, ``null`` -> None); ``""`` stays ``""``."""
-    if text == "":
-        return ""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+def literal(value: Any, where: str) -> Any:
+    """``value`` if it is a literal papermill can write (number, string, bool, None, list, dict)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list):
+        return [literal(v, where) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: literal(v, where) for k, v in value.items()}
+    raise UsageError(f"{where}: {value!r} is not a number, string, true/false, null, list or mapping")
 
 
 def parse_sets(items: Sequence[str]) -> list[tuple[str | None, str, Any]]:
-    """Parse ``--set`` items into ``(notebook_or_None, key, value)`` triples."""
+    """``--set [NB.]KEY=VALUE`` items as ``(notebook selector or None, key, value)``."""
     parsed = []
     for item in items:
         target, sep, raw = item.partition("=")
-        if not sep or not target.strip():
-            raise UsageError(f"--set {item!r}: expected key=value or NB.key=value")
-        notebook, dot, key = target.strip().rpartition(".")
-        if not key:
-            raise UsageError(f"--set {item!r}: empty parameter name")
-        parsed.append((notebook if dot else None, key, parse_value(raw)))
+        selector, dot, key = target.strip().rpartition(".")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE or NB.KEY=VALUE with KEY a name")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((selector if dot else None, key, literal(value, f"--set {item!r}")))
     return parsed
 
 
 def matches(name: str, selector: str) -> bool:
-    """True when notebook ``name`` is selected by ``selector`` (full name, prefix, or path)."""
+    """True when notebook ``name`` is selected by ``selector`` (a prefix, name or file name)."""
     selector = Path(selector).name.removesuffix(".ipynb").removesuffix(".py")
     return bool(selector) and name.startswith(selector)
 
 
-def expand_placeholders(value: Any, context: dict[str, str]) -> Any:
-    """Replace ``{data_root}``-style tokens in strings (recursively in lists and dicts)."""
-    if isinstance(value, str):
-        for key, replacement in context.items():
-            value = value.replace("{" + key + "}", replacement)
-        return value
-    if isinstance(value, list):
-        return [expand_placeholders(v, context) for v in value]
-    if isinstance(value, dict):
-        return {k: expand_placeholders(v, context) for k, v in value.items()}
-    return value
+def read_notebooks(folder: Path) -> list[Notebook]:
+    """Every ``NN_*.py`` (else ``.ipynb``) in ``folder``, read with jupytext, sorted by name."""
+    import jupytext
+    import papermill
+
+    paths: dict[str, Path] = {}
+    for pattern in reversed(NOTEBOOK_PATTERNS):  # the .py wins over its paired .ipynb
+        paths.update({p.stem: p for p in Path(folder).glob(pattern)})
+    if not paths:
+        raise UsageError(f"no notebooks named NN_*.py or NN_*.ipynb in {folder}")
+    notebooks = []
+    for name, path in sorted(paths.items()):
+        node = jupytext.read(path)
+        notebooks.append(Notebook(name, path, node, papermill.inspect_notebook(node)))
+    return notebooks
 
 
-def notebook_parameters(
-    name: str,
-    profile: dict[str, Any],
-    sets: Sequence[tuple[str | None, str, Any]] = (),
-    data_root: str = DEFAULT_DATA_ROOT,
-    nih_root: str = DEFAULT_NIH_ROOT,
-    reports_dir: str = "reports",
-    weights_dir: str | None = None,
-) -> dict[str, Any]:
-    """The parameters injected into notebook ``name`` (see the module docstring for precedence)."""
-    params: dict[str, Any] = {
-        "data_dir": nih_root if "nih" in name.lower() else data_root,
-        "reports_dir": reports_dir,
-    }
-    params.update(profile.get("default", {}))
-    params.update(profile.get(name, {}))
-    params.update({key: value for nb, key, value in sets if nb is None})
-    params.update({key: value for nb, key, value in sets if nb is not None and matches(name, nb)})
-    context = {
-        "data_root": str(data_root),
-        "nih_root": str(nih_root),
-        "weights_dir": str(weights_dir or ""),
-        "reports_dir": str(reports_dir),
-        "notebook": name,
-    }
-    return {key: expand_placeholders(value, context) for key, value in params.items()}
+def assign_parameters(
+    notebooks: Sequence[Notebook],
+    profile: dict[str, dict[str, Any]],
+    sets: Sequence[tuple[str | None, str, Any]],
+    data: dict[str, Path],
+) -> None:
+    """Merge data folder, profile and ``--set`` values into each notebook's ``parameters``.
+
+    Raises :class:`UsageError` naming the known parameters when a key is not declared.
+    """
+    profile = {k: v for k, v in profile.items() if k != "runner"}
+    names = [nb.name for nb in notebooks]
+    everywhere = sorted(set().union(*(nb.declared for nb in notebooks)))
+    for section in profile:
+        if section != "default" and section not in names:
+            raise UsageError(f"profile section {section!r} matches no notebook (have: {', '.join(names)})")
+    shared = [(key, f"profile default.{key}") for key in profile.get("default", {})]
+    shared += [(key, f"--set {key}") for nb, key, _ in sets if nb is None]
+    for key, where in shared:
+        if key not in everywhere:
+            raise UsageError(f"{where}: no notebook declares {key!r}; known: {', '.join(everywhere)}")
+    for selector, key, _ in sets:
+        if selector is not None and not any(matches(n, selector) for n in names):
+            raise UsageError(f"--set {selector}.{key}: {selector!r} matches no notebook ({', '.join(names)})")
+    for nb in notebooks:
+        own = [(key, f"profile {nb.name}.{key}") for key in profile.get(nb.name, {})]
+        own += [(key, f"--set {s}.{key}") for s, key, _ in sets if s is not None and matches(nb.name, s)]
+        for key, where in own:
+            if key not in nb.declared:
+                raise UsageError(
+                    f"{where}: {nb.name} declares no {key!r}; known: {', '.join(nb.declared)}"
+                )
+        params: dict[str, Any] = {}
+        if "data_dir" in nb.declared and need_of(nb) in data:
+            params["data_dir"] = str(data[need_of(nb)])
+        params.update(profile.get("default", {}))
+        params.update(profile.get(nb.name, {}))
+        params.update({k: v for s, k, v in sets if s is None})
+        params.update({k: v for s, k, v in sets if s is not None and matches(nb.name, s)})
+        nb.parameters = {k: v for k, v in params.items() if k in nb.declared}
 
 
-def absolute_paths(params: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Copy of ``params`` with the conventional path parameters made absolute against ``base``."""
-    out = {**{k: v for k, v in PATH_DEFAULTS.items() if k not in params}, **params}
-    for key in PATH_PARAMETERS:
-        value = out.get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute():
-            out[key] = str((base / value).resolve())
-    return out
+def need_of(nb: Notebook) -> str:
+    """Which data set a notebook reads: ``"nih"`` for notebooks named ``*nih*``, else Kermany."""
+    return "nih" if "nih" in nb.name.lower() else "kermany"
 
 
-def discover_notebooks(notebooks_dir: Path, selectors: Sequence[str] | None = None) -> list[Path]:
-    """The ``NN_*.ipynb`` notebooks in ``notebooks_dir`` (sorted), filtered by ``selectors``."""
-    found = sorted(Path(notebooks_dir).glob(NOTEBOOK_GLOB))
-    if not found:
-        raise UsageError(f"no notebooks matching {NOTEBOOK_GLOB} in {notebooks_dir}")
-    if not selectors:
-        return found
-    for selector in selectors:
-        if not any(matches(path.stem, selector) for path in found):
-            names = ", ".join(path.stem for path in found)
-            raise UsageError(f"--notebooks {selector!r} matches no notebook (have: {names})")
-    return [path for path in found if any(matches(path.stem, s) for s in selectors)]
+def explicit_data_dir(nb: Notebook, profile: dict, sets: Sequence) -> bool:
+    """True when the profile or ``--set`` gives this notebook its ``data_dir``."""
+    layers = [profile.get("default", {}), profile.get(nb.name, {})]
+    return any("data_dir" in layer for layer in layers) or any(
+        key == "data_dir" and (s is None or matches(nb.name, s)) for s, key, _ in sets
+    )
+
+
+def find_data(needs: dict[str, list[str]], roots: dict[str, str | None], offline: bool) -> dict[str, Path]:
+    """The data folder for each need (``{"kermany": [notebooks], ...}``), downloading if allowed.
+
+    Everything missing is reported in one :class:`UsageError`, before any kernel starts.
+    """
+    found: dict[str, Path] = {}
+    problems: list[str] = []
+    for need, users in needs.items():
+        try:
+            path = fetch.locate(need, roots.get(need))
+            if path is None and not offline:
+                key = fetch.SEARCH_ORDER[need][-1]
+                path = fetch.fetch(key, "data")
+        except fetch.FetchError as exc:
+            problems.append(f"{exc}".removeprefix("error: ").split("\nTo fix it")[0])
+            continue
+        if path is None:
+            looked = ", ".join(str(p) for p in fetch.candidates(need))
+            problems.append(
+                f"the {fetch.DATASETS[need].title} data is missing (needed by {', '.join(users)}; "
+                f"looked in {looked}; downloads are off: --offline or PNEUMO_OFFLINE=1)"
+            )
+            continue
+        found[need] = path
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise UsageError(f"no data to run on:\n{listed}\n{fetch.how_to_fix(needs)}")
+    return found
 
 
 # --------------------------------------------------------------------------- execution
 
 
-@contextlib.contextmanager
-def environment(**values: str | None) -> Iterator[None]:
-    """Set environment variables (None: leave alone) for the duration of the block."""
-    saved = {key: os.environ.get(key) for key in values}
-    try:
-        for key, value in values.items():
-            if value is not None:
-                os.environ[key] = value
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def _section_engine() -> str:
+    """Register (once) a papermill engine that prints each markdown heading as it is reached."""
+    from papermill.engines import NBClientEngine, papermill_engines
+    from tqdm import tqdm
+
+    class SectionEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
+            started, cell_start = time.monotonic(), nb_man.cell_start
+
+            def announce(cell, cell_index=None, **kw):
+                if cell.cell_type == "markdown":
+                    lines = [line for line in cell.source.splitlines() if line.startswith("#")]
+                    if lines:
+                        heading = lines[0].lstrip("#").strip()
+                        tqdm.write(f"    {time.monotonic() - started:6.0f} s  {heading}")
+                return cell_start(cell, cell_index, **kw)
+
+            nb_man.cell_start = announce
+            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+    papermill_engines.register("pneumo-sections", SectionEngine)
+    return "pneumo-sections"
 
 
 def describe_error(exc: BaseException) -> str:
-    """A readable error text whose first line says what failed."""
+    """One line saying what failed (papermill's cell error, or the exception)."""
     ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
     if ename:
         cell = getattr(exc, "exec_count", None)
-        where = f" (cell In [{cell}])" if cell is not None else ""
-        return f"{ename}: {evalue}{where}"
-    text = str(exc).strip()
+        return f"{ename}: {evalue}" + (f" (cell In [{cell}])" if cell is not None else "")
+    text = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _has_error_output(notebook: Any) -> bool:
-    """True when some code cell of ``notebook`` has an error output (papermill's marker)."""
-    return any(
-        output.get("output_type") == "error"
-        for cell in notebook.cells
-        for output in cell.get("outputs", [])
-    )
-
-
-def render_html(notebook_path: Path, html_path: Path, error: str | None = None) -> Path:
-    """Render ``notebook_path`` to ``html_path`` with nbconvert's HTMLExporter (inputs shown).
-
-    When the notebook is missing or cannot be rendered, a small page with ``error`` (and the
-    rendering problem) is written instead, so there is always an HTML report.
-    """
-    html_path.parent.mkdir(parents=True, exist_ok=True)
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` through a unique temporary file and a rename: all of it or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        import nbformat
-        from nbconvert import HTMLExporter
-
-        notebook = nbformat.read(str(notebook_path), as_version=4)
-        if error and not _has_error_output(notebook):
-            # failed outside a cell (kernel missing or dead, timeout): say so on top
-            text = "\n".join("    " + line for line in error.splitlines())
-            banner = f"**The runner stopped this notebook with an error:**\n\n{text}"
-            notebook.cells.insert(0, nbformat.v4.new_markdown_cell(banner))
-        body, _ = HTMLExporter().from_notebook_node(notebook)
-    except Exception as exc:  # missing partial notebook, broken JSON, template trouble
-        problems = [p for p in (error, f"report could not be rendered: {describe_error(exc)}") if p]
-        items = "".join(f"<pre>{html.escape(p)}</pre>" for p in problems)
-        body = (
-            "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(notebook_path.stem)}</title></head><body>"
-            f"<h1>{html.escape(notebook_path.stem)}: no executed notebook</h1>{items}</body></html>"
-        )
-    html_path.write_text(body, encoding="utf-8")
-    return html_path
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
-def read_metrics(path: Path, not_before: float | None = None) -> tuple[dict[str, Any] | None, str]:
-    """Read a metrics.json; returns ``(metrics or None, note)``.
-
-    Files older than ``not_before`` (a ``time.time()`` value) are from an earlier run: ignored.
-    """
-    if not path.is_file():
-        return None, ""
-    if not_before is not None and path.stat().st_mtime < not_before - 1.0:
-        return None, f"ignored {path.name}: older than this run"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return None, f"could not read {path.name}: {exc}"
-    if not isinstance(data, dict):
-        return None, f"ignored {path.name}: not a JSON object"
-    return data, ""
+def outputs(nb: Notebook, reports_dir: Path) -> dict[str, Path]:
+    """The files a notebook's run leaves in ``reports_dir``."""
+    run_name = str(nb.value("run_name") or nb.name)
+    return {
+        "ipynb": reports_dir / f"{nb.name}.ipynb",
+        "html": reports_dir / f"{nb.name}.html",
+        "code_html": reports_dir / f"{nb.name}.code.html",
+        "metrics": reports_dir / f"{run_name}.metrics.json",
+    }
 
 
-def run_notebook(
-    notebook: Path,
-    parameters: dict[str, Any],
-    reports_dir: Path,
-    kernel: str | None = None,
-    cwd: Path | None = None,
-) -> RunResult:
-    """Execute one notebook with papermill into ``reports_dir`` and render its HTML report.
-
-    Never raises for a failing notebook: the error goes into the returned ``RunResult`` and
-    the partial executed notebook (with papermill's error marker) is kept and rendered.
-    """
+def run_notebook(nb: Notebook, reports_dir: Path, kernel: str | None, engine: str) -> None:
+    """Execute ``nb`` with papermill, then render its reports; failures go into ``nb.error``."""
     import papermill
 
-    name = notebook.stem
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    output_path = reports_dir / f"{name}.ipynb"
-    html_path = reports_dir / f"{name}.html"
-    for stale in (output_path, html_path):
-        stale.unlink(missing_ok=True)
-    started_wall, started = time.time(), time.monotonic()
-    error: str | None = None
+    files = outputs(nb, reports_dir)
+    started = time.monotonic()
     try:
         papermill.execute_notebook(
-            str(notebook),
-            str(output_path),
-            parameters=parameters,
+            nb.node,
+            str(files["ipynb"]),
+            parameters=nb.parameters,
             kernel_name=kernel,
-            cwd=str(cwd or Path.cwd()),
-            log_output=True,
-            progress_bar=True,
+            engine_name=engine,
+            cwd=str(Path.cwd()),
+            progress_bar=sys.stderr.isatty(),
         )
-    except Exception as exc:  # PapermillExecutionError, dead kernel, missing kernel, ...
-        error = describe_error(exc)
-    seconds = time.monotonic() - started
-    result = RunResult(
-        name=name,
-        status="ok" if error is None else "failed",
-        seconds=seconds,
-        parameters=parameters,
-        output_path=output_path,
-        error=error,
-    )
-    result.html_path = render_html(output_path, html_path, error)
-    run_name = str(parameters.get("run_name") or name)
-    result.metrics, note = read_metrics(reports_dir / f"{run_name}.metrics.json", started_wall)
-    if note:
-        result.notes.append(note)
-    return result
+    except Exception as exc:  # a cell error, a dead or missing kernel, a full disk
+        nb.error = describe_error(exc)
+    nb.seconds = time.monotonic() - started
+    nb.metrics = read_metrics(files["metrics"])
+    try:
+        render_reports(nb, files)
+    except Exception as exc:  # a full disk, an unreadable partial notebook
+        nb.error = "; ".join(filter(None, [nb.error, f"report not written: {describe_error(exc)}"]))
+    nb.status = "failed" if nb.error else "ok"
 
 
-def prepare_notebook(
-    notebook: Path, parameters: dict[str, Any], out_dir: Path, kernel: str | None = None
-) -> Path:
-    """Write ``out_dir/<name>.ipynb`` with the parameters injected, without executing it."""
-    import papermill
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    output_path = out_dir / notebook.name
-    papermill.execute_notebook(
-        str(notebook),
-        str(output_path),
-        parameters=parameters,
-        kernel_name=kernel,
-        prepare_only=True,
-        progress_bar=False,
-    )
-    return output_path
+def read_metrics(path: Path) -> dict | None:
+    """The notebook's metrics JSON (written by ``report.write_metrics``), or None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
-# --------------------------------------------------------------------------- reporting
+def render_reports(nb: Notebook, files: dict[str, Path]) -> None:
+    """Write ``<name>.html`` (summary on top, set-up inputs hidden) and ``<name>.code.html``."""
+    import nbformat
+    from nbconvert import HTMLExporter
+    from traitlets.config import Config
+
+    if files["ipynb"].is_file():
+        notebook = nbformat.read(str(files["ipynb"]), as_version=4)
+    else:
+        notebook = nbformat.from_dict(nb.node)  # the kernel never started: show the source
+    for cell in notebook.cells:  # set-up: every code cell up to the parameters cell
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if cell.cell_type == "code":
+            tags.append("setup")
+        if "parameters" in tags:
+            break
+    for key, hide, other in (("html", True, "code_html"), ("code_html", False, "html")):
+        config = Config({"TagRemovePreprocessor": {"enabled": hide, "remove_input_tags": set(HIDDEN_INPUT_TAGS)}})
+        exporter = HTMLExporter(
+            config=config, template_name="pneumo_report", extra_template_basedirs=[str(TEMPLATES)]
+        )
+        summary = report_summary(nb)
+        summary.update(other_href=files[other].name, other_label="all code" if hide else "short version")
+        body, _ = exporter.from_notebook_node(
+            notebook, resources={"metadata": {"name": nb.name}, "pneumo": summary}
+        )
+        write_atomic(files[key], body)
 
 
-def metric_rows(result: RunResult) -> list[dict[str, Any]]:
-    """One row per model in a notebook's metrics (the ``models`` list, else the top level)."""
-    metrics = result.metrics
-    if not metrics:
-        return []
-    models = metrics.get("models")
-    if isinstance(models, list) and any(isinstance(m, dict) for m in models):
-        shared = {k: metrics[k] for k in ("data", "threshold_rule", "run_name", "task") if k in metrics}
-        return [{**shared, **m} for m in models if isinstance(m, dict)]
-    return [metrics]
+# --------------------------------------------------------------------------- metrics
 
 
-def _number(value: Any) -> float | None:
+def number(value: Any) -> float | None:
     """``value`` as a finite float, else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    """Format a metric for HTML: numbers rounded, strings escaped, missing as an en dash."""
-    if value is None:
-        return "–"
-    number = _number(value)
-    if number is not None:
-        return f"{number:.{digits}f}"
-    return html.escape(str(value))
-
-
-def _fmt_ci(value: Any, ci: Any) -> str:
-    """``0.960 <small>(0.940–0.980)</small>`` when a two-number CI is present."""
-    text = _fmt(value)
-    if isinstance(ci, list | tuple) and len(ci) == 2:
-        text += f" <small>({_fmt(ci[0])}–{_fmt(ci[1])})</small>"
+def fmt(value: Any, ci: Any = None) -> str:
+    """``0.900 (0.850-0.940)`` for a metric with its CI; a dash when missing."""
+    x = number(value)
+    if x is None:
+        return "–" if value is None else str(value)
+    text = f"{x:.3f}"
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(number(c) is not None for c in ci):
+        text += f" ({ci[0]:.3f}–{ci[1]:.3f})"
     return text
 
 
-BEST_TASK = "kermany"
-"""The task the best model is picked for: notebook 02's NIH model answers another question."""
+def model_entries(metrics: dict | None) -> list[dict]:
+    """The model entries of a metrics JSON (its ``models`` list, else the record itself)."""
+    if not isinstance(metrics, dict):
+        return []
+    models = metrics.get("models")
+    if isinstance(models, list):
+        return [m for m in models if isinstance(m, dict)]
+    return [metrics]
 
 
-def best_row_key(results: Sequence[RunResult], task: str = BEST_TASK) -> tuple[str, int] | None:
-    """``(notebook name, row index)`` of the ``task`` model with the highest validation AUC.
-
-    Rows without a ``task`` (metrics written before it was recorded) count as Kermany rows.
-    """
-    best: tuple[float, tuple[str, int]] | None = None
-    for result in results:
-        for index, row in enumerate(metric_rows(result)):
-            if row.get("task", BEST_TASK) != task:
-                continue
-            auc = _number(row.get("val_auc"))
-            if auc is not None and (best is None or auc > best[0]):
-                best = (auc, (result.name, index))
-    return best[1] if best else None
+def random_weights(weights: Any) -> bool:
+    """True when a model entry's ``weights`` says it started from random weights."""
+    return weights is None or str(weights).strip().lower().startswith(("random", "none"))
 
 
-INDEX_CSS = """
-body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:2rem auto;
-max-width:1200px;padding:0 1rem;color:#1f2328;line-height:1.45}
-h1{margin-bottom:.2rem}h2{margin-top:2rem;border-bottom:1px solid #d0d7de;padding-bottom:.3rem}
-.meta{color:#57606a}.disclaimer{background:#fff8c5;border:1px solid #d4a72c;padding:.6rem 1rem;
-border-radius:6px;font-weight:600}
-table{border-collapse:collapse;width:100%;margin:.5rem 0;font-size:.92rem}
-th,td{border:1px solid #d0d7de;padding:.35rem .55rem;text-align:left;vertical-align:top}
-th{background:#f6f8fa}tr.best{background:#dafbe1}
-.ok{color:#1a7f37;font-weight:600}.failed{color:#cf222e;font-weight:600}
-.tag{background:#1a7f37;color:#fff;border-radius:4px;padding:0 .35rem;font-size:.8rem;
-white-space:nowrap}small{color:#57606a}code{background:#f6f8fa;padding:0 .2rem}
-details{margin:.4rem 0}summary{cursor:pointer;font-weight:600}
-"""
+def model_row(nb: Notebook, entry: dict) -> dict[str, Any]:
+    """One model entry, formatted for the index and the report summary."""
+    metrics = nb.metrics or {}
+    test = entry.get("test") if isinstance(entry.get("test"), dict) else {}
+    validation = entry.get("validation") if isinstance(entry.get("validation"), dict) else {}
+    classes = metrics.get("class_names") or entry.get("class_names")
+    positive = entry.get("positive_class") or (" / ".join(map(str, classes)) if classes else "–")
+    weights = entry.get("weights")
+    return {
+        "notebook": nb.name,
+        "name": str(entry.get("name") or entry.get("title") or entry.get("backbone") or nb.name),
+        "backbone": str(entry.get("backbone") or metrics.get("backbone") or ""),
+        "weights": "random initialisation" if random_weights(weights) else f"ImageNet ({Path(str(weights)).name})"
+        if str(weights).endswith(".h5") else str(weights),
+        "random_weights": random_weights(weights),
+        "positive_class": str(positive),
+        "task": str(entry.get("task") or metrics.get("task") or BEST_TASK),
+        "test": {m: fmt(test.get(m), test.get(f"{m}_ci")) for m in ("auc", "sensitivity", "specificity", "accuracy")},
+        "threshold": fmt(entry.get("threshold")),
+        "threshold_rule": str(entry.get("threshold_rule") or metrics.get("threshold_rule") or ""),
+        "val_auc": fmt(validation.get("auc", entry.get("val_auc"))),
+        "score": number(entry.get("selection_score")),
+        "selection_score": fmt(entry.get("selection_score")) if number(entry.get("selection_score")) is not None else "",
+        "selection_rule": str(entry.get("selection_rule") or ""),
+        "val_auc_value": number(validation.get("auc", entry.get("val_auc"))),
+        "model_path": entry.get("model_path"),
+        "roc": test.get("roc") or entry.get("roc"),
+        "best": False,
+    }
 
 
-def _link(path: Path | None, label: str, base: Path) -> str:
-    """An ``<a>`` to ``path`` relative to ``base`` (or the escaped label when no path)."""
-    if path is None:
-        return html.escape(label)
-    try:
-        href = path.resolve().relative_to(base.resolve()).as_posix()
-    except ValueError:
-        href = path.resolve().as_uri()
-    return f'<a href="{html.escape(quote(href))}">{html.escape(label)}</a>'
-
-
-def write_index(
-    results: Sequence[RunResult],
-    reports_dir: Path,
-    profile_name: str | None = None,
-    settings: dict[str, Any] | None = None,
-) -> Path:
-    """Write ``reports_dir/index.html`` (self-contained) and ``reports_dir/summary.json``."""
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now().astimezone()
-    best = best_row_key(results)
-    esc = html.escape
-
-    run_rows = []
-    for r in results:
-        status = '<span class="ok">ok</span>' if r.ok else '<span class="failed">FAILED</span>'
-        details = esc(r.error_line) if not r.ok else ""
-        if r.notes:
-            details += "".join(f"<br><small>{esc(n)}</small>" for n in r.notes)
-        run_rows.append(
-            f"<tr><td>{_link(r.html_path, r.name, reports_dir)}</td><td>{status}</td>"
-            f"<td>{r.seconds:.1f}</td><td>{details}</td>"
-            f"<td>{_link(r.output_path, 'ipynb', reports_dir)}</td></tr>"
-        )
-
-    metric_html = []
-    for r in results:
-        for index, row in enumerate(metric_rows(r)):
-            test = row.get("test") if isinstance(row.get("test"), dict) else {}
-            is_best = best == (r.name, index)
-            label = row.get("name") or row.get("title") or row.get("backbone") or row.get("run_name") or r.name
-            threshold = _fmt(row.get("threshold"))
-            if row.get("threshold_rule"):
-                threshold += f"<br><small>{esc(str(row['threshold_rule']))}</small>"
-            tag = ' <span class="tag">best (by validation AUC)</span>' if is_best else ""
-            cells = [
-                f"{_link(r.html_path, r.name, reports_dir)}",
-                f"{esc(str(label))}{tag}<br><small>{_fmt(row.get('backbone'))}</small>",
-                _fmt(row.get("data")),
-                _fmt_ci(test.get("auc"), test.get("auc_ci")),
-                _fmt_ci(test.get("accuracy"), test.get("accuracy_ci")),
-                _fmt_ci(test.get("sensitivity"), test.get("sensitivity_ci")),
-                _fmt_ci(test.get("specificity"), test.get("specificity_ci")),
-                _fmt_ci(test.get("f1"), test.get("f1_ci")),
-                threshold,
-                _fmt(row.get("val_auc")),
-            ]
-            css = ' class="best"' if is_best else ""
-            metric_html.append(f"<tr{css}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    if not metric_html:
-        metric_html.append('<tr><td colspan="10">No metrics were written.</td></tr>')
-
-    param_html = []
-    for r in results:
-        rows = "".join(
-            f"<tr><td><code>{esc(k)}</code></td><td><code>{esc(json.dumps(v))}</code></td></tr>"
-            for k, v in r.parameters.items()
-        )
-        param_html.append(
-            f"<details><summary>{esc(r.name)}</summary><table><tr><th>parameter</th>"
-            f"<th>value</th></tr>{rows}</table></details>"
-        )
-    settings_html = "".join(
-        f"<li>{esc(str(k))}: <code>{esc(str(v))}</code></li>" for k, v in (settings or {}).items()
-    )
-
-    n_failed = sum(not r.ok for r in results)
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>pneumo reports</title><style>{INDEX_CSS}</style></head>
-<body>
-<h1>pneumo: pneumonia detection on chest X-rays</h1>
-<p class="meta">Generated {esc(now.strftime("%Y-%m-%d %H:%M %Z"))} · profile
-<code>{esc(profile_name or "none")}</code> · {len(results)} notebook(s), {n_failed} failed</p>
-<p class="disclaimer">{esc(DISCLAIMER)}</p>
-<h2>Notebooks</h2>
-<table><tr><th>notebook</th><th>status</th><th>seconds</th><th>error / notes</th>
-<th>executed</th></tr>
-{"".join(run_rows)}
-</table>
-<h2>Test-set metrics</h2>
-<p class="meta">Point estimates with 95% confidence intervals in parentheses where the
-notebook reports them. The highlighted model has the highest <em>validation</em> AUC among the
-Kermany models (the NIH model answers another question on other data, so it is not ranked with
-them); test metrics were not used to choose it.</p>
-<table><tr><th>notebook</th><th>model</th><th>data</th><th>test AUC (95% CI)</th><th>accuracy (95% CI)</th>
-<th>sensitivity</th><th>specificity</th><th>F1</th><th>threshold</th><th>val AUC</th></tr>
-{"".join(metric_html)}
-</table>
-<h2>Parameters</h2>
-<ul>{settings_html}</ul>
-{"".join(param_html)}
-<p class="disclaimer">{esc(DISCLAIMER)}</p>
-</body></html>
-"""
-    index_path = reports_dir / "index.html"
-    index_path.write_text(page, encoding="utf-8")
-
-    summary = {
-        "generated": now.isoformat(timespec="seconds"),
-        "profile": profile_name,
-        "settings": settings or {},
+def report_summary(nb: Notebook) -> dict[str, Any]:
+    """What a notebook report opens with: title, data split, each model's headline numbers."""
+    metrics = nb.metrics or {}
+    return {
+        "title": str(metrics.get("title") or nb.name),
+        "data": str(metrics.get("data") or ""),
+        "models": [model_row(nb, e) for e in model_entries(nb.metrics)],
+        "error": nb.error,
+        "index_href": "index.html",
         "disclaimer": DISCLAIMER,
-        "best_by_val_auc": {"notebook": best[0], "model_index": best[1]} if best else None,
+    }
+
+
+def choose_best(notebooks: Sequence[Notebook]) -> dict | None:
+    """The best Kermany model row: highest ``selection_score`` when entries carry one, else
+    validation AUC; rows that fell back to random weights when ImageNet was asked are out."""
+    rows = [
+        row
+        for nb in notebooks
+        for row in (model_row(nb, e) for e in model_entries(nb.metrics))
+        if row["task"] == BEST_TASK
+        and row["model_path"]
+        and Path(str(row["model_path"])).is_file()
+        and not (row["random_weights"] and str(nb.value("weights")).lower() == "imagenet")
+    ]
+    scored = [r for r in rows if r["score"] is not None]
+    key = "score" if scored else "val_auc_value"
+    ranked = [r for r in (scored or rows) if r[key] is not None]
+    if not ranked:
+        return None
+    best = max(ranked, key=lambda r: r[key])
+    best["best"] = True
+    best["rule"] = best["selection_rule"] if key == "score" and best["selection_rule"] else "validation AUC"
+    return best
+
+
+def write_best(best: dict, models_dir: Path) -> Path:
+    """``models_dir/best.json``: a small pointer to the chosen model (not a symlink)."""
+    model = Path(str(best["model_path"])).resolve()
+    try:
+        relative = model.relative_to(models_dir.resolve()).as_posix()
+    except ValueError:
+        relative = str(model)
+    pointer = {
+        "model": relative,
+        "sidecar": str(Path(relative).with_suffix(".json")),
+        "model_card": str(Path(relative).with_suffix(".md")),
+        "name": best["name"],
+        "notebook": best["notebook"],
+        "weights": best["weights"],
+        "selection_rule": best["rule"],
+        "selection_score": best["score"] if best["score"] is not None else best["val_auc_value"],
+        "chosen": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "commit": git_commit(),
+    }
+    path = models_dir / "best.json"
+    if path.is_symlink():
+        path.unlink()
+    write_atomic(path, json.dumps(pointer, indent=2) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- index
+
+
+def git_commit() -> str:
+    """The repository's commit (``+`` when the tree has changes), or ``unknown``."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+" if dirty else "")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape the results."""
+    versions = {"python": sys.version.split()[0]}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def roc_curves(rows: Sequence[dict]) -> list[dict]:
+    """SVG polylines (300 px square) for rows whose metrics carry ROC points."""
+    curves = []
+    for row in rows:
+        roc = row["roc"]
+        if not isinstance(roc, dict) or not isinstance(roc.get("fpr"), list) or not isinstance(roc.get("tpr"), list):
+            continue
+        pairs = [(f, t) for f, t in zip(roc["fpr"], roc["tpr"], strict=False) if number(f) is not None and number(t) is not None]
+        step = max(1, len(pairs) // 200)
+        points = " ".join(f"{300 * f:.1f},{300 * (1 - t):.1f}" for f, t in pairs[::step] + pairs[-1:])
+        if points:
+            colour = COLOURS[len(curves) % len(COLOURS)]
+            curves.append({"label": f"{row['name']} (AUC {row['test']['auc'].split(' ')[0]})", "points": points, "colour": colour})
+    return curves
+
+
+def write_index(notebooks: Sequence[Notebook], reports_dir: Path, run: dict, best: dict | None) -> None:
+    """Write ``index.html`` and ``summary.json`` from what is on disk now (atomically)."""
+    import jinja2
+
+    rows = [model_row(nb, e) for nb in notebooks for e in model_entries(nb.metrics)]
+    if best is not None:
+        for row in rows:
+            row["best"] = (row["notebook"], row["name"]) == (best["notebook"], best["name"])
+    listing = []
+    for nb in notebooks:
+        files = outputs(nb, reports_dir)
+        listing.append({
+            "name": nb.name,
+            "status": nb.status,
+            "seconds": f"{nb.seconds:.0f}" if nb.status in ("ok", "failed") else "",
+            "error": nb.error or "",
+            "parameters": {k: json.dumps(v) for k, v in nb.parameters.items()},
+            **{k: files[k].name if files[k].is_file() else None for k in ("html", "code_html", "ipynb")},
+        })
+    done = [nb for nb in notebooks if nb.status in ("ok", "failed")]
+    summary = (
+        f"{len(notebooks)} notebook(s) in this run: {sum(nb.status == 'ok' for nb in notebooks)} ran, "
+        f"{sum(nb.status == 'failed' for nb in notebooks)} failed, {len(notebooks) - len(done)} not finished. "
+        f"They trained {len(rows)} model(s) "
+        f"({sum(r['random_weights'] for r in rows)} from random weights, the rest from ImageNet weights) "
+        "and tested each once on a held-out split at a threshold chosen on validation data."
+    )
+    if best is not None:
+        summary += f" The best Kermany model by {best['rule']} is {best['name']} (test AUC {best['test']['auc']})."
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True)
+    page = env.get_template("index.html.j2").render(
+        run={**run, "summary": summary},
+        notebooks=listing,
+        models=rows,
+        best=best and {"rule": best["rule"], "pointer": run.get("best_pointer", "")},
+        best_note=run.get("best_note"),
+        roc=roc_curves(rows),
+        settings=run["settings"],
+        versions=library_versions(),
+        disclaimer=DISCLAIMER,
+    )
+    write_atomic(reports_dir / "index.html", page)
+    record = {
+        "state": run["state"],
+        "generated": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "profile": run["profile"],
+        "commit": run["commit"],
+        "settings": run["settings"],
+        "best": best and {k: best[k] for k in ("notebook", "name", "rule", "model_path")},
         "notebooks": {
-            r.name: {
-                "status": r.status,
-                "seconds": round(r.seconds, 2),
-                "error": r.error,
-                "metrics": r.metrics,
-                "parameters": r.parameters,
-                "html": r.html_path.name if r.html_path else None,
-                "notes": r.notes,
-            }
-            for r in results
+            nb.name: {"status": nb.status, "seconds": round(nb.seconds, 2), "error": nb.error,
+                      "parameters": nb.parameters, "metrics": nb.metrics}
+            for nb in notebooks
         },
     }
-    (reports_dir / "summary.json").write_text(
-        json.dumps(summary, indent=2, default=str), encoding="utf-8"
-    )
-    return index_path
-
-
-def link_best_model(results: Sequence[RunResult]) -> Path | None:
-    """Point ``best.keras`` (and its ``best.json`` sidecar, ``best.md`` card) at the saved
-    model with the highest validation AUC, as relative symlinks beside it.
-
-    Test metrics play no part in the choice. Returns the link, or ``None`` when no model
-    with a validation AUC was saved.
-    """
-    key = best_row_key(results)
-    if key is None:
-        return None
-    result = next(r for r in results if r.name == key[0])
-    model_path = metric_rows(result)[key[1]].get("model_path")
-    if not model_path or not Path(model_path).is_file():
-        return None
-    model_path = Path(model_path)
-    for suffix in (".keras", ".json", ".md"):
-        target = model_path.with_suffix(suffix)
-        link = model_path.parent / f"best{suffix}"
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        if target.is_file():
-            link.symlink_to(target.name)
-    return model_path.parent / "best.keras"
-
-
-def print_summary(results: Sequence[RunResult], stream: Any = None) -> None:
-    """Print a plain-text table of name, status and seconds."""
-    stream = stream or sys.stdout
-    width = max([len(r.name) for r in results] + [8])
-    print(f"\n{'notebook':<{width}}  {'status':<6}  {'seconds':>8}", file=stream)
-    print(f"{'-' * width}  {'-' * 6}  {'-' * 8}", file=stream)
-    for r in results:
-        status = "ok" if r.ok else "FAILED"
-        print(f"{r.name:<{width}}  {status:<6}  {r.seconds:>8.1f}", file=stream)
-        if r.error_line:
-            print(f"{'':<{width}}    {r.error_line}", file=stream)
+    write_atomic(reports_dir / "summary.json", json.dumps(record, indent=2, default=str))
 
 
 # --------------------------------------------------------------------------- command line
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface of ``python -m pneumo_utils.runner``."""
+    """The command line of ``python -m pneumo_utils.runner`` (and ``run_all.sh``)."""
+    env = os.environ.get
     p = argparse.ArgumentParser(
         prog="python -m pneumo_utils.runner",
         description="Execute the pneumo notebooks with papermill and write HTML reports.",
     )
-    p.add_argument(
-        "--profile",
-        default=os.environ.get("PNEUMO_PROFILE", DEFAULT_PROFILE),
-        help="profiles/<NAME>.yaml, a path to a YAML file, or 'none' (default: %(default)s)",
-    )
-    p.add_argument(
-        "--data-root",
-        default=os.environ.get("PNEUMO_DATA_ROOT", DEFAULT_DATA_ROOT),
-        help="Kermany data folder, injected as data_dir (default: %(default)s)",
-    )
-    p.add_argument(
-        "--nih-root",
-        default=os.environ.get("PNEUMO_NIH_ROOT", DEFAULT_NIH_ROOT),
-        help="NIH data folder, data_dir of notebooks named *nih* (default: %(default)s)",
-    )
-    p.add_argument(
-        "--weights-dir",
-        default=os.environ.get("PNEUMO_WEIGHTS_DIR"),
-        help="folder of pretrained weights, exported to kernels as PNEUMO_WEIGHTS_DIR",
-    )
-    p.add_argument("--notebooks", nargs="+", metavar="NB", help="prefixes (01) or full names")
+    p.add_argument("--profile", default=env("PNEUMO_PROFILE", "full"),
+                   help="profiles/NAME.yaml, a YAML path, or 'none' (default: %(default)s)")
+    p.add_argument("--notebooks", nargs="+", metavar="NB", help="prefixes (01) or names; default: all")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="[NB.]KEY=VALUE",
+                   help="override a declared parameter; VALUE is a YAML literal (null = None)")
+    p.add_argument("--data-root", default=env("PNEUMO_DATA_ROOT"), help="Kermany folder")
+    p.add_argument("--nih-root", default=env("PNEUMO_NIH_ROOT"), help="NIH ChestX-ray14 folder")
+    p.add_argument("--weights-dir", default=env("PNEUMO_WEIGHTS_DIR"), help="ImageNet .h5 files")
+    p.add_argument("--reports-dir", help="default: the profile's reports_dir, else reports")
     p.add_argument("--notebooks-dir", default="notebooks", help="default: %(default)s")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="[NB.]KEY=VALUE",
-        help="override a parameter (value parsed as YAML); repeatable",
-    )
-    p.add_argument("--reports-dir", default="reports", help="default: %(default)s")
-    p.add_argument(
-        "--prepare-only",
-        metavar="OUTDIR",
-        help="only write parameterised notebooks to OUTDIR (no execution, no HTML)",
-    )
+    p.add_argument("--offline", action="store_true", default=env("PNEUMO_OFFLINE") == "1",
+                   help="never download data; fail at once when it is missing")
+    p.add_argument("--prepare-only", metavar="DIR",
+                   help="write the parameterised notebooks to DIR (for nbval); execute nothing")
     p.add_argument("--kernel", help="kernel name (default: each notebook's kernelspec)")
     return p
 
 
-def _configure_logging() -> None:
-    """Show papermill's progress and cell output (log_output) on the terminal."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("papermill").setLevel(logging.INFO)
+def locks(folders: Sequence[Path]) -> contextlib.ExitStack:
+    """Hold ``.runner.lock`` in each folder; :class:`UsageError` when another run holds one."""
+    from filelock import FileLock, Timeout
+
+    stack = contextlib.ExitStack()
+    for folder in dict.fromkeys(f.resolve() for f in folders):
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / ".runner.lock"), timeout=0)
+        try:
+            stack.enter_context(lock)
+        except Timeout:
+            stack.close()
+            raise UsageError(
+                f"another run is writing to {folder} (its lock {folder / '.runner.lock'} is held); "
+                "wait for it to finish, or give this run other folders (--reports-dir, "
+                "--set models_dir=...)"
+            ) from None
+    return stack
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the selected notebooks; returns 0 if all succeeded, 1 if any failed, 2 on bad usage."""
+    """Run the selected notebooks; 0 when all ran, 1 when any failed, 2 on bad usage or data."""
     args = build_parser().parse_args(argv)
     try:
         profile = load_profile(args.profile)
         sets = parse_sets(args.sets)
-        notebooks = discover_notebooks(Path(args.notebooks_dir), args.notebooks)
-        names = [nb.stem for nb in sorted(Path(args.notebooks_dir).glob(NOTEBOOK_GLOB))]
-        for target, key, _ in sets:
-            if target is not None and not any(matches(n, target) for n in names):
-                raise UsageError(f"--set {target}.{key}: {target!r} matches no notebook")
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        everything = read_notebooks(Path(args.notebooks_dir))
+        for selector in args.notebooks or []:
+            if not any(matches(nb.name, selector) for nb in everything):
+                raise UsageError(f"--notebooks {selector}: no such notebook ({', '.join(nb.name for nb in everything)})")
+        selected = [nb for nb in everything if not args.notebooks or any(matches(nb.name, s) for s in args.notebooks)]
+        assign_parameters(everything, profile, sets, {})  # checks every key before looking for data
+        needs: dict[str, list[str]] = {}
+        for nb in selected:
+            if "data_dir" in nb.declared and not explicit_data_dir(nb, profile, sets):
+                needs.setdefault(need_of(nb), []).append(nb.name)
+        data = find_data(needs, {"kermany": args.data_root, "nih": args.nih_root}, args.offline) if needs else {}
+        assign_parameters(everything, profile, sets, data)
+        settings = {**RUNNER_KEYS, **profile.get("runner", {})}
+        if set(settings) != set(RUNNER_KEYS):
+            raise UsageError(f"profile runner section: known keys are {', '.join(RUNNER_KEYS)}")
+        reports_dir = Path(args.reports_dir or settings["reports_dir"])
+        for nb in selected:
+            if "reports_dir" in nb.declared:
+                nb.parameters["reports_dir"] = str(reports_dir)
+        if args.prepare_only:
+            return prepare(selected, Path(args.prepare_only), args.kernel)
+        models_dirs = sorted({Path(str(nb.value("models_dir"))) for nb in selected if "models_dir" in nb.declared})
+        lock = locks([reports_dir, *models_dirs])
+    except (UsageError, fetch.FetchError) as exc:
+        print(f"error: {str(exc).removeprefix('error: ')}", file=sys.stderr)
         return 2
-    for section in profile:
-        if section != "default" and section not in names:
-            print(f"note: profile section {section!r} matches no notebook", file=sys.stderr)
 
-    weights_dir = str(Path(args.weights_dir).resolve()) if args.weights_dir else None
-
-    def params_for(nb: Path) -> dict[str, Any]:
-        return notebook_parameters(
-            nb.stem,
-            profile,
-            sets,
-            data_root=args.data_root,
-            nih_root=args.nih_root,
-            reports_dir=args.reports_dir,
-            weights_dir=weights_dir,
-        )
-
-    if args.prepare_only:
-        out_dir = Path(args.prepare_only)
-        for nb in notebooks:
-            params = absolute_paths(params_for(nb), Path.cwd())
-            path = prepare_notebook(nb, params, out_dir, kernel=args.kernel)
-            print(f"prepared {path}")
-        return 0
-
-    _configure_logging()
-    reports_dir = Path(args.reports_dir)
-    results: list[RunResult] = []
-    total = len(notebooks)
-    with environment(PNEUMO_WEIGHTS_DIR=weights_dir):
-        for i, nb in enumerate(notebooks, start=1):
-            print(f"\n[{i}/{total}] {nb.stem} ...", flush=True)
-            try:
-                result = run_notebook(nb, params_for(nb), reports_dir, kernel=args.kernel)
-            except KeyboardInterrupt:
-                print(f"[{i}/{total}] {nb.stem} interrupted", flush=True)
-                results.append(
-                    RunResult(
-                        nb.stem,
-                        "failed",
-                        0.0,
-                        params_for(nb),
-                        reports_dir / nb.name,
-                        error="KeyboardInterrupt: run interrupted",
-                    )
-                )
-                break
-            results.append(result)
-            verdict = "ok" if result.ok else f"FAILED: {result.error_line}"
-            print(f"[{i}/{total}] {nb.stem} {verdict} ({result.seconds:.1f} s)", flush=True)
-    settings = {
-        "data root": args.data_root,
-        "NIH root": args.nih_root,
-        "weights dir": weights_dir or "(not set)",
-        "kernel": args.kernel or "(notebook kernelspec)",
-        "command": "python -m pneumo_utils.runner "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+    weights_dir = args.weights_dir or (str(Path("../shared/weights")) if Path("../shared/weights").is_dir() else None)
+    if weights_dir:
+        os.environ["PNEUMO_WEIGHTS_DIR"] = str(Path(weights_dir).resolve())
+    for key, value in KERNEL_ENV.items():
+        os.environ.setdefault(key, value)
+    run = {
+        "state": "running",
+        "profile": args.profile,
+        "commit": git_commit(),
+        "started": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "finished": None,
+        "settings": {
+            "command": "python -m pneumo_utils.runner " + " ".join(sys.argv[1:] if argv is None else argv),
+            **{f"data ({k})": str(v) for k, v in data.items()},
+            "ImageNet weights folder": os.environ.get("PNEUMO_WEIGHTS_DIR", "(Keras download)"),
+            "reports": str(reports_dir),
+            "models": ", ".join(map(str, models_dirs)) or "–",
+        },
     }
-    index = write_index(results, reports_dir, args.profile, settings)
-    print_summary(results)
-    print(f"\nreports: {index}")
-    best = link_best_model(results)
-    if best is not None:
-        print(f"best model by validation AUC: {best} -> {best.resolve().name}")
-    return 1 if any(not r.ok for r in results) else 0
+    engine = _section_engine()
+    with lock:
+        for nb in selected:
+            for path in outputs(nb, reports_dir).values():
+                path.unlink(missing_ok=True)
+        write_index(selected, reports_dir, run, None)
+        try:
+            for i, nb in enumerate(selected, start=1):
+                nb.status = "running"
+                write_index(selected, reports_dir, run, None)
+                print(f"[{i}/{len(selected)}] {nb.name} ...", flush=True)
+                run_notebook(nb, reports_dir, args.kernel, engine)
+                verdict = "ok" if nb.status == "ok" else f"FAILED: {nb.error}"
+                print(f"[{i}/{len(selected)}] {nb.name} {verdict} ({nb.seconds:.0f} s)", flush=True)
+                write_index(selected, reports_dir, run, None)
+        except KeyboardInterrupt:
+            for nb in selected:
+                if nb.status in ("running", "pending"):
+                    nb.status = "interrupted"
+            run.update(state="interrupted", finished=dt.datetime.now().astimezone().strftime("%H:%M"))
+            write_index(selected, reports_dir, run, None)
+            print("interrupted: reports/index.html says which notebooks finished", file=sys.stderr)
+            return 130
+        best = choose_best(selected) if settings["record_best"] else None
+        if best is not None and len(models_dirs) == 1:
+            run["best_pointer"] = str(write_best(best, models_dirs[0]))
+        elif not settings["record_best"]:
+            run["best_note"] = "best.json is only set by a full run"
+        run.update(state="finished", finished=dt.datetime.now().astimezone().strftime("%H:%M"))
+        write_index(selected, reports_dir, run, best if run.get("best_pointer") else None)
+    failed = [nb.name for nb in selected if nb.status != "ok"]
+    print(f"\nreports: {reports_dir / 'index.html'}" + (f"\nbest model: {run['best_pointer']}" if run.get("best_pointer") else ""))
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def prepare(notebooks: Sequence[Notebook], out_dir: Path, kernel: str | None) -> int:
+    """Write each notebook with its parameters injected to ``out_dir`` (nothing executed)."""
+    import papermill
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for nb in notebooks:
+        target = out_dir / f"{nb.name}.ipynb"
+        papermill.execute_notebook(nb.node, str(target), parameters=nb.parameters,
+                                   kernel_name=kernel, prepare_only=True, progress_bar=False)
+        print(f"prepared {target}")
+    return 0
 
 
 if __name__ == "__main__":

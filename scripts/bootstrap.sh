@@ -2,6 +2,7 @@
 # and (re)install the package whenever pyproject.toml changes. Needs only Python >= 3.10
 # (3.11 recommended) with venv; offline machines need a reachable package index or wheel cache.
 VENV="${PNEUMO_VENV:-.venv}"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
 PY="$(command -v python3.11 || command -v python3)"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtual environment $VENV with $PY"
@@ -12,7 +13,11 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   echo "[setup] installing pneumo and its dependencies into $VENV (first run: a few minutes)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e ".[${PNEUMO_EXTRAS:-cpu,dev,fetch}]"
+  # JupyterLab opens notebooks/*.py as notebooks (jupytext's viewer) for this environment.
+  mkdir -p "$VENV/share/jupyter/lab/settings"
+  cat > "$VENV/share/jupyter/lab/settings/overrides.json" <<'JSON'
+{"@jupyterlab/docmanager-extension:plugin": {"defaultViewers": {"python": "Jupytext Notebook"}}}
+JSON
   touch "$STAMP"
 fi
-export PATH="$PWD/$VENV/bin:$PATH"
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+export PATH="$VENV/bin:$PATH"

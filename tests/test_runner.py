@@ -1,13 +1,14 @@
-"""Tests for the notebook runner (pneumo_utils.runner) and the data fetcher (pneumo_utils.fetch).
+"""Tests for the notebook runner (pneumo_utils.runner), run_all.sh and the data finder (fetch).
 
-The runner tests execute the tiny notebooks in tests/fixtures/notebooks with the "python3"
-kernel (a few seconds in all); the fetch tests never touch the network.
+The runner tests execute the tiny notebooks in tests/fixtures/notebooks (jupytext .py files) with
+the "python3" kernel, a few seconds each; nothing touches the network.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -15,360 +16,336 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from filelock import FileLock
 
 from pneumo_utils import fetch, runner
 
+ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "notebooks"
+FULL = "runner: {record_best: true}\n"
+SMOKE = "runner: {reports_dir: reports/smoke}\ndefault: {models_dir: saved_models/smoke}\n"
 
 
-# --------------------------------------------------------------------------- runner: units
+def make_kermany(root: Path, per_class: int = 1) -> Path:
+    """An empty-image Kermany layout (the runner only checks the folders)."""
+    for split in ("train", "val", "test"):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                (root / split / cls / f"a{i}.jpeg").write_bytes(b"x")
+    return root
 
 
-def test_parse_sets_parses_yaml_values_and_targets() -> None:
-    sets = runner.parse_sets(
-        ["01.epochs=3", "seed=7", "max_images_per_class=null", "flag=true", "name=abc", "x="]
-    )
-    assert sets == [
-        ("01", "epochs", 3),
-        (None, "seed", 7),
-        (None, "max_images_per_class", None),
-        (None, "flag", True),
-        (None, "name", "abc"),
-        (None, "x", ""),
-    ]
-    with pytest.raises(runner.UsageError):
-        runner.parse_sets(["no_equals_sign"])
+def run(tmp: Path, *args: str, notebooks: Path = FIXTURES, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m pneumo_utils.runner`` with ``tmp`` as the repository root (no data, no ../shared)."""
+    command = [sys.executable, "-m", "pneumo_utils.runner", "--notebooks-dir", str(notebooks), *args]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PNEUMO_")}
+    return subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=300,
+                          env={**environ, **(env or {})})
 
 
-def test_notebook_parameters_precedence_and_data_roots() -> None:
-    profile = {
-        "default": {"epochs": 10, "max_images_per_class": None, "batch_size": 8},
-        "01_kermany_densenet121": {"epochs": 5, "weights": "imagenet"},
-        "02_nih_binary": {"labels": "{nih_root}/Data_Entry_2017.csv"},
-    }
-    sets = runner.parse_sets(["batch_size=4", "01.epochs=2", "02_nih_binary.seed=3"])
-    p01 = runner.notebook_parameters(
-        "01_kermany_densenet121", profile, sets, data_root="/d/kermany", nih_root="/d/nih"
-    )
-    assert p01["data_dir"] == "/d/kermany"
-    assert p01["epochs"] == 2  # --set NB.key beats the profile section
-    assert p01["batch_size"] == 4  # --set key beats the profile default
-    assert p01["max_images_per_class"] is None
-    assert p01["weights"] == "imagenet"
-    assert "seed" not in p01
-    p02 = runner.notebook_parameters(
-        "02_nih_binary", profile, sets, data_root="/d/kermany", nih_root="/d/nih"
-    )
-    assert p02["data_dir"] == "/d/nih"  # notebooks named *nih* get --nih-root
-    assert p02["labels"] == "/d/nih/Data_Entry_2017.csv"  # placeholder expanded
-    assert p02["epochs"] == 10 and p02["seed"] == 3
+# --------------------------------------------------------------------------- parameters
 
 
-def test_profile_may_override_data_dir_with_placeholder() -> None:
-    profile = {"default": {"data_dir": "{data_root}/small", "note": "{keep} {notebook}"}}
-    params = runner.notebook_parameters("03_x", profile, data_root="data/cx")
-    assert params["data_dir"] == "data/cx/small"
-    assert params["note"] == "{keep} 03_x"  # unknown braces are left alone
+def test_set_values_are_literals_and_null_is_none() -> None:
+    sets = runner.parse_sets(["01.epochs=3", "max_images_per_class=null", "flag=true", "name=abc",
+                              "filters=[16, 32]", "x="])
+    assert sets == [("01", "epochs", 3), (None, "max_images_per_class", None), (None, "flag", True),
+                    (None, "name", "abc"), (None, "filters", [16, 32]), (None, "x", "")]
+    for bad in ("no_equals_sign", "x y=1", "y\nimport os; os.system('id')\nx=1", "01.=3"):
+        with pytest.raises(runner.UsageError):
+            runner.parse_sets([bad])
+    with pytest.raises(runner.UsageError, match="not a number, string"):
+        runner.parse_sets(["when=2020-01-01"])  # YAML date: not a literal papermill writes
 
 
-def test_shipped_profiles_load() -> None:
-    smoke = runner.load_profile("smoke")
-    assert smoke["default"] == {
-        "epochs": 1,
-        "max_images_per_class": 12,
-        "image_size": 64,
-        "batch_size": 8,
-    }
-    assert smoke["01_kermany_densenet121"]["weights"] is None
-    assert smoke["02_nih_binary"]["weights"] is None
-    full = runner.load_profile("full")
-    assert full["default"] == {"epochs": 10, "max_images_per_class": None}
-    assert full["01_kermany_densenet121"]["weights"] == "imagenet"
-    assert runner.load_profile("none") == {}
-    with pytest.raises(runner.UsageError):
-        runner.load_profile("no_such_profile")
+def test_shipped_profiles_only_set_declared_parameters() -> None:
+    notebooks = runner.read_notebooks(ROOT / "notebooks")
+    for name in ("full", "smoke"):
+        runner.assign_parameters(notebooks, runner.load_profile(name), [], {})
+    full, smoke = runner.load_profile("full"), runner.load_profile("smoke")
+    assert full["runner"]["record_best"] is True and "record_best" not in smoke["runner"]
+    assert smoke["runner"]["reports_dir"] != "reports"
+    assert smoke["default"]["models_dir"] != "saved_models"
 
 
-def test_discover_notebooks_by_prefix_and_name() -> None:
-    names = [p.stem for p in runner.discover_notebooks(FIXTURES)]
-    assert names == ["01_ok", "02_fail", "03_ok2"]
-    picked = runner.discover_notebooks(FIXTURES, ["03", "01_ok"])
-    assert [p.stem for p in picked] == ["01_ok", "03_ok2"]  # sorted order kept
-    with pytest.raises(runner.UsageError):
-        runner.discover_notebooks(FIXTURES, ["09"])
+def test_unknown_key_is_an_error_listing_known_keys(tmp_path: Path) -> None:
+    done = run(tmp_path, "--profile", "none", "--data-root", str(make_kermany(tmp_path / "d")),
+               "--set", "epoch=3")
+    assert done.returncode == 2
+    assert "no notebook declares 'epoch'" in done.stderr and "epochs" in done.stderr
+    done = run(tmp_path, "--profile", "none", "--set", "02.weights=imagenet")
+    assert done.returncode == 2 and "02_fail declares no 'weights'" in done.stderr
+    assert not (tmp_path / "reports").exists()
 
 
-def test_unknown_notebook_is_a_usage_error(tmp_path: Path) -> None:
-    argv = ["--profile", "none", "--notebooks-dir", str(FIXTURES), "--reports-dir", str(tmp_path)]
-    assert runner.main([*argv, "--notebooks", "77"]) == 2
-    assert runner.main([*argv, "--set", "77.epochs=1"]) == 2
-    assert not (tmp_path / "index.html").exists()
+def test_injection_through_a_profile_key_is_refused(tmp_path: Path) -> None:
+    profile = tmp_path / "evil.yaml"
+    profile.write_text('default: {"seed = 1\\nopen(\'PWNED\', \'w\')\\nx": 1}\n')
+    done = run(tmp_path, "--profile", str(profile), "--data-root", str(make_kermany(tmp_path / "d")))
+    assert done.returncode == 2 and "no notebook declares" in done.stderr
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "reports").exists()
 
 
-def test_stale_metrics_are_ignored(tmp_path: Path) -> None:
-    path = tmp_path / "x.metrics.json"
-    path.write_text(json.dumps({"val_auc": 0.5}))
-    old = time.time() - 3600
-    os.utime(path, (old, old))
-    metrics, note = runner.read_metrics(path, not_before=time.time())
-    assert metrics is None and "older" in note
-    assert runner.read_metrics(path)[0] == {"val_auc": 0.5}
-
-
-# --------------------------------------------------------------------------- runner: execution
+# --------------------------------------------------------------------------- a run
 
 
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Run 01_ok, 02_fail, 03_ok2 once with a profile, --set overrides and a data root."""
+    """01_ok, 02_fail and 03_ok2 once, with a profile, --set overrides and a hostile value."""
     tmp = tmp_path_factory.mktemp("mixed")
-    profile = tmp / "profile.yaml"
-    profile.write_text(
-        "default: {epochs: 1, max_images_per_class: 12}\n01_ok: {epochs: 2, seed: 5}\n"
+    (tmp / "profile.yaml").write_text(
+        FULL + "default: {epochs: 1, max_images_per_class: 12}\n01_ok: {epochs: 2, seed: 5}\n"
     )
-    reports = tmp / "reports"
-    env_before = os.environ.get("PNEUMO_WEIGHTS_DIR")
-    rc = runner.main(
-        [
-            "--profile",
-            str(profile),
-            "--notebooks-dir",
-            str(FIXTURES),
-            "--reports-dir",
-            str(reports),
-            "--data-root",
-            "/data/from/cli",
-            "--weights-dir",
-            str(tmp / "weights"),
-            "--set",
-            "01.epochs=3",
-            "--set",
-            "max_images_per_class=null",
-        ]
-    )
-    return {
-        "rc": rc,
-        "reports": reports,
-        "tmp": tmp,
-        "env_before": env_before,
-        "env_after": os.environ.get("PNEUMO_WEIGHTS_DIR"),
-    }
+    hostile = 'a"; open("PWNED", "w"); "\\'
+    done = run(tmp, "--profile", str(tmp / "profile.yaml"), "--data-root", str(make_kermany(tmp / "d")),
+               "--weights-dir", str(tmp / "weights"), "--set", "01.epochs=3",
+               "--set", "max_images_per_class=null", "--set", f"03.data_dir={hostile}")
+    return {"done": done, "tmp": tmp, "reports": tmp / "reports", "hostile": hostile}
 
 
-def test_failure_gives_exit_status_1_and_restores_env(mixed_run: dict) -> None:
-    assert mixed_run["rc"] == 1
-    assert mixed_run["env_after"] == mixed_run["env_before"]
-
-
-def test_parameters_reach_the_notebook(mixed_run: dict) -> None:
-    metrics = json.loads((mixed_run["reports"] / "01_ok.metrics.json").read_text())
-    echo = metrics["echo"]
-    assert echo["data_dir"] == "/data/from/cli"
-    assert echo["epochs"] == 3  # --set 01.epochs beats the profile section (2)
-    assert echo["seed"] == 5  # from the profile section
-    assert echo["max_images_per_class"] is None  # --set beats the profile default
-    assert echo["weights_dir_env"] == str((mixed_run["tmp"] / "weights").resolve())
-    assert Path(echo["cwd"]).resolve() == Path.cwd().resolve()
-    other = json.loads((mixed_run["reports"] / "03_ok2.metrics.json").read_text())["echo"]
-    assert other["epochs"] == 1 and other["seed"] == 0  # profile default / notebook default
-
-
-def test_failing_notebook_keeps_partial_outputs_and_next_runs(mixed_run: dict) -> None:
+def test_parameters_reach_the_notebook_as_literals(mixed_run: dict) -> None:
     reports = mixed_run["reports"]
+    echo = json.loads((reports / "01_ok.metrics.json").read_text())["echo"]
+    assert echo["data_dir"] == str(mixed_run["tmp"] / "d")
+    assert echo["epochs"] == 3 and echo["seed"] == 5  # --set NB.key over the profile section
+    assert echo["max_images_per_class"] is None  # --set x=null is papermill's -p x None
+    assert echo["weights_dir_env"] == str((mixed_run["tmp"] / "weights").resolve())
+    assert Path(echo["cwd"]).resolve() == mixed_run["tmp"].resolve()  # papermill cwd: the root
+    other = json.loads((reports / "03_ok2.metrics.json").read_text())["echo"]
+    assert other["data_dir"] == mixed_run["hostile"]  # arrives as the string it was
+    assert not (mixed_run["tmp"] / "PWNED").exists()
+
+
+def test_failure_gives_status_1_and_keeps_going(mixed_run: dict) -> None:
+    done, reports = mixed_run["done"], mixed_run["reports"]
+    assert done.returncode == 1
+    assert "[2/3] 02_fail FAILED: ValueError: boom from fixture" in done.stdout
+    assert "Train and write metrics" in done.stdout  # the section being run is shown
     partial = nbformat.read(str(reports / "02_fail.ipynb"), as_version=4)
-    errors = [
-        out
-        for cell in partial.cells
-        for out in cell.get("outputs", [])
-        if out.get("output_type") == "error"
-    ]
+    errors = [o for c in partial.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert errors and errors[0]["evalue"] == "boom from fixture"
-    page = (reports / "02_fail.html").read_text(encoding="utf-8")
-    assert "boom from fixture" in page and "ValueError" in page
-    # the notebook after the failing one still ran
+    assert "boom from fixture" in (reports / "02_fail.html").read_text(encoding="utf-8")
     assert (reports / "03_ok2.html").is_file()
-    assert (reports / "03_ok2.metrics.json").is_file()
 
 
-def test_index_lists_status_metrics_and_best(mixed_run: dict) -> None:
-    page = (mixed_run["reports"] / "index.html").read_text(encoding="utf-8")
+def test_index_tells_what_happened(mixed_run: dict) -> None:
+    reports = mixed_run["reports"]
+    page = (reports / "index.html").read_text(encoding="utf-8")
+    assert 'class="failed">failed' in page and "ValueError: boom from fixture" in page
     for name in ("01_ok", "02_fail", "03_ok2"):
-        assert f'href="{name}.html"' in page
-    assert "FAILED" in page and "ValueError: boom from fixture" in page
-    assert "Research use only — not for diagnostic use." in page
-    assert "0.900 <small>(0.850–0.940)</small>" in page  # Model A test AUC with CI
-    assert "Youden&#x27;s J on validation" in page
-    assert "synthetic &lt;fixture&gt; data" in page  # strings are escaped
-    assert "<script" not in page and "http" not in page  # self-contained
-    # Model A (val AUC 0.95) is best, not Model B (val 0.91) despite B's higher test AUC.
-    best_rows = [row for row in page.split("<tr") if "best (by validation AUC)" in row]
-    assert len(best_rows) == 1 and "Model A" in best_rows[0]
-    summary = json.loads((mixed_run["reports"] / "summary.json").read_text())
-    nbs = summary["notebooks"]
-    assert [nbs[n]["status"] for n in ("01_ok", "02_fail", "03_ok2")] == ["ok", "failed", "ok"]
-    assert "boom from fixture" in nbs["02_fail"]["error"]
-    assert nbs["03_ok2"]["metrics"]["val_auc"] == 0.93
-    assert summary["best_by_val_auc"] == {"notebook": "01_ok", "model_index": 0}
+        assert f'href="{name}.html"' in page and f'href="{name}.code.html"' in page
+    assert "Research use only: not for diagnostic use." in page
+    assert "0.900 (0.850–0.920)" in page  # Model A's test AUC with its CI
+    assert "random initialisation" in page and "ImageNet (resnet50_notop.h5)" in page
+    assert "NORMAL / PNEUMONIA" in page  # no positive_class: the notebook's class names
+    assert "<polyline" in page  # ROC curves from the metrics' points
+    assert "<script" not in page
+    summary = json.loads((reports / "summary.json").read_text())
+    assert summary["state"] == "finished"
+    assert [summary["notebooks"][n]["status"] for n in ("01_ok", "02_fail", "03_ok2")] == ["ok", "failed", "ok"]
 
 
-def test_all_ok_gives_exit_status_0(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    rc = runner.main(
-        [
-            "--profile",
-            "none",
-            "--notebooks-dir",
-            str(FIXTURES),
-            "--reports-dir",
-            str(tmp_path),
-            "--notebooks",
-            "03",
-        ]
+def test_report_opens_with_summary_and_hides_setup(mixed_run: dict) -> None:
+    reports = mixed_run["reports"]
+    short = (reports / "01_ok.html").read_text(encoding="utf-8")
+    full = (reports / "01_ok.code.html").read_text(encoding="utf-8")
+    assert "<title>01_ok</title>" in short
+    assert 'href="index.html"' in short and 'href="01_ok.code.html"' in short
+    assert "Summary: Fixture two-model run" in short and "Youden" in short
+    assert "synthetic &lt;fixture&gt; data" in short  # metrics text is escaped
+    assert ".cache/pneumo" not in short  # the parameters cell's input is hidden
+    assert ".cache/pneumo" in full
+    code = '<span class="n">entries</span>'
+    assert code in short and code in full  # the notebook's own code stays visible
+
+
+def test_best_follows_validation_and_skips_random_fallback(mixed_run: dict) -> None:
+    best = json.loads((mixed_run["tmp"] / "saved_models" / "best.json").read_text())
+    # Model B has the higher validation AUC but fell back to random weights: not eligible
+    assert best["model"] == "Model_A.keras" and best["selection_rule"] == "validation AUC"
+    assert not (mixed_run["tmp"] / "saved_models" / "best.json").is_symlink()
+
+
+def test_smoke_run_leaves_best_and_full_reports_alone(mixed_run: dict) -> None:
+    tmp = mixed_run["tmp"]
+    before = (tmp / "saved_models" / "best.json").read_bytes()
+    index_before = (tmp / "reports" / "index.html").read_bytes()
+    (tmp / "smoke.yaml").write_text(SMOKE)
+    done = run(tmp, "--profile", str(tmp / "smoke.yaml"), "--notebooks", "01",
+               "--data-root", str(tmp / "d"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp / "saved_models" / "smoke" / "Model_A.keras").is_file()
+    assert (tmp / "reports" / "smoke" / "01_ok.html").is_file()
+    assert (tmp / "saved_models" / "best.json").read_bytes() == before
+    assert (tmp / "reports" / "index.html").read_bytes() == index_before
+    assert not (tmp / "saved_models" / "smoke" / "best.json").exists()
+
+
+def test_selection_score_wins_over_validation_auc(tmp_path: Path) -> None:
+    entries = []
+    for name, score, val_auc in (("a", 0.7, 0.99), ("b", 0.9, 0.90)):
+        (tmp_path / f"{name}.keras").write_text(name)
+        entries.append({"name": name, "weights": "w.h5", "validation": {"auc": val_auc},
+                        "selection_score": score, "selection_rule": "mean AUC under shift",
+                        "model_path": str(tmp_path / f"{name}.keras")})
+    nb = runner.Notebook("04_x", tmp_path, None, {}, metrics={"models": entries})
+    nih = runner.Notebook("02_nih", tmp_path, None, {}, metrics={
+        "task": "nih:Effusion", "models": [{**entries[0], "name": "n", "selection_score": 5.0}]})
+    best = runner.choose_best([nb, nih])
+    assert best["name"] == "b" and best["rule"] == "mean AUC under shift"
+
+
+def test_edited_py_is_what_runs_and_index_says_running(tmp_path: Path) -> None:
+    notebooks = tmp_path / "nbs"
+    notebooks.mkdir()
+    source = (FIXTURES / "03_ok2.py").read_text()
+    edited = source.replace(
+        '"echo": echo,',
+        '"echo": {**echo, "edited": True, "index": Path(reports_dir, "index.html").read_text()},',
     )
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert "[1/1] 03_ok2 ..." in out and "03_ok2 ok" in out
-    assert not (tmp_path / "01_ok.ipynb").exists()
-    assert (tmp_path / "index.html").is_file()
+    assert edited != source
+    (notebooks / "03_ok2.py").write_text(edited)
+    done = run(tmp_path, "--profile", "none", "--data-root", str(make_kermany(tmp_path / "d")),
+               notebooks=notebooks)
+    assert done.returncode == 0, done.stderr
+    echo = json.loads((tmp_path / "reports" / "03_ok2.metrics.json").read_text())["echo"]
+    assert echo["edited"] is True
+    assert 'class="running">running' in echo["index"]  # written before the notebook ran
 
 
-def test_missing_kernel_is_a_failure_with_html(tmp_path: Path) -> None:
-    argv = ["--profile", "none", "--notebooks-dir", str(FIXTURES), "--notebooks", "01"]
-    assert runner.main([*argv, "--reports-dir", str(tmp_path), "--kernel", "no_such_kernel"]) == 1
-    assert "no_such_kernel" in (tmp_path / "01_ok.html").read_text(encoding="utf-8")
-    assert "FAILED" in (tmp_path / "index.html").read_text(encoding="utf-8")
+def test_second_runner_on_the_same_folders_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "reports").mkdir()
+    with FileLock(str(tmp_path / "reports" / ".runner.lock")):
+        done = run(tmp_path, "--profile", "none", "--data-root", str(make_kermany(tmp_path / "d")))
+    assert done.returncode == 2 and "another run is writing to" in done.stderr
+    assert not (tmp_path / "reports" / "index.html").exists()
 
 
-def test_render_html_without_notebook_writes_error_page(tmp_path: Path) -> None:
-    page = runner.render_html(tmp_path / "gone.ipynb", tmp_path / "gone.html", "NoSuchKernel: x")
-    assert "NoSuchKernel: x" in page.read_text(encoding="utf-8")
+def test_render_failure_is_a_notebook_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nbconvert
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nbconvert.HTMLExporter, "from_notebook_node", disk_full)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PNEUMO_WEIGHTS_DIR", str(tmp_path))
+    rc = runner.main(["--profile", "none", "--notebooks-dir", str(FIXTURES), "--notebooks", "03",
+                      "--data-root", str(make_kermany(tmp_path / "d"))])
+    assert rc == 1
+    assert sorted(p.name for p in (tmp_path / "reports").glob("*.html")) == ["index.html"]
+    assert not list((tmp_path / "reports").glob(".*.tmp"))
+    page = (tmp_path / "reports" / "index.html").read_text()
+    assert "report not written: OSError: [Errno 28] No space left on device" in page
+    assert 'class="failed">failed' in page
 
 
-def test_prepare_only_injects_without_executing(tmp_path: Path) -> None:
-    out = tmp_path / "prepared"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pneumo_utils.runner",
-            "--profile",
-            "none",
-            "--notebooks-dir",
-            str(FIXTURES),
-            "--reports-dir",
-            str(tmp_path / "reports"),
-            "--data-root",
-            "rel/data",
-            "--set",
-            "epochs=4",
-            "--prepare-only",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["01_ok.ipynb", "02_fail.ipynb", "03_ok2.ipynb"]
-    nb = nbformat.read(str(out / "02_fail.ipynb"), as_version=4)
-    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert len(injected) == 1
-    assert "epochs = 4" in injected[0].source
-    assert f'data_dir = "{(Path.cwd() / "rel/data").resolve()}"' in injected[0].source
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+def test_offline_without_data_fails_once_before_any_kernel(tmp_path: Path) -> None:
+    started = time.monotonic()
+    done = run(tmp_path, "--profile", "none", "--offline")
+    assert done.returncode == 2
+    assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
+    assert "data is missing (needed by 01_ok, 02_fail, 03_ok2" in done.stderr
+    assert "--data-root DIR" in done.stderr and "kagglehub" in done.stderr
     assert not (tmp_path / "reports").exists()
+    assert time.monotonic() - started < 60
+
+
+# --------------------------------------------------------------------------- run_all.sh
+
+
+def test_help_needs_no_virtual_environment(tmp_path: Path) -> None:
+    copy = tmp_path / "clone"
+    (copy / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "run_all.sh", copy)
+    shutil.copy(ROOT / "scripts" / "bootstrap.sh", copy / "scripts")
+    done = subprocess.run(["bash", "run_all.sh", "--help"], cwd=copy, capture_output=True, text=True,
+                          timeout=30, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert "Usage: ./run_all.sh" in done.stdout and "--smoke" in done.stdout
+    assert not (copy / ".venv").exists() and "[setup]" not in done.stdout
+
+
+def test_absolute_venv_path_is_used(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    copy = tmp_path / "clone"
+    (copy / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "bootstrap.sh", copy / "scripts")
+    (copy / "pyproject.toml").write_text("")
+    (venv / ".pneumo-installed").touch()
+    os.utime(copy / "pyproject.toml", (0, 0))
+    done = subprocess.run(["bash", "-c", "source scripts/bootstrap.sh && command -v python"], cwd=copy,
+                          capture_output=True, text=True, timeout=30,
+                          env={"PATH": "/usr/bin:/bin", "PNEUMO_VENV": str(venv)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(venv / "bin" / "python")
 
 
 # --------------------------------------------------------------------------- fetch (offline)
 
 
-def _make_kermany(root: Path) -> None:
-    for split in ("train", "val", "test"):
-        for cls in ("NORMAL", "PNEUMONIA"):
-            (root / split / cls).mkdir(parents=True)
-            (root / split / cls / "a.jpeg").write_bytes(b"x")
+def test_locate_prefers_data_then_shared(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert fetch.locate("kermany", base=repo) is None
+    shared = make_kermany(tmp_path / "shared" / "data" / "chest_xray")
+    assert fetch.locate("kermany", base=repo).resolve() == shared
+    local = make_kermany(repo / "data" / "chest_xray")
+    assert fetch.locate("kermany", base=repo) == local
+    with pytest.raises(fetch.FetchError, match="expected"):
+        fetch.locate("kermany", explicit=tmp_path / "nowhere", base=repo)
+    (repo / "data" / "nih_sample").mkdir(parents=True)
+    (repo / "data" / "nih_sample" / "sample_labels.csv").write_text("Image Index\n")
+    assert fetch.locate("nih", base=repo) == repo / "data" / "nih_sample"
 
 
 def test_find_dataset_root_in_nested_download(tmp_path: Path) -> None:
     download = tmp_path / "download"
-    _make_kermany(download / "chest_xray" / "__MACOSX" / "chest_xray")
-    _make_kermany(download / "chest_xray" / "chest_xray")
-    root = fetch.find_dataset_root(download)
-    assert root == download / "chest_xray" / "chest_xray"
+    make_kermany(download / "chest_xray" / "__MACOSX" / "chest_xray")
+    make_kermany(download / "chest_xray" / "chest_xray")
+    assert fetch.find_dataset_root(download) == download / "chest_xray" / "chest_xray"
     only_macosx = tmp_path / "only_macosx"
-    _make_kermany(only_macosx / "__MACOSX" / "chest_xray")
+    make_kermany(only_macosx / "__MACOSX" / "chest_xray")
     with pytest.raises(FileNotFoundError):
         fetch.find_dataset_root(only_macosx)
 
 
-def test_fetch_places_download_under_dest(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_fetch_places_and_counts_download(tmp_path: Path, monkeypatch, capsys) -> None:
     download = tmp_path / "cache" / "versions" / "2"
-    _make_kermany(download / "chest_xray" / "chest_xray")
+    make_kermany(download / "chest_xray" / "chest_xray", per_class=2)
     calls = []
     monkeypatch.setattr(fetch, "download", lambda handle: calls.append(handle) or download)
     assert fetch.main(["kermany", "--dest", str(tmp_path / "data")]) == 0
-    assert (tmp_path / "data" / "chest_xray" / "test" / "PNEUMONIA" / "a.jpeg").is_file()
-    assert calls == ["paultimothymooney/chest-xray-pneumonia"]
+    assert (tmp_path / "data" / "chest_xray" / "test" / "PNEUMONIA" / "a1.jpeg").is_file()
+    assert "test/PNEUMONIA 2" in capsys.readouterr().out
     assert fetch.main(["kermany", "--dest", str(tmp_path / "data")]) == 0
-    assert calls == ["paultimothymooney/chest-xray-pneumonia"]  # already in place: no download
-    assert "already in place" in capsys.readouterr().out
+    assert calls == ["paultimothymooney/chest-xray-pneumonia"]  # in place: no second download
 
 
-@pytest.mark.parametrize(
-    ("exc", "expected"),
-    [
-        (ConnectionError("Failed to resolve 'api.kaggle.com'"), "no network"),
-        (type("CredentialError", (Exception,), {})("no kaggle.json"), "credentials"),
-        (RuntimeError("something odd"), "the download failed"),
-    ],
-)
-def test_fetch_offline_exits_2_with_one_message(
-    tmp_path: Path, monkeypatch, capsys, exc: Exception, expected: str
-) -> None:
+def test_nih_sample_gets_an_images_folder(tmp_path: Path, monkeypatch) -> None:
+    download = tmp_path / "cache"
+    (download / "sample" / "images").mkdir(parents=True)
+    (download / "sample" / "images" / "00000001_000.png").write_bytes(b"x")
+    (download / "sample_labels.csv").write_text("Image Index,Finding Labels,Patient ID\n")
+    monkeypatch.setattr(fetch, "download", lambda handle: download)
+    final = fetch.fetch("nih-sample", tmp_path / "data")
+    assert final == tmp_path / "data" / "nih_sample"
+    assert (final / "images" / "00000001_000.png").is_file() and fetch.is_nih_root(final)
+
+
+@pytest.mark.parametrize(("exc", "expected"), [
+    (ConnectionError("Failed to resolve 'www.kaggle.com'"), "no network"),
+    (ModuleNotFoundError("No module named 'kagglehub'"), "pip install kagglehub"),
+    (RuntimeError("HTTP 500"), "the download failed"),
+])
+def test_fetch_failure_is_one_message(tmp_path: Path, monkeypatch, capsys, exc, expected) -> None:
     def broken(handle: str) -> Path:
         raise exc
 
     monkeypatch.setattr(fetch, "download", broken)
     assert fetch.main(["kermany", "--dest", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert expected in err
-    assert "KAGGLE_USERNAME" in err and "KAGGLE_KEY" in err and "kaggle.json" in err
-    assert "https://www.kaggle.com/datasets/paultimothymooney/chest-xray-pneumonia" in err
-    assert "Traceback" not in err
-
-
-def test_fetch_without_any_kaggle_package(tmp_path: Path, monkeypatch, capsys) -> None:
-    real_find_spec = fetch.importlib.util.find_spec
-    monkeypatch.setattr(
-        fetch.importlib.util,
-        "find_spec",
-        lambda name, *a: None if name in ("kagglehub", "kaggle") else real_find_spec(name, *a),
-    )
-    assert fetch.main(["nih", "--dest", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "kagglehub" in err and "nih-chest-xrays/data" in err
-
-
-def test_best_model_link_follows_validation_auc_not_test(tmp_path):
-    from pneumo_utils.runner import RunResult, link_best_model
-
-    models_dir = tmp_path / "saved_models"
-    models_dir.mkdir()
-    for name in ("a", "b"):
-        for suffix in (".keras", ".json", ".md"):
-            (models_dir / f"{name}{suffix}").write_text(name)
-
-    def result(name, val_auc, test_auc):
-        metrics = {"models": [{"name": name, "val_auc": val_auc, "test": {"auc": test_auc},
-                               "model_path": str(models_dir / f"{name}.keras")}]}
-        return RunResult(name, "ok", 1.0, {}, tmp_path / f"{name}.ipynb", metrics=metrics)
-
-    link = link_best_model([result("a", 0.90, 0.99), result("b", 0.95, 0.80)])
-    assert link == models_dir / "best.keras"
-    assert (models_dir / "best.keras").resolve().name == "b.keras"
-    assert (models_dir / "best.json").read_text() == "b" and (models_dir / "best.md").is_symlink()
-    link_best_model([result("a", 0.99, 0.5), result("b", 0.95, 0.80)])
-    assert (models_dir / "best.keras").resolve().name == "a.keras"
-    nih = result("a", 0.99, 0.5)
-    nih.metrics["task"] = "nih:Effusion"
-    link_best_model([nih, result("b", 0.95, 0.80)])
-    assert (models_dir / "best.keras").resolve().name == "b.keras", "an NIH model is never the Kermany best"
+    assert expected in err and "--data-root DIR" in err and "Traceback" not in err
