@@ -30,6 +30,7 @@ def grad_cam(
     images: np.ndarray,
     layer_name: str | None = None,
     target: str = "predicted",
+    threshold: float = 0.5,
 ) -> np.ndarray:
     """Grad-CAM heat maps for a batch.
 
@@ -37,10 +38,13 @@ def grad_cam(
     ----------
     images : ``(n, h, w, 3)`` RGB in 0-255, the model's input size.
     layer_name : the convolutional layer to explain; found automatically when ``None``.
-    target : ``"predicted"`` explains each image's predicted class (at 0.5),
-        ``"pneumonia"`` always the PNEUMONIA score.
+    target : ``"predicted"`` explains each image's predicted class (class 1 when the output is
+        at least ``threshold``), ``"pneumonia"`` always the class-1 score.
+    threshold : the decision threshold for ``target="predicted"``; pass the model's own
+        (e.g. the one chosen on validation) so the map explains the decision reported.
 
-    Returns ``(n, h', w')`` float32 maps in [0, 1] at the layer's resolution.
+    Returns ``(n, h', w')`` float32 maps in [0, 1] at the layer's resolution, each scaled to its
+    own peak. :func:`pneumo_utils.plots.gradcam_grid` draws them with a colour bar.
     """
     layer_name = layer_name or find_last_conv_layer(model)
     grad_model = keras.Model(model.inputs, [model.get_layer(layer_name).output, model.output])
@@ -49,7 +53,7 @@ def grad_cam(
         conv, proba = grad_model(x, training=False)
         score = proba[:, 0]
         if target == "predicted":
-            score = tf.where(score >= 0.5, score, 1.0 - score)
+            score = tf.where(score >= threshold, score, 1.0 - score)
     grads = tape.gradient(score, conv)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1)).numpy()

@@ -199,6 +199,7 @@ def gradcam_grid(
     probabilities: Sequence[float],
     titles: Sequence[str] | None = None,
     target: str = "predicted",
+    threshold: float = 0.5,
     alpha: float = 0.45,
     class_names: Sequence[str] = CLASS_NAMES,
 ) -> plt.Figure:
@@ -207,10 +208,9 @@ def gradcam_grid(
     ``images`` are ``(n, h, w, 3)`` in 0-255, ``heatmaps`` the ``(n, h', w')`` maps in [0, 1]
     from :func:`pneumo_utils.gradcam.grad_cam` (any resolution; drawn stretched over the
     image) and ``probabilities`` the model's output for class 1 on each image, shown in each
-    caption below the optional ``titles``. ``target`` is the one passed to ``grad_cam``:
-    with ``"predicted"`` each map explains the class the model predicts at 0.5 (as
-    ``grad_cam`` decides it), with ``"pneumonia"`` always class 1; the overlay's title says
-    which.
+    caption below the optional ``titles``. ``target`` and ``threshold`` are the ones passed
+    to ``grad_cam``: with ``"predicted"`` each map explains the class the model predicts at
+    ``threshold``, with ``"pneumonia"`` always class 1; the overlay's title says which.
 
     How to read it: red marks the regions whose features raised the score of the explained
     class most, blue regions that did not raise it (the colour bar runs from 0, no
@@ -233,7 +233,7 @@ def gradcam_grid(
     for row, image, heat, p, title in zip(axes, images, heatmaps, probabilities, titles, strict=True):
         picture = np.clip(image, 0, 255).astype(np.uint8)
         h, w = picture.shape[:2]
-        explained = class_names[1] if target == "pneumonia" else class_names[int(p >= 0.5)]
+        explained = class_names[1] if target == "pneumonia" else class_names[int(p >= threshold)]
         caption = f"{title}\nP({class_names[1]}) = {p:.2f}".lstrip("\n")
         row[0].imshow(picture)
         row[0].set_title(caption, fontsize=9)

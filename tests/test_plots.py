@@ -101,6 +101,12 @@ def test_gradcam_grid_explains_the_target_it_is_told():
     assert fig.axes[1].get_title() == "Grad-CAM: evidence for EFFUSION"
 
 
+def test_gradcam_grid_names_the_class_predicted_at_the_threshold_given():
+    fig = plots.gradcam_grid(_xrays(2), np.ones((2, 4, 4)), probabilities=[0.3, 0.1], threshold=0.25)
+    assert [fig.axes[i].get_title() for i in (1, 3)] == [
+        "Grad-CAM: evidence for PNEUMONIA", "Grad-CAM: evidence for NORMAL"]
+
+
 def test_gradcam_grid_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="one heat map, probability and title per image"):
         plots.gradcam_grid(_xrays(2), np.ones((2, 4, 4)), probabilities=[0.3])
