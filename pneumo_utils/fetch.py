@@ -268,6 +268,38 @@ def fetch(key: str, dest: Path | str = "data", copy: bool = False) -> Path:
     return final
 
 
+def find_all(
+    needs: dict[str, list[str]], roots: dict[str, str | None], offline: bool = False
+) -> dict[str, Path]:
+    """The folder of each needed data set (``{"kermany": [notebook names], ...}``).
+
+    Looks with :func:`locate` (``roots`` holds explicit folders), downloads what is missing
+    unless ``offline``, and reports everything still missing in one :class:`FetchError`.
+    """
+    found: dict[str, Path] = {}
+    problems: list[str] = []
+    for need, users in needs.items():
+        try:
+            path = locate(need, roots.get(need))
+            if path is None and not offline:
+                path = fetch(SEARCH_ORDER[need][-1])
+        except FetchError as exc:
+            problems.append(str(exc).removeprefix("error: ").split("\nTo fix it")[0])
+            continue
+        if path is None:
+            looked = ", ".join(str(p) for p in candidates(need))
+            problems.append(
+                f"the {DATASETS[need].title} data is missing (needed by {', '.join(users)}; "
+                f"looked in {looked}; downloads are off: --offline or PNEUMO_OFFLINE=1)"
+            )
+        else:
+            found[need] = path
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise FetchError(f"no data to run on:\n{listed}\n{how_to_fix(needs)}")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns 0 on success and 2 when the data set could not be fetched."""
     parser = argparse.ArgumentParser(

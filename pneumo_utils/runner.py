@@ -215,44 +215,6 @@ def need_of(nb: Notebook) -> str:
     return "nih" if "nih" in nb.name.lower() else "kermany"
 
 
-def explicit_data_dir(nb: Notebook, profile: dict, sets: Sequence) -> bool:
-    """True when the profile or ``--set`` gives this notebook its ``data_dir``."""
-    layers = [profile.get("default", {}), profile.get(nb.name, {})]
-    return any("data_dir" in layer for layer in layers) or any(
-        key == "data_dir" and (s is None or matches(nb.name, s)) for s, key, _ in sets
-    )
-
-
-def find_data(needs: dict[str, list[str]], roots: dict[str, str | None], offline: bool) -> dict[str, Path]:
-    """The data folder for each need (``{"kermany": [notebooks], ...}``), downloading if allowed.
-
-    Everything missing is reported in one :class:`UsageError`, before any kernel starts.
-    """
-    found: dict[str, Path] = {}
-    problems: list[str] = []
-    for need, users in needs.items():
-        try:
-            path = fetch.locate(need, roots.get(need))
-            if path is None and not offline:
-                key = fetch.SEARCH_ORDER[need][-1]
-                path = fetch.fetch(key, "data")
-        except fetch.FetchError as exc:
-            problems.append(f"{exc}".removeprefix("error: ").split("\nTo fix it")[0])
-            continue
-        if path is None:
-            looked = ", ".join(str(p) for p in fetch.candidates(need))
-            problems.append(
-                f"the {fetch.DATASETS[need].title} data is missing (needed by {', '.join(users)}; "
-                f"looked in {looked}; downloads are off: --offline or PNEUMO_OFFLINE=1)"
-            )
-            continue
-        found[need] = path
-    if problems:
-        listed = "\n".join(f"  - {p}" for p in problems)
-        raise UsageError(f"no data to run on:\n{listed}\n{fetch.how_to_fix(needs)}")
-    return found
-
-
 # --------------------------------------------------------------------------- execution
 
 
@@ -671,9 +633,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         assign_parameters(everything, profile, sets, {})  # checks every key before looking for data
         needs: dict[str, list[str]] = {}
         for nb in selected:
-            if "data_dir" in nb.declared and not explicit_data_dir(nb, profile, sets):
+            if "data_dir" in nb.declared and "data_dir" not in nb.parameters:
                 needs.setdefault(need_of(nb), []).append(nb.name)
-        data = find_data(needs, {"kermany": args.data_root, "nih": args.nih_root}, args.offline) if needs else {}
+        roots = {"kermany": args.data_root, "nih": args.nih_root}
+        data = fetch.find_all(needs, roots, offline=args.offline)
         assign_parameters(everything, profile, sets, data)
         settings = {**RUNNER_KEYS, **profile.get("runner", {})}
         if set(settings) != set(RUNNER_KEYS):
