@@ -1,35 +1,21 @@
 """Run the pneumo notebooks with papermill and write HTML reports: the engine of ``run_all.sh``.
 
-Usage::
-
     python -m pneumo_utils.runner [--profile full|smoke|PATH.yaml|none] [--notebooks 01 03]
         [--set [NB.]KEY=VALUE ...] [--data-root DIR] [--nih-root DIR] [--weights-dir DIR]
         [--reports-dir DIR] [--offline] [--prepare-only DIR] [--kernel NAME]
 
-Every selected ``notebooks/NN_*.py`` is read with jupytext (what runs is what was edited),
-executed by papermill with the current folder (the repository root) as working directory into
-``<reports>/<name>.ipynb``, and rendered with nbconvert into ``<name>.html`` (a summary from the
-notebook's metrics on top, set-up code hidden) and ``<name>.code.html`` (every cell).
-``<reports>/index.html`` is written before the first kernel starts and rewritten after each
-notebook, so it always says what is on disk. A second runner on the same reports or models
-folder is refused. Exit status: 0 all notebooks ran, 1 some failed, 2 bad usage or missing data.
+Each selected ``notebooks/NN_*.py`` is read with jupytext (what runs is what was edited), run by
+papermill with the current folder (the repository root) as working directory, and rendered by
+nbconvert into ``<name>.html`` (a summary from its metrics JSON on top, set-up code hidden) and
+``<name>.code.html``. ``index.html`` is written before the first kernel starts and after each
+notebook. Exit status: 0 all ran, 1 some failed, 2 bad usage, missing data or a busy folder.
 
-Parameters, lowest to highest precedence: the data folder (``data_dir``), the profile's
-``default:`` section, its section named after the notebook, ``--set KEY=VALUE``, then
-``--set NB.KEY=VALUE`` (NB: a prefix such as ``01``). A key must be a parameter the notebook
-declares in its ``parameters`` cell (``default:`` and ``--set KEY``: some notebook declares it);
-values are YAML literals (``3``, ``null``, ``[16, 32]``), written into the notebook by papermill's
-own translation, so ``--set x=null`` is papermill's ``-p x None``.
-
-Data (before any kernel starts): ``--data-root`` / ``PNEUMO_DATA_ROOT``, else ``data/chest_xray``,
-else ``../shared/data/chest_xray``, else a kagglehub download; NIH likewise (``--nih-root`` /
-``PNEUMO_NIH_ROOT``, ``data/nih``, ``data/nih_sample``, ``../shared/data/...``, else the public NIH
-sample). ImageNet weights: ``--weights-dir`` / ``PNEUMO_WEIGHTS_DIR``, else ``../shared/weights``.
-
-A profile's ``runner:`` section may set ``reports_dir`` and ``record_best``. After a run with
-``record_best: true`` (the ``full`` profile), ``<models>/best.json`` names the best Kermany model:
-the highest ``selection_score`` of the model entries (else validation AUC), never a model that
-fell back to random weights when ImageNet weights were asked for.
+Parameters, lowest to highest precedence: the data folder found (``fetch.find_all``) as
+``data_dir``; the profile's ``default:`` section; its section named after the notebook;
+``--set KEY=VALUE``; ``--set NB.KEY=VALUE``. Keys must be declared in the notebook's parameters
+cell; values are YAML literals that papermill writes as Python literals (``null`` is ``None``).
+A profile's ``runner:`` section sets ``reports_dir`` and ``record_best``: only a run with
+``record_best`` (the full profile) writes ``<models_dir>/best.json``.
 """
 
 from __future__ import annotations
@@ -375,9 +361,12 @@ def model_entries(metrics: dict | None) -> list[dict]:
     return [metrics]
 
 
-def random_weights(weights: Any) -> bool:
-    """True when a model entry's ``weights`` says it started from random weights."""
-    return weights is None or str(weights).strip().lower().startswith(("random", "none"))
+def weights_label(weights: Any) -> str:
+    """How a model entry's ``weights`` reads on the index: random, ImageNet (file) or as given."""
+    text = str(weights).strip()
+    if weights is None or text.lower().startswith(("random", "none")):
+        return "random initialisation"
+    return f"ImageNet ({Path(text).name})" if text.endswith(".h5") else text
 
 
 def model_row(nb: Notebook, entry: dict) -> dict[str, Any]:
@@ -387,14 +376,13 @@ def model_row(nb: Notebook, entry: dict) -> dict[str, Any]:
     validation = entry.get("validation") if isinstance(entry.get("validation"), dict) else {}
     classes = metrics.get("class_names") or entry.get("class_names")
     positive = entry.get("positive_class") or (" / ".join(map(str, classes)) if classes else "–")
-    weights = entry.get("weights")
+    weights = weights_label(entry["weights"]) if "weights" in entry else "not recorded"
     return {
         "notebook": nb.name,
         "name": str(entry.get("name") or entry.get("title") or entry.get("backbone") or nb.name),
         "backbone": str(entry.get("backbone") or metrics.get("backbone") or ""),
-        "weights": "random initialisation" if random_weights(weights) else f"ImageNet ({Path(str(weights)).name})"
-        if str(weights).endswith(".h5") else str(weights),
-        "random_weights": random_weights(weights),
+        "weights": weights,
+        "random_weights": weights == "random initialisation",
         "positive_class": str(positive),
         "task": str(entry.get("task") or metrics.get("task") or BEST_TASK),
         "test": {m: fmt(test.get(m), test.get(f"{m}_ci")) for m in ("auc", "sensitivity", "specificity", "accuracy")},
@@ -426,7 +414,8 @@ def report_summary(nb: Notebook) -> dict[str, Any]:
 
 def choose_best(notebooks: Sequence[Notebook]) -> dict | None:
     """The best Kermany model row: highest ``selection_score`` when entries carry one, else
-    validation AUC; rows that fell back to random weights when ImageNet was asked are out."""
+    validation AUC. Rows whose weights are random (a fallback) or not recorded are out when the
+    notebook asked for ImageNet weights."""
     rows = [
         row
         for nb in notebooks
@@ -434,7 +423,8 @@ def choose_best(notebooks: Sequence[Notebook]) -> dict | None:
         if row["task"] == BEST_TASK
         and row["model_path"]
         and Path(str(row["model_path"])).is_file()
-        and not (row["random_weights"] and str(nb.value("weights")).lower() == "imagenet")
+        and not (row["weights"] in ("random initialisation", "not recorded")
+                 and str(nb.value("weights")).lower() == "imagenet")
     ]
     scored = [r for r in rows if r["score"] is not None]
     key = "score" if scored else "val_auc_value"
@@ -537,7 +527,7 @@ def write_index(notebooks: Sequence[Notebook], reports_dir: Path, run: dict, bes
         f"{len(notebooks)} notebook(s) in this run: {sum(nb.status == 'ok' for nb in notebooks)} ran, "
         f"{sum(nb.status == 'failed' for nb in notebooks)} failed, {len(notebooks) - len(done)} not finished. "
         f"They trained {len(rows)} model(s) "
-        f"({sum(r['random_weights'] for r in rows)} from random weights, the rest from ImageNet weights) "
+        f"({sum(r['random_weights'] for r in rows)} of them from random weights) "
         "and tested each once on a held-out split at a threshold chosen on validation data."
     )
     if best is not None:
