@@ -11,8 +11,13 @@ fi
 STAMP="$VENV/.pneumo-installed"
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   echo "[setup] installing pneumo and its dependencies into $VENV (first run: a few minutes)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[${PNEUMO_EXTRAS:-cpu,dev,fetch}]"
+  LOG="$VENV/pip-install.log"
+  if ! { "$VENV/bin/python" -m pip install --upgrade pip &&
+         "$VENV/bin/python" -m pip install -e ".[${PNEUMO_EXTRAS:-cpu,dev,fetch}]"; } >"$LOG" 2>&1; then
+    tail -n 30 "$LOG"
+    echo "[setup] installation failed; the whole log is in $LOG" >&2
+    exit 1
+  fi
   # JupyterLab opens notebooks/*.py as notebooks (jupytext's viewer) for this environment.
   mkdir -p "$VENV/share/jupyter/lab/settings"
   cat > "$VENV/share/jupyter/lab/settings/overrides.json" <<'JSON'
