@@ -3,7 +3,9 @@
 Every classifier here is built *flat* with the functional API: input -> preprocessing layer
 -> backbone layers -> head. Flat models keep ``model.get_layer(last_conv).output`` connected
 for Grad-CAM (a backbone nested as one layer breaks it) and take raw 0-255 RGB pixels, so the
-preprocessing travels inside the saved ``.keras`` file.
+preprocessing travels inside the saved ``.keras`` file. It is made of standard Keras layers
+(``Rescaling``, or a fixed 1x1 ``Conv2D`` for the channel flip), so a saved model loads with
+plain ``keras.models.load_model`` without importing this package.
 
 A trained model travels as ``NAME.keras`` plus a JSON sidecar ``NAME.json`` holding the
 backbone, image size, class names, decision threshold and how it was chosen, and the data and
@@ -12,8 +14,9 @@ metrics summary. :func:`load_model` returns both; prediction and evaluation need
 
 from __future__ import annotations
 
-import json
+import math
 import os
+import re
 import tempfile
 import warnings
 import zipfile
@@ -27,8 +30,16 @@ import numpy as np
 
 from pneumo_utils import CLASS_NAMES, __version__
 from pneumo_utils.data import image_dataset
+from pneumo_utils.io import ModelFileError, current_umask, read_sidecar, write_json_atomic
 
 HEAD_PREFIX = "head_"
+PREPROCESS_NAME = "preprocess"
+MAX_MODEL_BYTES = 2**31
+"""Largest total uncompressed size of a ``.keras`` archive that :func:`load_model` opens
+(a ResNet50 classifier is about 100 MB)."""
+MAX_CONFIG_BYTES = 64 * 2**20
+"""Largest uncompressed JSON member (``config.json``, ``metadata.json``) of a ``.keras``
+archive; a DenseNet121 config is under 1 MB."""
 _KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
 
@@ -79,10 +90,6 @@ class WeightsNotFoundError(RuntimeError):
     """ImageNet weights could neither be found locally nor downloaded."""
 
 
-class ModelFileError(ValueError):
-    """A file is not a pneumo/Keras model, or does not fit the data it is given."""
-
-
 def get_backbone(name: str) -> Backbone:
     """The :class:`Backbone` called ``name`` (case-insensitive, ``-`` or ``_``)."""
     key = name.lower().replace("-", "_")
@@ -91,37 +98,35 @@ def get_backbone(name: str) -> Backbone:
     return BACKBONES[key]
 
 
-@keras.saving.register_keras_serializable(package="pneumo")
-class Preprocess(keras.layers.Layer):
-    """The backbone's own input scaling, as a layer so it is saved with the model.
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+_CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68])
+PREPROCESSING_MODES = ("tf", "torch", "caffe", "unit")
+
+
+def preprocessing_layer(inputs, mode: str = "tf", name: str = PREPROCESS_NAME):
+    """The backbone's own input scaling applied to ``inputs``, as one standard Keras layer.
 
     Input: ``(batch, h, w, 3)`` RGB in 0-255. Modes follow ``keras.applications``:
-    ``tf`` scales to [-1, 1]; ``torch`` to [0, 1] then ImageNet mean/std; ``caffe`` flips to
-    BGR and subtracts the ImageNet mean; ``unit`` scales to [0, 1] (models from scratch).
+    ``tf`` scales to [-1, 1]; ``torch`` to [0, 1] then ImageNet mean/std (per-channel
+    ``Rescaling``); ``caffe`` flips to BGR and subtracts the ImageNet mean (a frozen 1x1
+    ``Conv2D`` whose kernel is the channel permutation and whose bias is minus the mean);
+    ``unit`` scales to [0, 1] (models from scratch). The layer is never trainable.
     """
-
-    MODES = ("tf", "torch", "caffe", "unit")
-
-    def __init__(self, mode: str = "tf", **kwargs):
-        super().__init__(**kwargs)
-        if mode not in self.MODES:
-            raise ValueError(f"preprocessing mode must be one of {self.MODES}, got {mode!r}")
-        self.mode = mode
-
-    def call(self, inputs):
-        x = keras.ops.cast(inputs, "float32")
-        if self.mode == "tf":
-            return x / 127.5 - 1.0
-        if self.mode == "unit":
-            return x / 255.0
-        if self.mode == "torch":
-            mean = np.array([0.485, 0.456, 0.406], "float32")
-            std = np.array([0.229, 0.224, 0.225], "float32")
-            return (x / 255.0 - mean) / std
-        return keras.ops.flip(x, axis=-1) - np.array([103.939, 116.779, 123.68], "float32")
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "mode": self.mode}
+    if mode == "caffe":
+        layer = keras.layers.Conv2D(3, 1, name=name, trainable=False)
+        outputs = layer(inputs)
+        layer.set_weights([np.eye(3)[::-1].reshape(1, 1, 3, 3), -_CAFFE_MEAN_BGR])
+        return outputs
+    scales = {
+        "tf": (1 / 127.5, -1.0),
+        "unit": (1 / 255.0, 0.0),
+        "torch": ((1 / (255.0 * _IMAGENET_STD)).tolist(), (-_IMAGENET_MEAN / _IMAGENET_STD).tolist()),
+    }
+    if mode not in scales:
+        raise ValueError(f"preprocessing mode must be one of {PREPROCESSING_MODES}, got {mode!r}")
+    scale, offset = scales[mode]
+    return keras.layers.Rescaling(scale, offset, name=name)(inputs)
 
 
 def resolve_weights(
@@ -187,7 +192,7 @@ def build_classifier(
     if seed is not None:
         keras.utils.set_random_seed(seed)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = Preprocess(spec.preprocessing, name="preprocess")(inputs)
+    x = preprocessing_layer(inputs, spec.preprocessing)
     base = getattr(keras.applications, spec.constructor)(
         include_top=False, weights=None, input_tensor=x
     )
@@ -216,7 +221,7 @@ def build_scratch_cnn(
     if seed is not None:
         keras.utils.set_random_seed(seed)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = Preprocess("unit", name="preprocess")(inputs)
+    x = preprocessing_layer(inputs, "unit")
     for block, n in enumerate(filters, start=1):
         for conv in (1, 2):
             x = keras.layers.Conv2D(
@@ -268,7 +273,8 @@ def base_layers(model: keras.Model) -> list[keras.layers.Layer]:
         layer
         for layer in model.layers
         if not layer.name.startswith(HEAD_PREFIX)
-        and not isinstance(layer, (keras.layers.InputLayer, Preprocess))
+        and layer.name != PREPROCESS_NAME
+        and not isinstance(layer, keras.layers.InputLayer)
     ]
 
 
@@ -306,11 +312,36 @@ def model_metadata(model: keras.Model, **info: Any) -> dict:
     return meta
 
 
-def predict_paths(model: keras.Model, paths: list[str], batch_size: int = 32) -> np.ndarray:
-    """PNEUMONIA probabilities ``(n,)`` for image files, decoded in parallel and batched."""
+def predict_paths(
+    model: keras.Model, paths: list[str], batch_size: int = 32, verbose: bool = False
+) -> np.ndarray:
+    """PNEUMONIA probabilities ``(n,)`` for image files, decoded in parallel and batched.
+
+    ``verbose`` shows a progress bar over the batches (``tqdm``).
+    """
     size = int(model.inputs[0].shape[1])
     dataset = image_dataset(paths, image_size=size, batch_size=batch_size, cache=False)
-    return model.predict(dataset, verbose=0).reshape(-1)
+    callbacks = [ProgressBar(math.ceil(len(paths) / batch_size), "predict")] if verbose else []
+    return model.predict(dataset, verbose=0, callbacks=callbacks).reshape(-1)
+
+
+class ProgressBar(keras.callbacks.Callback):
+    """A ``tqdm.auto`` bar over the batches of ``model.predict`` (``total`` batches)."""
+
+    def __init__(self, total: int, description: str) -> None:
+        super().__init__()
+        self.total, self.description, self.bar = total, description, None
+
+    def on_predict_begin(self, logs=None) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, desc=self.description, unit="batch", leave=False)
+
+    def on_predict_batch_end(self, batch, logs=None) -> None:
+        self.bar.update(1)
+
+    def on_predict_end(self, logs=None) -> None:
+        self.bar.close()
 
 
 def sidecar_path(model_path: str | Path) -> Path:
@@ -321,16 +352,19 @@ def sidecar_path(model_path: str | Path) -> Path:
 def save_model(model: keras.Model, path: str | Path, metadata: dict | None = None) -> Path:
     """Save ``model`` and its sidecar atomically (temporary file, then rename).
 
-    An interrupted run never leaves a half-written model under ``path``.
+    An interrupted run never leaves a half-written model under ``path``; the temporary file
+    of a save that was killed (its name carries the process id) is removed by the next save
+    into the same folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     meta = metadata if metadata is not None else model_metadata(model)
-    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=path.parent, prefix=f".{path.stem}.")
+    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=path.parent, prefix=f".{path.stem}.{os.getpid()}.")
     os.close(fd)
     try:
         model.save(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -339,38 +373,25 @@ def save_model(model: keras.Model, path: str | Path, metadata: dict | None = Non
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete ``.STEM.PID.*.keras`` files in ``path``'s folder whose process is gone."""
+    import psutil
 
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # after a failed write: no half-written temporary file
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
+    pattern = re.compile(rf"^\.{re.escape(path.stem)}\.(\d+)\..*\.keras$")
+    for candidate in path.parent.glob(f".{path.stem}.*.keras"):
+        match = pattern.match(candidate.name)
+        if match and not psutil.pid_exists(int(match.group(1))):
+            candidate.unlink(missing_ok=True)
 
 
 def load_model(path: str | Path) -> tuple[keras.Model, dict]:
     """Load a saved model (Keras safe mode, never unpickling) and its sidecar metadata.
 
     Raises :class:`ModelFileError` naming the file when it is not a ``.keras`` model, when
-    Keras safe mode refuses it (a ``Lambda`` layer or other Python code inside), when the
-    model does not take one square RGB image ``(h, w, 3)``, or when the sidecar's
+    its archive would unpack to more than :data:`MAX_MODEL_BYTES` (or a JSON member to more
+    than :data:`MAX_CONFIG_BYTES`), when Keras safe mode refuses it (Python code inside),
+    when the model does not take one square RGB image ``(h, w, 3)`` or does not end in one
+    sigmoid unit, or when the sidecar fails :func:`validate_metadata` or its
     ``image_size`` disagrees with the model's input. Without a sidecar, metadata is inferred
     from the model (threshold 0.5).
     """
@@ -382,24 +403,22 @@ def load_model(path: str | Path) -> tuple[keras.Model, dict]:
             f"{path} is not a Keras .keras model file (expected a zip archive saved by "
             "model.save('NAME.keras'))"
         )
+    _check_archive_sizes(path)
+    meta_file = sidecar_path(path)
+    meta = read_sidecar(meta_file)
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:
         text = " ".join(str(exc).split())
         if "safe_mode" in text or "unsafe" in text.lower():
             raise ModelFileError(
-                f"refusing to load {path}: it contains Python code (e.g. a Lambda layer) that "
-                "Keras safe mode will not deserialize, and pneumo never loads models unsafely; "
-                "rebuild the model without Lambda layers and save it again "
-                f"(Keras: {text.split('. ')[0]})"
+                f"refusing to load {path}: Keras safe mode found Python code inside it "
+                f"({text.split('. ')[0]}); pneumo never loads models unsafely, so rebuild the "
+                "model from standard layers and save it again"
             ) from None
         raise ModelFileError(f"cannot load {path} as a Keras model: {text}") from None
-    meta_file = sidecar_path(path)
-    try:
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"sidecar {meta_file} is not valid JSON: {exc}") from None
     size = _square_rgb_input_size(model, path)
+    _check_sigmoid_output(model, path)
     if "image_size" in meta and size is not None and int(meta["image_size"]) != size:
         raise ModelFileError(
             f"sidecar {meta_file} says image_size {meta['image_size']} but {path} takes "
@@ -413,6 +432,39 @@ def load_model(path: str | Path) -> tuple[keras.Model, dict]:
         meta = model_metadata(model)
     meta.setdefault("image_size", size)
     return model, meta
+
+
+def _check_archive_sizes(path: Path) -> None:
+    """Refuse a ``.keras`` archive whose members would unpack to more memory than any pneumo
+    model needs (a small file can declare a 1 GiB ``config.json``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelFileError(f"cannot read {path} as a zip archive: {exc}") from None
+    total = sum(m.file_size for m in members)
+    big_json = [m for m in members if m.filename.endswith(".json") and m.file_size > MAX_CONFIG_BYTES]
+    if big_json or total > MAX_MODEL_BYTES:
+        what = (f"{big_json[0].filename} unpacks to {big_json[0].file_size / 2**20:,.0f} MiB "
+                f"(limit {MAX_CONFIG_BYTES / 2**20:.0f} MiB)") if big_json else (
+                f"its members unpack to {total / 2**30:,.1f} GiB (limit {MAX_MODEL_BYTES / 2**30:.0f} GiB)")
+        raise ModelFileError(f"refusing to load {path}: {what}; this is not a pneumo model file")
+
+
+def _check_sigmoid_output(model: keras.Model, path: Path) -> None:
+    """Refuse a model whose output is not one sigmoid unit per image (e.g. a 2-unit softmax,
+    whose first column would be read as P(positive))."""
+    outputs = model.outputs
+    shape = tuple(outputs[0].shape) if len(outputs) == 1 else None
+    layer = getattr(outputs[0], "_keras_history", [None])[0] if outputs else None
+    activation = getattr(getattr(layer, "activation", None), "__name__", None)
+    if shape is None or len(shape) != 2 or shape[-1] != 1 or activation != "sigmoid":
+        shown = ", ".join(str(tuple(t.shape)) for t in outputs)
+        raise ModelFileError(
+            f"{path} must end in one sigmoid unit giving P(positive) per image (as the pneumo "
+            f"builders make), but its output is {shown} from activation {activation or 'unknown'}; "
+            "a softmax or multi-unit model would be misread"
+        )
 
 
 def _square_rgb_input_size(model: keras.Model, path: Path) -> int | None:

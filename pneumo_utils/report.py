@@ -16,7 +16,8 @@ import pandas as pd
 
 from pneumo_utils import CLASS_NAMES
 from pneumo_utils.evaluate import CI_METRICS
-from pneumo_utils.models import model_metadata, save_model, write_json_atomic
+from pneumo_utils.io import write_json_atomic
+from pneumo_utils.models import model_metadata, save_model
 
 
 def describe_weights(weights_file: str | None) -> str:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import zipfile
 
 import keras
@@ -43,9 +46,31 @@ def test_unfreeze_top_keeps_batchnorm_frozen(small_model):
     ],
 )
 def test_preprocess_layer_matches_keras_applications(mode, reference):
+    inputs = keras.Input((8, 8, 3))
+    layer_model = keras.Model(inputs, models.preprocessing_layer(inputs, mode))
     x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
-    ours = keras.ops.convert_to_numpy(models.Preprocess(mode)(x))
+    ours = layer_model.predict(x, verbose=0)
     np.testing.assert_allclose(ours, reference(x.copy()), rtol=1e-5, atol=1e-4)
+    assert not any(w.trainable for w in layer_model.weights)
+
+
+def test_saved_model_loads_with_plain_keras(tmp_path):
+    """A saved classifier (caffe preprocessing: the channel flip) loads in a fresh
+    interpreter with keras.models.load_model alone, pneumo_utils never imported, and
+    predicts what the original predicts."""
+    model = models.build_classifier("resnet50", image_size=32, weights=None, seed=0)
+    path = models.save_model(model, tmp_path / "resnet.keras")
+    code = (
+        "import sys, keras, numpy as np; model = keras.models.load_model(sys.argv[1]);"
+        "x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype('float32');"
+        "np.save(sys.argv[2], model.predict(x, verbose=0));"
+        "assert not [m for m in sys.modules if m.startswith('pneumo_utils')]"
+    )
+    out = tmp_path / "out.npy"
+    subprocess.run([sys.executable, "-c", code, str(path), str(out)], check=True, cwd=tmp_path,
+                   capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(np.load(out), model.predict(x, verbose=0), atol=1e-5)
 
 
 def test_resolve_weights_from_folder(tmp_path, monkeypatch):
