@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from pneumo_utils import CLASS_NAMES
-from pneumo_utils.images import check_image, is_image_file
+from pneumo_utils.images import check_images as _check_files
+from pneumo_utils.images import is_image_file
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 INDEX_COLUMNS: list[str] = ["path", "label", "patient", "split", "source"]
@@ -38,6 +39,10 @@ class BadImagesWarning(UserWarning):
     """Some image files could not be read and were left out of the index."""
 
 
+class NestedImagesWarning(UserWarning):
+    """Images in sub-folders of a class folder were indexed with that folder's class."""
+
+
 def kermany_patient_id(filename: str) -> str:
     """Patient id encoded in a Kermany file name.
 
@@ -54,8 +59,10 @@ def kermany_patient_id(filename: str) -> str:
     return Path(name).stem
 
 
-def find_kermany_root(path: str | Path) -> Path:
-    """The folder holding ``train/``, ``val/`` and ``test/`` at or below ``path``.
+def find_kermany_root(path: str | Path, splits: Sequence[str] = SPLITS) -> Path:
+    """The folder holding the split folders (``train/``, ``val/``, ``test/``) at or below
+    ``path``; only the first of ``splits`` is looked for, so a root holding just ``test/``
+    is found when ``splits=("test",)``.
 
     Accepts the data root itself, or a download folder that nests it (Kaggle's archive
     unpacks to ``chest_xray/chest_xray/...`` next to a ``__MACOSX`` folder).
@@ -67,13 +74,15 @@ def find_kermany_root(path: str | Path) -> Path:
             "{train,val,test}/{NORMAL,PNEUMONIA}, or download the data set with "
             "`python -m pneumo_utils.fetch kermany --dest data/`."
         )
-    candidates = [path] + sorted(p for p in path.rglob("train") if "__MACOSX" not in p.parts)
+    first = splits[0] if splits else SPLITS[0]
+    candidates = [path] + sorted(p for p in path.rglob(first) if "__MACOSX" not in p.parts)
     for candidate in candidates:
         root = candidate if candidate == path else candidate.parent
-        if (root / "train").is_dir():
+        if (root / first).is_dir():
             return root
     raise DatasetLayoutError(
-        f"no train/ folder found in {path}; expected {path}/{{train,val,test}}/{{NORMAL,PNEUMONIA}}."
+        f"no {first}/ folder found in {path}; expected {path}/{{{','.join(splits)}}}/"
+        f"{{{','.join(CLASS_NAMES)}}}."
     )
 
 
@@ -105,13 +114,16 @@ def load_kermany(
     Returns
     -------
     The index DataFrame (see module docstring); ``source`` is ``"kermany"``.
+    ``index.attrs`` lists what was left out or deserves a look: ``"skipped"`` (one
+    ``{"path", "reason"}`` per unreadable image or non-image file) and ``"nested"``
+    (class sub-folder -> number of images indexed from it), see :func:`load_class_folder`.
 
     Raises
     ------
     DatasetLayoutError naming the folder when a split or class folder is missing, empty, or
     an unknown class folder is present.
     """
-    root = find_kermany_root(data_dir)
+    root = find_kermany_root(data_dir, splits)
     tables = []
     for split in splits:
         split_dir = root / split
@@ -121,7 +133,12 @@ def load_kermany(
                 f"{{{','.join(CLASS_NAMES)}}}."
             )
         tables.append(load_class_folder(split_dir, split, "kermany", check_images, on_bad_image))
-    return pd.concat(tables, ignore_index=True)
+    index = pd.concat(tables, ignore_index=True)
+    index.attrs = {
+        "skipped": [item for t in tables for item in t.attrs["skipped"]],
+        "nested": {k: v for t in tables for k, v in t.attrs["nested"].items()},
+    }
+    return index
 
 
 def load_class_folder(
@@ -135,7 +152,12 @@ def load_class_folder(
 
     Used for each Kermany split and for evaluating a model on any folder in that layout.
     Non-image files (``.DS_Store``, ``Thumbs.db``, ``.txt``) are skipped with one warning
-    that counts them; see :func:`load_kermany` for the other parameters and errors.
+    that counts them. Images in sub-folders of a class folder are indexed with that class,
+    with a :class:`NestedImagesWarning` naming the sub-folders. ``index.attrs["skipped"]``
+    and ``index.attrs["nested"]`` record both (see :func:`load_kermany` for the other
+    parameters and errors). With ``check_images`` every image is decoded once (verdicts
+    are cached by file size and modification time, see
+    :func:`pneumo_utils.images.check_images`).
     """
     if on_bad_image not in ("warn", "error"):
         raise ValueError(f"on_bad_image must be 'warn' or 'error', got {on_bad_image!r}")
@@ -154,6 +176,7 @@ def load_class_folder(
             f"unknown class folder(s) {unknown} in {folder}; expected only {list(CLASS_NAMES)}."
         )
     rows, skipped, bad = [], [], []
+    nested: dict[str, int] = {}
     for label, class_name in enumerate(CLASS_NAMES):
         class_dir = folder / class_name
         if not class_dir.is_dir():
@@ -161,9 +184,13 @@ def load_class_folder(
         images, non_images = _class_files(class_dir)
         skipped.extend(non_images)
         if check_images:
-            problems = [(p, check_image(p)) for p in images]
+            problems = list(zip(images, _check_files(images), strict=True))
             bad.extend((p, msg) for p, msg in problems if msg)
             images = [p for p, msg in problems if not msg]
+        for p in images:
+            if p.parent != class_dir:
+                sub = str(p.parent.relative_to(folder))
+                nested[sub] = nested.get(sub, 0) + 1
         if not images:
             raise DatasetLayoutError(
                 f"class folder {class_dir} has no readable images "
@@ -171,7 +198,22 @@ def load_class_folder(
             )
         rows += [(str(p), label, kermany_patient_id(p.name), split, source) for p in images]
     _report_skipped(skipped, bad, on_bad_image)
-    return pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    if nested:
+        listing = ", ".join(f"{sub} ({n})" for sub, n in sorted(nested.items()))
+        warnings.warn(
+            f"{sum(nested.values())} image(s) in sub-folders of class folders of {folder} are "
+            f"labelled by the class folder above them: {listing}; move them out if that is "
+            "not their class.",
+            NestedImagesWarning,
+            stacklevel=2,
+        )
+    index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    index.attrs = {
+        "skipped": [{"path": str(p), "reason": "not an image file"} for p in skipped]
+        + [{"path": str(p), "reason": msg} for p, msg in bad],
+        "nested": nested,
+    }
+    return index
 
 
 def _report_skipped(skipped: list[Path], bad: list[tuple[Path, str]], on_bad_image: str) -> None:
@@ -317,11 +359,19 @@ def read_labels_table(csv: str | Path) -> tuple[pd.DataFrame, str]:
     the found columns.
     """
     csv = Path(csv)
+    expected = f"expected columns {list(SIMPLE_COLUMNS)} or, for the NIH table, {list(NIH_COLUMNS)}"
     try:
         table = pd.read_csv(csv, dtype={"Patient ID": str})
+    except pd.errors.EmptyDataError:
+        raise DatasetLayoutError(f"labels CSV {csv} is empty (no header, no rows); {expected}") from None
     except (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError) as exc:
-        raise DatasetLayoutError(f"cannot read labels CSV {csv}: {exc}") from None
+        text = " ".join(str(exc).split())
+        raise DatasetLayoutError(f"cannot read labels CSV {csv}: {text}") from None
     table.columns = [str(c).strip() for c in table.columns]
+    if table.empty:
+        raise DatasetLayoutError(
+            f"labels CSV {csv} has a header ({', '.join(table.columns)}) but no rows"
+        )
     if any(c in table.columns for c in NIH_COLUMNS):
         require_columns(table, NIH_COLUMNS, f"NIH labels table {csv}")
         return table, "nih"
@@ -378,6 +428,7 @@ def load_nih(
     require_images: bool = True,
     labels_csv: str | Path | None = None,
     on_bad_image: str = "warn",
+    allow_outside_paths: bool = False,
 ) -> pd.DataFrame:
     """Index NIH ChestX-ray14 (or a simple ``path,label`` CSV) for normal vs ``finding``.
 
@@ -402,6 +453,14 @@ def load_nih(
     labels_csv : the table, when it is not (the only CSV) inside ``data_dir_or_csv``; the
         images are then looked for under ``data_dir_or_csv``.
     on_bad_image : what to do with unreadable images, as in :func:`load_kermany`.
+    allow_outside_paths : a simple CSV's paths must stay inside the folder they are relative
+        to (no ``..``, absolute or ``~`` paths), so that a labels file cannot make the loader
+        read files elsewhere; ``True`` lifts that.
+
+    The table is checked first: a row without a patient id, or an image listed twice with
+    different labels or patients, raises :class:`DatasetLayoutError` naming the CSV lines;
+    rows repeated identically are kept once, with a warning. When no labelled image is on
+    disk at all, the error names the table and the folders searched.
 
     Returns
     -------
@@ -422,6 +481,11 @@ def load_nih(
         base = csv.parent
     table, kind = read_labels_table(csv)
     summary: dict = {"table": str(csv), "format": kind, "rows in table": len(table)}
+    table = _check_rows(table, kind, csv)
+    summary["dropped: duplicate rows"] = summary["rows in table"] - len(table)
+    if kind == "simple" and not allow_outside_paths:
+        root = Path(images_dir).expanduser() if images_dir is not None else csv.parent
+        _refuse_outside_paths(table["path"].astype(str).str.strip(), root, csv)
 
     if kind == "nih":
         labels = map_finding_labels(table["Finding Labels"], finding)
@@ -468,19 +532,31 @@ def load_nih(
         "findings": findings[keep].to_numpy(),
     })
     source = "nih" if kind == "nih" else "csv"
-    table["path"], found = _locate_images(table["name"], kind, csv, base, images_dir, require_images)
+    table["path"], found, searched = _locate_images(
+        table["name"], kind, csv, base, images_dir, require_images
+    )
     if require_images:
         missing = table.loc[~found, "name"].tolist()
         summary["dropped: image not on disk"] = len(missing)
+        if missing and len(missing) == len(table):
+            raise MissingImagesError(
+                f"none of the {len(table):,} labelled images in {csv} is on disk (looked in "
+                f"{', '.join(map(str, searched))}; e.g. {missing[0]}); point images_dir at the "
+                "folder holding them, and check that the file names match the table exactly "
+                "(case included)."
+            )
         _report_missing(missing, len(table), csv, on_missing)
         table = table[found]
         bad: list[tuple[Path, str]] = []
         if check_images:
-            problems = [check_image(p) for p in table["path"]]
+            problems = _check_files(table["path"].tolist())
             bad = [(Path(p), msg) for p, msg in zip(table["path"], problems, strict=True) if msg]
             table = table[[msg is None for msg in problems]]
         summary["dropped: unreadable image"] = len(bad)
         _report_skipped([], bad, on_bad_image)
+        if table.empty:
+            raise DatasetLayoutError(f"no labelled image listed in {csv} could be read (see the "
+                                     "warning above for each file)")
     if balance:
         positives, normals = table[table["label"] == 1], table[table["label"] == 0]
         if len(normals) > len(positives):
@@ -503,18 +579,24 @@ def load_nih(
 
 
 def _locate_images(
-    names: pd.Series, kind: str, csv: Path, base: Path, images_dir, require_images: bool
-) -> tuple[pd.Series, np.ndarray]:
-    """Each row's image path and whether it exists (all True in pure-table mode)."""
+    names: pd.Series,
+    kind: str,
+    csv: Path,
+    base: Path,
+    images_dir,
+    require_images: bool,
+) -> tuple[pd.Series, np.ndarray, list[Path]]:
+    """Each row's image path, whether it exists (all True in pure-table mode), and the
+    folders searched."""
     if kind == "nih":
         folders = [Path(images_dir).expanduser()] if images_dir is not None else nih_image_folders(base)
         if images_dir is not None:
             folders += sorted(p for p in folders[0].glob("images_*/images") if p.is_dir())
         if not require_images:
-            return str(folders[0]) + os.sep + names, np.ones(len(names), bool)
+            return str(folders[0]) + os.sep + names, np.ones(len(names), bool), folders
         on_disk = _files_by_name([f for f in folders if f.is_dir()])
         paths = names.map(lambda n: on_disk.get(n, str(folders[0] / n)))
-        return paths, names.map(lambda n: n in on_disk).to_numpy(bool)
+        return paths, names.map(lambda n: n in on_disk).to_numpy(bool), folders
     root = Path(images_dir).expanduser() if images_dir is not None else csv.parent
 
     def resolve(name: str) -> str:
@@ -530,8 +612,76 @@ def _locate_images(
 
     paths = names.map(resolve)
     if not require_images:
-        return paths, np.ones(len(names), bool)
-    return paths, paths.map(lambda p: Path(p).is_file()).to_numpy(bool)
+        return paths, np.ones(len(names), bool), [root]
+    return paths, paths.map(lambda p: Path(p).is_file()).to_numpy(bool), [root]
+
+
+def _refuse_outside_paths(names: pd.Series, root: Path, csv: Path) -> None:
+    """Raise naming the CSV lines whose path is absolute, starts with ``~`` or climbs out of
+    ``root`` with ``..`` (checked on the text, so nothing outside is even looked at)."""
+    outside = [
+        (line, name)
+        for line, name in zip(names.index + 2, names, strict=True)
+        if name.startswith("~")
+        or Path(name).is_absolute()
+        or os.path.normpath(name.replace("\\", "/")).split(os.sep)[0] == ".."
+    ]
+    if outside:
+        shown = ", ".join(f"line {line}: {name}" for line, name in outside[:5])
+        raise DatasetLayoutError(
+            f"labels CSV {csv}: {len(outside)} path(s) point outside {root} ({shown}"
+            f"{', ...' if len(outside) > 5 else ''}); paths must be relative to that folder "
+            "(pass allow_outside_paths=True to read files elsewhere)."
+        )
+
+
+def _check_rows(table: pd.DataFrame, kind: str, csv: Path) -> pd.DataFrame:
+    """Refuse rows without a patient id and images listed twice with different labels or
+    patients (naming the CSV lines); drop identical repeats with a warning."""
+    image_col, label_col = ("Image Index", "Finding Labels") if kind == "nih" else ("path", "label")
+    patient_col = "Patient ID" if kind == "nih" else next(
+        (c for c in _PATIENT_COLUMNS if c in table.columns), None
+    )
+    lines = table.index + 2  # line 1 is the header
+    if patient_col is not None:
+        blank = table[patient_col].isna() | (table[patient_col].astype(str).str.strip() == "")
+        if blank.any():
+            shown = ", ".join(map(str, lines[blank][:10]))
+            raise DatasetLayoutError(
+                f"labels CSV {csv}: {int(blank.sum())} row(s) have no {patient_col} (line(s) "
+                f"{shown}{', ...' if blank.sum() > 10 else ''}); every image needs its patient "
+                "for a patient-level split: fill them in or remove those rows."
+            )
+    key = table[image_col].astype(str).str.strip()
+    if kind == "nih":
+        labels = table[label_col].astype(str).str.replace(r"\s*\|\s*", "|", regex=True).str.strip()
+    else:
+        labels = _simple_labels(table[label_col], csv).map(dict(enumerate(CLASS_NAMES)))
+    content = labels.str.casefold()
+    if patient_col is not None:
+        content = content + "\0" + table[patient_col].astype(str).str.strip()
+    repeated = key.duplicated(keep=False)
+    if not repeated.any():
+        return table
+    conflicting = content[repeated].groupby(key[repeated]).nunique()
+    conflicting = conflicting[conflicting > 1]
+    if len(conflicting):
+        first = conflicting.index[0]
+        rows = key == first
+        shown = "; ".join(f"line {line}: {label!r}" for line, label in zip(lines[rows], labels[rows], strict=True))
+        raise DatasetLayoutError(
+            f"labels CSV {csv}: {len(conflicting)} image(s) are listed with different labels or "
+            f"patients, e.g. {first} ({shown}); keep one row per image."
+        )
+    dropped = key.duplicated(keep="first")
+    shown = ", ".join(map(str, lines[dropped][:10]))
+    warnings.warn(
+        f"labels CSV {csv}: {int(dropped.sum())} duplicate row(s) repeat an earlier row (line(s) "
+        f"{shown}{', ...' if dropped.sum() > 10 else ''}); each image is kept once.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return table[~dropped]
 
 
 def _report_missing(missing: list[str], n_rows: int, csv: Path, on_missing: str) -> None:

@@ -1,49 +1,33 @@
 """Cheap looks at a data set before training: original image sizes and colour modes.
 
-Sizes come from file headers (Pillow opens a file lazily and reads only its header; DICOM
-headers are read without pixel data), so a few thousand files take a second or two.
+Sizes come from file headers (:func:`pneumo_utils.images.read_header`: Pillow reads only
+the header, DICOM is read without pixel data), so a few thousand files take a second or two.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from pneumo_utils import CLASS_NAMES
-
-
-def image_header(path: str | Path) -> tuple[int, int, str]:
-    """``(width, height, mode)`` of one image file from its header, without decoding pixels.
-
-    DICOM files report ``mode`` as their photometric interpretation (e.g. ``MONOCHROME2``).
-    Raises ``OSError``/``ValueError`` for files that are not readable images.
-    """
-    path = Path(path)
-    with open(path, "rb") as handle:
-        head = handle.read(132)
-    if head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom"):
-        import pydicom
-
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        return int(ds.Columns), int(ds.Rows), str(ds.get("PhotometricInterpretation", "?"))
-    with Image.open(path) as im:
-        return int(im.width), int(im.height), im.mode
+from pneumo_utils.images import read_header
 
 
 def image_size_table(paths: Sequence[str], labels: Sequence[int] | None = None) -> pd.DataFrame:
     """One row per file: ``path``, ``width``, ``height``, ``mode``, ``aspect`` (w / h), and
-    ``class`` when ``labels`` are given. Unreadable files get NaN sizes and mode ``"error"``.
+    ``class`` when ``labels`` are given. Sizes are as stored (before any EXIF rotation);
+    DICOM files report ``mode`` as their photometric interpretation (e.g. ``MONOCHROME2``).
+    Unreadable files get NaN sizes and mode ``"error"``.
 
     The input of :func:`pneumo_utils.plots.image_size_histogram` and :func:`size_summary`.
     """
     rows = []
     for path in paths:
         try:
-            width, height, mode = image_header(path)
+            header = read_header(path)
+            width, height, mode = header.width, header.height, header.mode
         except (OSError, ValueError):
             width, height, mode = np.nan, np.nan, "error"
         rows.append((str(path), width, height, mode))

@@ -8,9 +8,19 @@ list the problems instead of crashing half-way through an epoch.
 
 Choices worth knowing:
 
-* Truncated files are errors. Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left at its
-  default (``False``); code that switches it on globally also makes this module accept
-  truncated images, so don't.
+* Damaged files are errors. Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left at its
+  default (``False``), and every JPEG is also decoded by libjpeg-turbo in strict mode
+  (``simplejpeg``), which turns libjpeg's "corrupt data" warnings into errors: a JPEG cut
+  short and given a new end marker, or with bytes overwritten, decodes in Pillow without a
+  word but would give a wrong picture.
+* Memory per image is bounded. JPEGs read with a ``max_side`` or target size are decoded at
+  1/2, 1/4 or 1/8 scale by libjpeg itself (``Image.draft``). Every other decode (PNG, DICOM,
+  progressive JPEG, whose decoder holds the whole image's coefficients) is refused above
+  :data:`PIXEL_BUDGET` pixels, checked from the header before any pixel is decoded; within
+  the budget Pillow holds at most 4 bytes per pixel (about 150 MB). Pillow's
+  decompression-bomb guard stays on, raised to :data:`MAX_PIXELS`.
+* EXIF orientation is applied (``ImageOps.exif_transpose``): a phone photo of a film
+  stored sideways is read upright. :func:`read_header` reports the tag.
 * 16-bit PNGs are divided by 257 (full 16-bit range -> 0..255), which keeps brightness
   comparable between files. When the largest value is below 4096 the data is taken to be
   10- or 12-bit detector data stored in 16 bits and is min-max stretched instead (dividing
@@ -18,42 +28,41 @@ Choices worth knowing:
   min-max stretched.
 * DICOM: modality LUT (rescale), then VOI LUT or window centre/width mapped onto 0..255;
   without either, min-max. MONOCHROME1 (bright = low values) is inverted so that bone is
-  always bright. Multi-frame files give their first frame.
-* EXIF orientation is not applied (the Kermany images are stored upright and the
-  published preprocessing ignores it).
-* Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (``Image.draft``)
-  whenever a ``max_side`` or target size is given, so memory stays bounded.
-* PNG has no reduced-scale decoding, and Pillow keeps a decoded RGB image at 4 bytes per
-  pixel, so an 8000 x 8000 RGB PNG would need 256 MB (about 600 MB of peak memory with the
-  array copies). PNGs of at least :data:`PNG_STREAM_MIN_PIXELS` pixels that are read with a
-  ``max_side`` or target size are therefore decoded in strips of about 1 MB: each strip is
-  unfiltered by Pillow and box-averaged by an integer factor (as ``Image.reduce`` would)
-  before the next one is read, so peak memory grows by about 30 MB at most (measured for
-  8000 x 8000 RGB) whatever the image size.
-  This covers non-interlaced 8-bit PNGs of every colour type and 16-bit grayscale (with or
-  without alpha); the rare others (interlaced, 1/2/4-bit, 16-bit colour) are decoded in
-  full, which needs about ``4 * width * height`` bytes (up to 3x that at the peak).
+  always bright. Multi-frame files give their first frame. Read at a reduced size, the raw
+  values are block-averaged before the LUTs, so the float copies stay small.
 """
 
 from __future__ import annotations
 
-import io
+import errno
+import hashlib
 import os
-import struct
+import sqlite3
+import stat
 import threading
 import warnings
-import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+import simplejpeg
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MIN_SIDE",
+    "PIXEL_BUDGET",
+    "ImageHeader",
     "ImageReadError",
     "check_image",
+    "check_images",
+    "image_warnings",
+    "is_dicom",
     "is_image_file",
+    "read_header",
     "read_image",
     "read_resized",
 ]
@@ -64,18 +73,26 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpeg", ".jpg", ".png", ".dcm", "
 DICOM_EXTENSIONS: frozenset[str] = frozenset({".dcm", ".dicom"})
 
 MAX_PIXELS = 20_000 * 20_000
-"""Largest image (width * height) opened. Pillow's default limit (~89 Mpx, error above
-~179 Mpx) guards against decompression bombs; we raise it because JPEGs are decoded
-downscaled via ``draft`` and some scanners export very large files."""
+"""Largest image (width * height) opened at all: Pillow's decompression-bomb limit
+(~89 Mpx, error above ~179 Mpx) is raised to this because big JPEGs are decoded at 1/8
+scale. Above it, or above :data:`PIXEL_BUDGET` where no reduced decode exists, the file is
+refused."""
 
-PNG_STREAM_MIN_PIXELS = 4096 * 4096
-"""PNGs with at least this many pixels, read at a reduced size, are decoded strip by strip
-(see the module docstring); smaller ones are decoded in full by Pillow."""
+PIXEL_BUDGET = 6_000 * 6_000
+"""Most pixels decoded for one image (after the JPEG draft reduction): 36 Mpx, about
+150 MB in Pillow's 4-bytes-per-pixel RGB. Chest radiographs are below 20 Mpx."""
 
-_PNG_STRIP_BYTES = 2**20  # unfiltered bytes per strip of a streamed PNG
-_CHECK_FULL_DECODE_BYTES = 64 * 1024  # check_image fully decodes files up to this size
-_JPEG_EOI = b"\xff\xd9"
+MIN_SIDE = 32
+"""Images with a side shorter than this (in pixels) are refused: they carry no detail a
+model could read."""
+
+CHECK_CACHE_ENV = "PNEUMO_CHECK_CACHE"
+"""Environment variable naming the cache file of :func:`check_images` (empty: no cache)."""
+
+_CHECK_VERSION = "2"  # part of the cache key: a change to what check_image tests invalidates it
 _PIL_LIMIT_LOCK = threading.Lock()
+_ORIENTATION_TAG = 0x0112
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # these swap width and height
 
 
 class ImageReadError(ValueError):
@@ -96,6 +113,26 @@ class ImageReadError(ValueError):
         return f"cannot read {self.path}: {self.reason}"
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a file's header says: stored ``width`` and ``height`` (before EXIF rotation),
+    ``format`` (``JPEG``, ``PNG``, ``DICOM``, ...), ``mode`` (Pillow mode, or the DICOM
+    photometric interpretation) and the EXIF ``orientation`` (1 = upright)."""
+
+    width: int
+    height: int
+    format: str
+    mode: str
+    orientation: int = 1
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """``(width, height)`` as displayed, after the EXIF orientation is applied."""
+        if self.orientation in _TRANSPOSED_ORIENTATIONS:
+            return self.height, self.width
+        return self.width, self.height
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
     """True when ``path`` has an image extension and is not a hidden/metadata file.
 
@@ -108,19 +145,53 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def is_dicom(path: str | os.PathLike) -> bool:
+    """DICOM by content (``DICM`` at offset 128; many PACS exports have no extension), else
+    by extension unless the file starts like a JPEG or PNG (a misnamed export)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if head[128:132] == b"DICM":
+        return True
+    if head.startswith((b"\xff\xd8\xff", b"\x89PNG")):
+        return False
+    return path.suffix.lower() in DICOM_EXTENSIONS
+
+
+def read_header(path: str | os.PathLike) -> ImageHeader:
+    """Size, format, mode and EXIF orientation from the file header, without decoding pixels.
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`ImageReadError` for one
+    that is not a readable image.
+    """
+    path = Path(path)
+    size = _file_size(path)
+    try:
+        if is_dicom(path):
+            ds = _read_dicom(path, stop_before_pixels=True)
+            return ImageHeader(int(ds.Columns), int(ds.Rows), "DICOM",
+                               str(ds.get("PhotometricInterpretation", "?")))
+        with _open_pil(path) as im:
+            return ImageHeader(im.width, im.height, str(im.format), im.mode, _orientation(im))
+    except (ImageReadError, MemoryError):
+        raise
+    except Exception as exc:
+        raise ImageReadError(path, _describe(exc, path, size)) from exc
+
+
 def read_image(path: str | os.PathLike, max_side: int | None = None) -> np.ndarray:
-    """Read an image file as an ``(H, W, 3)`` uint8 RGB array.
+    """Read an image file as an upright ``(H, W, 3)`` uint8 RGB array.
 
     ``max_side`` caps the longest side (aspect ratio kept, ``cv2.INTER_AREA``); JPEGs are
     then decoded at reduced scale so a huge file never needs full-resolution memory.
 
     Raises ``FileNotFoundError`` for a missing file and :class:`ImageReadError` for a file
-    that cannot be decoded.
+    that cannot be decoded or is too large to decode within :data:`PIXEL_BUDGET`.
     """
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be a positive integer, got {max_side!r}")
-    draft = (max_side, max_side) if max_side else None
-    arr = _decode(Path(path), draft)
+    target = (max_side, max_side) if max_side else None
+    arr = _decode(Path(path), target)
     h, w = arr.shape[:2]
     if max_side and max(h, w) > max_side:
         scale = max_side / max(h, w)
@@ -134,8 +205,9 @@ def read_resized(path: str | os.PathLike, size: int | tuple[int, int]) -> np.nda
 
     The aspect ratio is not kept: the whole image is stretched to the target, as in the
     Kermany et al. preprocessing. ``cv2.INTER_AREA`` is used when shrinking (the usual
-    case) and bilinear interpolation when enlarging either side. JPEGs are first decoded
-    by libjpeg at the smallest 1/2, 1/4 or 1/8 scale that is still at least twice the target.
+    case) and bilinear interpolation when enlarging either side. Files are first decoded at
+    the smallest reduced size that is still at least twice the target (libjpeg's 1/2, 1/4
+    or 1/8 scale for JPEGs; block averages of the raw values for DICOM).
     """
     is_int = isinstance(size, (int, np.integer))
     out_h, out_w = (int(size), int(size)) if is_int else (int(size[0]), int(size[1]))
@@ -151,32 +223,18 @@ def read_resized(path: str | os.PathLike, size: int | tuple[int, int]) -> np.nda
 
 
 def check_image(path: str | os.PathLike) -> str | None:
-    """Return ``None`` if ``path`` looks readable, else a one-line description of the problem.
+    """Return ``None`` if ``path`` decodes cleanly, else a one-line description of the problem.
 
-    Meant for scanning thousands of files in seconds, so it does not decode every file:
-    files up to 64 KB (and all DICOMs) are decoded (JPEGs at reduced scale); larger
-    JPEGs are checked by header and by the end-of-image marker that a truncated download
-    lacks (decoded only if that marker is missing), larger PNGs by their chunk checksums
-    (``Image.verify``). A bit flip inside the compressed data of a large JPEG can slip
-    through; :func:`read_image` still raises on it later.
-    The description does not repeat the path.
+    The file is decoded for real, at reduced scale where the format allows (the same code
+    path as :func:`read_resized`), so whatever this accepts a training or evaluation
+    pipeline can read. Images smaller than :data:`MIN_SIDE` are refused too. The
+    description does not repeat the path. For many files use :func:`check_images`, which
+    caches the verdicts and runs in parallel.
     """
     path = Path(path)
     try:
-        size = _file_size(path)
-        if size <= _CHECK_FULL_DECODE_BYTES or _is_dicom(path):
-            read_image(path, max_side=64)
-            return None
-        with _open_pil(path) as im:
-            fmt = im.format
-            if fmt in ("JPEG", "MPO"):
-                with open(path, "rb") as f:
-                    f.seek(max(0, size - 1024))
-                    tail = f.read()
-                if _JPEG_EOI not in tail:
-                    read_image(path, max_side=64)  # raises if really truncated
-            else:
-                im.verify()
+        _decode(path, (64, 64))
+        header = read_header(path)
     except FileNotFoundError:
         return "file not found"
     except ImageReadError as exc:
@@ -185,196 +243,183 @@ def check_image(path: str | os.PathLike) -> str | None:
         raise
     except Exception as exc:
         return _describe(exc, path)
+    if min(header.width, header.height) < MIN_SIDE:
+        return (f"image too small ({header.width} x {header.height} px; at least "
+                f"{MIN_SIDE} px on each side is needed)")
     return None
+
+
+def check_images(
+    paths: Sequence[str | os.PathLike],
+    cache: str | os.PathLike | None = "default",
+    workers: int | None = None,
+) -> list[str | None]:
+    """:func:`check_image` for many files: verdicts in order (``None`` = readable).
+
+    Verdicts are cached by absolute path, size and modification time in an SQLite file, so
+    a data set is decoded once, not on every load: ``cache="default"`` uses the file named
+    by the ``PNEUMO_CHECK_CACHE`` environment variable, else
+    ``~/.cache/pneumo/image-checks.sqlite``; ``None`` (or an empty variable) checks
+    without a cache. A cache that cannot be opened or written is left alone. Files not in
+    the cache are decoded in ``workers`` threads (default: one per CPU; the decoders
+    release the GIL).
+    """
+    keys = [_check_key(Path(p)) for p in paths]
+    db = _open_check_cache(cache)
+    known: dict[str, str | None] = {}
+    if db is not None:
+        known = _cached_verdicts(db, [k for k in keys if k is not None])
+    todo = sorted({i for i, key in enumerate(keys) if key is None or key not in known})
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        found = dict(zip(todo, pool.map(lambda i: check_image(paths[i]), todo), strict=True))
+    if db is not None:
+        fresh = [(keys[i], found[i] or "") for i in todo if keys[i] is not None]
+        try:
+            with db:
+                db.executemany("INSERT OR REPLACE INTO checks VALUES (?, ?)", fresh)
+        except sqlite3.Error:
+            pass  # a read-only or locked cache only costs speed
+        db.close()
+    return [found[i] if i in found else known[keys[i]] for i in range(len(keys))]
+
+
+def image_warnings(image: np.ndarray) -> list[str]:
+    """Reasons to doubt that an RGB ``uint8`` array is a chest radiograph (may be empty).
+
+    Flags a nearly uniform picture (grey-level spread below 4), a noise-like one (the mean
+    difference between neighbouring pixels is as large as the spread itself, which smooth
+    anatomy never gives) and a strongly coloured one (radiographs are gray). A model scores
+    such inputs anyway, so the caller shows these beside the prediction.
+    """
+    arr = np.asarray(image, dtype=np.float32)
+    gray = arr.mean(axis=-1) if arr.ndim == 3 else arr
+    spread = float(gray.std())
+    notes = []
+    if spread < 4.0:
+        notes.append(f"nearly uniform image (grey-level spread {spread:.1f}): not a radiograph?")
+    else:
+        steps = (np.abs(np.diff(gray, axis=0)).mean() + np.abs(np.diff(gray, axis=1)).mean()) / 2
+        if steps > 0.6 * spread:
+            notes.append(f"looks like noise, not anatomy (neighbouring pixels differ by "
+                         f"{steps:.0f} grey levels on average, spread {spread:.0f})")
+    if arr.ndim == 3 and arr.shape[-1] >= 3:
+        colour = float(np.abs(arr[..., :3] - arr[..., :3].mean(axis=-1, keepdims=True)).mean())
+        if colour > 12.0:
+            notes.append(f"colour image (mean channel difference {colour:.0f}); chest X-rays "
+                         "are grayscale")
+    return notes
 
 
 # --------------------------------------------------------------------------- internals
 
 
 def _file_size(path: Path) -> int:
-    """Size in bytes; FileNotFoundError naming the path, ImageReadError for empty files."""
+    """Size of a regular file in bytes. ``FileNotFoundError`` naming the path; for anything
+    that is not a non-empty regular file, :class:`ImageReadError` saying what it is."""
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
-    if path.is_dir():
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageReadError(path, "symbolic link loop (the link leads back to itself)") from None
+        raise ImageReadError(path, f"cannot access the file: {exc.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
         raise ImageReadError(path, "is a directory, not an image file")
-    if size == 0:
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageReadError(path, "not a regular file (a device, pipe or socket), not an image")
+    if info.st_size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
-    return size
+    return info.st_size
 
 
-def _is_dicom(path: Path) -> bool:
-    """DICOM by content (``DICM`` at offset 128; many PACS exports have no extension), else
-    by extension unless the file starts like a JPEG or PNG (a misnamed export)."""
-    with open(path, "rb") as f:
-        head = f.read(132)
-    if head[128:132] == b"DICM":
-        return True
-    if head.startswith((b"\xff\xd8\xff", b"\x89PNG")):
-        return False
-    return path.suffix.lower() in DICOM_EXTENSIONS
+def _decode(path: Path, target: tuple[int, int] | None) -> np.ndarray:
+    """Decode ``path`` to uint8, either ``(H, W)`` gray or ``(H, W, 3)`` RGB, upright.
 
-
-def _decode(path: Path, draft: tuple[int, int] | None) -> np.ndarray:
-    """Decode ``path`` to uint8, either ``(H, W)`` gray or ``(H, W, 3)`` RGB.
-
-    ``draft`` is the ``(width, height)`` the JPEG decoder may scale down to (never below).
+    ``target`` is the upright ``(width, height)`` the decoder may reduce to (never below).
     """
     size = _file_size(path)
     try:
-        if _is_dicom(path):
-            return _decode_dicom(path)
+        if is_dicom(path):
+            return _decode_dicom(path, target)
         with _open_pil(path) as im:
-            if draft is not None and im.format == "PNG":
-                reduced = _decode_png_reduced(path, draft)
-                if reduced is not None:
-                    return reduced
-            if draft is not None:
-                im.draft(None, draft)  # no-op for formats other than JPEG
+            orientation = _orientation(im)
+            if target is not None and orientation in _TRANSPOSED_ORIENTATIONS:
+                target = target[::-1]
+            is_jpeg = im.format in ("JPEG", "MPO")
+            full = im.size
+            if is_jpeg and target is not None:
+                im.draft(None, target)  # libjpeg decodes at 1/2, 1/4 or 1/8 scale
+            _check_budget(path, im, full)
+            if is_jpeg:
+                _verify_jpeg(path)
             im.load()
-            return _pil_to_array(im)
+            if orientation != 1:
+                ImageOps.exif_transpose(im, in_place=True)
+            return _pil_to_array(_reduce(im, target))
     except (ImageReadError, MemoryError):
         raise
     except Exception as exc:
         raise ImageReadError(path, _describe(exc, path, size)) from exc
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
-_PNG_TYPE_WITH_BYTES = {1: 0, 2: 4, 3: 2, 4: 6}  # 8-bit colour type with N bytes per pixel
+def _check_budget(path: Path, im: Image.Image, full: tuple[int, int]) -> None:
+    """Refuse, before decoding, an image that would need more than :data:`PIXEL_BUDGET`
+    pixels of memory (``im.size`` is already the draft size of a JPEG; a progressive JPEG
+    needs the full image's coefficients whatever the draft size)."""
+    decoded = full[0] * full[1] if _progressive(im) else im.size[0] * im.size[1]
+    if decoded <= PIXEL_BUDGET:
+        return
+    kind = f"{im.format}{', progressive' if _progressive(im) else ''}"
+    raise ImageReadError(
+        path,
+        f"image too large to decode safely ({full[0]} x {full[1]} px, {kind}: "
+        f"{decoded / 1e6:.0f} Mpx to decode, limit {PIXEL_BUDGET / 1e6:.0f} Mpx); downscale the "
+        "file (e.g. to 4096 px on its longest side) and try again",
+    )
 
 
-def _decode_png_reduced(path: Path, draft: tuple[int, int]) -> np.ndarray | None:
-    """A big PNG decoded strip by strip and box-reduced by an integer factor ``k``.
-
-    ``k`` is the largest factor (at most 32) that keeps the result at least ``draft``
-    (width, height), as ``Image.draft`` does for JPEGs; the caller resizes the rest.
-    Returns ``None`` (decode in full instead) for small images, ``k < 2`` and PNG variants
-    not handled here (see the module docstring).
-
-    Each strip of ``k * m`` rows is inflated from the IDAT stream, wrapped into a small
-    8-bit PNG whose first row is the previous strip's last unfiltered row (the filters
-    refer to it) and whose colour type has the same bytes per pixel as the original, and
-    decoded by Pillow: that undoes the PNG filters in C and yields the raw sample bytes,
-    which are interpreted (palette, alpha, 16-bit) and summed per ``k x k`` block here.
-    """
-    with open(path, "rb") as f:
-        if f.read(8) != _PNG_SIGNATURE:
-            return None
-        length, kind = struct.unpack(">I4s", f.read(8))
-        if kind != b"IHDR" or length != 13:
-            return None
-        w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", f.read(13))
-        f.read(4)  # CRC
-        k = min(w // draft[0], h // draft[1], 32)  # capped: strips hold >= k rows
-        supported = (depth == 8 and ctype in _PNG_CHANNELS) or (depth == 16 and ctype in (0, 4))
-        if w * h < PNG_STREAM_MIN_PIXELS or k < 2 or interlace or not supported:
-            return None
-        bpp = _PNG_CHANNELS[ctype] * depth // 8
-        row = w * bpp + 1  # one filter-type byte per row
-        palette = np.zeros((256, 3), np.uint8)
-        strip_rows = k * max(1, _PNG_STRIP_BYTES // (k * row))
-        col_starts = np.arange(0, w, k)
-        sums, prev, done = [], bytes(row - 1), 0
-        lo, hi = np.inf, -np.inf
-        for data in _png_inflate(f, strip_rows * row, palette):
-            n = min(len(data) // row, h - done)
-            if n == 0:
-                break
-            raw = _png_unfilter(prev + data[: n * row], w, n + 1, _PNG_TYPE_WITH_BYTES[bpp])
-            raw = raw.reshape(n + 1, w, bpp)
-            prev, raw = raw[-1].tobytes(), raw[1:]
-            if depth == 16:  # big-endian gray (alpha, if any, dropped)
-                values = (raw[..., 0].astype(np.uint32) << 8 | raw[..., 1])[..., None]
-                lo, hi = min(lo, int(values.min())), max(hi, int(values.max()))
-            elif ctype == 3:
-                values = palette[raw[..., 0]]
-            else:
-                values = raw[..., : 1 if ctype in (0, 4) else 3]  # drop alpha
-            # uint32 holds k rows of 16-bit samples; uint64 k x k blocks
-            block = np.add.reduceat(values, np.arange(0, n, k), axis=0, dtype=np.uint32)
-            sums.append(np.add.reduceat(block, col_starts, axis=1, dtype=np.uint64))
-            done += n
-    if done < h:
-        size = path.stat().st_size
-        raise ImageReadError(path, f"truncated PNG data (file is {size} bytes): {done} of {h} rows")
-    rows_per_block = np.minimum(k, h - np.arange(0, h, k))
-    cols_per_block = np.minimum(k, w - col_starts)
-    means = np.concatenate(sums) / (rows_per_block[:, None, None] * cols_per_block[None, :, None])
-    if depth == 16:
-        if lo >= 0 and 4096 <= hi <= 65535:  # same rule as _high_depth_to_uint8
-            out = ((means + 128) // 257).astype(np.uint8)
-        else:
-            out = _minmax_to_uint8(means, float(lo), float(hi))
-    else:
-        out = np.clip(np.rint(means), 0, 255).astype(np.uint8)
-    return out[..., 0] if out.shape[-1] == 1 else out
+def _progressive(im: Image.Image) -> bool:
+    """A progressive JPEG: libjpeg keeps every coefficient of the full image whatever the
+    output scale, so the draft reduction does not bound its memory."""
+    return bool(im.info.get("progressive") or im.info.get("progression"))
 
 
-def _png_inflate(f, n_bytes: int, palette: np.ndarray):
-    """Inflate the IDAT stream of the PNG open at ``f`` (just after IHDR) in pieces of
-    ``n_bytes`` (the last may be shorter); fills ``palette`` from PLTE on the way."""
-    inflater = zlib.decompressobj()
-    pending = bytearray()
-    seen_idat = False
-    while True:
-        header = f.read(8)
-        if len(header) < 8:
-            break  # truncated file: the caller counts the rows it got
-        length, kind = struct.unpack(">I4s", header)
-        if kind != b"IDAT":
-            if seen_idat or kind == b"IEND":
-                break
-            data = f.read(length)
-            if kind == b"PLTE":
-                colours = np.frombuffer(data[: len(data) // 3 * 3], np.uint8).reshape(-1, 3)
-                palette[: len(colours)] = colours[:256]
-            f.read(4)
-            continue
-        seen_idat = True
-        left = length
-        while left:
-            piece = f.read(min(left, 2**20))
-            if not piece:
-                break
-            left -= len(piece)
-            while piece:
-                pending += inflater.decompress(piece, n_bytes)
-                piece = inflater.unconsumed_tail
-                while len(pending) >= n_bytes:
-                    yield bytes(pending[:n_bytes])
-                    del pending[:n_bytes]
-        if left:
-            break
-        f.read(4)  # CRC (Pillow's check_image verifies it)
-    pending += inflater.flush()
-    while pending:
-        yield bytes(pending[:n_bytes])
-        del pending[:n_bytes]
+def _verify_jpeg(path: Path) -> None:
+    """Decode the JPEG with libjpeg-turbo in strict mode at 1/8 scale; its "corrupt data"
+    warnings (premature end of data segment, extraneous bytes, bad Huffman code), which
+    Pillow ignores, become an :class:`ImageReadError`."""
+    data = path.read_bytes()
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", min_factor=8, strict=True)
+    except ValueError as exc:
+        text = " ".join(str(exc).split())
+        kind = "truncated" if "premature end of jpeg file" in text.lower() else "damaged"
+        raise ImageReadError(
+            path, f"{kind} JPEG data (file is {len(data)} bytes): libjpeg says {text!r}"
+        ) from None
 
 
-def _png_unfilter(rows: bytes, width: int, height: int, ctype: int) -> np.ndarray:
-    """Raw 8-bit samples of PNG scan lines ``rows`` (each: filter byte + data): they are
-    wrapped into a minimal PNG of colour type ``ctype`` and decoded by Pillow."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-
-    header = struct.pack(">IIBBBBB", width, height, 8, ctype, 0, 0, 0)
-    idat = zlib.compress(b"\0" + rows, 0)  # stored, not compressed: it is decoded at once
-    png = _PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-    with Image.open(io.BytesIO(png)) as im:
-        im.load()
-        return np.asarray(im)
+def _reduce(im: Image.Image, target: tuple[int, int] | None) -> Image.Image:
+    """Box-reduce ``im`` by the largest integer factor that keeps it at least ``target``
+    (formats without a reduced decode), so the array copies stay small."""
+    if target is None:
+        return im
+    k = min(im.width // max(1, target[0]), im.height // max(1, target[1]))
+    if k < 2:
+        return im
+    if im.mode.startswith("I;16"):  # Image.reduce does not take 16-bit modes
+        return Image.fromarray(_block_mean(np.asarray(im), k))
+    if im.mode not in ("L", "RGB", "RGBA", "LA", "I", "F"):
+        return im
+    return im.reduce(k)
 
 
 def _describe(exc: BaseException, path: Path, size: int | None = None) -> str:
     """Turn a decoder exception into a short one-line reason."""
     text = " ".join(str(exc).split())
     if size is None:
-        size = path.stat().st_size if path.exists() else 0
+        size = path.stat().st_size if path.is_file() else 0
     if isinstance(exc, UnidentifiedImageError):
         return f"not a JPEG, PNG or DICOM image (unrecognised content, {size} bytes)"
     if "truncated" in text.lower():
@@ -403,12 +448,19 @@ def _open_pil(path: Path) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = saved
 
 
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 when absent or invalid)."""
+    try:
+        value = int(im.getexif().get(_ORIENTATION_TAG, 1))
+    except (ValueError, TypeError, OSError, SyntaxError):
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
 def _pil_to_array(im: Image.Image) -> np.ndarray:
     """Any Pillow mode -> uint8 gray ``(H, W)`` or RGB ``(H, W, 3)``; alpha is dropped."""
     mode = im.mode
-    if mode == "L":
-        return np.asarray(im)
-    if mode == "RGB":
+    if mode in ("L", "RGB"):
         return np.asarray(im)
     if mode in ("1", "LA", "La"):
         return np.asarray(im.convert("L"))
@@ -442,20 +494,34 @@ def _minmax_to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None 
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
-def _decode_dicom(path: Path) -> np.ndarray:
-    """DICOM -> uint8 gray (or RGB for colour DICOMs); see the module docstring."""
+def _read_dicom(path: Path, stop_before_pixels: bool = False):
+    """``pydicom.dcmread``; a ``.dcm`` without the 128-byte preamble + ``DICM`` is read as a
+    raw data set (a non-DICOM file with the extension then fails with "no pixel data")."""
     import pydicom  # imported lazily: only DICOM users pay for it
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
     try:
-        ds = pydicom.dcmread(path)
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size="1 MB")
     except InvalidDicomError:
-        # .dcm without the 128-byte preamble + "DICM": try a raw dataset; a non-DICOM
-        # file that merely has the extension fails below with "no pixel data".
-        ds = pydicom.dcmread(path, force=True)
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size="1 MB",
+                               force=True)
+
+
+def _decode_dicom(path: Path, target: tuple[int, int] | None) -> np.ndarray:
+    """DICOM -> uint8 gray (or RGB for colour DICOMs); see the module docstring."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+
+    ds = _read_dicom(path)
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ImageReadError(path, "DICOM file has no pixel data")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows * cols > PIXEL_BUDGET:
+        raise ImageReadError(
+            path,
+            f"image too large to decode safely ({cols} x {rows} px, DICOM: {rows * cols / 1e6:.0f} "
+            f"Mpx, limit {PIXEL_BUDGET / 1e6:.0f} Mpx); downscale it and try again",
+        )
     if "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -464,6 +530,8 @@ def _decode_dicom(path: Path) -> np.ndarray:
     if int(ds.get("SamplesPerPixel", 1)) > 1:  # colour (already converted to RGB)
         return arr if arr.dtype == np.uint8 else _minmax_to_uint8(arr)
 
+    if target is not None:
+        arr = _block_mean(arr, min(arr.shape[1] // target[0], arr.shape[0] // target[1]))
     arr = apply_modality_lut(arr, ds)
     has_lut = bool(ds.get("VOILUTSequence"))
     has_window = "WindowCenter" in ds and "WindowWidth" in ds
@@ -481,8 +549,69 @@ def _decode_dicom(path: Path) -> np.ndarray:
     return gray
 
 
+def _block_mean(arr: np.ndarray, k: int) -> np.ndarray:
+    """Mean of each ``k x k`` block (partial blocks at the edges too), rounded back to the
+    array's own dtype so that the DICOM LUTs see the same kind of values; ``k < 2`` returns
+    ``arr``. Rows are summed first, so the float64 intermediate is ``1/k`` of the image."""
+    if k < 2:
+        return arr
+    row_starts, col_starts = np.arange(0, arr.shape[0], k), np.arange(0, arr.shape[1], k)
+    sums = np.add.reduceat(np.add.reduceat(arr, row_starts, axis=0, dtype=np.float64),
+                           col_starts, axis=1)
+    rows = np.minimum(k, arr.shape[0] - row_starts)
+    cols = np.minimum(k, arr.shape[1] - col_starts)
+    means = sums / (rows[:, None] * cols[None, :])
+    if np.issubdtype(arr.dtype, np.integer):
+        return np.rint(means).astype(arr.dtype)
+    return means.astype(arr.dtype)
+
+
 def _to_rgb(arr: np.ndarray) -> np.ndarray:
     """Gray ``(H, W)`` -> ``(H, W, 3)``; contiguous uint8 either way."""
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- check cache
+
+
+def _check_key(path: Path) -> str | None:
+    """Cache key of one file's verdict: absolute path, size, modification time and the
+    version of the check (``None`` when the file cannot be stat-ed: never cached)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    text = f"{_CHECK_VERSION}\0{path.resolve()}\0{info.st_size}\0{info.st_mtime_ns}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _open_check_cache(cache: str | os.PathLike | None) -> sqlite3.Connection | None:
+    """The verdict cache as an open SQLite connection, or ``None`` (no cache wanted, or it
+    cannot be opened)."""
+    if cache == "default":
+        cache = os.environ.get(CHECK_CACHE_ENV, str(Path.home() / ".cache/pneumo/image-checks.sqlite"))
+    if not cache:
+        return None
+    try:
+        Path(cache).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(Path(cache).expanduser(), timeout=30)
+        db.execute("CREATE TABLE IF NOT EXISTS checks (key TEXT PRIMARY KEY, problem TEXT)")
+        return db
+    except (OSError, sqlite3.Error):
+        return None
+
+
+def _cached_verdicts(db: sqlite3.Connection, keys: list[str]) -> dict[str, str | None]:
+    """Verdicts of ``keys`` found in the cache (``None`` = readable)."""
+    found: dict[str, str | None] = {}
+    try:
+        for start in range(0, len(keys), 500):
+            chunk = keys[start: start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = db.execute(f"SELECT key, problem FROM checks WHERE key IN ({marks})", chunk)
+            found.update((key, problem or None) for key, problem in rows)
+    except sqlite3.Error:
+        return {}
+    return found

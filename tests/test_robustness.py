@@ -50,6 +50,7 @@ from pneumo_utils.datasets import (
     load_kermany,
 )
 from pneumo_utils.images import ImageReadError, read_image, read_resized
+from pneumo_utils.io import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 224  # input side of the prediction model used here
@@ -81,7 +82,7 @@ def _content_model(size: int = SIZE, seed: int = 0) -> keras.Model:
     """A tiny deterministic model whose output depends on the image layout: mean of each
     28x28 block (0-1), then a seeded linear map and a sigmoid. No training needed."""
     inputs = keras.Input((size, size, 3), name="image")
-    x = models.Preprocess("unit", name="preprocess")(inputs)
+    x = models.preprocessing_layer(inputs, "unit")
     x = keras.layers.AveragePooling2D(size // 8, name="blocks")(x)
     x = keras.layers.Flatten(name="flat")(x)
     out = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
@@ -309,31 +310,30 @@ def test_every_image_mode_through_the_pipeline(tmp_path):
 
 @pytest.fixture(scope="module")
 def huge(tmp_path_factory) -> dict[str, Path]:
-    """One picture at 8000 x 8000 as JPEG, gray PNG and RGB PNG, and at 224 px as PNG."""
+    """One picture as an 8000 x 8000 JPEG, a 5000 x 5000 gray PNG (within the pixel
+    budget), and at 224 px as PNG."""
     folder = tmp_path_factory.mktemp("huge")
     big = Image.fromarray(_picture(512)).resize((8000, 8000), Image.Resampling.BICUBIC)
     paths = {
         "jpeg": folder / "big.jpeg",
         "png_gray": folder / "big_gray.png",
-        "png_rgb": folder / "big_rgb.png",
         "224": folder / "small.png",
     }
     big.save(paths["jpeg"], quality=90)
-    big.save(paths["png_gray"], compress_level=1)
-    Image.merge("RGB", (big, big, big)).save(paths["png_rgb"], compress_level=1)
+    big.resize((5000, 5000), Image.Resampling.BOX).save(paths["png_gray"], compress_level=1)
     big.resize((SIZE, SIZE), Image.Resampling.BOX).save(paths["224"])
     return paths
 
 
 def test_huge_images_predict_like_the_small_picture(loaded, huge):
-    """8000 x 8000 JPEG, gray PNG and RGB PNG: same input array (to ~2 grey levels), same
+    """8000 x 8000 JPEG and 5000 x 5000 PNG: same input array (to ~2 grey levels), same
     class and probability as the same picture saved at 224 px."""
     model, meta = loaded
     reference = predict.predict_image(model, meta, huge["224"])
     flipped = reference["image_array"][::-1]
     p_flipped = float(model.predict(flipped[None], verbose=0)[0, 0])
     assert abs(p_flipped - reference["probability_pneumonia"]) > 0.05, "model is blind to layout"
-    for kind in ("jpeg", "png_gray", "png_rgb"):
+    for kind in ("jpeg", "png_gray"):
         result = predict.predict_image(model, meta, huge[kind])
         assert np.abs(result["image_array"] - reference["image_array"]).mean() < 2.0, kind
         assert result["label"] == reference["label"], kind
@@ -343,7 +343,7 @@ def test_huge_images_predict_like_the_small_picture(loaded, huge):
 def test_predict_cli_on_a_huge_png(saved_model, huge, loaded, capsys):
     model, meta = loaded
     expected = predict.predict_image(model, meta, huge["224"])
-    assert predict.main([str(huge["png_rgb"]), "--model", str(saved_model)]) == 0
+    assert predict.main([str(huge["png_gray"]), "--model", str(saved_model)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"Prediction: {expected['label']} (")
 
@@ -353,6 +353,7 @@ _MEMORY_PROBE = textwrap.dedent(
     import json, resource, sys
     import numpy as np
     from pneumo_utils import predict
+    from pneumo_utils.images import ImageReadError
 
     class Model:  # stands in for Keras: its memory does not depend on the image file
         inputs = [type("T", (), {"shape": (None, 224, 224, 3)})]
@@ -362,83 +363,89 @@ _MEMORY_PROBE = textwrap.dedent(
     meta = {"image_size": 224, "threshold": 0.5}
     predict.predict_image(Model(), meta, sys.argv[1])  # warm up: imports, small allocations
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = predict.predict_image(Model(), meta, sys.argv[2])
+    try:
+        outcome = predict.predict_image(Model(), meta, sys.argv[2])["label"]
+    except ImageReadError as exc:
+        outcome = exc.reason
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    print(json.dumps({"grown_mb": grown / 1024, "label": result["label"]}))
+    print(json.dumps({"grown_mb": grown / 1024, "outcome": outcome}))
     """
 )
 
 
-def test_huge_images_predict_with_bounded_memory(huge):
-    """Peak RSS growth of ``predict.predict_image`` on 8000 x 8000 files, each in a fresh
-    process after a warm-up on the 224 px picture. The model is a stand-in: a Keras model
-    always receives the same (1, 224, 224, 3) array, so only reading the file can grow with
-    its size. A full-resolution decode would need 192 MB for RGB (Pillow even keeps 256 MB,
-    and the old code peaked at about 600 MB) and 64 MB for gray. JPEGs are decoded by
-    libjpeg at 1/8 scale; big PNGs in ~1 MB strips box-reduced on the fly (see
-    images.PNG_STREAM_MIN_PIXELS). Measured growth: ~5 MB (JPEG), ~15-30 MB (PNGs); the
-    bound of 48 MB leaves margin and is below even one full gray decode (64 MB)."""
-    procs = {
-        kind: subprocess.Popen(
-            [sys.executable, "-c", _MEMORY_PROBE, str(huge["224"]), str(huge[kind])],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        )
-        for kind in ("jpeg", "png_gray", "png_rgb")
+def _probe_memory(reference: Path, image: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _MEMORY_PROBE, str(reference), str(image)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _png_header_only(path: Path, width: int, height: int, depth: int, colour_type: int,
+                     interlace: int = 0) -> Path:
+    """A PNG whose header claims ``width x height`` (one tiny IDAT): small on disk, and a
+    decoder that trusted the header would allocate the full image."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, interlace)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_huge_images_predict_with_bounded_memory(huge, tmp_path):
+    """Peak RSS growth of ``predict.predict_image``, each file in a fresh process after a
+    warm-up on the 224 px picture (the model is a stand-in: Keras always receives the same
+    (1, 224, 224, 3) array, so only reading the file can grow with its size).
+
+    * an 8000 x 8000 JPEG is decoded by libjpeg at 1/8 scale: a few MB (a full decode
+      needs 64 MB gray, 192 MB RGB);
+    * 20000 x 20000 PNGs (1-bit, 16-bit RGB, interlaced: 2.3-4.6 GB if decoded in full)
+      are refused from their header, above images.PIXEL_BUDGET, before any pixel is
+      decoded."""
+    hostile = {
+        "png_1bit": _png_header_only(tmp_path / "bits.png", 20000, 20000, 1, 0),
+        "png_rgb16": _png_header_only(tmp_path / "rgb16.png", 20000, 20000, 16, 2),
+        "png_interlaced": _png_header_only(tmp_path / "adam7.png", 20000, 20000, 8, 2, interlace=1),
     }
+    procs = {kind: _probe_memory(huge["224"], path) for kind, path in {"jpeg": huge["jpeg"], **hostile}.items()}
     for kind, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         result = json.loads(out.strip().splitlines()[-1])
-        assert result["grown_mb"] < 48, f"{kind}: peak RSS grew by {result['grown_mb']:.0f} MB"
+        assert result["grown_mb"] < 24, f"{kind}: peak RSS grew by {result['grown_mb']:.0f} MB"
+        if kind == "jpeg":
+            assert result["outcome"] in ("NORMAL", "PNEUMONIA")
+        else:
+            assert "too large to decode safely" in result["outcome"] and "20000 x 20000" in result["outcome"]
 
 
-def _block_means(arr: np.ndarray, k: int) -> np.ndarray:
-    """Mean of each k x k block (partial blocks at the edges too), like ``Image.reduce``."""
-    a = arr.astype(float)
-    sums = np.add.reduceat(np.add.reduceat(a, np.arange(0, a.shape[0], k), 0), np.arange(0, a.shape[1], k), 1)
-    rows = np.minimum(k, a.shape[0] - np.arange(0, a.shape[0], k))
-    cols = np.minimum(k, a.shape[1] - np.arange(0, a.shape[1], k))
-    return sums / (rows[:, None, None] * cols[None, :, None] if a.ndim == 3 else rows[:, None] * cols[None, :])
+def test_progressive_jpeg_above_the_budget_is_refused(tmp_path, monkeypatch):
+    """libjpeg keeps a progressive JPEG's coefficients for the whole image whatever the
+    output scale, so the draft reduction does not bound its memory: it is measured at full
+    size against the budget (a baseline JPEG of the same size is decoded at 1/8 scale)."""
+    picture = np.asarray(Image.fromarray(_picture(256)).resize((800, 800)))
+    progressive = _save(picture, tmp_path / "progressive.jpeg", progressive=True, quality=90)
+    baseline = _save(picture, tmp_path / "baseline.jpeg", quality=90)
+    monkeypatch.setattr(images, "PIXEL_BUDGET", 200 * 200)  # 800 x 800 / 8 = 100 x 100 fits
+    assert read_resized(baseline, 32).shape == (32, 32, 3)
+    with pytest.raises(ImageReadError, match=r"800 x 800 px, JPEG, progressive"):
+        read_resized(progressive, 32)
+    monkeypatch.setattr(images, "PIXEL_BUDGET", 800 * 800)
+    assert np.abs(read_resized(progressive, 32).astype(int) - read_resized(baseline, 32)).mean() < 2
 
 
-@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "I16", "I16_12bit"])
-def test_streamed_png_decode_matches_full_decode(tmp_path, monkeypatch, mode):
-    """The strip-wise PNG path gives the block means of the fully decoded image (to the
-    rounding), for every PNG colour type it handles, across strip boundaries, partial
-    edge blocks and all five PNG row filters; read_resized then agrees with a full decode."""
-    rng = np.random.default_rng(0)
-    picture = _picture(640)[:597, :]  # odd height: partial last block and strip
-    picture = np.clip(picture.astype(int) + rng.integers(-20, 21, picture.shape), 0, 255).astype(np.uint8)
-    path = tmp_path / f"{mode}.png"
-    _modes(picture)[f"{mode}.png"].save(path)
-    full = images._decode(path, None)  # below PNG_STREAM_MIN_PIXELS: decoded in full
-    full_resized = read_resized(path, 64)
-    monkeypatch.setattr(images, "PNG_STREAM_MIN_PIXELS", 1)
-    monkeypatch.setattr(images, "_PNG_STRIP_BYTES", 20_000)  # dozens of strips
-    streamed = images._decode_png_reduced(path, (100, 100))  # k = min(640 // 100, 597 // 100) = 5
-    assert streamed is not None and streamed.shape[:2] == (120, 128)  # ceil(597 / 5), 640 / 5
-    assert np.abs(streamed - _block_means(full, 5)).max() <= 1.0
-    resized = read_resized(path, 64)  # two-step (5x5 boxes, then INTER_AREA) vs one INTER_AREA
-    assert np.abs(resized.astype(float) - full_resized).mean() < 1.5
-    assert np.abs(resized.astype(int) - full_resized).max() <= 8
-    # 597 x 640 -> 93.3 x 100; the reduced 120 x 128 (partial last block) gives 93.75: like
-    # libjpeg's draft sizes (ceil(side / scale)), the aspect ratio may be off by one pixel
-    assert read_image(path, max_side=100).shape in ((93, 100, 3), (94, 100, 3))
-
-
-def test_streamed_png_truncated_or_corrupt_is_an_image_read_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(images, "PNG_STREAM_MIN_PIXELS", 1)
-    content = _encoded((np.random.default_rng(0).random((400, 400)) * 255).astype(np.uint8), "PNG")
-    truncated = tmp_path / "truncated.png"
-    truncated.write_bytes(content[: len(content) // 2])
-    with pytest.raises(ImageReadError, match="truncated PNG data"):
-        read_resized(truncated, 64)
-    flipped = bytearray(content)
-    flipped[len(content) // 2] ^= 0xFF
-    corrupt = tmp_path / "corrupt.png"
-    corrupt.write_bytes(bytes(flipped))
-    with pytest.raises(ImageReadError, match="corrupt.png"):
-        read_resized(corrupt, 64)
+def test_images_above_the_budget_are_skipped_and_counted_in_folders(tmp_path, monkeypatch):
+    folder = _class_folder(tmp_path / "test")
+    big = _save(np.asarray(Image.fromarray(_picture(256)).resize((300, 300))),
+                folder / "NORMAL" / "IM-0100-0001.png")
+    monkeypatch.setattr(images, "PIXEL_BUDGET", 200 * 200)
+    monkeypatch.setenv(images.CHECK_CACHE_ENV, "")
+    with pytest.warns(BadImagesWarning, match="too large to decode safely"):
+        index = load_class_folder(folder)
+    assert str(big) not in set(index["path"]) and len(index) == 6
+    assert index.attrs["skipped"] == [{"path": str(big), "reason": images.check_image(big)}]
 
 
 # --------------------------------------------------------------------------- row 6: DICOM
@@ -547,7 +554,7 @@ def test_sidecar_image_size_disagreeing_with_the_model(saved_model, tmp_path, ca
     copy = tmp_path / "copy.keras"
     copy.write_bytes(saved_model.read_bytes())
     meta = json.loads(models.sidecar_path(saved_model).read_text())
-    models.write_json_atomic(models.sidecar_path(copy), {**meta, "image_size": 128})
+    write_json_atomic(models.sidecar_path(copy), {**meta, "image_size": 128})
     with pytest.raises(models.ModelFileError, match=r"image_size 128 but .*takes 224x224"):
         models.load_model(copy)
     image = _save(_picture(64), tmp_path / "x.png")
@@ -601,16 +608,14 @@ def test_interrupted_model_save_keeps_the_previous_model(tmp_path, monkeypatch):
 
 def test_interrupted_json_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "metrics.json"
-    models.write_json_atomic(path, {"auc": 0.9})
+    write_json_atomic(path, {"auc": 0.9})
 
-    def crash(self, text, *args, **kwargs):
-        with open(self, "w") as handle:
-            handle.write(text[:3])
+    def crash(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
-        models.write_json_atomic(path, {"auc": 0.1})
+        write_json_atomic(path, {"auc": 0.1})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"auc": 0.9}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
