@@ -7,7 +7,9 @@ beside the default 0.5 so a reader can see what the choice did.
 Command line: ``python -m pneumo_utils.evaluate --model MODEL.keras --data DIR [--out F]``
 evaluates a saved model on a ``{NORMAL,PNEUMONIA}`` folder (or a data root's ``test/``) with
 the threshold stored beside the model, and prints one JSON object; ``--stress`` adds the
-acquisition-shift stress test of :mod:`pneumo_utils.shift`.
+acquisition-shift stress test of :mod:`pneumo_utils.shift`. Files left out (unreadable or
+not images) are counted and named in the JSON (``skipped``), and so are images found in
+sub-folders of a class folder (``nested_images``), which are scored with that class.
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ def bootstrap_ci(
     intervals that are too narrow. The threshold is held fixed: it was chosen on validation
     data, so the interval covers test-sampling variation only.
     """
+    if int(n_boot) < 1:
+        raise ValueError(f"n_boot must be a positive number of resamples, got {n_boot!r}")
     y_true = np.asarray(y_true).astype(int)
     proba = np.asarray(proba, dtype=float).reshape(-1)
     rng = np.random.default_rng(seed)
@@ -279,7 +283,8 @@ def classification_table(y_true: np.ndarray, proba: np.ndarray, threshold: float
 
 
 def _folder_index(data: str):
-    """Index of a ``{NORMAL,PNEUMONIA}`` folder, or of a data root's ``test/`` split."""
+    """Index of a ``{NORMAL,PNEUMONIA}`` folder, or of a data root's ``test/`` split (the
+    other splits need not exist)."""
     path = Path(data)
     if (path / "test").is_dir():
         return load_kermany(path, splits=("test",))
@@ -301,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         help="folder with NORMAL/ and PNEUMONIA/, or a data root with test/",
     )
     parser.add_argument("--out", help="also write the JSON to this file")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument(
         "--stress",
@@ -311,15 +316,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from pneumo_utils.models import ModelFileError, load_model, predict_paths, write_json_atomic
+    from pneumo_utils.io import write_json_atomic
+    from pneumo_utils.models import ModelFileError, load_model, predict_paths
 
+    for flag, value in (("--batch-size", args.batch_size), ("--n-boot", args.n_boot)):
+        if value < 1:
+            return _fail(f"{flag} must be a positive integer, got {value}")
+    if args.out and Path(args.out).is_dir():
+        return _fail(f"--out {args.out} is a folder; name a .json file to write")
     try:
         model, meta = load_model(args.model)
         index = _folder_index(args.data)
     except (FileNotFoundError, ModelFileError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    proba = predict_paths(model, index["path"].tolist(), args.batch_size)
+        return _fail(exc)
+    proba = predict_paths(model, index["path"].tolist(), args.batch_size,
+                          verbose=sys.stderr.isatty())
     labels = index["label"].to_numpy()
     threshold = float(meta.get("threshold", 0.5))
     result = binary_metrics(labels, proba, threshold)
@@ -339,12 +350,23 @@ def main(argv: list[str] | None = None) -> int:
         model=str(args.model),
         data=str(args.data),
         threshold_rule=meta.get("threshold_rule", "default 0.5 (no sidecar)"),
+        skipped={"count": len(index.attrs["skipped"]), "files": index.attrs["skipped"]},
+        nested_images=index.attrs["nested"],
     )
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        write_json_atomic(args.out, result)
+        try:
+            write_json_atomic(args.out, result)
+        except OSError as exc:
+            return _fail(f"cannot write --out {args.out}: {exc}")
     return 0
+
+
+def _fail(exc: Exception | str) -> int:
+    """Print ``error: <message>`` as one line on stderr (no traceback); exit status 2."""
+    print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

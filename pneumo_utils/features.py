@@ -5,15 +5,20 @@ same backbone forward pass. Computing the pooled features once and training the 
 gives the same model (the head sees identical inputs; see ``benchmarks/bench.py``) at a small
 fraction of the time. Features are stored on disk under a *content key* built from the
 backbone's weights, the image size, and the exact file list (path, size, modification time),
-so changing any of those recomputes instead of silently reusing stale features.
+so changing any of those recomputes instead of silently reusing stale features. Each cache
+file's name also carries a checksum of its contents (``NAME-KEY-SHA.npy``): a file that
+was truncated, zeroed or otherwise changed on disk is detected on load, named in a warning,
+deleted and recomputed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,7 +26,7 @@ import keras
 import numpy as np
 
 from pneumo_utils.data import image_dataset
-from pneumo_utils.models import pooled_features_model
+from pneumo_utils.models import ProgressBar, pooled_features_model
 
 DEFAULT_CACHE_DIR = ".cache/pneumo/features"
 
@@ -81,10 +86,12 @@ def extract_split_features(
 
     ``model`` is a classifier from :mod:`pneumo_utils.models` (or any model with a
     ``head_gap`` layer); its layers up to the pooling run once per image, in one pass over
-    every file list not found in the cache (one extractor, traced once). Each list is cached
-    under its own content key, so a split that did not change is reused even when another
-    did. With ``cache_dir=None`` nothing is read or written. Cache files are written through
-    a temporary file and a rename, so an interrupted run leaves no half-written cache.
+    every file list not found in the cache (one extractor, traced once), with a progress
+    bar when ``verbose``. Each list is cached under its own content key, so a split that did
+    not change is reused even when another did. With ``cache_dir=None`` nothing is read or
+    written. Cache files are written through a temporary file and a rename, so an
+    interrupted run leaves no half-written cache; a cache file that fails its checksum is
+    deleted and recomputed (with a warning naming it).
     """
     extractor = pooled_features_model(model)
     image_size = int(extractor.inputs[0].shape[1])
@@ -96,19 +103,19 @@ def extract_split_features(
         if cache_dir is not None:
             key = cache_key(weights_hash, image_size, split_paths)
             cache_file = Path(cache_dir) / f"{model.name}-{key}.npy"
-            if cache_file.is_file():
-                cached = np.load(cache_file)
-                if cached.shape[0] == len(split_paths):
-                    out[split] = cached
-                    if verbose:
-                        print(f"features: {split} {cached.shape} loaded from cache {cache_file}")
-                    continue
+            cached = _load_cached(cache_file, len(split_paths))
+            if cached is not None:
+                out[split], found = cached
+                if verbose:
+                    print(f"features: {split} {out[split].shape} loaded from cache {found}")
+                continue
         todo[split] = cache_file
     if todo:
         all_paths = [p for split in todo for p in paths[split]]
         dataset = image_dataset(all_paths, image_size=image_size, batch_size=batch_size, cache=False)
         start = time.perf_counter()
-        features = extractor.predict(dataset, verbose=0).astype(np.float32)
+        progress = [ProgressBar(math.ceil(len(all_paths) / batch_size), "features")] if verbose else []
+        features = extractor.predict(dataset, verbose=0, callbacks=progress).astype(np.float32)
         seconds = time.perf_counter() - start
         if verbose:
             print(f"features: computed {features.shape} for {', '.join(todo)} in {seconds:.0f} s "
@@ -122,14 +129,51 @@ def extract_split_features(
     return {split: out[split] for split in paths}
 
 
+def _checksum(features: np.ndarray) -> str:
+    """First 16 hex digits of the SHA-256 of the array's shape, dtype and bytes."""
+    digest = hashlib.sha256(f"{features.shape}{features.dtype}".encode())
+    digest.update(np.ascontiguousarray(features).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _load_cached(cache_file: Path, n_rows: int) -> tuple[np.ndarray, Path] | None:
+    """The verified features stored for ``cache_file``'s key and their file, or ``None``.
+
+    The file is ``STEM-SHA.npy``; one that cannot be read, has the wrong number of rows or
+    does not match its checksum is named in a warning and deleted, so it is recomputed.
+    """
+    for candidate in sorted(cache_file.parent.glob(f"{cache_file.stem}-*.npy")):
+        expected = candidate.stem.rsplit("-", 1)[-1]
+        try:
+            features = np.load(candidate, allow_pickle=False)
+            problem = None
+            if features.ndim != 2 or features.shape[0] != n_rows:
+                problem = f"holds {features.shape}, expected {n_rows} rows"
+            elif _checksum(features) != expected:
+                problem = "its contents do not match the checksum in its name"
+        except (OSError, ValueError, EOFError) as exc:
+            problem = f"cannot be read ({' '.join(str(exc).split())})"
+        if problem is None:
+            return features, candidate
+        warnings.warn(
+            f"feature cache file {candidate} {problem}; deleted, the features are recomputed",
+            UserWarning,
+            stacklevel=3,
+        )
+        candidate.unlink(missing_ok=True)
+    return None
+
+
 def _save_atomic(cache_file: Path, features: np.ndarray) -> None:
-    """``np.save`` through a temporary file and a rename; no partial file survives a failure."""
+    """``np.save`` to ``STEM-SHA.npy`` through a temporary file and a rename; no partial
+    file survives a failure."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
+    target = cache_file.with_name(f"{cache_file.stem}-{_checksum(features)}.npy")
     fd, tmp = tempfile.mkstemp(suffix=".npy", dir=cache_file.parent, prefix=".partial-")
     try:
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, features)
-        os.replace(tmp, cache_file)
+        os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -1,109 +1,298 @@
-"""Single-image prediction from the command line.
+"""Prediction from the command line, for one image, several, or a folder.
 
 ``python -m pneumo_utils.predict IMAGE --model MODEL.keras [--gradcam OUT.png]`` prints e.g.
 ``Prediction: PNEUMONIA (96.40% confidence)`` using the decision threshold stored beside the
-model. Unreadable images or models exit with status 2 and one line naming the problem.
-Research use only; not for diagnostic use.
+model. Several files or a folder print one line per image (``--json``: one JSON list), with
+the model loaded once. Warnings about the input (EXIF rotation applied, a nearly uniform,
+noise-like or colour picture) are printed under the prediction and carried in the JSON.
+An unreadable, damaged or too small image named on the command line, or an unusable model,
+exits with status 2 and one line per problem; unreadable files inside a folder are listed as
+skipped. Research use only; not for diagnostic use.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from pneumo_utils import CLASS_NAMES
 
+GRADCAM_SUFFIXES = (".png", ".jpg", ".jpeg")
+
 
 def predict_image(model, meta: dict, path: str | Path) -> dict:
-    """Probability, label and confidence for one image file (any supported format or size).
+    """Probability, label, confidence and input warnings for one image file.
 
-    The class follows the model's raw output against its stored threshold. Confidence is the
-    probability of that class (``p`` for PNEUMONIA, ``1 - p`` for NORMAL), using the
+    The class follows the model's raw output against its stored threshold; the label names
+    come from the sidecar's ``class_names`` (negative first). Confidence is the probability
+    of that class (``p`` for the positive class, ``1 - p`` for the negative one), using the
     validation-fitted temperature when the sidecar has one, so it reads as a probability.
-    The image is resized to ``meta["image_size"]`` whatever its own size (huge JPEGs and
-    PNGs are decoded at reduced scale, see :mod:`pneumo_utils.images`); a ``meta`` whose
-    ``image_size`` disagrees with the model's input raises
-    :class:`~pneumo_utils.models.ModelFileError`.
+    The image is resized to ``meta["image_size"]`` whatever its own size (huge JPEGs are
+    decoded at reduced scale, see :mod:`pneumo_utils.images`), turned upright by its EXIF
+    orientation (``exif_orientation`` in the result) and checked for being plausible
+    (``warnings``). Raises :class:`~pneumo_utils.images.ImageReadError` for an unreadable,
+    damaged or too small image and :class:`~pneumo_utils.io.ModelFileError` for
+    ``meta`` that fails validation or disagrees with the model's input size.
     """
-    from pneumo_utils.evaluate import apply_temperature
-    from pneumo_utils.images import read_resized
+    return predict_images(model, meta, [path], errors="raise")[0]
 
+
+def predict_images(
+    model,
+    meta: dict,
+    paths: list[str | Path],
+    batch_size: int = 32,
+    verbose: bool = False,
+    errors: str = "record",
+) -> list[dict]:
+    """:func:`predict_image` for many files, batched, in order.
+
+    With ``errors="record"`` an image that cannot be used gives ``{"image", "error"}``
+    instead of a prediction; ``"raise"`` raises instead. ``verbose`` shows a progress bar
+    over the batches (``tqdm``).
+    """
+    from tqdm.auto import tqdm
+
+    from pneumo_utils.images import ImageReadError
+    from pneumo_utils.io import ModelFileError, validate_metadata
+
+    validate_metadata(meta)
     size, expected = int(meta["image_size"]), model.inputs[0].shape[1]
     if expected is not None and int(expected) != size:
-        from pneumo_utils.models import ModelFileError
-
         raise ModelFileError(
             f"metadata image_size {size} does not match the model's {expected} px input"
         )
-    image = read_resized(str(path), size)[None].astype(np.float32)
-    raw = float(model.predict(image, verbose=0).reshape(-1)[0])
+    results: list[dict] = []
+    starts = range(0, len(paths), batch_size)
+    for start in tqdm(starts, desc="predict", unit="batch", disable=not verbose, leave=False):
+        batch, ready = [], []
+        for path in paths[start: start + batch_size]:
+            try:
+                image, notes = _prepare(path, size)
+            except (ImageReadError, FileNotFoundError) as exc:
+                if errors == "raise":
+                    raise
+                results.append({"image": str(path), "error": " ".join(str(exc).split())})
+                continue
+            batch.append(image)
+            ready.append((len(results), notes))
+            results.append({})
+        if not batch:
+            continue
+        images = np.stack(batch).astype(np.float32)
+        raw = model.predict(images, verbose=0).reshape(-1)
+        for (slot, notes), image, value in zip(ready, images, raw, strict=True):
+            results[slot] = {**_describe(float(value), meta), **notes, "image_array": image}
+    return results
+
+
+def _prepare(path: str | Path, size: int) -> tuple[np.ndarray, dict]:
+    """The model input for ``path`` and what to say about it (raises if it is unusable)."""
+    from pneumo_utils.images import (
+        MIN_SIDE,
+        ImageReadError,
+        image_warnings,
+        read_header,
+        read_resized,
+    )
+
+    header = read_header(path)
+    if min(header.width, header.height) < MIN_SIDE:
+        raise ImageReadError(
+            path, f"image too small ({header.width} x {header.height} px; at least {MIN_SIDE} px "
+            "on each side is needed)"
+        )
+    image = read_resized(path, size)
+    notes = {
+        "image": str(path),
+        "exif_orientation": header.orientation,
+        "warnings": image_warnings(image),
+    }
+    return image, notes
+
+
+def _describe(raw: float, meta: dict) -> dict:
+    """Label, probability and confidence for one raw model output."""
+    from pneumo_utils.evaluate import apply_temperature
+
+    names = list(meta.get("class_names") or CLASS_NAMES)
     threshold = float(meta.get("threshold", 0.5))
     label = int(raw >= threshold)
     proba = raw
     if "temperature" in meta:
         proba = float(apply_temperature(np.array([raw]), meta["temperature"])[0])
     return {
-        "image": str(path),
         "raw_output": raw,
         "probability_pneumonia": proba,
+        "positive_class": names[1],
         "threshold": threshold,
-        "label": CLASS_NAMES[label],
+        "label": names[label],
         "confidence": proba if label else 1.0 - proba,
-        "image_array": image[0],
     }
+
+
+def _inputs(arguments: list[str]) -> tuple[list[tuple[str, bool]], list[str]]:
+    """Image paths from the command line, each with whether it was named explicitly
+    (folders expand to their image files, recursively, sorted), and errors for arguments
+    that give nothing to predict."""
+    from pneumo_utils.images import is_image_file
+
+    found, errors = [], []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            files = sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            if not files:
+                errors.append(f"folder {path} holds no .jpeg/.jpg/.png/.dcm image")
+            found += [(f, False) for f in files]
+        elif not path.exists() and not path.is_symlink():
+            errors.append(f"image file {path} does not exist")
+        else:
+            found.append((argument, True))
+    return found, errors
+
+
+def _gradcam_target_problem(target: str) -> str | None:
+    """Why Grad-CAM could not be written to ``target`` (``None`` if it can): checked before
+    anything is predicted, by creating and removing a file in its folder."""
+    path = Path(target)
+    if path.is_dir():
+        return f"--gradcam {path} is a folder; name an image file such as {path / 'gradcam.png'}"
+    if path.suffix.lower() not in GRADCAM_SUFFIXES:
+        return f"--gradcam {path} must end in .png, .jpg or .jpeg (the image format to write)"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        return f"cannot write --gradcam {path}: folder {path.parent}: {exc.strerror or exc}"
+    return None
+
+
+def _write_gradcam(model, result: dict, target: str) -> None:
+    """Write the Grad-CAM overlay of ``result`` to ``target`` (raises ``OSError``)."""
+    import cv2
+
+    from pneumo_utils.gradcam import grad_cam, overlay
+    from pneumo_utils.io import write_bytes_atomic
+
+    heat = grad_cam(model, result["image_array"][None])[0]
+    picture = overlay(result["image_array"], heat)
+    ok, encoded = cv2.imencode(Path(target).suffix.lower(), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"cannot encode the overlay as {Path(target).suffix}")
+    write_bytes_atomic(target, encoded.tobytes())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pneumo_utils.predict",
-        description="Predict NORMAL/PNEUMONIA for one chest X-ray (research use only).",
+        description="Predict NORMAL/PNEUMONIA for chest X-rays (research use only).",
     )
-    parser.add_argument("image", help="JPEG, PNG or DICOM file")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="JPEG, PNG or DICOM files, or folders of them")
     parser.add_argument(
         "--model", required=True, help="MODEL.keras (its MODEL.json sidecar is read too)"
     )
-    parser.add_argument("--gradcam", metavar="OUT.png", help="also write a Grad-CAM overlay here")
+    parser.add_argument("--json", action="store_true", help="print one JSON list, one object per image")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
+    parser.add_argument("--gradcam", metavar="OUT.png",
+                        help="also write a Grad-CAM overlay here (one image only)")
     args = parser.parse_args(argv)
 
-    import cv2
+    from pneumo_utils.images import check_image
 
-    from pneumo_utils.images import ImageReadError, read_image
-
-    if not Path(args.image).is_file():
-        print(f"error: image file {args.image} does not exist", file=sys.stderr)
+    if args.batch_size < 1:
+        return _fail(f"--batch-size must be a positive integer, got {args.batch_size}")
+    inputs, problems = _inputs(args.images)
+    if args.gradcam:
+        if len(inputs) != 1 or problems:
+            return _fail("--gradcam takes exactly one image")
+        problem = _gradcam_target_problem(args.gradcam)
+        if problem:
+            return _fail(problem)
+    failed = bool(problems)
+    for problem in problems:
+        _fail(problem)
+    readable, skipped = [], []
+    for path, explicit in inputs:  # a bad image fails fast, before TensorFlow loads
+        reason = check_image(path)
+        if reason is None:
+            readable.append(path)
+        elif explicit:
+            failed = True
+            _fail(f"cannot read {path}: {reason}")
+        else:
+            skipped.append({"image": path, "error": f"skipped: {reason}"})
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+    if not readable:
         return 2
-    try:
-        read_image(args.image, max_side=64)  # a bad image fails fast, before TensorFlow loads
-    except (ImageReadError, FileNotFoundError, ValueError) as exc:
-        return _fail(exc)
 
+    from pneumo_utils.images import ImageReadError
     from pneumo_utils.models import ModelFileError, load_model
 
     try:
         model, meta = load_model(args.model)
-        result = predict_image(model, meta, args.image)
+        results = predict_images(model, meta, readable, batch_size=args.batch_size,
+                                 verbose=len(readable) > args.batch_size and sys.stderr.isatty(),
+                                 errors="raise" if len(inputs) == 1 else "record")
     except (ImageReadError, ModelFileError, FileNotFoundError, ValueError) as exc:
         return _fail(exc)
+    failed = failed or any("error" in r for r in results)
+    if args.json:
+        shown = [{k: v for k, v in r.items() if k != "image_array"} for r in results + skipped]
+        print(json.dumps(shown, indent=2))
+    elif len(inputs) == 1:
+        _print_single(results[0], meta)
+    else:
+        _print_many(results, meta)
+    if args.gradcam:
+        try:
+            _write_gradcam(model, results[0], args.gradcam)
+        except OSError as exc:
+            return _fail(f"cannot write Grad-CAM overlay {args.gradcam}: {exc}")
+        if not args.json:
+            print(f"Grad-CAM overlay written to {args.gradcam}")
+    return 2 if failed else 0
+
+
+def _print_single(result: dict, meta: dict) -> None:
     print(f"Prediction: {result['label']} ({result['confidence']:.2%} confidence)")
     print(
-        f"P(PNEUMONIA) = {result['probability_pneumonia']:.4f}, threshold {result['threshold']:.4f} "
-        f"({meta.get('threshold_rule', 'default')}). Not for diagnostic use."
+        f"P({result['positive_class']}) = {result['probability_pneumonia']:.4f}, threshold "
+        f"{result['threshold']:.4f} ({meta.get('threshold_rule', 'default')}). "
+        "Not for diagnostic use."
     )
-    if args.gradcam:
-        from pneumo_utils.gradcam import grad_cam, overlay
-
-        heat = grad_cam(model, result["image_array"][None])[0]
-        picture = overlay(result["image_array"], heat)
-        Path(args.gradcam).parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(args.gradcam, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
-        print(f"Grad-CAM overlay written to {args.gradcam}")
-    return 0
+    _print_notes(result, indent="")
 
 
-def _fail(exc: Exception) -> int:
+def _print_many(results: list[dict], meta: dict) -> None:
+    for result in results:
+        if "error" in result:
+            _fail(result["error"])
+            continue
+        print(f"{result['image']}: {result['label']} ({result['confidence']:.2%} confidence, "
+              f"P({result['positive_class']}) = {result['probability_pneumonia']:.4f})")
+        _print_notes(result, indent="  ")
+    threshold = float(meta.get("threshold", 0.5))
+    print(f"threshold {threshold:.4f} ({meta.get('threshold_rule', 'default')}). "
+          "Not for diagnostic use.")
+
+
+def _print_notes(result: dict, indent: str) -> None:
+    if result["exif_orientation"] != 1:
+        print(f"{indent}note: EXIF orientation {result['exif_orientation']} applied "
+              "(the image was turned upright before scoring)")
+    for warning in result["warnings"]:
+        print(f"{indent}warning: {warning}")
+
+
+def _fail(exc: Exception | str) -> int:
     """Print ``error: <message>`` as one line on stderr (no traceback); exit status 2."""
     print("error: " + " ".join(str(exc).split()), file=sys.stderr)
     return 2
