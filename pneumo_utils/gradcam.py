@@ -44,7 +44,10 @@ def grad_cam(
         (e.g. the one chosen on validation) so the map explains the decision reported.
 
     Returns ``(n, h', w')`` float32 maps in [0, 1] at the layer's resolution, each scaled to its
-    own peak. :func:`pneumo_utils.plots.gradcam_grid` draws them with a colour bar.
+    own peak, covering the whole input image: when the model crops its input first (a
+    ``CenterCrop`` layer, see :func:`pneumo_utils.preprocessing.cue_removal`), the maps are
+    placed in the middle of a zero frame, so they line up with the uncropped image.
+    :func:`pneumo_utils.plots.gradcam_grid` draws them with a colour bar.
     """
     layer_name = layer_name or find_last_conv_layer(model)
     grad_model = keras.Model(model.inputs, [model.get_layer(layer_name).output, model.output])
@@ -58,7 +61,21 @@ def grad_cam(
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1)).numpy()
     peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
-    return (cam / np.maximum(peak, 1e-12)).astype(np.float32)
+    return _uncrop((cam / np.maximum(peak, 1e-12)).astype(np.float32), model)
+
+
+def _uncrop(cam: np.ndarray, model: keras.Model) -> np.ndarray:
+    """Maps of a model that centre-crops its input, placed where the crop came from."""
+    crops = [layer for layer in model.layers if isinstance(layer, keras.layers.CenterCrop)]
+    if not crops:
+        return cam
+    in_h, in_w = (int(d) for d in model.inputs[0].shape[1:3])
+    n, h, w = cam.shape
+    full_h, full_w = round(h * in_h / crops[0].height), round(w * in_w / crops[0].width)
+    top, left = (full_h - h) // 2, (full_w - w) // 2
+    out = np.zeros((n, full_h, full_w), dtype=np.float32)
+    out[:, top: top + h, left: left + w] = cam
+    return out
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:

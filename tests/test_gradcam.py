@@ -29,3 +29,17 @@ def test_threshold_chooses_the_class_explained():
     assert normal.shape == pneumonia.shape == (2, 16, 16)
     assert not np.allclose(normal, pneumonia)
     assert 0.0 <= normal.min() and normal.max() <= 1.0
+
+
+def test_maps_of_a_cropping_model_line_up_with_the_whole_image():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((20, 20, 3))
+    x = keras.layers.CenterCrop(16, 16)(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="head_gap")(x)
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="head_output")(x))
+    images = np.random.default_rng(1).uniform(0, 255, (2, 20, 20, 3)).astype(np.float32)
+    heat = gradcam.grad_cam(model, images, target="pneumonia")
+    assert heat.shape == (2, 20, 20)
+    assert np.all(heat[:, :2] == 0) and np.all(heat[:, :, -2:] == 0), "the cropped-away frame has no heat"
+    assert heat[:, 2:18, 2:18].max() > 0
