@@ -18,188 +18,214 @@
 # %% [markdown]
 # # Pneumonia on paediatric chest X-rays: DenseNet121 transfer learning
 #
-# This notebook trains a classifier that tells **NORMAL** from **PNEUMONIA** chest X-rays of
-# the Kermany et al. (2018) paediatric data set, the way a careful practitioner would:
+# A classifier that tells **NORMAL** from **PNEUMONIA** on the Kermany et al. (2018) paediatric
+# chest X-rays: an ImageNet backbone, frozen, with a small new head trained on top. Validation
+# images are drawn from train by patient, the decision threshold is chosen on validation, and the
+# test split is used once, for the final numbers.
 #
-# 1. index the images and check the folder layout;
-# 2. carve a **patient-grouped** validation split out of train (the official `val/` has 16 images);
-# 3. train a classification head on a **frozen** ImageNet backbone, with class weights because
-#    PNEUMONIA outnumbers NORMAL about 3 to 1;
-# 4. choose the decision threshold on **validation** data only, then report test metrics with
-#    bootstrap 95% confidence intervals, ROC/PR and calibration curves;
-# 5. look at Grad-CAM maps of right and wrong predictions, predict one image, save the model.
-#
-# > **Not for diagnostic use.** Everything here is for research and teaching.
+# > **Not for diagnostic use.** Research and teaching only.
 
 # %% [markdown]
-# ## Setup
-# In Colab (or any kernel without the package) this installs `pneumo_utils` from the
-# repository; in JupyterLab from a clone, or under papermill, it is already installed.
+# ## Set-up
+# In Colab this installs the `pneumo` package from its repository; anywhere else it is installed
+# already and the cell does nothing.
 
 # %%
-import importlib.util
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-if importlib.util.find_spec("pneumo_utils") is None:
-    repo = os.environ.get("PNEUMO_GIT_URL", "https://github.com/pneumo-ai/pneumo")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"pneumo @ git+{repo}"], check=True)
-if Path.cwd().name == "notebooks":
-    os.chdir("..")  # paths below are relative to the repository root
-
-# %% [markdown]
-# ## Parameters
-# papermill overrides this cell (`run_all.sh` sets them per profile). `weights` is
-# `"imagenet"`, `None` (random initialisation) or a path; `"imagenet"` is looked up in
-# `$PNEUMO_WEIGHTS_DIR` before any download. `weights_fallback="random"` continues with random
-# weights when ImageNet weights cannot be found (the report then says so).
+if "google.colab" in sys.modules:
+    REPOSITORY = "https://github.com/pneumo-ai/pneumo"
+    # %pip install -q "pneumo @ git+$REPOSITORY"
 
 # %% tags=["parameters"]
-data_dir = "data/chest_xray"
-backbone = "densenet121"
-weights = "imagenet"
-weights_fallback = "error"
-image_size = 224
-batch_size = 32
-epochs = 30
-learning_rate = 1e-3
-patience = 5
-seed = 42
-val_fraction = 0.15
-keep_official_val = False
-max_images_per_class = None
-use_feature_cache = True
-threshold_rule = "youden"
-n_boot = 1000
-reports_dir = "reports"
-models_dir = "saved_models"
-cache_dir = ".cache/pneumo"
-run_name = "01_kermany_densenet121"
+data_dir: str = "data/chest_xray"  # Kermany folder holding train/, val/ and test/
+weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
+weights_fallback: str = "error"  # "random": go on with random weights when ImageNet weights cannot be found
+image_size: int = 224  # side of the square input image, in pixels
+batch_size: int = 32  # images per batch
+epochs: int = 40  # most epochs of head training; early stopping usually ends it sooner
+learning_rate: float = 1e-3  # Adam's learning rate for the head
+patience: int = 8  # epochs without a better validation AUC before training stops
+val_fraction: float = 0.15  # share of the training patients moved to validation
+max_images_per_class = None  # type: int|None at most this many images per split and class, for quick runs (None: all)
+threshold_rule: str = "youden"  # threshold rule on validation: youden, f1, sensitivity:0.95 or fixed:0.5
+n_boot: int = 1000  # bootstrap resamples for the 95% confidence intervals
+seed: int = 42  # seeds the split, the initial weights and the shuffling
+reports_dir: str = "reports"  # where the metrics JSON is written
+models_dir: str = "saved_models"  # where the model, its sidecar and its model card are written
+cache_dir: str = ".cache/pneumo"  # where backbone features are cached
 
 # %%
-from IPython.display import Markdown, display
+from pathlib import Path
 
-from pneumo_utils import CLASS_NAMES, data, datasets, models, plots, report, train, workflow
+import keras
+
+from pneumo_utils import data, datasets, evaluate, features, gradcam, models, plots, report
 from pneumo_utils.predict import predict_image
+from pneumo_utils.train import EpochLine
 
+RUN_NAME = "01_kermany_densenet121"
 data.set_seed(seed)
-for folder in (reports_dir, models_dir):
-    Path(folder).mkdir(parents=True, exist_ok=True)
 
 # %% [markdown]
-# ## 1. Index the data set
-# One row per image: path, label (0 NORMAL, 1 PNEUMONIA), patient id parsed from the file name,
-# and split, as published. Every file is decode-checked now, so a corrupt image is reported here
-# and not in the middle of an epoch; stray non-image files (`.DS_Store`) are skipped with a warning.
+# ## 1. Data: one row per image, split by patient
+# `load_kermany` indexes every image (path, label, patient id from the file name, split) and
+# decode-checks it, so a corrupt file is reported now and not in the middle of training. The
+# official `val/` holds 16 images, too few to stop training on or to choose a threshold with, so
+# it is merged into train and a validation split is drawn from train **by patient**: no child has
+# X-rays on both sides. `test/` stays as published.
 
 # %%
 index = datasets.load_kermany(data_dir)
+index = data.grouped_split(index, val_fraction=val_fraction, seed=seed)
+index = data.subsample(index, max_images_per_class, seed=seed)
+data.assert_no_patient_leak(index)
 datasets.summarize(index)
 
-# %% [markdown]
-# ## 2. A patient-grouped validation split
-# A patient can have several X-rays. If one of them is in train and another in validation,
-# validation scores are optimistic, so the validation split is drawn from train **by patient**
-# (stratified by class). The official 16-image `val/` is merged into train unless
-# `keep_official_val`. The `test/` split is never used for any choice below.
-
 # %%
-index = data.grouped_split(index, val_fraction, seed, keep_official_val=keep_official_val)
-index = data.subsample(index, max_images_per_class, seed)
-data.assert_no_patient_leak(index)
-split_description = report.describe_split(index)
-display(datasets.summarize(index))
-display(plots.class_distribution(index))
+plots.class_distribution(index)
 
 # %%
 plots.index_samples(index, image_size, per_class=4)
 
 # %% [markdown]
-# ## 3. Model: frozen backbone + small head
-# Backbone with ImageNet weights, global average pooling, Dense(128, relu), Dropout(0.5) and
-# a sigmoid output. The preprocessing is a layer inside the model, so the saved file takes raw
-# pixels and needs nothing else at prediction time.
+# ## 2. The model: preprocessing, backbone, head
+# The input is raw RGB pixels (0-255). The first layer applies DenseNet121's own scaling, so the
+# saved model needs no preprocessing outside it. The backbone is DenseNet121 without its ImageNet
+# classifier (`include_top=False`), built on that layer's output, and frozen. The head is
+# attached to the backbone's last feature map in the same (flat) graph, which is what Grad-CAM
+# needs. Its layers are named `head_*`: the feature cache below finds the head by that prefix.
 
 # %%
-weights_file = models.resolve_weights(backbone, weights, fallback=weights_fallback)
-weights_used = weights_file or "random initialisation (no ImageNet weights)"
-model = models.build_classifier(backbone, image_size, weights_file, seed=seed)
-display(Markdown(f"Backbone **{backbone}**, weights: `{weights_used}`, "
-                 f"{model.count_params():,} parameters, input {image_size} px."))
+weights_file = models.resolve_weights("densenet121", weights, fallback=weights_fallback)
+inputs = keras.Input((image_size, image_size, 3), name="image")
+x = models.preprocessing_layer(inputs, mode="torch")  # [0, 1], then ImageNet mean and std
+base = keras.applications.DenseNet121(include_top=False, weights=weights_file, input_tensor=x)
+base.trainable = False
+
+# %%
+x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
+x = keras.layers.Dense(128, activation="relu", name="head_dense")(x)
+x = keras.layers.Dropout(0.5, name="head_dropout")(x)
+outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
+model = keras.Model(inputs, outputs, name="densenet121")
+print(f"{report.describe_weights(weights_file)}; {model.count_params():,} parameters; trainable layers:",
+      [layer.name for layer in model.layers if layer.trainable_weights])
 
 # %% [markdown]
-# ## 4. Train the head
-# With the base frozen and no augmentation, the backbone output for an image never changes,
-# so by default (`use_feature_cache=True`) it is computed **once** and cached on disk; the
-# head then trains on those features in seconds per epoch. The result is the same model as
-# `model.fit` over images (see `python -m pneumo_utils.bench`). Class weights balance the loss;
-# early stopping on validation AUC restores the best epoch.
+# ## 3. Train the head on cached features
+# With the base frozen and no augmentation, the backbone computes the same features for an image
+# in every epoch. So they are computed once (and cached on disk under a key of weights, image
+# size and files), and the head trains on them: `head_on_features` is a model made of the same
+# head layers, fed the pooled features instead of images, so training it trains `model`'s head.
+# Class weights balance the loss (PNEUMONIA outnumbers NORMAL about 3 to 1); early stopping
+# watches validation ROC AUC and restores the best epoch.
 
 # %%
-paths, labels = workflow.split_files(index)
-history, proba = train.train_frozen_head(
-    model, paths, labels, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-    patience=patience, use_feature_cache=use_feature_cache, cache_dir=f"{cache_dir}/features",
-    history_path=f"{models_dir}/{run_name}.history.json",
-    checkpoint_path=f"{models_dir}/checkpoints/{run_name}.keras", verbose=2,
+paths, labels = data.split_files(index)
+feats = features.extract_split_features(model, paths, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
+head = models.head_on_features(model)
+
+# %%
+head.compile(
+    optimizer=keras.optimizers.Adam(learning_rate),
+    loss="binary_crossentropy",
+    metrics=[keras.metrics.AUC(name="auc")],
 )
-display(plots.training_curves(history))
-
-# %% [markdown]
-# ## 5. Evaluation on the test split
-# The threshold is chosen on the validation split (rule `threshold_rule`, Youden's J by
-# default) and applied unchanged to test. Test metrics come with 95% bootstrap confidence
-# intervals; the 0.5 column shows what the default threshold would have given.
+history = head.fit(
+    feats["train"], labels["train"],
+    validation_data=(feats["val"], labels["val"]),
+    epochs=epochs, batch_size=batch_size,
+    class_weight=data.class_weights(labels["train"]),
+    callbacks=[
+        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-6),
+        EpochLine(),  # one line per epoch
+    ],
+    verbose=0,
+)
 
 # %%
-evaluation = report.show_evaluation(backbone, labels["val"], proba["val"], labels["test"], proba["test"],
-                                    threshold_rule, n_boot, seed, datasets.patients_of(index, "test"))
+plots.training_curves(history.history)
+
+# %% [markdown]
+# ## 4. The decision threshold, chosen on validation
+# The model outputs a probability of PNEUMONIA; a decision needs a threshold. It is chosen on the
+# validation predictions (by `threshold_rule`) and then applied unchanged to the test images.
+
+# %%
+p_val = head.predict(feats["val"], verbose=0).ravel()
+p_test = head.predict(feats["test"], verbose=0).ravel()
+threshold = evaluate.choose_threshold(labels["val"], p_val, rule=threshold_rule)
+print(f"threshold {threshold:.3f}: {evaluate.describe_rule(threshold_rule)}")
+
+# %% [markdown]
+# ## 5. Test metrics with 95% confidence intervals
+# Intervals come from resampling test **patients** (a patient's images are correlated). The
+# "test @ 0.5" column shows what the default threshold would have given.
+
+# %%
+evaluation = evaluate.evaluation_report(
+    y_test=labels["test"], proba_test=p_test, y_val=labels["val"], proba_val=p_val,
+    rule=threshold_rule, n_boot=n_boot, seed=seed, groups_test=datasets.patients_of(index, "test"),
+)
+evaluate.metrics_table(evaluation)
+
+# %%
+plots.confusion_matrix(labels["test"], p_test, threshold)
+
+# %%
+plots.roc_pr_curves({"test": (labels["test"], p_test), "validation": (labels["val"], p_val)})
+
+# %% [markdown]
+# Calibration: do predicted probabilities match observed rates? A temperature fitted on
+# validation rescales the probabilities without changing the ranking or the decisions.
+
+# %%
+temperature = evaluation["temperature"]
+plots.reliability_diagram({
+    "test": (labels["test"], p_test),
+    f"test, temperature {temperature:.2f}": (labels["test"], evaluate.apply_temperature(p_test, temperature)),
+})
 
 # %% [markdown]
 # ## 6. Grad-CAM: where does the model look?
-# Heat maps of the last convolutional layer for confidently correct and for wrong test
-# predictions. Heat outside the lungs (text markers, borders) hints at shortcuts.
+# For two correct and two wrong test predictions, the gradient of the output with respect to the
+# last convolutional feature map weights that map into a heat map. Heat over the lungs is what we
+# hope for; heat on text markers, borders or outside the body points to a shortcut.
 
 # %%
-rows, captions = report.pick_examples(labels["test"], proba["test"], evaluation["threshold"], seed=seed)
-_ = report.show_gradcam(model, [paths["test"][i] for i in rows], captions)
+rows, captions = report.pick_examples(labels=labels["test"], proba=p_test, threshold=threshold, seed=seed)
+images = data.load_images([paths["test"][i] for i in rows], image_size)
+heatmaps = gradcam.grad_cam(model, images)
+plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions)
 
 # %% [markdown]
 # ## 7. Save the model and predict one image
-# The model is saved atomically as `.keras` with a JSON sidecar holding the threshold, its
-# rule, the data split and the metrics; `python -m pneumo_utils.predict IMAGE --model ...`
-# and `python -m pneumo_utils.evaluate` need nothing else.
+# The `.keras` file (written atomically) travels with a JSON sidecar (threshold and rule, data
+# split, weights, metrics) and a markdown model card; `python -m pneumo_utils.predict IMAGE
+# --model saved_models/01_kermany_densenet121.keras` needs nothing else.
 
 # %%
-model_path = Path(models_dir) / f"{run_name}.keras"
-meta = workflow.save_with_card(
-    model, model_path, evaluation, backbone=backbone, weights=weights_used,
+model_path = Path(models_dir) / f"{RUN_NAME}.keras"
+weights_used = report.describe_weights(weights_file)
+split_description = report.describe_split(index)
+meta = report.save_with_card(
+    model, model_path, evaluation=evaluation, backbone="densenet121", weights=weights_used,
     data=f"Kermany chest_xray at {data_dir}; {split_description}",
+    training=f"frozen base; head trained on cached features, Adam {learning_rate:g}, class weights, "
+             f"early stopping on validation AUC (patience {patience})",
 )
 result = predict_image(model, meta, paths["test"][0])
-display(Markdown(f"`{paths['test'][0]}` (true {CLASS_NAMES[labels['test'][0]]}): "
-                 f"**Prediction: {result['label']} ({result['confidence']:.2%} confidence)**"))
+print(f"{paths['test'][0]} (true {meta['class_names'][labels['test'][0]]}): "
+      f"{result['label']}, {result['confidence']:.1%} confidence")
 
 # %%
-summary = report.write_metrics(
-    f"{reports_dir}/{run_name}.metrics.json", run_name, "Kermany: DenseNet121-style transfer learning",
-    split_description, [report.model_entry(backbone, evaluation, model_path, weights=weights_used)],
-    backbone=backbone,
+entry = report.model_entry(
+    name="DenseNet121, frozen base", backbone="densenet121", weights=weights_used,
+    positive_class="PNEUMONIA", evaluation=evaluation, model_path=model_path,
 )
-assert 0.0 <= summary["test"]["auc"] <= 1.0 and model_path.is_file()
-
-# %% [markdown]
-# ## Summary, data split and threshold
-
-# %%
-display(Markdown(f"""
-- **Data**: Kermany paediatric chest X-rays from `{data_dir}`. {split_description}.
-  Validation was carved from train by patient; `test/` was used only for the final numbers.
-- **Model**: {backbone}, weights {weights_used}, frozen base + head.
-- **Threshold**: {evaluation['threshold']:.3f}, chosen by {evaluation['threshold_rule']}.
-- **Test**: {report.summary_line(evaluation)}.
-
-{report.DISCLAIMER}
-"""))
+_ = report.write_metrics(
+    Path(reports_dir) / f"{RUN_NAME}.metrics.json", run_name=RUN_NAME,
+    title="Kermany: DenseNet121 transfer learning", data=split_description, models=[entry],
+)

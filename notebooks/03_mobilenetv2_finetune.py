@@ -18,301 +18,244 @@
 # %% [markdown]
 # # Pneumonia on paediatric chest X-rays: fine-tuning MobileNetV2
 #
-# Notebook 01 trained only a new classification head on top of a **frozen** ImageNet
-# backbone. The backbone's features were learned on photographs, not radiographs; letting
-# the top of the backbone adapt to X-rays (**fine-tuning**) usually helps, if it is done
-# carefully. This notebook follows the standard two-phase recipe on the Kermany et al.
-# (2018) paediatric data set with MobileNetV2, a backbone small enough to fine-tune on a CPU:
+# Notebook 01 trained only a new head on a **frozen** ImageNet backbone. Here the top of the
+# backbone is then unfrozen and trained a little further on X-rays (**fine-tuning**), the
+# standard two-phase recipe:
 #
-# 1. index the images and carve a **patient-grouped** validation split out of train;
-# 2. **phase 1**: train the head on the frozen base (features computed once and cached);
-# 3. **phase 2**: unfreeze the top layers, keep BatchNorm in inference mode, and train on
-#    **augmented** images with a learning rate a hundred times lower;
-# 4. compare the two phases on **validation** AUC and keep the better model;
-# 5. choose the decision threshold on validation, report test metrics with bootstrap 95%
-#    confidence intervals, per-class precision/recall/F1 and Grad-CAM maps;
-# 6. save the model and predict single images, from Python and from the command line.
+# 1. train the head on the frozen base (features computed once and cached);
+# 2. unfreeze the top layers, keep BatchNorm in inference mode, and train on **augmented**
+#    images with a much lower learning rate;
+# 3. keep whichever of the two models has the higher **validation** AUC.
 #
-# > **Not for diagnostic use.** Everything here is for research and teaching.
+# MobileNetV2 is small enough to fine-tune without a GPU.
+#
+# > **Not for diagnostic use.** Research and teaching only.
 
 # %% [markdown]
-# ## Setup
-# In Colab (or any kernel without the package) this installs `pneumo_utils` from the
-# repository; in JupyterLab from a clone, or under papermill, it is already installed.
+# ## Set-up
+# In Colab this installs the `pneumo` package from its repository; anywhere else it is installed
+# already and the cell does nothing.
 
 # %%
-import importlib.util
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-if importlib.util.find_spec("pneumo_utils") is None:
-    repo = os.environ.get("PNEUMO_GIT_URL", "https://github.com/pneumo-ai/pneumo")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"pneumo @ git+{repo}"], check=True)
-if Path.cwd().name == "notebooks":
-    os.chdir("..")  # paths below are relative to the repository root
-
-# %% [markdown]
-# ## Parameters
-# papermill overrides this cell (`run_all.sh` sets them per profile; the `full` profile
-# holds the CPU settings the reported results come from). `epochs`/`learning_rate` are for
-# phase 1 (head only), `fine_tune_*` for phase 2. `fine_tune_images_per_epoch` makes each
-# phase-2 epoch a random share of the training images (`None`: every image, every epoch).
-# The augmentation ranges are in degrees (rotation) and fractions (the rest); 0 switches a
-# transform off.
+if "google.colab" in sys.modules:
+    REPOSITORY = "https://github.com/pneumo-ai/pneumo"
+    # %pip install -q "pneumo @ git+$REPOSITORY"
 
 # %% tags=["parameters"]
-data_dir = "data/chest_xray"
-backbone = "mobilenet_v2"
-weights = "imagenet"
-weights_fallback = "error"
-image_size = 224
-batch_size = 32
-epochs = 20
-learning_rate = 1e-3
-fine_tune_epochs = 5
-fine_tune_learning_rate = 1e-5
-unfreeze_layers = 30
-fine_tune_images_per_epoch = None
-patience = 5
-seed = 42
-val_fraction = 0.15
-keep_official_val = False
-max_images_per_class = None
-use_feature_cache = True
-use_augmentation = True
-rotation = 7.0
-zoom = 0.1
-shift = 0.05
-brightness = 0.1
-contrast = 0.1
-horizontal_flip = False
-threshold_rule = "youden"
-n_boot = 1000
-reports_dir = "reports"
-models_dir = "saved_models"
-cache_dir = ".cache/pneumo"
-run_name = "03_mobilenetv2_finetune"
+data_dir: str = "data/chest_xray"  # Kermany folder holding train/, val/ and test/
+weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
+image_size: int = 128  # side of the square input image, in pixels
+batch_size: int = 32  # images per batch
+epochs: int = 20  # most epochs of phase 1 (head on the frozen base)
+fine_tune_epochs: int = 3  # most epochs of phase 2 (top layers fine-tuned on augmented images)
+fine_tune_learning_rate: float = 1e-5  # Adam's learning rate in phase 2 (phase 1 uses 1e-3)
+unfreeze_layers: int = 30  # backbone layers, counted from the top, trained in phase 2 (BatchNorm excluded)
+images_per_epoch = 1280  # type: int|None training images per phase-2 epoch, drawn at random (None: all)
+max_images_per_class = None  # type: int|None at most this many images per split and class, for quick runs (None: all)
+threshold_rule: str = "youden"  # threshold rule on validation: youden, f1, sensitivity:0.95 or fixed:0.5
+n_boot: int = 1000  # bootstrap resamples for the 95% confidence intervals
+seed: int = 42  # seeds the split, the initial weights, the shuffling and the augmentation
+reports_dir: str = "reports"  # where the metrics JSON is written
+models_dir: str = "saved_models"  # where the model, its sidecar and its model card are written
+cache_dir: str = ".cache/pneumo"  # where backbone features are cached
 
 # %%
-import shlex
+from pathlib import Path
 
-from IPython.display import Image, Markdown, display
+import keras
+from sklearn.metrics import roc_auc_score
 
-from pneumo_utils import (
-    CLASS_NAMES,
-    augment,
-    data,
-    datasets,
-    finetune,
-    models,
-    plots,
-    report,
-    train,
-    workflow,
-)
-from pneumo_utils.predict import predict_image
+from pneumo_utils import augment, data, datasets, evaluate, features, gradcam, models, plots, report
+from pneumo_utils.train import EpochLine
 
+RUN_NAME = "03_mobilenetv2_finetune"
 data.set_seed(seed)
-for folder in (reports_dir, models_dir):
-    Path(folder).mkdir(parents=True, exist_ok=True)
 
 # %% [markdown]
-# ## 1. Data and a patient-grouped validation split
-# One row per image (path, label, patient id from the file name, split). The official
-# 16-image `val/` is too small to early-stop on or to choose a threshold with, so validation
-# images are drawn from train **by patient**: no child has X-rays on both sides. `test/` is
-# untouched and is used only for the final numbers.
+# ## 1. Data: a patient-grouped split
+# The same split as in notebook 01: validation images drawn from train by patient, `test/` as
+# published.
 
 # %%
-index = workflow.kermany_split(data_dir, val_fraction, seed, keep_official_val, max_images_per_class)
-split_description = report.describe_split(index)
-paths, labels = workflow.split_files(index)
-display(Markdown(split_description))
-display(plots.class_distribution(index))
+index = data.kermany_split(data_dir, seed=seed, max_images_per_class=max_images_per_class)
+paths, labels = data.split_files(index)
+datasets.summarize(index)
 
 # %% [markdown]
 # ## 2. MobileNetV2 with a new head
-# MobileNetV2 (Sandler et al. 2018) has 3.5 million parameters, about a seventh of
-# ResNet50, which is what makes fine-tuning affordable without a GPU. The head is the same as
-# in notebook 01: global average pooling, Dense(128, relu), Dropout(0.5), sigmoid. The input
-# scaling to [-1, 1] is a layer inside the model, so the saved file takes raw pixels.
+# MobileNetV2 scales its input to [-1, 1]; that scaling is the model's first layer. The head is
+# the one of notebook 01.
 
 # %%
-weights_file = models.resolve_weights(backbone, weights, fallback=weights_fallback)
-weights_used = weights_file or "random initialisation (no ImageNet weights)"
-model = models.build_classifier(backbone, image_size, weights_file, seed=seed)
-n_base = len(models.base_layers(model))
-display(Markdown(f"Backbone **{backbone}** ({n_base} layers), weights: `{weights_used}`, "
-                 f"{model.count_params():,} parameters, input {image_size} px."))
+weights_file = models.resolve_weights("mobilenet_v2", weights)
+inputs = keras.Input((image_size, image_size, 3), name="image")
+x = models.preprocessing_layer(inputs, mode="tf")  # pixels to [-1, 1]
+base = keras.applications.MobileNetV2(include_top=False, weights=weights_file, input_tensor=x)
+base.trainable = False
+x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
+x = keras.layers.Dense(128, activation="relu", name="head_dense")(x)
+x = keras.layers.Dropout(0.5, name="head_dropout")(x)
+outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
+model = keras.Model(inputs, outputs, name="mobilenet_v2")
 
 # %% [markdown]
-# ## 3. Phase 1: train the head on the frozen base
-# A new head starts from random weights; if the backbone were trainable right away, the large
-# gradients of that random head would wreck the pretrained features. So first the base is
-# frozen and only the head learns. The base's output for an image then never changes, so it
-# is computed **once** and cached on disk (`use_feature_cache`), and the head trains on the
-# cached features in seconds. Class weights balance the loss (PNEUMONIA outnumbers NORMAL
-# about 3 to 1); early stopping on validation AUC keeps the best epoch.
+# ## 3. Phase 1: the head on the frozen base
+# A new head starts from random weights, and its first large gradients would wreck pretrained
+# features if the backbone could move. So the base stays frozen while the head learns, on backbone
+# features computed once (see notebook 01).
 
 # %%
-history1, proba1 = train.train_frozen_head(
-    model, paths, labels, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-    patience=patience, use_feature_cache=use_feature_cache, cache_dir=f"{cache_dir}/features",
-    history_path=f"{models_dir}/{run_name}.phase1.history.json", verbose=2,
+feats = features.extract_split_features(model, paths, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
+head = models.head_on_features(model)
+head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
+             metrics=[keras.metrics.AUC(name="auc")])
+history1 = head.fit(
+    feats["train"], labels["train"], validation_data=(feats["val"], labels["val"]),
+    epochs=epochs, batch_size=batch_size, class_weight=data.class_weights(labels["train"]),
+    callbacks=[
+        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=5, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-6),
+        EpochLine(),
+    ],
+    verbose=0,
 )
-phase1 = finetune.snapshot(model, "1: frozen base, head only", proba1, len(history1["loss"]))
+p_val_frozen = head.predict(feats["val"], verbose=0).ravel()
+frozen_weights = model.get_weights()  # the phase-1 model, kept should fine-tuning not help
 
 # %% [markdown]
 # ## 4. Augmentation for phase 2
-# Fine-tuning gives the network many more weights to fit a few thousand images with, so it
-# can start memorising them. Augmentation shows it a slightly different version of every
-# image each epoch: a few degrees of rotation, a little zoom and shift, a little brighter or
-# darker, a little more or less contrast. The ranges are small because chest X-rays are taken
-# in a standard position. **No horizontal flip** by default: chest X-rays are not left-right
-# symmetric (the heart lies on the left, the liver on the right), and a flipped image shows
-# an anatomy almost no patient has. Augmentation runs in the tf.data input pipeline, on
-# training batches only; the first picture below is the original.
+# Fine-tuning gives the network many more weights to fit a few thousand images with. Augmentation
+# shows it a slightly different version of each training image every epoch: a few degrees of
+# rotation, a little zoom and shift, a little brighter or darker. The ranges are small because
+# chest X-rays are taken in a standard position, and there is **no horizontal flip**: the heart
+# lies on the left, and a flipped X-ray shows an anatomy almost no patient has. The first picture
+# is the original.
 
 # %%
-augmentation = (augment.augmentation(rotation, zoom, shift, brightness, contrast, horizontal_flip, seed)
-                if use_augmentation else None)
-display(Markdown(f"Augmentation: {augment.describe(augmentation)}."))
+augmentation = augment.augmentation(rotation=7, zoom=0.1, shift=0.05, brightness=0.1, contrast=0.1,
+                                     horizontal_flip=False, seed=seed)
 example = data.load_images(paths["train"][:1], image_size)[0]
 plots.sample_grid(augment.preview(augmentation, example, 8), ["original"] + ["augmented"] * 7)
 
 # %% [markdown]
-# ## 5. Phase 2: fine-tune the top of the backbone
-# Now the top `unfreeze_layers` layers of MobileNetV2 become trainable, the rest stays frozen.
-# Two details matter:
-#
-# * **BatchNorm layers stay frozen, in inference mode.** They keep the ImageNet mean and
-#   variance; if they re-estimated them from small batches of X-rays, the features the head
-#   was trained on would shift under it, and the first epoch would undo phase 1.
-# * **A learning rate about a hundred times lower** than phase 1 (`fine_tune_learning_rate`),
-#   so that the pretrained weights are adjusted, not overwritten.
-#
-# The base now changes with every step, so features can no longer be cached: this phase runs
-# the whole network over the (augmented) images and is the expensive part of the notebook.
-# After each epoch the model predicts the validation images once, which both scores the
-# epoch and keeps the predictions of the best epoch for the comparison below. The epoch
-# count continues from phase 1, so both phases share one set of curves; the dashed line
-# marks where fine-tuning starts.
+# ## 5. Phase 2: unfreeze the top of the backbone
+# The top `unfreeze_layers` layers become trainable. **BatchNormalization layers stay frozen**:
+# a frozen BatchNorm layer runs in inference mode and keeps its ImageNet statistics; re-estimated
+# from small batches of X-rays, they would shift the features under the trained head. The model
+# is compiled again (trainability changed) with a learning rate about a hundred times lower, so
+# pretrained weights are adjusted, not overwritten.
 
 # %%
-history2, proba2_val = finetune.train_on_images(
-    model, paths, labels, fine_tune_epochs, fine_tune_learning_rate, unfreeze_layers,
-    initial_epoch=len(history1["loss"]), batch_size=batch_size, augment_layers=augmentation,
-    images_per_epoch=fine_tune_images_per_epoch, patience=patience, seed=seed,
-    history_path=f"{models_dir}/{run_name}.phase2.history.json",
+base.trainable = True
+for layer in base.layers[:-unfreeze_layers]:
+    layer.trainable = False
+for layer in base.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+        layer.trainable = False
+print(sum(layer.trainable for layer in base.layers), "of", len(base.layers), "backbone layers trainable")
+
+# %% [markdown]
+# The backbone now changes with every step, so its features cannot be cached: this phase runs the
+# whole network over augmented images, which is the expensive part of the notebook. The epoch
+# count continues from phase 1, so both phases share one set of curves.
+
+# %%
+train_ds, steps = augment.training_dataset(paths["train"], labels["train"], image_size, batch_size=batch_size,
+                                           layers=augmentation, seed=seed, images_per_epoch=images_per_epoch)
+val_ds = data.image_dataset(paths["val"], labels["val"], image_size, batch_size=batch_size)
+model.compile(optimizer=keras.optimizers.Adam(fine_tune_learning_rate), loss="binary_crossentropy",
+              metrics=[keras.metrics.AUC(name="auc")])
+history2 = model.fit(
+    train_ds, validation_data=val_ds, steps_per_epoch=steps,
+    initial_epoch=len(history1.epoch), epochs=len(history1.epoch) + fine_tune_epochs,
+    class_weight=data.class_weights(labels["train"]),
+    callbacks=[
+        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=2, restore_best_weights=True),
+        EpochLine(),
+    ],
+    verbose=0,
 )
-display(Markdown(f"{finetune.trainable_backbone_layers(model)} of {n_base} backbone layers were "
-                 f"trainable in phase 2 (the top {unfreeze_layers}, BatchNorm excluded)."))
 
 # %%
-history = train.concat_histories(history1, history2)
-plots.training_curves(history)
+curves = {key: history1.history[key] + history2.history[key] for key in ("loss", "auc", "val_loss", "val_auc")}
+curves["phase"] = [1] * len(history1.epoch) + [2] * len(history2.epoch)
+plots.training_curves(curves)
 
 # %% [markdown]
-# ## 6. Did fine-tuning help? Phase 1 against phase 2, on validation data
-# Fine-tuning does not always pay off: on a small data set it can overfit or, with too high
-# a learning rate, forget. So both versions of the model are scored on the **validation**
-# split and the one with the higher ROC AUC is kept (the earlier one on a tie). The test
-# split plays no part in this choice: only the kept model predicts the test images.
+# ## 6. Did fine-tuning help? Keep the better model by validation AUC
+# Fine-tuning can overfit a small data set. Both models are scored on the validation split, and
+# the fine-tuned one is kept only if it scores higher. The test split plays no part in this.
 
 # %%
-phase2 = finetune.snapshot(model, f"2: top {unfreeze_layers} layers fine-tuned", {"val": proba2_val},
-                           len(history2["loss"]))
-kept, phase_table = finetune.keep_best(model, labels["val"], [phase1, phase2], paths, batch_size=batch_size)
-proba = kept.proba
-display(phase_table)
-display(Markdown(f"Kept: **phase {kept.name}**."))
+p_val_tuned = models.predict_paths(model, paths["val"], batch_size)
+auc_frozen, auc_tuned = roc_auc_score(labels["val"], p_val_frozen), roc_auc_score(labels["val"], p_val_tuned)
+kept = "fine-tuned" if auc_tuned > auc_frozen else "frozen base"
+if kept == "frozen base":
+    model.set_weights(frozen_weights)
+print(f"validation AUC: frozen base {auc_frozen:.4f}, fine-tuned {auc_tuned:.4f}; kept: {kept}")
 
 # %% [markdown]
-# ## 7. Evaluation on the test split
-# The threshold is chosen on the validation split (rule `threshold_rule`, Youden's J by
-# default) and applied unchanged to test. Test metrics come with 95% bootstrap confidence
-# intervals; the 0.5 column shows what the default threshold would have given. The second
-# table is the per-class precision, recall and F1.
+# ## 7. Threshold on validation, metrics on test
 
 # %%
-evaluation = report.show_evaluation(f"{backbone} fine-tuned", labels["val"], proba["val"], labels["test"],
-                                    proba["test"], threshold_rule, n_boot, seed, datasets.patients_of(index, "test"))
+p_val = models.predict_paths(model, paths["val"], batch_size)
+p_test = models.predict_paths(model, paths["test"], batch_size)
+threshold = evaluate.choose_threshold(labels["val"], p_val, rule=threshold_rule)
+print(f"threshold {threshold:.3f}: {evaluate.describe_rule(threshold_rule)}")
+
+# %%
+evaluation = evaluate.evaluation_report(
+    y_test=labels["test"], proba_test=p_test, y_val=labels["val"], proba_val=p_val,
+    rule=threshold_rule, n_boot=n_boot, seed=seed, groups_test=datasets.patients_of(index, "test"),
+)
+evaluate.metrics_table(evaluation)
+
+# %%
+evaluate.classification_table(labels["test"], p_test, threshold)
+
+# %%
+plots.confusion_matrix(labels["test"], p_test, threshold)
+
+# %%
+plots.roc_pr_curves({"test": (labels["test"], p_test), "validation": (labels["val"], p_val)})
 
 # %% [markdown]
 # ## 8. Grad-CAM: where does the model look?
-# Heat maps of the last convolutional layer for confidently correct and for wrong test
-# predictions. Heat outside the lungs (text markers, borders) hints at shortcuts.
 
 # %%
-rows, captions = report.pick_examples(labels["test"], proba["test"], evaluation["threshold"], seed=seed)
-_ = report.show_gradcam(model, [paths["test"][i] for i in rows], captions)
+rows, captions = report.pick_examples(labels=labels["test"], proba=p_test, threshold=threshold, seed=seed)
+images = data.load_images([paths["test"][i] for i in rows], image_size)
+heatmaps = gradcam.grad_cam(model, images)
+plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions)
 
 # %% [markdown]
-# ## 9. Save the model
-# One `.keras` file (saved atomically) plus a JSON sidecar with the threshold and how it was
-# chosen, the data split, the training recipe and the metrics, and a markdown model card.
-# Prediction and evaluation need nothing else.
+# ## 9. Save the model, then predict from the command line
+# The saved file and its sidecar are all the command-line tool needs; it runs in a fresh process.
 
 # %%
-model_path = Path(models_dir) / f"{run_name}.keras"
-training = (f"phase 1: head on frozen base, up to {epochs} epochs at {learning_rate:g}; phase 2: top "
-            f"{unfreeze_layers} layers (BatchNorm frozen) at {fine_tune_learning_rate:g}, "
-            f"{augment.describe(augmentation)}; kept phase {kept.name} (higher validation AUC)")
-meta = workflow.save_with_card(
-    model, model_path, evaluation, backbone=backbone, weights=weights_used, training=training,
-    data=f"Kermany chest_xray at {data_dir}; {split_description}",
+model_path = Path(models_dir) / f"{RUN_NAME}.keras"
+weights_used = report.describe_weights(weights_file)
+split_description = report.describe_split(index)
+training = (f"phase 1: head on the frozen base, Adam 1e-3; phase 2: top {unfreeze_layers} layers "
+            f"(BatchNorm frozen), Adam {fine_tune_learning_rate:g}, {augment.describe(augmentation)}; "
+            f"kept: {kept} (higher validation AUC)")
+meta = report.save_with_card(model, model_path, evaluation=evaluation, backbone="mobilenet_v2",
+                             weights=weights_used, training=training,
+                             data=f"Kermany chest_xray at {data_dir}; {split_description}")
+image_path = paths["test"][0]
+
+# %%
+# !{sys.executable} -m pneumo_utils.predict {image_path} --model {model_path}
+
+# %%
+entry = report.model_entry(
+    name=f"MobileNetV2, {kept}", backbone="mobilenet_v2", weights=weights_used, positive_class="PNEUMONIA",
+    evaluation=evaluation, model_path=model_path, training=training,
+    validation_auc_by_phase={"frozen base": auc_frozen, "fine-tuned": auc_tuned},
 )
-display(Markdown(f"Saved `{model_path}` with sidecar `{models.sidecar_path(model_path)}` and "
-                 f"model card `{model_path.with_suffix('.md')}`."))
-
-# %% [markdown]
-# ## 10. Predict one image
-# From Python, `predict_image` takes the model, its metadata and a file of any size or
-# format; the decision uses the threshold stored with the model.
-
-# %%
-image_path, true_label = paths["test"][0], CLASS_NAMES[labels["test"][0]]
-result = predict_image(model, meta, image_path)
-display(Markdown(f"`{image_path}` (true {true_label}): "
-                 f"**Prediction: {result['label']} ({result['confidence']:.2%} confidence)**"))
-
-# %% [markdown]
-# The same from the command line, with a Grad-CAM overlay written beside the report. The
-# saved file is all it needs: this runs in a fresh Python process.
-
-# %%
-gradcam_png = f"{reports_dir}/{run_name}.gradcam.png"
-command = [sys.executable, "-m", "pneumo_utils.predict", image_path, "--model", str(model_path),
-           "--gradcam", gradcam_png]
-print("$", shlex.join(["python"] + command[1:]))
-completed = subprocess.run(command, capture_output=True, text=True)
-print(completed.stdout or completed.stderr)
-completed.check_returncode()
-display(Image(filename=gradcam_png, width=300))
-
-# %%
-summary = report.write_metrics(
-    f"{reports_dir}/{run_name}.metrics.json", run_name, "Kermany: MobileNetV2 fine-tuning",
-    split_description,
-    [report.model_entry(backbone, evaluation, model_path, weights=weights_used, kept_phase=kept.name,
-                        phase_val_auc=phase_table["validation AUC"].to_dict())],
-    backbone=backbone,
+_ = report.write_metrics(
+    Path(reports_dir) / f"{RUN_NAME}.metrics.json", run_name=RUN_NAME,
+    title="Kermany: MobileNetV2 fine-tuning", data=split_description, models=[entry],
 )
-assert 0.0 <= summary["test"]["auc"] <= 1.0 and model_path.is_file()
-
-# %% [markdown]
-# ## Summary, data split and threshold
-
-# %%
-display(Markdown(f"""
-- **Data**: Kermany paediatric chest X-rays from `{data_dir}`. {split_description}.
-  Validation was carved from train by patient; `test/` was used only for the final numbers.
-- **Model**: {backbone}, weights {weights_used}. {training}.
-- **Phases on validation**: {", ".join(f"phase {p} AUC {a:.3f}" for p, a in phase_table["validation AUC"].items())}.
-- **Threshold**: {evaluation['threshold']:.3f}, chosen by {evaluation['threshold_rule']}.
-- **Test**: {report.summary_line(evaluation)}.
-
-{report.DISCLAIMER}
-"""))

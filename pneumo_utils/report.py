@@ -50,8 +50,8 @@ def pick_examples(
 ) -> tuple[np.ndarray, list[str]]:
     """Row positions of randomly chosen correct and wrong predictions, with captions.
 
-    Captions read ``correct: true NORMAL, pred NORMAL (p=0.12)``, ``p`` being the model's
-    output for class 1. Fewer rows come back when a pool is smaller than asked for.
+    Captions read ``correct: true NORMAL, pred NORMAL`` (the figure adds the model's output).
+    Fewer rows come back when a pool is smaller than asked for.
     """
     labels = np.asarray(labels)
     proba = np.asarray(proba)
@@ -63,9 +63,7 @@ def pick_examples(
         for i in rng.choice(pool, size=min(n, len(pool)), replace=False):
             chosen.append(int(i))
             verdict = "correct" if correct else "WRONG"
-            captions.append(
-                f"{verdict}: true {class_names[labels[i]]}, pred {class_names[pred[i]]} (p={proba[i]:.2f})"
-            )
+            captions.append(f"{verdict}: true {class_names[labels[i]]}, pred {class_names[pred[i]]}")
     return np.array(chosen, dtype=int), captions
 
 
