@@ -49,7 +49,7 @@ from pneumo_utils.datasets import (
     load_class_folder,
     load_kermany,
 )
-from pneumo_utils.images import ImageReadError, read_image, read_resized
+from pneumo_utils.images import ImageReadError, read_resized
 from pneumo_utils.io import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
