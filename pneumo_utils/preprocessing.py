@@ -18,6 +18,7 @@ from __future__ import annotations
 import keras
 
 GREY_LEVELS = 256
+_DIGIT_BASE = 16  # GREY_LEVELS == _DIGIT_BASE ** 2
 
 
 @keras.saving.register_keras_serializable(package="pneumo")
@@ -40,8 +41,7 @@ class HistogramEqualization(keras.layers.Layer):
         grey = keras.ops.clip(keras.ops.round(keras.ops.mean(x, axis=-1)), 0, GREY_LEVELS - 1)
         shape = keras.ops.shape(grey)
         levels = keras.ops.reshape(keras.ops.cast(grey, "int32"), (shape[0], -1))
-        counts = keras.ops.bincount(levels, minlength=GREY_LEVELS)
-        cdf = keras.ops.cumsum(keras.ops.cast(counts, "float32"), axis=-1)
+        cdf = keras.ops.cumsum(_histogram(levels), axis=-1)
         cdf = cdf / keras.ops.maximum(cdf[:, -1:], 1.0)
         equalised = keras.ops.take_along_axis(cdf, levels, axis=-1) * (GREY_LEVELS - 1)
         equalised = keras.ops.reshape(equalised, shape)
@@ -49,6 +49,26 @@ class HistogramEqualization(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], 3)
+
+
+def _histogram(levels):
+    """Counts ``(batch, 256)`` float32 of the grey levels ``(batch, pixels)`` int32 in 0-255.
+
+    Each level is split into two base-16 digits; the count of level ``16 * h + l`` is the
+    number of pixels whose digits are ``h`` and ``l``, i.e. the product of two
+    ``(pixels, 16)`` one-hot matrices. Made of comparisons and a matrix product, it converts
+    to LiteRT's built-in ops and to ONNX (``bincount`` becomes ``DenseBincount``, which
+    LiteRT runs only with the TensorFlow Select ops), and holds ``2 * 16`` floats per pixel
+    rather than the 256 of a plain one-hot. Counts are exact (integers below 2**24).
+    """
+    digits = keras.ops.arange(_DIGIT_BASE, dtype="int32")
+
+    def one_hot(digit):
+        return keras.ops.cast(keras.ops.equal(keras.ops.expand_dims(digit, -1), digits), "float32")
+
+    high, low = one_hot(levels // _DIGIT_BASE), one_hot(levels % _DIGIT_BASE)
+    counts = keras.ops.einsum("bph,bpl->bhl", high, low)
+    return keras.ops.reshape(counts, (keras.ops.shape(levels)[0], GREY_LEVELS))
 
 
 def cue_removal(
