@@ -11,6 +11,7 @@ import zipfile
 import keras
 import numpy as np
 import pytest
+from PIL import Image
 
 from pneumo_utils import models
 
@@ -140,3 +141,24 @@ def test_not_a_model_file_is_a_clear_error(tmp_path):
         models.load_model(broken)
     with pytest.raises(FileNotFoundError):
         models.load_model(tmp_path / "absent.keras")
+
+
+def test_progress_bars_only_when_verbose(tmp_path, capsys):
+    """Batch prediction and feature extraction show a tqdm bar with verbose=True and print
+    nothing with verbose=False."""
+    from pneumo_utils import features
+
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((40, 40), 40 * i, np.uint8)).save(path)
+        paths.append(str(path))
+    model = models.build_scratch_cnn(32, filters=(4,), dense_units=4, seed=0)
+    models.predict_paths(model, paths, batch_size=2)
+    features.extract_features(model, paths, batch_size=2, cache_dir=None, verbose=False)
+    assert capsys.readouterr().err == ""
+    models.predict_paths(model, paths, batch_size=2, verbose=True)
+    assert "predict" in capsys.readouterr().err
+    features.extract_features(model, paths, batch_size=2, cache_dir=None, verbose=True)
+    captured = capsys.readouterr()
+    assert "features" in captured.err and "3/3" in captured.err
