@@ -168,7 +168,7 @@ val_ds = data.image_dataset(paths["val"], labels["val"], image_size, batch_size=
 model.compile(optimizer=keras.optimizers.Adam(fine_tune_learning_rate), loss="binary_crossentropy",
               metrics=[keras.metrics.AUC(name="auc")])
 history2 = model.fit(
-    train_ds, validation_data=val_ds, steps_per_epoch=steps,
+    train_ds, validation_data=val_ds, steps_per_epoch=steps, shuffle=False,  # the pipeline shuffles
     initial_epoch=len(history1.epoch), epochs=len(history1.epoch) + fine_tune_epochs,
     class_weight=data.class_weights(labels["train"]),
     callbacks=[
