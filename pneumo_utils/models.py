@@ -333,7 +333,9 @@ class ProgressBar(keras.callbacks.Callback):
         self.total, self.description, self.bar = total, description, None
 
     def on_predict_begin(self, logs=None) -> None:
-        from tqdm.auto import tqdm
+        with warnings.catch_warnings():  # a kernel without ipywidgets: text bar, no warning
+            warnings.simplefilter("ignore")
+            from tqdm.auto import tqdm
 
         self.bar = tqdm(total=self.total, desc=self.description, unit="batch", leave=False)
 

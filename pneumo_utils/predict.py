@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +57,12 @@ def predict_images(
     instead of a prediction; ``"raise"`` raises instead. ``verbose`` shows a progress bar
     over the batches (``tqdm``).
     """
-    from tqdm.auto import tqdm
-
     from pneumo_utils.images import ImageReadError
     from pneumo_utils.io import ModelFileError, validate_metadata
+
+    with warnings.catch_warnings():  # a kernel without ipywidgets: text bar, no warning
+        warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm
 
     validate_metadata(meta)
     size, expected = int(meta["image_size"]), model.inputs[0].shape[1]
