@@ -1,0 +1,185 @@
+"""Running an exported model (``.tflite`` or ``.onnx``) without TensorFlow.
+
+An export written by :mod:`pneumo_utils.export` keeps the ``.keras`` model's input contract:
+one ``(batch, n, n, 3)`` float32 array of RGB pixels in 0-255, preprocessing inside, one
+sigmoid output per image. It travels with its own JSON sidecar (same stem), so a laptop or
+workstation with only ``ai-edge-litert`` (for ``.tflite``) or ``onnxruntime`` (for
+``.onnx``), NumPy and the image readers can answer in about a second: nothing here imports
+TensorFlow or Keras, and the runtimes are imported only when a model of their kind is loaded.
+
+:class:`ExportedModel` answers ``predict(images)`` and ``input_shape`` like a Keras model,
+so :func:`pneumo_utils.predict.predict_images` takes either.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from pneumo_utils.io import ModelFileError, read_sidecar, validate_metadata
+
+EXPORT_SUFFIXES: dict[str, str] = {".tflite": "tflite", ".onnx": "onnx"}
+"""File suffixes of the exports this module runs, and their format names."""
+
+_RUNTIME_PACKAGES = {"tflite": "ai-edge-litert", "onnx": "onnxruntime"}
+
+
+def is_exported(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an exported model (by its suffix), not a ``.keras`` file."""
+    return Path(path).suffix.lower() in EXPORT_SUFFIXES
+
+
+class ExportedModel:
+    """A ``.tflite`` or ``.onnx`` classifier loaded for inference on the CPU.
+
+    ``threads`` is the number of CPU threads the runtime may use (``None``: its default,
+    one per core). ``predict`` takes ``(batch, n, n, 3)`` pixels in 0-255 and returns
+    ``(batch, 1)`` float32 probabilities, as ``keras.Model.predict`` does.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"model file {self.path} does not exist")
+        self.format = EXPORT_SUFFIXES.get(self.path.suffix.lower())
+        if self.format is None:
+            raise ModelFileError(
+                f"{self.path} is not an exported model (expected a {' or '.join(EXPORT_SUFFIXES)} file)"
+            )
+        try:
+            if self.format == "tflite":
+                self._open_litert(threads)
+            else:
+                self._open_onnx(threads)
+        except ImportError:
+            package = _RUNTIME_PACKAGES[self.format]
+            raise ModelFileError(
+                f"running {self.path.name} needs the {package} package: "
+                f"pip install {package} (or pip install 'pneumo[export]')"
+            ) from None
+        except (ValueError, RuntimeError, OSError) as exc:
+            text = " ".join(str(exc).split())[:300]
+            raise ModelFileError(
+                f"cannot load {self.path} as a {self.format} model: {text}"
+            ) from None
+        self.input_shape = self._check_signature()
+
+    def _open_litert(self, threads: int | None) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
+        (detail,) = self._interpreter.get_input_details()
+        self._input_index, self._input_dtype = detail["index"], detail["dtype"]
+        self._shape = tuple(int(s) for s in detail["shape_signature"])
+        self._outputs = self._interpreter.get_output_details()
+        self._batch = None
+
+    def _open_onnx(self, threads: int | None) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        self._session = onnxruntime.InferenceSession(
+            str(self.path), options, providers=["CPUExecutionProvider"]
+        )
+        (detail,) = self._session.get_inputs()
+        self._input_name, self._input_dtype = detail.name, detail.type
+        self._shape = tuple(s if isinstance(s, int) else -1 for s in detail.shape)
+        self._outputs = self._session.get_outputs()
+
+    def _check_signature(self) -> tuple:
+        """``(None, n, n, 3)``, or :class:`ModelFileError` if the export does not take one
+        square float32 RGB image per example and give one output per image."""
+        dtype_ok = self._input_dtype in (np.float32, "tensor(float)")
+        shape = self._shape
+        if (len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or shape[1] < 1
+                or not dtype_ok or len(self._outputs) != 1):
+            raise ModelFileError(
+                f"{self.path} must take (batch, n, n, 3) float32 RGB pixels and give one "
+                f"output, as pneumo exports do; it takes {shape} and gives "
+                f"{len(self._outputs)} outputs"
+            )
+        return (None, shape[1], shape[2], 3)
+
+    def predict(self, images: np.ndarray, batch_size: int | None = None, verbose=0) -> np.ndarray:
+        """Probabilities ``(batch, 1)`` for ``images`` ``(batch, n, n, 3)`` in 0-255.
+
+        ``batch_size`` splits the call (default: one call); ``verbose`` is accepted for
+        compatibility with ``keras.Model.predict`` and ignored.
+        """
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if images.ndim != 4 or images.shape[1:] != tuple(self.input_shape[1:]):
+            raise ValueError(
+                f"{self.path.name} takes (batch, {self.input_shape[1]}, {self.input_shape[2]}, 3) "
+                f"images, got {images.shape}"
+            )
+        step = batch_size or max(len(images), 1)
+        parts = [self._run(images[i: i + step]) for i in range(0, len(images), step)]
+        if not parts:
+            return np.zeros((0, 1), np.float32)
+        return np.concatenate(parts).reshape(-1, 1).astype(np.float32)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if self.format == "onnx":
+            return self._session.run(None, {self._input_name: batch})[0]
+        if self._batch != len(batch):
+            self._interpreter.resize_tensor_input(self._input_index, batch.shape, strict=True)
+            self._interpreter.allocate_tensors()
+            self._batch = len(batch)
+        self._interpreter.set_tensor(self._input_index, batch)
+        self._interpreter.invoke()
+        return self._interpreter.get_tensor(self._outputs[0]["index"])
+
+
+def load_exported(path: str | os.PathLike, threads: int | None = None) -> tuple[ExportedModel, dict]:
+    """An exported model and its sidecar metadata (the analogue of
+    :func:`pneumo_utils.models.load_model`, without TensorFlow).
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`ModelFileError` for a file
+    the runtime cannot load, a missing runtime package, a sidecar that fails validation or
+    whose ``image_size`` disagrees with the export's input. Without a sidecar the metadata
+    is inferred (threshold 0.5).
+    """
+    model = ExportedModel(path, threads=threads)
+    meta_file = Path(path).with_suffix(".json")
+    meta = read_sidecar(meta_file)
+    size = int(model.input_shape[1])
+    if "image_size" in meta and int(meta["image_size"]) != size:
+        raise ModelFileError(
+            f"sidecar {meta_file} says image_size {meta['image_size']} but {path} takes "
+            f"{size}x{size} input: the sidecar belongs to another model or was edited"
+        )
+    meta.setdefault("image_size", size)
+    meta.setdefault("threshold", 0.5)
+    meta.setdefault("threshold_rule", "default 0.5 (no sidecar)")
+    return model, validate_metadata(meta, f"sidecar {meta_file}")
+
+
+def predict_paths(
+    model: ExportedModel, paths: list[str], batch_size: int = 32, workers: int | None = None
+) -> np.ndarray:
+    """PNEUMONIA probabilities ``(n,)`` for image files with an exported model.
+
+    Images are decoded with :func:`pneumo_utils.images.read_resized` in ``workers`` threads
+    (default one per CPU; the decoders release the GIL), the next batch decoding while the
+    current one runs through the model. Raises :class:`~pneumo_utils.images.ImageReadError` for an
+    unreadable file.
+    """
+    from pneumo_utils.images import read_resized
+
+    size = int(model.input_shape[1])
+    batches = [paths[i: i + batch_size] for i in range(0, len(paths), batch_size)]
+    out: list[np.ndarray] = []
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        pending = [pool.submit(read_resized, p, size) for p in batches[0]] if batches else []
+        for i in range(len(batches)):
+            images = np.stack([future.result() for future in pending])
+            following = batches[i + 1] if i + 1 < len(batches) else []
+            pending = [pool.submit(read_resized, p, size) for p in following]
+            out.append(model.predict(images).reshape(-1))
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
