@@ -162,4 +162,4 @@ def test_progress_bars_only_when_verbose(tmp_path, capsys):
     assert "predict" in capsys.readouterr().err
     features.extract_features(model, paths, batch_size=2, cache_dir=None, verbose=True)
     captured = capsys.readouterr()
-    assert "features" in captured.err and "3/3" in captured.err
+    assert "features:" in captured.err and "/3 [" in captured.err  # 3 batches of 2 images
