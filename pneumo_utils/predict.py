@@ -2,8 +2,9 @@
 
 ``python -m pneumo_utils.predict IMAGE --model MODEL.keras [--gradcam OUT.png]`` prints e.g.
 ``Prediction: PNEUMONIA (96.40% confidence)`` using the decision threshold stored beside the
-model. Several files or a folder print one line per image (``--json``: one JSON list), with
-the model loaded once. Warnings about the input (EXIF rotation applied, a nearly uniform,
+model; ``--model`` may also name a ``.tflite`` or ``.onnx`` export
+(:mod:`pneumo_utils.export`), which runs without TensorFlow. Several files or a folder print
+one line per image (``--json``: one JSON list), with the model loaded once. Warnings about the input (EXIF rotation applied, a nearly uniform,
 noise-like or colour picture) are printed under the prediction and carried in the JSON.
 An unreadable, damaged or too small image named on the command line, or an unusable model,
 exits with status 2 and one line per problem; unreadable files inside a folder are listed as
@@ -65,7 +66,7 @@ def predict_images(
         from tqdm.auto import tqdm
 
     validate_metadata(meta)
-    size, expected = int(meta["image_size"]), model.inputs[0].shape[1]
+    size, expected = int(meta["image_size"]), model.input_shape[1]
     if expected is not None and int(expected) != size:
         raise ModelFileError(
             f"metadata image_size {size} does not match the model's {expected} px input"
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="JPEG, PNG or DICOM files, or folders of them")
     parser.add_argument(
-        "--model", required=True, help="MODEL.keras (its MODEL.json sidecar is read too)"
+        "--model", required=True, help="MODEL.keras, or an export MODEL.tflite / MODEL.onnx "
+        "(run without TensorFlow); its MODEL.json sidecar is read too"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON list, one object per image")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
@@ -209,11 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pneumo_utils.images import check_image
+    from pneumo_utils.runtime import is_exported, load_any
 
     if args.batch_size < 1:
         return _fail(f"--batch-size must be a positive integer, got {args.batch_size}")
     inputs, problems = _inputs(args.images)
     if args.gradcam:
+        if is_exported(args.model):
+            return _fail(f"--gradcam needs the .keras model (Grad-CAM reads the model's "
+                         f"gradients); {args.model} is an export")
         if len(inputs) != 1 or problems:
             return _fail("--gradcam takes exactly one image")
         problem = _gradcam_target_problem(args.gradcam)
@@ -237,10 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from pneumo_utils.images import ImageReadError
-    from pneumo_utils.models import ModelFileError, load_model
+    from pneumo_utils.io import ModelFileError
 
     try:
-        model, meta = load_model(args.model)
+        model, meta = load_any(args.model)
         results = predict_images(model, meta, readable, batch_size=args.batch_size,
                                  verbose=len(readable) > args.batch_size and sys.stderr.isatty(),
                                  errors="raise" if len(inputs) == 1 else "record")

@@ -160,6 +160,18 @@ def load_exported(path: str | os.PathLike, threads: int | None = None) -> tuple[
     return model, validate_metadata(meta, f"sidecar {meta_file}")
 
 
+def load_any(path: str | os.PathLike):
+    """``(model, meta)`` for a ``.tflite``/``.onnx`` export (:func:`load_exported`, no
+    TensorFlow) or a ``.keras`` model (:func:`pneumo_utils.models.load_model`, which
+    imports TensorFlow)."""
+    if is_exported(path):
+        return load_exported(path)
+    import pneumo_utils.preprocessing  # noqa: F401  (registers the in-model layers)
+    from pneumo_utils.models import load_model
+
+    return load_model(path)
+
+
 def predict_paths(
     model: ExportedModel, paths: list[str], batch_size: int = 32, workers: int | None = None
 ) -> np.ndarray:
