@@ -328,8 +328,8 @@ def test_predict_on_a_folder_and_several_files_loads_the_model_once(saved_model,
     (folder / "NORMAL" / "notes.txt").write_text("not an image")
     (folder / "NORMAL" / "IM-0050-0001.jpeg").write_bytes(b"\xff\xd8\xff broken")
     calls = []
-    real = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda p: calls.append(p) or real(p))
+    real = keras.saving.load_model
+    monkeypatch.setattr(keras.saving, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
     extra = folder / "PNEUMONIA" / "person0_virus_0.jpeg"
     assert predict.main([str(folder), str(extra), "--model", str(saved_model)]) == 0
     captured = capsys.readouterr()

@@ -357,6 +357,7 @@ _MEMORY_PROBE = textwrap.dedent(
 
     class Model:  # stands in for Keras: its memory does not depend on the image file
         inputs = [type("T", (), {"shape": (None, 224, 224, 3)})]
+        input_shape = (None, 224, 224, 3)
         def predict(self, x, verbose=0):
             return np.full((len(x), 1), x.mean() / 255.0)
 
