@@ -26,6 +26,7 @@ from sklearn import metrics as skm
 
 from pneumo_utils import CLASS_NAMES
 from pneumo_utils.datasets import load_class_folder, load_kermany
+from pneumo_utils.runtime import apply_temperature, logit, sigmoid
 
 CI_METRICS = ("auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "brier")
 
@@ -188,26 +189,12 @@ def fit_temperature(y_val: np.ndarray, proba_val: np.ndarray) -> float:
     T > 1 softens over-confident probabilities. Ranking (and so AUC) is unchanged.
     """
     y = np.asarray(y_val, dtype=float)
-    logits = _logit(np.asarray(proba_val, dtype=float))
+    logits = logit(np.asarray(proba_val, dtype=float))
 
     def nll(t: float) -> float:
-        return float(skm.log_loss(y, _sigmoid(logits / t), labels=[0, 1]))
+        return float(skm.log_loss(y, sigmoid(logits / t), labels=[0, 1]))
 
     return float(minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded").x)
-
-
-def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
-    """Rescale probabilities with a temperature from :func:`fit_temperature`."""
-    return _sigmoid(_logit(np.asarray(proba, dtype=float)) / temperature)
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
 
 
 def evaluation_report(
@@ -298,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Evaluate a saved pneumo model on a {NORMAL,PNEUMONIA} folder.",
     )
     parser.add_argument(
-        "--model", required=True, help="path to MODEL.keras (sidecar MODEL.json beside it)"
+        "--model", required=True, help="path to MODEL.keras, or an export MODEL.tflite / "
+        "MODEL.onnx (run without TensorFlow); sidecar MODEL.json beside it"
     )
     parser.add_argument(
         "--data",
@@ -316,16 +304,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from pneumo_utils.io import write_json_atomic
-    from pneumo_utils.models import ModelFileError, load_model, predict_paths
+    from pneumo_utils.io import ModelFileError, write_json_atomic
+    from pneumo_utils.runtime import is_exported, load_any, predict_paths
 
     for flag, value in (("--batch-size", args.batch_size), ("--n-boot", args.n_boot)):
         if value < 1:
             return _fail(f"{flag} must be a positive integer, got {value}")
     if args.out and Path(args.out).is_dir():
         return _fail(f"--out {args.out} is a folder; name a .json file to write")
+    if args.stress and is_exported(args.model):
+        return _fail(f"--stress needs the .keras model; {args.model} is an export")
     try:
-        model, meta = load_model(args.model)
+        model, meta = load_any(args.model)
         index = _folder_index(args.data)
     except (FileNotFoundError, ModelFileError, ValueError) as exc:
         return _fail(exc)

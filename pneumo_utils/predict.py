@@ -122,7 +122,7 @@ def _prepare(path: str | Path, size: int) -> tuple[np.ndarray, dict]:
 
 def _describe(raw: float, meta: dict) -> dict:
     """Label, probability and confidence for one raw model output."""
-    from pneumo_utils.evaluate import apply_temperature
+    from pneumo_utils.runtime import apply_temperature
 
     names = list(meta.get("class_names") or CLASS_NAMES)
     threshold = float(meta.get("threshold", 0.5))

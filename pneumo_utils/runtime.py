@@ -160,6 +160,25 @@ def load_exported(path: str | os.PathLike, threads: int | None = None) -> tuple[
     return model, validate_metadata(meta, f"sidecar {meta_file}")
 
 
+def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
+    """Rescale probabilities with a temperature from
+    :func:`pneumo_utils.evaluate.fit_temperature`: ``sigmoid(logit(p) / T)``. Here, with
+    NumPy only, so that prediction reads calibrated probabilities without loading
+    scikit-learn."""
+    return sigmoid(logit(np.asarray(proba, dtype=float)) / temperature)
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    """``log(p / (1 - p))`` with ``p`` clipped to ``[1e-7, 1 - 1e-7]`` (finite everywhere)."""
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-z))``."""
+    return 1.0 / (1.0 + np.exp(-z))
+
+
 def load_any(path: str | os.PathLike):
     """``(model, meta)`` for a ``.tflite``/``.onnx`` export (:func:`load_exported`, no
     TensorFlow) or a ``.keras`` model (:func:`pneumo_utils.models.load_model`, which
@@ -172,16 +191,23 @@ def load_any(path: str | os.PathLike):
     return load_model(path)
 
 
-def predict_paths(
-    model: ExportedModel, paths: list[str], batch_size: int = 32, workers: int | None = None
-) -> np.ndarray:
-    """PNEUMONIA probabilities ``(n,)`` for image files with an exported model.
+def predict_paths(model, paths: list[str], batch_size: int = 32, verbose: bool = False,
+                  workers: int | None = None) -> np.ndarray:
+    """PNEUMONIA probabilities ``(n,)`` for image files, with an export or a Keras model.
 
-    Images are decoded with :func:`pneumo_utils.images.read_resized` in ``workers`` threads
-    (default one per CPU; the decoders release the GIL), the next batch decoding while the
-    current one runs through the model. Raises :class:`~pneumo_utils.images.ImageReadError` for an
-    unreadable file.
+    A Keras model goes to :func:`pneumo_utils.models.predict_paths` (tf.data). For an
+    :class:`ExportedModel`, images are decoded with
+    :func:`pneumo_utils.images.read_resized` in ``workers`` threads (default one per CPU;
+    the decoders release the GIL), the next batch decoding while the current one runs
+    through the model; ``verbose`` shows a progress bar over the batches. Raises
+    :class:`~pneumo_utils.images.ImageReadError` for an unreadable file.
     """
+    if not isinstance(model, ExportedModel):
+        from pneumo_utils.models import predict_paths as predict_with_keras
+
+        return predict_with_keras(model, paths, batch_size=batch_size, verbose=verbose)
+    from tqdm.auto import tqdm
+
     from pneumo_utils.images import read_resized
 
     size = int(model.input_shape[1])
@@ -189,7 +215,8 @@ def predict_paths(
     out: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         pending = [pool.submit(read_resized, p, size) for p in batches[0]] if batches else []
-        for i in range(len(batches)):
+        for i in tqdm(range(len(batches)), desc="predict", unit="batch", disable=not verbose,
+                      leave=False):
             images = np.stack([future.result() for future in pending])
             following = batches[i + 1] if i + 1 < len(batches) else []
             pending = [pool.submit(read_resized, p, size) for p in following]
