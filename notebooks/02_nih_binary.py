@@ -154,8 +154,8 @@ print(report.describe_weights(weights_file))
 # %% [markdown]
 # ## 6. Train the head: class weights, learning-rate schedule, early stopping
 # Backbone features are computed once and cached (see notebook 01). `ReduceLROnPlateau`
-# multiplies the learning rate by 0.3 whenever validation AUC has not improved for two epochs
-# (the `lr` column below shows it); early stopping restores the best epoch.
+# lowers the learning rate whenever validation AUC stops improving (the `lr` column below shows
+# it); early stopping restores the best epoch.
 
 # %%
 feats = features.extract_split_features(model, paths, batch_size=batch_size, cache_dir=f"{cache_dir}/features")

@@ -144,8 +144,8 @@ plots.sample_grid(augment.preview(augmentation, example, 8), ["original"] + ["au
 # The top `unfreeze_layers` layers become trainable. **BatchNormalization layers stay frozen**:
 # a frozen BatchNorm layer runs in inference mode and keeps its ImageNet statistics; re-estimated
 # from small batches of X-rays, they would shift the features under the trained head. The model
-# is compiled again (trainability changed) with a learning rate about a hundred times lower, so
-# pretrained weights are adjusted, not overwritten.
+# is compiled again (trainability changed) with a much lower learning rate, so pretrained
+# weights are adjusted, not overwritten.
 
 # %%
 base.trainable = True

@@ -53,7 +53,7 @@ epochs: int = 40  # most epochs of ResNet50 head training on cached features
 scratch_epochs: int = 3  # most epochs of the CNN from scratch over augmented images
 fine_tune_epochs: int = 0  # most epochs of fine-tuning ResNet50's last residual block (0: none)
 images_per_epoch = 640  # type: int|None training images per epoch over images, drawn at random (None: all)
-label_smoothing: float = 0.1  # ResNet50's targets are 0.05/0.95 instead of 0/1 (0: none)
+label_smoothing: float = 0.1  # share of each ResNet50 target moved towards 0.5 (0.1: 0.05/0.95 instead of 0/1)
 threshold_rule: str = "youden"  # the CNN from scratch's threshold rule on validation (ResNet50: fixed 0.5)
 stress_images: int = 120  # validation images in the acquisition-shift stress test (0: skip it)
 max_images_per_class = None  # type: int|None at most this many images per split and class, for quick runs (None: all)
@@ -134,8 +134,8 @@ plots.sample_grid(augment.preview(augmentation, example, 8), ["original"] + ["au
 
 # %% [markdown]
 # ## 3. A CNN from scratch
-# Four blocks of two 3x3 convolutions, each followed by BatchNormalization and ReLU; every block
-# but the last ends with 2x2 max pooling and Dropout. The filters double from block to block
+# Blocks of two 3x3 convolutions, each followed by BatchNormalization and ReLU; every block but
+# the last ends with 2x2 max pooling and Dropout. The filters double from block to block
 # while the picture shrinks, so later layers see larger regions with more kinds of feature. The
 # head is the one of the transfer model, so the two compare directly.
 
@@ -184,7 +184,7 @@ scratch_history = scratch.fit(
 # ResNet50 expects BGR images minus the ImageNet mean; that is its first layer. Its ImageNet
 # weights are loaded by layer name (the preprocessing layer is not in the weights file). The head
 # trains on cached features of the frozen base (see notebook 01) with **label smoothing**: targets
-# 0.05/0.95 instead of 0/1, so the head is not pushed to extreme confidence on the training
+# pulled in from 0 and 1, so the head is not pushed to extreme confidence on the training
 # collection, which helps when test images come from elsewhere.
 
 # %%
@@ -220,16 +220,16 @@ resnet_history = head.fit(
 )
 
 # %% [markdown]
-# Optionally (`fine_tune_epochs > 0`), the last residual block (`conv5_block3`, 10 layers) is
-# fine-tuned on augmented images as in notebook 03, BatchNorm frozen, and kept only if it raises
-# the validation AUC.
+# Optionally (`fine_tune_epochs > 0`), the last residual block (`conv5_block3`) is fine-tuned on
+# augmented images as in notebook 03, BatchNorm frozen, and kept only if it raises the validation
+# AUC.
 
 # %%
 kept = "frozen base"
 if fine_tune_epochs:
     p_val_frozen = head.predict(feats["val"], verbose=0).ravel()
     frozen_weights = resnet.get_weights()
-    for layer in base.layers[-10:]:
+    for layer in base.layers[-10:]:  # conv5_block3
         layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
     resnet.compile(optimizer=keras.optimizers.Adam(1e-5),
                    loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
