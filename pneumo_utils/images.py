@@ -12,7 +12,8 @@ Choices worth knowing:
   default (``False``), and every JPEG is also decoded by libjpeg-turbo in strict mode
   (``simplejpeg``), which turns libjpeg's "corrupt data" warnings into errors: a JPEG cut
   short and given a new end marker, or with bytes overwritten, decodes in Pillow without a
-  word but would give a wrong picture.
+  word but would give a wrong picture. PNG chunk checksums are verified for the same
+  reason.
 * Memory per image is bounded. JPEGs read with a ``max_side`` or target size are decoded at
   1/2, 1/4 or 1/8 scale by libjpeg itself (``Image.draft``). Every other decode (PNG, DICOM,
   progressive JPEG, whose decoder holds the whole image's coefficients) is refused above
@@ -353,6 +354,8 @@ def _decode(path: Path, target: tuple[int, int] | None) -> np.ndarray:
             _check_budget(path, im, full)
             if is_jpeg:
                 _verify_jpeg(path)
+            elif im.format == "PNG":
+                _verify_png(path, size)
             im.load()
             if orientation != 1:
                 ImageOps.exif_transpose(im, in_place=True)
@@ -398,6 +401,19 @@ def _verify_jpeg(path: Path) -> None:
         raise ImageReadError(
             path, f"{kind} JPEG data (file is {len(data)} bytes): libjpeg says {text!r}"
         ) from None
+
+
+def _verify_png(path: Path, size: int) -> None:
+    """Check every PNG chunk's CRC (``Image.verify``). Pillow's decoder does not, and stops
+    inflating once it has every row, so bytes overwritten inside the image data would
+    otherwise give a wrong picture without an error."""
+    try:
+        with _open_pil(path) as im:
+            im.verify()
+    except (SyntaxError, OSError, ValueError) as exc:
+        text = " ".join(str(exc).split())
+        kind = "truncated" if "truncated" in text.lower() else "damaged"
+        raise ImageReadError(path, f"{kind} PNG data (file is {size} bytes): {text}") from None
 
 
 def _reduce(im: Image.Image, target: tuple[int, int] | None) -> Image.Image:

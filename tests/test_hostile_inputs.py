@@ -229,6 +229,20 @@ def test_damaged_jpeg_is_refused(damaged, saved_model, capsys, kind):
     assert str(path) in line and "damaged JPEG" in line
 
 
+def test_png_with_overwritten_image_data_is_refused(tmp_path):
+    """Pillow stops inflating once it has every row, so overwritten IDAT bytes decode to a
+    wrong picture without an error; the chunk checksums catch them."""
+    buffer = io.BytesIO()
+    Image.fromarray(_xray(1, 600)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    middle = len(data) // 2
+    data[middle: middle + 50] = bytes(np.random.default_rng(0).integers(0, 256, 50, dtype=np.uint8))
+    path = tmp_path / "overwritten.png"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageReadError, match=r"damaged PNG data .*bad header checksum in b'IDAT'"):
+        read_resized(path, SIZE)
+
+
 def test_damaged_jpegs_in_a_folder_are_skipped_and_listed_by_evaluate(damaged, saved_model, tmp_path, capsys):
     """They pass a header and end-marker check; the index-time check decodes them for real,
     so evaluate leaves them out, counts and names them in its JSON and --out file."""
