@@ -90,7 +90,7 @@ model could read."""
 CHECK_CACHE_ENV = "PNEUMO_CHECK_CACHE"
 """Environment variable naming the cache file of :func:`check_images` (empty: no cache)."""
 
-_CHECK_VERSION = "2"  # part of the cache key: a change to what check_image tests invalidates it
+_CHECK_VERSION = "3"  # part of the cache key: a change to what check_image tests invalidates it
 _PIL_LIMIT_LOCK = threading.Lock()
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # these swap width and height
