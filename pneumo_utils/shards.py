@@ -675,8 +675,9 @@ def predict_from_shards(
     size = int(model.inputs[0].shape[1])
     global_batch = batch_size * strategy.num_replicas_in_sync
     tpu = isinstance(strategy, tf.distribute.TPUStrategy)
-    ds = _dataset(folder, split, size, global_batch, False, 0, False, False, tpu, 0, None, verify,
-                  with_rows=True)
+    ds = _dataset(folder, split, image_size=size, batch_size=global_batch, shuffle=False, seed=0,
+                  cache=False, repeat=False, drop_remainder=tpu, shuffle_buffer=1,
+                  input_context=None, verify=verify, with_rows=True)
     distributed = strategy.experimental_distribute_dataset(ds)
 
     @tf.function
