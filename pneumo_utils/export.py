@@ -142,8 +142,7 @@ def convert(
     check_options(format, quantize, has_calibration=calibration is not None and len(calibration) > 0)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    side = int(model.inputs[0].shape[1])
-    model(np.zeros((1, side, side, 3), np.float32))  # Keras exports only a model that has run
+    model = _inference_only(model)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         written = work / target.name
@@ -159,6 +158,20 @@ def convert(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _inference_only(model):
+    """``model`` called with ``training=False`` inside a new functional model whose input is
+    named ``image``. Keras' ONNX and SavedModel exporters call a model without ``training``,
+    which leaves the dropout of a nested model in the graph (tf2onnx then fails on its
+    random op); Keras exports only a model that has run, so it runs once here."""
+    import keras
+
+    side = int(model.inputs[0].shape[1])
+    inputs = keras.Input((side, side, 3), name="image")
+    wrapped = keras.Model(inputs, model(inputs, training=False), name=model.name)
+    wrapped(np.zeros((1, side, side, 3), np.float32))
+    return wrapped
 
 
 def _to_litert(model, target: Path, quantize: str, calibration: np.ndarray | None) -> None:
