@@ -23,6 +23,11 @@
 # images are drawn from train by patient, the decision threshold is chosen on validation, and the
 # test split is used once, for the final numbers.
 #
+# The training images carry **shortcuts**: NORMAL X-rays in this collection have darker borders
+# and true-black backgrounds, so a model can score well without looking at a lung, and then fail
+# on images from elsewhere. The model below removes those cues at its input, trains on copies
+# whose borders are swapped between classes, and is checked for what is left of them.
+#
 # > **Not for diagnostic use.** Research and teaching only.
 
 # %% [markdown]
@@ -50,6 +55,8 @@ val_fraction: float = 0.15  # share of the training patients moved to validation
 max_images_per_class = None  # type: int|None at most this many images per split and class, for quick runs (None: all)
 threshold_rule: str = "youden"  # threshold rule on validation: youden, f1, sensitivity:0.95 or fixed:0.5
 n_boot: int = 1000  # bootstrap resamples for the 95% confidence intervals
+remove_cues: bool = True  # centre crop + histogram equalisation in the model, frame-swapped training copies
+cue_images: int = 300  # validation images in the shortcut check (four forward passes each)
 seed: int = 42  # seeds the split, the initial weights and the shuffling
 reports_dir: str = "reports"  # where the metrics JSON is written
 models_dir: str = "saved_models"  # where the model, its sidecar and its model card are written
@@ -59,8 +66,20 @@ cache_dir: str = ".cache/pneumo"  # where backbone features are cached
 from pathlib import Path
 
 import keras
+import numpy as np
 
-from pneumo_utils import data, datasets, evaluate, features, gradcam, models, plots, report
+from pneumo_utils import (
+    data,
+    datasets,
+    evaluate,
+    features,
+    gradcam,
+    models,
+    plots,
+    preprocessing,
+    report,
+    shortcuts,
+)
 from pneumo_utils.predict import predict_image
 from pneumo_utils.train import EpochLine
 
@@ -90,8 +109,11 @@ plots.index_samples(index, image_size, per_class=4)
 
 # %% [markdown]
 # ## 2. The model: preprocessing, backbone, head
-# The input is raw RGB pixels (0-255). The first layer applies DenseNet121's own scaling, so the
-# saved model needs no preprocessing outside it. The backbone is DenseNet121 without its ImageNet
+# The input is raw RGB pixels (0-255). With `remove_cues`, the first layers keep the central 80%
+# of the image (borders, side markers and collimation edges go) and equalise its grey-level
+# histogram, so exposure and background darkness no longer tell the classes apart
+# (`pneumo_utils.preprocessing`). The next layer applies DenseNet121's own scaling, so the saved
+# model needs no preprocessing outside it. The backbone is DenseNet121 without its ImageNet
 # classifier (`include_top=False`), built on that layer's output, and frozen. The head is
 # attached to the backbone's last feature map in the same (flat) graph, which is what Grad-CAM
 # needs. Its layers are named `head_*`: the feature cache below finds the head by that prefix.
@@ -99,7 +121,8 @@ plots.index_samples(index, image_size, per_class=4)
 # %%
 weights_file = models.resolve_weights("densenet121", weights, fallback=weights_fallback)
 inputs = keras.Input((image_size, image_size, 3), name="image")
-x = models.preprocessing_layer(inputs, mode="torch")  # [0, 1], then ImageNet mean and std
+x = preprocessing.cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs  # centre 80%, equalised
+x = models.preprocessing_layer(x, mode="torch")  # [0, 1], then ImageNet mean and std
 base = keras.applications.DenseNet121(include_top=False, weights=weights_file, input_tensor=x)
 base.trainable = False
 
@@ -120,10 +143,20 @@ print(f"{report.describe_weights(weights_file)}; {model.count_params():,} parame
 # head layers, fed the pooled features instead of images, so training it trains `model`'s head.
 # Class weights balance the loss (PNEUMONIA outnumbers NORMAL about 3 to 1); early stopping
 # watches validation ROC AUC and restores the best epoch.
+#
+#
+# With `remove_cues` the head also trains on a second copy of every training image whose outer
+# frame (12% of each side) comes from an image of the **other** class: across the two copies the
+# frame says nothing about the label, so the head has to use the centre.
 
 # %%
 paths, labels = data.split_files(index)
-feats = features.extract_split_features(model, paths, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
+other = shortcuts.other_class_references(labels["train"], labels["train"], seed=seed)
+views = {"train_swapped": [paths["train"][i] for i in other]} if remove_cues else {}
+feats = features.extract_split_features(model, {**paths, **{v: paths["train"] for v in views}},
+                                        frame_from=views, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
+x_train = np.concatenate([feats["train"], *(feats[v] for v in views)])
+y_train = np.concatenate([labels["train"]] * (1 + len(views)))
 head = models.head_on_features(model)
 
 # %%
@@ -133,10 +166,10 @@ head.compile(
     metrics=[keras.metrics.AUC(name="auc")],
 )
 history = head.fit(
-    feats["train"], labels["train"],
+    x_train, y_train,
     validation_data=(feats["val"], labels["val"]),
     epochs=epochs, batch_size=batch_size,
-    class_weight=data.class_weights(labels["train"]),
+    class_weight=data.class_weights(y_train),
     callbacks=[
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-6),
@@ -189,7 +222,22 @@ plots.reliability_diagram({
 })
 
 # %% [markdown]
-# ## 6. Grad-CAM: where does the model look?
+# ## 6. Shortcut check on validation images
+# A same-source test split rewards shortcuts as much as real signal, so it cannot say how the
+# model fares on another hospital's images. The check asks the validation images instead: each
+# one gets the grey-level histogram or the outer frame of an image of the other class, or a
+# blank frame. A model that reads the lungs keeps its decisions; one that reads the cue loses
+# specificity. The lowest balanced accuracy over the four sets is the **selection score** that
+# `run_all.sh` ranks models by.
+
+# %%
+cue_test = shortcuts.validation_cue_test(model, paths["val"], labels["val"], paths["train"], labels["train"],
+                                         threshold=threshold, max_images=cue_images, seed=seed)
+selection_score = shortcuts.selection_score(cue_test)
+cue_test.round(3)
+
+# %% [markdown]
+# ## 7. Grad-CAM: where does the model look?
 # For two correct and two wrong test predictions, the gradient of the output with respect to the
 # last convolutional feature map weights that map into a heat map. Heat over the lungs is what we
 # hope for; heat on text markers, borders or outside the body points to a shortcut.
@@ -201,7 +249,7 @@ heatmaps = gradcam.grad_cam(model, images)
 plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions)
 
 # %% [markdown]
-# ## 7. Save the model and predict one image
+# ## 8. Save the model and predict one image
 # The `.keras` file (written atomically) travels with a JSON sidecar (threshold and rule, data
 # split, weights, metrics) and a markdown model card; `python -m pneumo_utils.predict IMAGE
 # --model saved_models/01_kermany_densenet121.keras` needs nothing else.
@@ -214,7 +262,9 @@ meta = report.save_with_card(
     model, model_path, evaluation=evaluation, backbone="densenet121", weights=weights_used,
     data=f"Kermany chest_xray at {data_dir}; {split_description}",
     training=f"frozen base; head trained on cached features, Adam {learning_rate:g}, class weights, "
-             f"early stopping on validation AUC (patience {patience})",
+             f"early stopping on validation AUC (patience {patience}); cue removal: {remove_cues}",
+    cue_test=cue_test.round(4).to_dict(orient="index"), selection_score=selection_score,
+    selection_rule=shortcuts.SELECTION_RULE,
 )
 result = predict_image(model, meta, paths["test"][0])
 print(f"{paths['test'][0]} (true {meta['class_names'][labels['test'][0]]}): "
@@ -224,6 +274,8 @@ print(f"{paths['test'][0]} (true {meta['class_names'][labels['test'][0]]}): "
 entry = report.model_entry(
     name="DenseNet121, frozen base", backbone="densenet121", weights=weights_used,
     positive_class="PNEUMONIA", evaluation=evaluation, model_path=model_path,
+    selection_score=selection_score, selection_rule=shortcuts.SELECTION_RULE,
+    cue_test=cue_test.round(4).to_dict(orient="index"),
 )
 _ = report.write_metrics(
     Path(reports_dir) / f"{RUN_NAME}.metrics.json", run_name=RUN_NAME,

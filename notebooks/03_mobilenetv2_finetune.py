@@ -56,6 +56,8 @@ images_per_epoch = 1280  # type: int|None training images per phase-2 epoch, dra
 max_images_per_class = None  # type: int|None at most this many images per split and class, for quick runs (None: all)
 threshold_rule: str = "youden"  # threshold rule on validation: youden, f1, sensitivity:0.95 or fixed:0.5
 n_boot: int = 1000  # bootstrap resamples for the 95% confidence intervals
+remove_cues: bool = True  # centre crop + histogram equalisation in the model, frame-swapped training copies
+cue_images: int = 300  # validation images in the shortcut check (four forward passes each)
 seed: int = 42  # seeds the split, the initial weights, the shuffling and the augmentation
 reports_dir: str = "reports"  # where the metrics JSON is written
 models_dir: str = "saved_models"  # where the model, its sidecar and its model card are written
@@ -65,9 +67,21 @@ cache_dir: str = ".cache/pneumo"  # where backbone features are cached
 from pathlib import Path
 
 import keras
-from sklearn.metrics import roc_auc_score
+import numpy as np
 
-from pneumo_utils import augment, data, datasets, evaluate, features, gradcam, models, plots, report
+from pneumo_utils import (
+    augment,
+    data,
+    datasets,
+    evaluate,
+    features,
+    gradcam,
+    models,
+    plots,
+    preprocessing,
+    report,
+    shortcuts,
+)
 from pneumo_utils.train import EpochLine
 
 RUN_NAME = "03_mobilenetv2_finetune"
@@ -85,13 +99,14 @@ datasets.summarize(index)
 
 # %% [markdown]
 # ## 2. MobileNetV2 with a new head
-# MobileNetV2 scales its input to [-1, 1]; that scaling is the model's first layer. The head is
-# the one of notebook 01.
+# As in notebook 01, the first layers remove the acquisition cues (centre crop, histogram
+# equalisation); then MobileNetV2's own scaling to [-1, 1]. The head is the one of notebook 01.
 
 # %%
 weights_file = models.resolve_weights("mobilenet_v2", weights)
 inputs = keras.Input((image_size, image_size, 3), name="image")
-x = models.preprocessing_layer(inputs, mode="tf")  # pixels to [-1, 1]
+x = preprocessing.cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs  # centre 80%, equalised
+x = models.preprocessing_layer(x, mode="tf")  # pixels to [-1, 1]
 base = keras.applications.MobileNetV2(include_top=False, weights=weights_file, input_tensor=x)
 base.trainable = False
 x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
@@ -104,16 +119,21 @@ model = keras.Model(inputs, outputs, name="mobilenet_v2")
 # ## 3. Phase 1: the head on the frozen base
 # A new head starts from random weights, and its first large gradients would wreck pretrained
 # features if the backbone could move. So the base stays frozen while the head learns, on backbone
-# features computed once (see notebook 01).
+# features computed once, and on frame-swapped copies of the training images (see notebook 01).
 
 # %%
-feats = features.extract_split_features(model, paths, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
+other = shortcuts.other_class_references(labels["train"], labels["train"], seed=seed)
+views = {"train_swapped": [paths["train"][i] for i in other]} if remove_cues else {}
+feats = features.extract_split_features(model, {**paths, **{v: paths["train"] for v in views}},
+                                        frame_from=views, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
+x_train = np.concatenate([feats["train"], *(feats[v] for v in views)])
+y_train = np.concatenate([labels["train"]] * (1 + len(views)))
 head = models.head_on_features(model)
 head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
              metrics=[keras.metrics.AUC(name="auc")])
 history1 = head.fit(
-    feats["train"], labels["train"], validation_data=(feats["val"], labels["val"]),
-    epochs=epochs, batch_size=batch_size, class_weight=data.class_weights(labels["train"]),
+    x_train, y_train, validation_data=(feats["val"], labels["val"]),
+    epochs=epochs, batch_size=batch_size, class_weight=data.class_weights(y_train),
     callbacks=[
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=5, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-6),
@@ -121,8 +141,19 @@ history1 = head.fit(
     ],
     verbose=0,
 )
-p_val_frozen = head.predict(feats["val"], verbose=0).ravel()
 frozen_weights = model.get_weights()  # the phase-1 model, kept should fine-tuning not help
+
+# %% [markdown]
+# Before fine-tuning, the phase-1 model goes through the shortcut check of notebook 01: validation
+# images with the grey-level histogram or the outer frame of an image of the other class, or a
+# blank frame, at the model's own threshold. Its worst balanced accuracy is the selection score.
+
+# %%
+p_val_frozen = head.predict(feats["val"], verbose=0).ravel()
+threshold_frozen = evaluate.choose_threshold(labels["val"], p_val_frozen, rule=threshold_rule)
+cue_frozen = shortcuts.validation_cue_test(model, paths["val"], labels["val"], paths["train"], labels["train"],
+                                           threshold=threshold_frozen, max_images=cue_images, seed=seed)
+cue_frozen.round(3)
 
 # %% [markdown]
 # ## 4. Augmentation for phase 2
@@ -184,17 +215,23 @@ curves["phase"] = [1] * len(history1.epoch) + [2] * len(history2.epoch)
 plots.training_curves(curves)
 
 # %% [markdown]
-# ## 6. Did fine-tuning help? Keep the better model by validation AUC
-# Fine-tuning can overfit a small data set. Both models are scored on the validation split, and
-# the fine-tuned one is kept only if it scores higher. The test split plays no part in this.
+# ## 6. Did fine-tuning help? Keep the phase with the better selection score
+# Fine-tuning can overfit a small data set, or learn the cues back. Validation AUC is close to 1
+# for both phases and cannot tell them apart, so the fine-tuned model goes through the same
+# shortcut check, and it is kept only if its selection score is higher. The test split plays no
+# part in this.
 
 # %%
 p_val_tuned = models.predict_paths(model, paths["val"], batch_size)
-auc_frozen, auc_tuned = roc_auc_score(labels["val"], p_val_frozen), roc_auc_score(labels["val"], p_val_tuned)
-kept = "fine-tuned" if auc_tuned > auc_frozen else "frozen base"
+threshold_tuned = evaluate.choose_threshold(labels["val"], p_val_tuned, rule=threshold_rule)
+cue_tuned = shortcuts.validation_cue_test(model, paths["val"], labels["val"], paths["train"], labels["train"],
+                                          threshold=threshold_tuned, max_images=cue_images, seed=seed)
+scores = {"frozen base": shortcuts.selection_score(cue_frozen), "fine-tuned": shortcuts.selection_score(cue_tuned)}
+kept = max(scores, key=scores.get)
 if kept == "frozen base":
     model.set_weights(frozen_weights)
-print(f"validation AUC: frozen base {auc_frozen:.4f}, fine-tuned {auc_tuned:.4f}; kept: {kept}")
+cue_test, selection_score = (cue_frozen if kept == "frozen base" else cue_tuned), scores[kept]
+print(f"selection score: frozen base {scores['frozen base']:.3f}, fine-tuned {scores['fine-tuned']:.3f}; kept: {kept}")
 
 # %% [markdown]
 # ## 7. Threshold on validation, metrics on test
@@ -240,10 +277,12 @@ weights_used = report.describe_weights(weights_file)
 split_description = report.describe_split(index)
 training = (f"phase 1: head on the frozen base, Adam 1e-3; phase 2: top {unfreeze_layers} layers "
             f"(BatchNorm frozen), Adam {fine_tune_learning_rate:g}, {augment.describe(augmentation)}; "
-            f"kept: {kept} (higher validation AUC)")
+            f"kept: {kept} (higher selection score); cue removal: {remove_cues}")
 meta = report.save_with_card(model, model_path, evaluation=evaluation, backbone="mobilenet_v2",
                              weights=weights_used, training=training,
-                             data=f"Kermany chest_xray at {data_dir}; {split_description}")
+                             data=f"Kermany chest_xray at {data_dir}; {split_description}",
+                             cue_test=cue_test.round(4).to_dict(orient="index"),
+                             selection_score=selection_score, selection_rule=shortcuts.SELECTION_RULE)
 image_path = paths["test"][0]
 
 # %%
@@ -253,7 +292,8 @@ image_path = paths["test"][0]
 entry = report.model_entry(
     name=f"MobileNetV2, {kept}", backbone="mobilenet_v2", weights=weights_used, positive_class="PNEUMONIA",
     evaluation=evaluation, model_path=model_path, training=training,
-    validation_auc_by_phase={"frozen base": auc_frozen, "fine-tuned": auc_tuned},
+    selection_score=selection_score, selection_rule=shortcuts.SELECTION_RULE,
+    selection_score_by_phase=scores, cue_test=cue_test.round(4).to_dict(orient="index"),
 )
 _ = report.write_metrics(
     Path(reports_dir) / f"{RUN_NAME}.metrics.json", run_name=RUN_NAME,

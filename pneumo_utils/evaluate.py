@@ -6,8 +6,9 @@ beside the default 0.5 so a reader can see what the choice did.
 
 Command line: ``python -m pneumo_utils.evaluate --model MODEL.keras --data DIR [--out F]``
 evaluates a saved model on a ``{NORMAL,PNEUMONIA}`` folder (or a data root's ``test/``) with
-the threshold stored beside the model, and prints one JSON object; ``--stress`` adds the
-acquisition-shift stress test of :mod:`pneumo_utils.shift`. Files left out (unreadable or
+the threshold stored beside the model, and prints one JSON object; ``--cue-test`` adds the
+shortcut check of :mod:`pneumo_utils.shortcuts` (each image with the histogram or the frame of
+an image of the other class from the same folder) and its selection score. Files left out (unreadable or
 not images) are counted and named in the JSON (``skipped``), and so are images found in
 sub-folders of a class folder (``nested_images``), which are scored with that class.
 """
@@ -297,10 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument(
-        "--stress",
+        "--cue-test",
         action="store_true",
-        help="also score perturbed copies of the images (exposure, contrast, blur, zoom, noise) "
-        "at the same threshold: an acquisition-shift proxy (pneumo_utils.shift)",
+        help="also score the images with the grey-level histogram or the outer frame of an image "
+        "of the other class, or a blank frame, at the same threshold, and give the selection "
+        "score (pneumo_utils.shortcuts)",
     )
     args = parser.parse_args(argv)
 
@@ -312,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"{flag} must be a positive integer, got {value}")
     if args.out and Path(args.out).is_dir():
         return _fail(f"--out {args.out} is a folder; name a .json file to write")
-    if args.stress and is_exported(args.model):
-        return _fail(f"--stress needs the .keras model; {args.model} is an export")
+    if args.cue_test and is_exported(args.model):
+        return _fail(f"--cue-test needs the .keras model; {args.model} is an export")
     try:
         model, meta = load_any(args.model)
         index = _folder_index(args.data)
@@ -330,12 +332,15 @@ def main(argv: list[str] | None = None) -> int:
             "temperature": meta["temperature"],
             **calibration_summary(labels, apply_temperature(proba, meta["temperature"])),
         }
-    if args.stress:
-        from pneumo_utils.shift import stress_test
+    if args.cue_test:
+        from pneumo_utils.shortcuts import SELECTION_RULE, selection_score, validation_cue_test
 
-        table = stress_test(model, index["path"].tolist(), labels, threshold,
-                            batch_size=args.batch_size)
-        result["stress"] = table.round(4).to_dict(orient="index")
+        paths = index["path"].tolist()
+        table = validation_cue_test(model, paths, labels, paths, labels, threshold,
+                                    max_images=None, batch_size=args.batch_size)
+        result["cue_test"] = table.round(4).to_dict(orient="index")
+        result["selection_score"] = selection_score(table)
+        result["selection_rule"] = SELECTION_RULE
     result.update(
         model=str(args.model),
         data=str(args.data),

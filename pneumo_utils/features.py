@@ -55,9 +55,18 @@ def files_fingerprint(paths: list[str]) -> str:
     return digest.hexdigest()
 
 
-def cache_key(weights_hash: str, image_size: int, paths: list[str]) -> str:
-    """Content key for the features of ``paths`` under one extractor and image size."""
-    parts = (weights_hash, files_fingerprint(paths), str(image_size))
+def cache_key(
+    weights_hash: str,
+    image_size: int,
+    paths: list[str],
+    frames: list[str] | None = None,
+    border: float = 0.0,
+) -> str:
+    """Content key for the features of ``paths`` under one extractor and image size (and,
+    for frame-swapped views, the frame sources and the frame's width)."""
+    parts = [weights_hash, files_fingerprint(paths), str(image_size)]
+    if frames is not None:
+        parts += [files_fingerprint(frames), f"border={border}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
@@ -81,6 +90,8 @@ def extract_split_features(
     batch_size: int = 32,
     cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
     verbose: bool = True,
+    frame_from: Mapping[str, list[str]] | None = None,
+    border: float = 0.12,
 ) -> dict[str, np.ndarray]:
     """Pooled backbone features per split, ``{split: (n_images, channels) float32}``, cached.
 
@@ -92,7 +103,21 @@ def extract_split_features(
     written. Cache files are written through a temporary file and a rename, so an
     interrupted run leaves no half-written cache; a cache file that fails its checksum is
     deleted and recomputed (with a warning naming it).
+
+    ``frame_from`` makes *frame-swapped views* (see :mod:`pneumo_utils.shortcuts`): for a split
+    named in it, image ``i`` keeps its centre but its outer frame (``border`` of each side) is
+    taken from ``frame_from[split][i]``, e.g. an image of the other class. Training a head on
+    such views as well as on the clean images makes the frame useless for telling the
+    classes apart, so the model must use the centre.
     """
+    frame_from = dict(frame_from or {})
+    unknown = set(frame_from) - set(paths)
+    if unknown:
+        raise ValueError(f"frame_from names splits not in paths: {sorted(unknown)}")
+    for split, frames in frame_from.items():
+        if len(frames) != len(paths[split]):
+            raise ValueError(f"frame_from[{split!r}] has {len(frames)} images for "
+                             f"{len(paths[split])} in paths[{split!r}]")
     extractor = pooled_features_model(model)
     image_size = int(extractor.inputs[0].shape[1])
     weights_hash = weights_fingerprint(extractor) if cache_dir is not None else ""
@@ -101,7 +126,7 @@ def extract_split_features(
     for split, split_paths in paths.items():
         cache_file = None
         if cache_dir is not None:
-            key = cache_key(weights_hash, image_size, split_paths)
+            key = cache_key(weights_hash, image_size, split_paths, frame_from.get(split), border)
             cache_file = Path(cache_dir) / f"{model.name}-{key}.npy"
             cached = _load_cached(cache_file, len(split_paths))
             if cached is not None:
@@ -110,23 +135,45 @@ def extract_split_features(
                     print(f"features: {split} {out[split].shape} loaded from cache {found}")
                 continue
         todo[split] = cache_file
-    if todo:
-        all_paths = [p for split in todo for p in paths[split]]
+    plain = {split: file for split, file in todo.items() if split not in frame_from}
+    framed = {split: file for split, file in todo.items() if split in frame_from}
+    for group in (plain, framed):
+        if not group:
+            continue
+        all_paths = [p for split in group for p in paths[split]]
         dataset = image_dataset(all_paths, image_size=image_size, batch_size=batch_size, cache=False)
+        if group is framed:
+            frames = [p for split in group for p in frame_from[split]]
+            dataset = _with_frames(dataset, image_dataset(
+                frames, image_size=image_size, batch_size=batch_size, cache=False), border)
         start = time.perf_counter()
         progress = [ProgressBar(math.ceil(len(all_paths) / batch_size), "features")] if verbose else []
         features = extractor.predict(dataset, verbose=0, callbacks=progress).astype(np.float32)
         seconds = time.perf_counter() - start
         if verbose:
-            print(f"features: computed {features.shape} for {', '.join(todo)} in {seconds:.0f} s "
+            print(f"features: computed {features.shape} for {', '.join(group)} in {seconds:.0f} s "
                   f"({len(all_paths) / max(seconds, 1e-9):.1f} images/s)")
         offset = 0
-        for split, cache_file in todo.items():
+        for split, cache_file in group.items():
             out[split] = features[offset: offset + len(paths[split])]
             offset += len(paths[split])
             if cache_file is not None:
                 _save_atomic(cache_file, out[split])
     return {split: out[split] for split in paths}
+
+
+def _with_frames(images, frames, border: float):
+    """Batches of ``images`` whose outer frame (``border`` of each side) comes from ``frames``."""
+    import tensorflow as tf
+
+    size = int(images.element_spec.shape[1])
+    edge = round(size * border)
+    inner = np.zeros((size, size, 1), dtype=np.float32)
+    inner[edge: size - edge, edge: size - edge] = 1.0
+    inner = tf.constant(inner)
+    return tf.data.Dataset.zip((images, frames)).map(
+        lambda x, f: x * inner + f * (1.0 - inner), num_parallel_calls=tf.data.AUTOTUNE
+    )
 
 
 def _checksum(features: np.ndarray) -> str:

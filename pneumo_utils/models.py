@@ -31,6 +31,7 @@ import numpy as np
 from pneumo_utils import CLASS_NAMES, __version__
 from pneumo_utils.data import image_dataset
 from pneumo_utils.io import ModelFileError, current_umask, read_sidecar, write_json_atomic
+from pneumo_utils.preprocessing import HistogramEqualization  # noqa: F401  (registers the layer for loading)
 
 HEAD_PREFIX = "head_"
 PREPROCESS_NAME = "preprocess"
@@ -308,6 +309,10 @@ def model_metadata(model: keras.Model, **info: Any) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "intended_use": "research and teaching only; not for diagnostic use",
     }
+    custom = sorted({f"pneumo>{type(layer).__name__}" for layer in model.layers
+                     if type(layer).__module__.startswith("pneumo_utils")})
+    if custom:
+        meta["custom_layers"] = custom
     meta.update(info)
     return meta
 

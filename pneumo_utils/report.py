@@ -193,6 +193,25 @@ def model_card(meta: dict, evaluation: dict) -> str:
     )
     negative, positive = meta.get("class_names", CLASS_NAMES)
     calibrated = evaluation.get("test_calibrated", t)
+    loading = ("`import pneumo_utils.preprocessing` first (it registers the `pneumo>HistogramEqualization` layer), "
+               "then `keras.models.load_model(path)`" if meta.get("custom_layers")
+               else "`keras.models.load_model(path)`; nothing to import")
+    cue = ""
+    if meta.get("cue_test"):
+        cue_rows = "\n".join(
+            f"| {name} | {row['auc']:.3f} | {row['sensitivity']:.3f} | {row['specificity']:.3f} | {row['flipped']:.3f} |"
+            for name, row in meta["cue_test"].items()
+        )
+        cue = f"""
+## Shortcut check (validation images, threshold above)
+Each validation image with its grey-level histogram or its outer frame taken from an image of the
+other class, or its frame blanked (`pneumo_utils.shortcuts`). Selection score
+{meta.get('selection_score', float('nan')):.3f}: {meta.get('selection_rule', '')}.
+
+| images | AUC | sensitivity | specificity | decisions flipped |
+|---|---|---|---|---|
+{cue_rows}
+"""
     return f"""# Model card: {meta.get('name', 'model')}
 
 - **Architecture**: {meta.get('backbone', '?')}, input {meta.get('image_size')} px RGB (0-255, preprocessing inside the model), sigmoid output = P({positive}); below the threshold: {negative}.
@@ -201,13 +220,14 @@ def model_card(meta: dict, evaluation: dict) -> str:
 - **Training**: {meta.get('training', '?')}
 - **Decision threshold**: {evaluation['threshold']:.4f} on the raw output, chosen by {evaluation['threshold_rule']}.
 - **Calibration**: test ECE {t['ece']:.3f}; temperature {evaluation.get('temperature', 1.0):.2f} fitted on validation gives ECE {calibrated['ece']:.3f}.
+- **Loading**: {loading}.
 - **Intended use**: research and teaching on chest X-ray classification. **Not for diagnostic use.**
 
 ## Test metrics (95% bootstrap CIs, threshold above)
 | metric | value | 95% CI |
 |---|---|---|
 {rows}
-
+{cue}
 ## Limitations
 - Trained on one public data set; performance on images from other hospitals, scanners,
   populations (e.g. adults vs children) or acquisition protocols is unknown and usually lower.

@@ -166,9 +166,10 @@ def test_evaluate_cli_on_a_folder(trained, learn_root, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["auc"] == result["auc"]
     assert evaluate.main(["--model", str(path), "--data", str(learn_root / "test" / "NORMAL" / "nope")]) == 2
     capsys.readouterr()
-    assert evaluate.main(["--model", str(path), "--data", str(learn_root), "--n-boot", "10", "--stress"]) == 0
-    stress = json.loads(capsys.readouterr().out)["stress"]
-    assert list(stress) == ["clean", "gamma_dark", "gamma_bright", "low_contrast", "blur", "zoom_out",
-                            "zoom_in", "noise", "mean shift"]
-    assert stress["clean"]["auc"] == pytest.approx(result["auc"], abs=1e-3), "clean row = the plain evaluation"
-    assert stress["clean"]["accuracy"] == pytest.approx(result["accuracy"], abs=1e-3)
+    assert evaluate.main(["--model", str(path), "--data", str(learn_root), "--n-boot", "10", "--cue-test"]) == 0
+    checked = json.loads(capsys.readouterr().out)
+    cue = checked["cue_test"]
+    assert list(cue) == ["clean", "histogram_swap", "border_swap", "border_mask"]
+    assert cue["clean"]["auc"] == pytest.approx(result["auc"], abs=1e-3), "clean row = the plain evaluation"
+    assert cue["clean"]["flipped"] == 0.0
+    assert checked["selection_score"] == pytest.approx(min(row["balanced accuracy"] for row in cue.values()))

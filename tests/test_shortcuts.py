@@ -113,3 +113,60 @@ def test_cue_removal_saves_and_loads_inside_a_model(tmp_path):
     assert np.allclose(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
     with pytest.raises(ValueError, match="crop_fraction"):
         cue_removal(inputs, crop_fraction=0)
+
+
+def test_frame_swapped_views_keep_the_centre_and_take_the_frame(tmp_path):
+    from PIL import Image
+
+    from pneumo_utils import features
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(3, 1, name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="head_gap")(x)
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="head_output")(x))
+    frames = paths[::-1]
+    feats = features.extract_split_features(
+        model, {"clean": paths, "swapped": paths}, batch_size=2, cache_dir=tmp_path / "cache",
+        verbose=False, frame_from={"swapped": frames}, border=0.25,
+    )
+    images = np.stack([np.asarray(Image.open(p), dtype=np.float32) for p in paths])
+    by_hand = images.copy()
+    by_hand[:, :8], by_hand[:, -8:], by_hand[:, :, :8], by_hand[:, :, -8:] = (
+        images[::-1, :8], images[::-1, -8:], images[::-1, :, :8], images[::-1, :, -8:])
+    extractor = keras.Model(model.inputs, model.get_layer("head_gap").output)
+    np.testing.assert_allclose(feats["swapped"], extractor.predict(by_hand, verbose=0), atol=1e-4)
+    np.testing.assert_allclose(feats["clean"], extractor.predict(images, verbose=0), atol=1e-4)
+    cached = features.extract_split_features(
+        model, {"swapped": paths}, cache_dir=tmp_path / "cache", verbose=False,
+        frame_from={"swapped": frames}, border=0.25,
+    )
+    np.testing.assert_array_equal(cached["swapped"], feats["swapped"])
+    with pytest.raises(ValueError, match="frame_from"):
+        features.extract_split_features(model, {"a": paths}, cache_dir=None, frame_from={"b": paths})
+
+
+def test_validation_cue_test_runs_a_keras_model_on_image_files(tmp_path):
+    from PIL import Image
+
+    y = np.tile([0, 1], 10)
+    paths = []
+    for i, image in enumerate(_images(y, True, side=40)):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(image.astype(np.uint8)).save(path)
+        paths.append(str(path))
+    inputs = keras.Input((40, 40, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    output = keras.layers.Dense(1, activation="sigmoid")(pooled)
+    model = keras.Model(inputs, output)
+    model.layers[-1].set_weights([np.full((3, 1), 0.1 / 3), np.array([-10.0])])
+    table = shortcuts.validation_cue_test(model, paths, y, paths, y, threshold=0.5, max_images=10, seed=1)
+    assert list(table.index) == ["clean", *shortcuts.COUNTERFACTUALS]
+    assert table.loc["clean", "flipped"] == 0.0
+    assert set(table.columns) >= {"auc", "specificity", "balanced accuracy", "flipped"}
