@@ -242,7 +242,6 @@ def export_model(
     training data (required for ``int8``; when given, the agreement check runs on them).
     Returns the export's entry: file, format, quantisation, bytes and agreement.
     """
-    import pneumo_utils.preprocessing  # noqa: F401  (registers the in-model layers)
     from pneumo_utils.models import load_model, sidecar_path
     from pneumo_utils.runtime import ExportedModel
 
@@ -334,7 +333,6 @@ def slim(model_path: str | os.PathLike, out: str | os.PathLike | None = None) ->
     is loaded without compiling and saved again, atomically, to ``out`` (default: in place),
     with its sidecar copied unchanged. Fine-tuning from the slim file starts a new optimizer.
     """
-    import pneumo_utils.preprocessing  # noqa: F401  (registers the in-model layers)
     from pneumo_utils.models import load_model, save_model, sidecar_path
 
     model_path = Path(model_path)

@@ -185,7 +185,6 @@ def load_any(path: str | os.PathLike):
     imports TensorFlow)."""
     if is_exported(path):
         return load_exported(path)
-    import pneumo_utils.preprocessing  # noqa: F401  (registers the in-model layers)
     from pneumo_utils.models import load_model
 
     return load_model(path)
