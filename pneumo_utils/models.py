@@ -181,24 +181,31 @@ def build_classifier(
     l2: float = 0.0,
     freeze_base: bool = True,
     seed: int | None = None,
+    remove_cues: bool = False,
 ) -> keras.Model:
     """A flat transfer-learning classifier: preprocessing, backbone, GAP, dense head, sigmoid.
 
-    ``weights`` is a resolved file path or ``None`` (see :func:`resolve_weights`). The head is
-    the seeds': GlobalAveragePooling -> Dense(``dense_units``, relu, optional L2) ->
-    Dropout(``dropout``) -> Dense(1, sigmoid). Input ``(batch, image_size, image_size, 3)``
-    RGB in 0-255; output ``(batch, 1)`` probability of PNEUMONIA.
+    The notebooks write this model out layer by layer; tests and benchmarks build it here.
+    ``weights`` is a resolved file path or ``None`` (see :func:`resolve_weights`), loaded by
+    layer name. ``remove_cues`` puts :func:`pneumo_utils.preprocessing.cue_removal` (centre
+    crop 0.8, histogram equalisation) in front of the backbone's own scaling. The head is
+    GlobalAveragePooling -> Dense(``dense_units``, relu, optional L2) -> Dropout(``dropout``)
+    -> Dense(1, sigmoid). Input ``(batch, image_size, image_size, 3)`` RGB in 0-255; output
+    ``(batch, 1)`` probability of the positive class.
     """
+    from pneumo_utils.preprocessing import cue_removal
+
     spec = get_backbone(backbone)
     if seed is not None:
         keras.utils.set_random_seed(seed)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = preprocessing_layer(inputs, spec.preprocessing)
+    x = cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs
+    x = preprocessing_layer(x, spec.preprocessing)
     base = getattr(keras.applications, spec.constructor)(
         include_top=False, weights=None, input_tensor=x
     )
     if weights is not None:
-        base.load_weights(weights)
+        base.load_weights(weights, by_name=True)
     model = _attach_head(inputs, base.output, spec.name, dense_units, dropout, l2)
     for layer in base_layers(model):
         layer.trainable = not freeze_base
