@@ -23,8 +23,9 @@ LiteRT with built-in ops only, so the plain LiteRT runtime runs it; ``tf2onnx`` 
 images beside the ``.keras`` model and the largest difference in probability is recorded; a
 float32 export that differs by more than :data:`FP32_TOLERANCE` is an error.
 
-The float32 exports share the model's sidecar ``M.json`` (same stem); a quantised export gets
-its own (``M.int8.json``), a copy with what was quantised and how. The model's sidecar lists
+The float32 exports share the model's sidecar ``M.json`` (same stem); the quantised exports of
+one kind share their own (``M.int8.json`` for ``M.int8.tflite`` and ``M.int8.onnx``), a copy
+naming the quantisation and the source model. The model's sidecar lists
 every export (``exports``: file, format, quantisation, bytes, agreement) and the model card
 ``M.md`` gets an "Exports" table. ``--slim`` rewrites ``M.keras`` without optimizer state.
 Research use only; not for diagnostic use.
@@ -276,7 +277,8 @@ def export_model(
     source_meta = _raw_sidecar(sidecar_path(model_path))
     if quantize != "none":
         own = {k: v for k, v in (source_meta or meta).items() if k != "exports"}
-        write_json_atomic(sidecar_path(target), {**own, "export": {**entry, "source": model_path.name}})
+        write_json_atomic(sidecar_path(target),
+                          {**own, "quantization": quantize, "exported_from": model_path.name})
     if source_meta is not None:
         exports = [e for e in source_meta.get("exports", []) if e.get("file") != entry["file"]]
         source_meta["exports"] = [*exports, entry]

@@ -149,7 +149,7 @@ def test_int8_export_writes_its_own_sidecar(saved, tmp_path):
     _, path, images = saved
     assert export.main(["--model", str(path), "--quantize", "int8", "--calibration", str(images)]) == 0
     own = json.loads(path.with_name("scratch.int8.json").read_text())
-    assert own["export"]["quantization"] == "int8" and own["export"]["source"] == "scratch.keras"
+    assert own["quantization"] == "int8" and own["exported_from"] == "scratch.keras"
     assert own["threshold"] == 0.4 and "exports" not in own
     model, meta = runtime.load_exported(path.with_name("scratch.int8.tflite"))
     assert meta["threshold"] == 0.4 and model.input_shape == (None, 64, 64, 3)
