@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {"load_average_at_start": os.getloadavg()[0]}
     for backbone in args.backbones:
         print(f"[{backbone}] building and training the head", file=sys.stderr)
-        model = _with_imagenet_backbone(backbone, keras, models)
+        model = models.build_classifier(backbone, 224, weights=models.resolve_weights(backbone), seed=0)
         cached = features.extract_features(model, train_paths, cache_dir=work / "cache", verbose=False)
         head = models.head_on_features(model)
         train.compile_binary(head, 1e-3)
@@ -139,21 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         figures["settings"] = vars(args)
         Path(args.out).write_text(json.dumps(figures, indent=2))  # after each backbone
     return 0
-
-
-def _with_imagenet_backbone(backbone: str, keras, models):
-    """``models.build_classifier`` with the ImageNet weights copied in layer by layer (by
-    name) from ``keras.applications``: loading the ``.h5`` into the classifier's base counts
-    the preprocessing layer as one of the backbone's when it has weights (ResNet50's channel
-    flip), and Keras refuses the file."""
-    model = models.build_classifier(backbone, 224, weights=None, seed=0)
-    spec = models.get_backbone(backbone)
-    reference = getattr(keras.applications, spec.constructor)(
-        include_top=False, weights=models.resolve_weights(backbone), input_shape=(224, 224, 3))
-    for layer in reference.layers:
-        if layer.weights:
-            model.get_layer(layer.name).set_weights(layer.get_weights())
-    return model
 
 
 def _sample(paths, labels, n, rng):
