@@ -47,7 +47,8 @@ data_dir: str = "data/chest_xray"  # Kermany folder holding train/, val/ and tes
 weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
 weights_fallback: str = "error"  # "random": go on with random weights when ImageNet weights cannot be found
 image_size: int = 224  # side of the square input image, in pixels
-batch_size: int = 32  # images per batch
+batch_size: int = 32  # images per batch on each replica (device)
+strategy: str = "auto"  # tf.distribute strategy: auto, default, mirrored, multiworker or tpu
 epochs: int = 40  # most epochs of head training; early stopping usually ends it sooner
 learning_rate: float = 1e-3  # Adam's learning rate for the head
 patience: int = 8  # epochs without a better validation AUC before training stops
@@ -71,6 +72,7 @@ import numpy as np
 from pneumo_utils import (
     data,
     datasets,
+    distribute,
     evaluate,
     features,
     gradcam,
@@ -85,6 +87,9 @@ from pneumo_utils.train import EpochLine
 
 RUN_NAME = "01_kermany_densenet121"
 data.set_seed(seed)
+strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
+print(distribute.describe(strat))
+batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> per step
 
 # %% [markdown]
 # ## 1. Data: one row per image, split by patient
@@ -120,18 +125,18 @@ plots.index_samples(index, image_size, per_class=4)
 
 # %%
 weights_file = models.resolve_weights("densenet121", weights, fallback=weights_fallback)
-inputs = keras.Input((image_size, image_size, 3), name="image")
-x = preprocessing.cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs  # centre 80%, equalised
-x = models.preprocessing_layer(x, mode="torch")  # [0, 1], then ImageNet mean and std
-base = keras.applications.DenseNet121(include_top=False, weights=weights_file, input_tensor=x)
-base.trainable = False
+with strat.scope():
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = preprocessing.cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs  # centre 80%, equalised
+    x = models.preprocessing_layer(x, mode="torch")  # [0, 1], then ImageNet mean and std
+    base = keras.applications.DenseNet121(include_top=False, weights=weights_file, input_tensor=x)
+    base.trainable = False
 
-# %%
-x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
-x = keras.layers.Dense(128, activation="relu", name="head_dense")(x)
-x = keras.layers.Dropout(0.5, name="head_dropout")(x)
-outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
-model = keras.Model(inputs, outputs, name="densenet121")
+    x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
+    x = keras.layers.Dense(128, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(0.5, name="head_dropout")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
+    model = keras.Model(inputs, outputs, name="densenet121")
 print(f"{report.describe_weights(weights_file)}; {model.count_params():,} parameters; trainable layers:",
       [layer.name for layer in model.layers if layer.trainable_weights])
 
@@ -157,7 +162,8 @@ feats = features.extract_split_features(model, {**paths, **{v: paths["train"] fo
                                         frame_from=views, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
 x_train = np.concatenate([feats["train"], *(feats[v] for v in views)])
 y_train = np.concatenate([labels["train"]] * (1 + len(views)))
-head = models.head_on_features(model)
+with strat.scope():
+    head = models.head_on_features(model)
 
 # %%
 head.compile(
@@ -259,7 +265,7 @@ model_path = Path(models_dir) / f"{RUN_NAME}.keras"
 weights_used = report.describe_weights(weights_file)
 split_description = report.describe_split(index)
 meta = report.save_with_card(
-    model, model_path, evaluation=evaluation, backbone="densenet121", weights=weights_used,
+    model, model_path, evaluation=evaluation, distribution=distribute.strategy_info(strat), backbone="densenet121", weights=weights_used,
     data=f"Kermany chest_xray at {data_dir}; {split_description}",
     training=f"frozen base; head trained on cached features, Adam {learning_rate:g}, class weights, "
              f"early stopping on validation AUC (patience {patience}); cue removal: {remove_cues}",

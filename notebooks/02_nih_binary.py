@@ -47,7 +47,8 @@ data_dir: str = "data/nih"  # NIH folder (images and Data_Entry_2017*.csv), or t
 finding: str = "Pneumonia"  # the positive finding; its images against No Finding images
 weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
 image_size: int = 224  # side of the square input image, in pixels
-batch_size: int = 32  # images per batch
+batch_size: int = 32  # images per batch on each replica (device)
+strategy: str = "auto"  # tf.distribute strategy: auto, default, mirrored, multiworker or tpu
 epochs: int = 40  # most epochs of head training; early stopping usually ends it sooner
 learning_rate: float = 1e-3  # Adam's learning rate for the head (random-weight features need far more)
 patience: int = 8  # epochs without a better validation AUC before training stops
@@ -68,11 +69,24 @@ import keras
 from IPython.display import display
 
 import pneumo_utils
-from pneumo_utils import data, datasets, evaluate, features, gradcam, models, plots, report
+from pneumo_utils import (
+    data,
+    datasets,
+    distribute,
+    evaluate,
+    features,
+    gradcam,
+    models,
+    plots,
+    report,
+)
 from pneumo_utils.train import EpochLine
 
 RUN_NAME = "02_nih_binary"
 data.set_seed(seed)
+strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
+print(distribute.describe(strat))
+batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> per step
 
 # %% [markdown]
 # ## 1. The label table and the class names
@@ -139,16 +153,17 @@ plots.index_samples(index, image_size, per_class=4)
 
 # %%
 weights_file = models.resolve_weights("densenet121", weights)
-inputs = keras.Input((image_size, image_size, 3), name="image")
-x = models.preprocessing_layer(inputs, mode="torch")  # [0, 1], then ImageNet mean and std
-base = keras.applications.DenseNet121(include_top=False, weights=weights_file, input_tensor=x)
-base.trainable = False
-x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
-x = keras.layers.Dense(128, activation="relu", kernel_regularizer=keras.regularizers.L2(1e-4),
-                       name="head_dense")(x)
-x = keras.layers.Dropout(0.5, name="head_dropout")(x)
-outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
-model = keras.Model(inputs, outputs, name="densenet121")
+with strat.scope():
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = models.preprocessing_layer(inputs, mode="torch")  # [0, 1], then ImageNet mean and std
+    base = keras.applications.DenseNet121(include_top=False, weights=weights_file, input_tensor=x)
+    base.trainable = False
+    x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
+    x = keras.layers.Dense(128, activation="relu", kernel_regularizer=keras.regularizers.L2(1e-4),
+                           name="head_dense")(x)
+    x = keras.layers.Dropout(0.5, name="head_dropout")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
+    model = keras.Model(inputs, outputs, name="densenet121")
 print(report.describe_weights(weights_file))
 
 # %% [markdown]
@@ -159,7 +174,8 @@ print(report.describe_weights(weights_file))
 
 # %%
 feats = features.extract_split_features(model, paths, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
-head = models.head_on_features(model)
+with strat.scope():
+    head = models.head_on_features(model)
 head.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
              metrics=[keras.metrics.AUC(name="auc")])
 history = head.fit(
@@ -220,7 +236,7 @@ weights_used = report.describe_weights(weights_file)
 split_description = report.describe_split(index, class_names=CLASS_NAMES)
 data_line = f"{table_path}: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}, balanced, split by patient; {split_description}"
 meta = report.save_with_card(
-    model, model_path, evaluation=evaluation, backbone="densenet121", weights=weights_used,
+    model, model_path, evaluation=evaluation, distribution=distribute.strategy_info(strat), backbone="densenet121", weights=weights_used,
     class_names=list(CLASS_NAMES), data=data_line,
     training=f"frozen base; head with L2 1e-4 trained on cached features, Adam {learning_rate:g}, class "
              f"weights, ReduceLROnPlateau, early stopping on validation AUC (patience {patience})",

@@ -47,7 +47,8 @@ if "google.colab" in sys.modules:
 data_dir: str = "data/chest_xray"  # Kermany folder holding train/, val/ and test/
 weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
 image_size: int = 128  # side of the square input image, in pixels
-batch_size: int = 32  # images per batch
+batch_size: int = 32  # images per batch on each replica (device)
+strategy: str = "auto"  # tf.distribute strategy: auto, default, mirrored, multiworker or tpu
 epochs: int = 20  # most epochs of phase 1 (head on the frozen base)
 fine_tune_epochs: int = 3  # most epochs of phase 2 (top layers fine-tuned on augmented images)
 fine_tune_learning_rate: float = 1e-5  # Adam's learning rate in phase 2 (phase 1 uses 1e-3)
@@ -73,6 +74,7 @@ from pneumo_utils import (
     augment,
     data,
     datasets,
+    distribute,
     evaluate,
     features,
     gradcam,
@@ -86,6 +88,9 @@ from pneumo_utils.train import EpochLine
 
 RUN_NAME = "03_mobilenetv2_finetune"
 data.set_seed(seed)
+strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
+print(distribute.describe(strat))
+batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> per step
 
 # %% [markdown]
 # ## 1. Data: a patient-grouped split
@@ -104,16 +109,17 @@ datasets.summarize(index)
 
 # %%
 weights_file = models.resolve_weights("mobilenet_v2", weights)
-inputs = keras.Input((image_size, image_size, 3), name="image")
-x = preprocessing.cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs  # centre 80%, equalised
-x = models.preprocessing_layer(x, mode="tf")  # pixels to [-1, 1]
-base = keras.applications.MobileNetV2(include_top=False, weights=weights_file, input_tensor=x)
-base.trainable = False
-x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
-x = keras.layers.Dense(128, activation="relu", name="head_dense")(x)
-x = keras.layers.Dropout(0.5, name="head_dropout")(x)
-outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
-model = keras.Model(inputs, outputs, name="mobilenet_v2")
+with strat.scope():
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = preprocessing.cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs  # centre 80%, equalised
+    x = models.preprocessing_layer(x, mode="tf")  # pixels to [-1, 1]
+    base = keras.applications.MobileNetV2(include_top=False, weights=weights_file, input_tensor=x)
+    base.trainable = False
+    x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
+    x = keras.layers.Dense(128, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(0.5, name="head_dropout")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
+    model = keras.Model(inputs, outputs, name="mobilenet_v2")
 
 # %% [markdown]
 # ## 3. Phase 1: the head on the frozen base
@@ -128,7 +134,8 @@ feats = features.extract_split_features(model, {**paths, **{v: paths["train"] fo
                                         frame_from=views, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
 x_train = np.concatenate([feats["train"], *(feats[v] for v in views)])
 y_train = np.concatenate([labels["train"]] * (1 + len(views)))
-head = models.head_on_features(model)
+with strat.scope():
+    head = models.head_on_features(model)
 head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
              metrics=[keras.metrics.AUC(name="auc")])
 history1 = head.fit(
@@ -278,7 +285,7 @@ split_description = report.describe_split(index)
 training = (f"phase 1: head on the frozen base, Adam 1e-3; phase 2: top {unfreeze_layers} layers "
             f"(BatchNorm frozen), Adam {fine_tune_learning_rate:g}, {augment.describe(augmentation)}; "
             f"kept: {kept} (higher selection score); cue removal: {remove_cues}")
-meta = report.save_with_card(model, model_path, evaluation=evaluation, backbone="mobilenet_v2",
+meta = report.save_with_card(model, model_path, evaluation=evaluation, distribution=distribute.strategy_info(strat), backbone="mobilenet_v2",
                              weights=weights_used, training=training,
                              data=f"Kermany chest_xray at {data_dir}; {split_description}",
                              cue_test=cue_test.round(4).to_dict(orient="index"),

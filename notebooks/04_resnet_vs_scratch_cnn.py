@@ -51,7 +51,8 @@ data_dir: str = "data/chest_xray"  # Kermany folder holding train/, val/ and tes
 weights = "imagenet"  # type: str|None ResNet50: "imagenet", None (random initialisation) or the path of a weights file
 image_size: int = 224  # ResNet50's input side, in pixels
 scratch_image_size: int = 96  # the CNN from scratch's input side, in pixels
-batch_size: int = 32  # images per batch
+batch_size: int = 32  # images per batch on each replica (device)
+strategy: str = "auto"  # tf.distribute strategy: auto, default, mirrored, multiworker or tpu
 epochs: int = 40  # most epochs of ResNet50 head training on cached features
 scratch_epochs: int = 3  # most epochs of the CNN from scratch over augmented images
 fine_tune_epochs: int = 0  # most epochs of fine-tuning ResNet50's last residual block (0: none)
@@ -80,6 +81,7 @@ from pneumo_utils import (
     augment,
     data,
     datasets,
+    distribute,
     evaluate,
     explore,
     features,
@@ -94,6 +96,9 @@ from pneumo_utils.train import EpochLine
 
 RUN_NAME = "04_resnet_vs_scratch_cnn"
 data.set_seed(seed)
+strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
+print(distribute.describe(strat))
+batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> per step
 
 # %% [markdown]
 # ## 1. Explore the data
@@ -164,22 +169,23 @@ plots.sample_grid(augment.preview(augmentation, example, 8), ["original"] + ["au
 # head is the one of the transfer model, so the two compare directly.
 
 # %%
-inputs = keras.Input((scratch_image_size, scratch_image_size, 3), name="image")
-x = preprocessing.cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs  # centre 80%, equalised
-x = keras.layers.Rescaling(1 / 255, name="preprocess")(x)  # pixels to [0, 1]
-for block, filters in enumerate([16, 32, 64, 128], start=1):
-    for _ in range(2):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization(momentum=0.9)(x)
-        x = keras.layers.Activation("relu")(x)
-    if block < 4:
-        x = keras.layers.MaxPooling2D()(x)
-        x = keras.layers.Dropout(0.2)(x)
-x = keras.layers.GlobalAveragePooling2D(name="head_gap")(x)
-x = keras.layers.Dense(128, activation="relu", name="head_dense")(x)
-x = keras.layers.Dropout(0.5, name="head_dropout")(x)
-outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
-scratch = keras.Model(inputs, outputs, name="scratch_cnn")
+with strat.scope():
+    inputs = keras.Input((scratch_image_size, scratch_image_size, 3), name="image")
+    x = preprocessing.cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs  # centre 80%, equalised
+    x = keras.layers.Rescaling(1 / 255, name="preprocess")(x)  # pixels to [0, 1]
+    for block, filters in enumerate([16, 32, 64, 128], start=1):
+        for _ in range(2):
+            x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+            x = keras.layers.BatchNormalization(momentum=0.9)(x)
+            x = keras.layers.Activation("relu")(x)
+        if block < 4:
+            x = keras.layers.MaxPooling2D()(x)
+            x = keras.layers.Dropout(0.2)(x)
+    x = keras.layers.GlobalAveragePooling2D(name="head_gap")(x)
+    x = keras.layers.Dense(128, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(0.5, name="head_dropout")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
+    scratch = keras.Model(inputs, outputs, name="scratch_cnn")
 print(f"{scratch.count_params():,} parameters, all trained from random initialisation")
 
 # %% [markdown]
@@ -214,18 +220,19 @@ scratch_history = scratch.fit(
 
 # %%
 weights_file = models.resolve_weights("resnet50", weights)
-inputs = keras.Input((image_size, image_size, 3), name="image")
-x = preprocessing.cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs  # centre 80%, equalised
-x = models.preprocessing_layer(x, mode="caffe")  # RGB to BGR, minus the ImageNet mean
-base = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=x)
-if weights_file:
-    base.load_weights(weights_file, by_name=True)
-base.trainable = False
-x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
-x = keras.layers.Dense(128, activation="relu", name="head_dense")(x)
-x = keras.layers.Dropout(0.5, name="head_dropout")(x)
-outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
-resnet = keras.Model(inputs, outputs, name="resnet50")
+with strat.scope():
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = preprocessing.cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs  # centre 80%, equalised
+    x = models.preprocessing_layer(x, mode="caffe")  # RGB to BGR, minus the ImageNet mean
+    base = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=x)
+    if weights_file:
+        base.load_weights(weights_file, by_name=True)
+    base.trainable = False
+    x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
+    x = keras.layers.Dense(128, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(0.5, name="head_dropout")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
+    resnet = keras.Model(inputs, outputs, name="resnet50")
 print(report.describe_weights(weights_file))
 
 # %%
@@ -235,7 +242,8 @@ feats = features.extract_split_features(resnet, {**paths, **{v: paths["train"] f
                                         frame_from=views, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
 x_train = np.concatenate([feats["train"], *(feats[v] for v in views)])
 y_train = np.concatenate([labels["train"]] * (1 + len(views)))
-head = models.head_on_features(resnet)
+with strat.scope():
+    head = models.head_on_features(resnet)
 head.compile(optimizer=keras.optimizers.Adam(1e-3),
              loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
              metrics=[keras.metrics.AUC(name="auc")])
@@ -376,7 +384,7 @@ for name, model in candidates.items():
     model_path = Path(models_dir) / f"{RUN_NAME}.{backbone}.keras"
     robustness = {"cue_test": cue_tests[name].round(4).to_dict(orient="index"), "selection_score": selection[name],
                   "selection_rule": shortcuts.SELECTION_RULE}
-    report.save_with_card(model, model_path, evaluation=evaluations[name], backbone=backbone, weights=weights_used,
+    report.save_with_card(model, model_path, evaluation=evaluations[name], distribution=distribute.strategy_info(strat), backbone=backbone, weights=weights_used,
                           training=training, data=f"Kermany chest_xray at {data_dir}; {split_description}",
                           **robustness)
     entries.append(report.model_entry(name=name, backbone=backbone, weights=weights_used, positive_class="PNEUMONIA",
