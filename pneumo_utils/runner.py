@@ -28,6 +28,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,13 @@ NOTEBOOK_PATTERNS = ("[0-9][0-9]_*.py", "[0-9][0-9]_*.ipynb")
 HIDDEN_INPUT_TAGS = ("setup", "parameters", "injected-parameters", "hide-input")
 KERNEL_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "GRPC_VERBOSITY": "ERROR"}
 """Silences TensorFlow's C++ and gRPC log lines at the source, in kernels and in reports."""
+NATIVE_LOG_LINE = re.compile(
+    r"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.]+:\d+\] .*"
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\.)$"
+)
+"""TensorFlow's C++ log lines printed before its log level applies (start-up, graph warnings
+such as ``NodeDef mentions attribute ...``); the HTML reports leave them out."""
 BEST_TASK = "kermany"
 RUNNER_KEYS = {"reports_dir": "reports", "record_best": False}
 """A profile's ``runner:`` section: where reports go, and whether the run sets ``best.json``."""
@@ -311,6 +319,7 @@ def render_reports(nb: Notebook, files: dict[str, Path]) -> None:
         notebook = nbformat.read(str(files["ipynb"]), as_version=4)
     else:
         notebook = nbformat.from_dict(nb.node)  # the kernel never started: show the source
+    drop_native_log_lines(notebook)
     for cell in notebook.cells:  # set-up: every code cell up to the parameters cell
         tags = cell.setdefault("metadata", {}).setdefault("tags", [])
         if cell.cell_type == "code":
@@ -328,6 +337,23 @@ def render_reports(nb: Notebook, files: dict[str, Path]) -> None:
             notebook, resources={"metadata": {"name": nb.name}, "pneumo": summary}
         )
         write_atomic(files[key], body)
+
+
+def drop_native_log_lines(notebook) -> None:
+    """Remove :data:`NATIVE_LOG_LINE` lines from every stream output, in place (the executed
+    ``.ipynb`` beside the report keeps them)."""
+    for cell in notebook.cells:
+        outputs = []
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                lines = [line for line in output["text"].splitlines(keepends=True)
+                         if not NATIVE_LOG_LINE.match(line.rstrip("\r\n"))]
+                if not lines:
+                    continue
+                output["text"] = "".join(lines)
+            outputs.append(output)
+        if "outputs" in cell:
+            cell["outputs"] = outputs
 
 
 # --------------------------------------------------------------------------- metrics

@@ -349,3 +349,15 @@ def test_fetch_failure_is_one_message(tmp_path: Path, monkeypatch, capsys, exc, 
     assert fetch.main(["kermany", "--dest", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert expected in err and "--data-root DIR" in err and "Traceback" not in err
+
+
+def test_reports_leave_out_tensorflow_native_log_lines() -> None:
+    noise = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\r\n"
+             "I0000 00:00:1796176214.935607    5176 port.cc:153] oneDNN custom operations are on.\n"
+             "E0000 00:00:1796176302.549381    5176 node_def_util.cc:682] NodeDef mentions attribute x\n")
+    cell = nbformat.v4.new_code_cell("import tensorflow")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text=noise),
+                    nbformat.v4.new_output("stream", name="stdout", text=noise + "epoch 1: auc 0.91\n")]
+    notebook = nbformat.v4.new_notebook(cells=[cell])
+    runner.drop_native_log_lines(notebook)
+    assert [o["text"] for o in notebook.cells[0].outputs] == ["epoch 1: auc 0.91\n"]
