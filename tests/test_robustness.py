@@ -1,4 +1,4 @@
-"""Issue 6: robustness, bad input and the clinical formats; nothing lost, same result twice.
+"""Robustness: bad input and the clinical formats; nothing lost, same result twice.
 
 One section per row of the issue's table. What other files already cover is named here
 instead of repeated (file::test):
