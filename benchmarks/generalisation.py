@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import numpy as np
 import pandas as pd
 
 from pneumo_utils import data, features, models, shortcuts, train
@@ -51,15 +50,11 @@ def recipe_rows(backbone, recipe, args, paths, labels, val_sets) -> list[dict]:
     remove_cues, frame_swap = RECIPES[recipe]
     model = models.build_classifier(backbone, args.image_size, models.resolve_weights(backbone, "imagenet"),
                                     seed=0, remove_cues=remove_cues)
-    other = shortcuts.other_class_references(labels["train"], labels["train"], seed=1)
-    views = {"train_swapped": [paths["train"][i] for i in other]} if frame_swap else {}
-    feats = features.extract_split_features(
-        model, {"train": paths["train"], "val": paths["val"], **{v: paths["train"] for v in views}},
-        frame_from=views, cache_dir=args.cache_dir)
+    feats, x_train, y_train = features.extract_with_frame_swaps(
+        model, {"train": paths["train"], "val": paths["val"]}, labels, frame_swap=frame_swap, seed=1,
+        cache_dir=args.cache_dir)
     extractor = models.pooled_features_model(model)
     set_feats = {name: extractor.predict(images, batch_size=32, verbose=0) for name, images in val_sets.items()}
-    x_train = np.concatenate([feats["train"], *(feats[v] for v in views)])
-    y_train = np.concatenate([labels["train"]] * (1 + len(views)))
     rows = []
     for seed in args.seeds:
         train.fit_head_on_features(model, x_train, y_train, feats["val"], labels["val"], epochs=40,

@@ -68,7 +68,6 @@ cache_dir: str = ".cache/pneumo"  # where backbone features are cached
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from pneumo_utils import (
     augment,
@@ -128,12 +127,8 @@ with strat.scope():
 # features computed once, and on frame-swapped copies of the training images (see notebook 01).
 
 # %%
-other = shortcuts.other_class_references(labels["train"], labels["train"], seed=seed)
-views = {"train_swapped": [paths["train"][i] for i in other]} if remove_cues else {}
-feats = features.extract_split_features(model, {**paths, **{v: paths["train"] for v in views}},
-                                        frame_from=views, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
-x_train = np.concatenate([feats["train"], *(feats[v] for v in views)])
-y_train = np.concatenate([labels["train"]] * (1 + len(views)))
+feats, x_train, y_train = features.extract_with_frame_swaps(
+    model, paths, labels, frame_swap=remove_cues, seed=seed, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
 with strat.scope():
     head = models.head_on_features(model)
 head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",

@@ -224,3 +224,36 @@ def _save_atomic(cache_file: Path, features: np.ndarray) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def extract_with_frame_swaps(
+    model: keras.Model,
+    paths: Mapping[str, list[str]],
+    labels: Mapping[str, np.ndarray],
+    frame_swap: bool = True,
+    seed: int = 0,
+    batch_size: int = 32,
+    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+    verbose: bool = True,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Features per split, plus the head's training set with frame-swapped copies.
+
+    With ``frame_swap``, every training image gets a second copy whose outer frame comes from
+    a random training image of the other class (``seed``; see :func:`extract_split_features`
+    and :mod:`pneumo_utils.shortcuts`), so the frame says nothing about the label across the
+    two copies. Returns ``(features, x_train, y_train)``: ``features`` maps each split of
+    ``paths`` to ``(n, channels)``; ``x_train``/``y_train`` stack the clean training features
+    and, with ``frame_swap``, their swapped copies (labels repeated).
+    """
+    from pneumo_utils.shortcuts import other_class_references
+
+    views = {}
+    if frame_swap:
+        other = other_class_references(labels["train"], labels["train"], seed=seed)
+        views = {"train_swapped": [paths["train"][i] for i in other]}
+    feats = extract_split_features(model, {**paths, **{v: paths["train"] for v in views}},
+                                   batch_size=batch_size, cache_dir=cache_dir, verbose=verbose,
+                                   frame_from=views)
+    x_train = np.concatenate([feats["train"], *(feats[v] for v in views)])
+    y_train = np.concatenate([np.asarray(labels["train"])] * (1 + len(views)))
+    return {split: feats[split] for split in paths}, x_train, y_train

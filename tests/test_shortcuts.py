@@ -170,3 +170,30 @@ def test_validation_cue_test_runs_a_keras_model_on_image_files(tmp_path):
     assert list(table.index) == ["clean", *shortcuts.COUNTERFACTUALS]
     assert table.loc["clean", "flipped"] == 0.0
     assert set(table.columns) >= {"auc", "specificity", "balanced accuracy", "flipped"}
+
+
+def test_training_set_with_frame_swaps_doubles_the_training_images(tmp_path):
+    from PIL import Image
+
+    from pneumo_utils import features
+
+    rng = np.random.default_rng(2)
+    paths = {"train": [], "val": []}
+    for split, n in (("train", 6), ("val", 2)):
+        for i in range(n):
+            path = tmp_path / f"{split}{i}.png"
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+            paths[split].append(str(path))
+    labels = {"train": np.array([0, 1, 0, 1, 0, 1]), "val": np.array([0, 1])}
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D(name="head_gap")(keras.layers.Conv2D(2, 1)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="head_output")(x))
+    feats, x_train, y_train = features.extract_with_frame_swaps(model, paths, labels, seed=0, cache_dir=None,
+                                                                verbose=False)
+    assert set(feats) == {"train", "val"} and x_train.shape == (12, 2)
+    np.testing.assert_array_equal(y_train, np.tile(labels["train"], 2))
+    np.testing.assert_array_equal(x_train[:6], feats["train"])
+    assert not np.allclose(x_train[6:], feats["train"]), "the swapped copies differ in their frame"
+    _, plain_x, plain_y = features.extract_with_frame_swaps(model, paths, labels, frame_swap=False, cache_dir=None,
+                                                            verbose=False)
+    assert plain_x.shape == (6, 2) and len(plain_y) == 6
