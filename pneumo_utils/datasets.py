@@ -4,6 +4,9 @@ The index is the one truth about a data set downstream: a pandas DataFrame with 
 image and the columns ``path`` (str), ``label`` (0 NORMAL, 1 PNEUMONIA), ``patient`` (str),
 ``split`` (``train``/``val``/``test``) and ``source`` (data set name). Splits, pipelines,
 feature caches and reports read only this table, so a new data set needs only a new loader.
+Kermany-layout folders add ``subtype`` (``normal``, ``bacteria``, ``virus``; missing for a
+PNEUMONIA file whose name carries neither), which :mod:`pneumo_utils.tasks` turns into the
+labels of the bacterial-vs-viral and three-class tasks.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ from pneumo_utils.images import is_image_file
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 INDEX_COLUMNS: list[str] = ["path", "label", "patient", "split", "source"]
+KERMANY_COLUMNS: list[str] = [*INDEX_COLUMNS, "subtype"]
 
 _KERMANY_PATTERNS = (
     re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE),
     re.compile(r"^(NORMAL2-IM-\d+)-\d+", re.IGNORECASE),
     re.compile(r"^(IM-\d+)-\d+", re.IGNORECASE),
 )
+
+
+_SUBTYPE_PATTERN = re.compile(r"^person\d+_(bacteria|virus)_\d+", re.IGNORECASE)
 
 
 class DatasetLayoutError(ValueError):
@@ -57,6 +64,20 @@ def kermany_patient_id(filename: str) -> str:
         if match:
             return match.group(1)
     return Path(name).stem
+
+
+def kermany_subtype(filename: str, label: int) -> str | None:
+    """Subtype of a Kermany image from its class (``label``) and file name.
+
+    NORMAL images (label 0) are ``"normal"``; a PNEUMONIA image is ``"bacteria"`` or
+    ``"virus"`` when its name says so (``person1946_bacteria_4874.jpeg``,
+    ``person1_virus_6.jpeg``), else ``None``: the image can still serve the pneumonia task,
+    and :func:`pneumo_utils.tasks.task_index` names it when a task needs its subtype.
+    """
+    if int(label) == 0:
+        return "normal"
+    match = _SUBTYPE_PATTERN.match(Path(filename).name)
+    return match.group(1).lower() if match else None
 
 
 def find_kermany_root(path: str | Path, splits: Sequence[str] = SPLITS) -> Path:
@@ -196,7 +217,8 @@ def load_class_folder(
                 f"class folder {class_dir} has no readable images "
                 "(expected .jpeg/.jpg/.png/.dcm files)."
             )
-        rows += [(str(p), label, kermany_patient_id(p.name), split, source) for p in images]
+        rows += [(str(p), label, kermany_patient_id(p.name), split, source, kermany_subtype(p.name, label))
+                 for p in images]
     _report_skipped(skipped, bad, on_bad_image)
     if nested:
         listing = ", ".join(f"{sub} ({n})" for sub, n in sorted(nested.items()))
@@ -207,7 +229,7 @@ def load_class_folder(
             NestedImagesWarning,
             stacklevel=2,
         )
-    index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    index = pd.DataFrame(rows, columns=KERMANY_COLUMNS)
     index.attrs = {
         "skipped": [{"path": str(p), "reason": "not an image file"} for p in skipped]
         + [{"path": str(p), "reason": msg} for p, msg in bad],
@@ -238,9 +260,10 @@ def _report_skipped(skipped: list[Path], bad: list[tuple[Path, str]], on_bad_ima
         )
 
 
-def summarize(index: pd.DataFrame) -> pd.DataFrame:
-    """Image and patient counts per split and class, for the notebooks' tables."""
-    table = index.assign(cls=index["label"].map(dict(enumerate(CLASS_NAMES))))
+def summarize(index: pd.DataFrame, class_names: Sequence[str] = CLASS_NAMES) -> pd.DataFrame:
+    """Image and patient counts per split and class (``class_names`` in label order), for the
+    notebooks' tables."""
+    table = index.assign(cls=index["label"].map(dict(enumerate(class_names))))
     counts = table.groupby(["split", "cls"]).agg(
         images=("path", "size"), patients=("patient", "nunique")
     )

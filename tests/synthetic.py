@@ -16,9 +16,15 @@ localised signal (so training, AUC and Grad-CAM checks are meaningful):
   (checked over several seeds with tests/test_learning.py's recipe: 40 images per
   class, 25 epochs). The blob constants below were tuned for that; a smaller or fainter
   blob made the GAP-headed CNN fail on some seeds.
+* with ``subtype="virus"`` (``make_kermany_like(..., subtype_signal=True)`` for the
+  ``person<N>_virus_<k>`` files) the opacity is *viral*: two fainter, wider blobs, one in
+  each lung (the planted one and its mirror image across the spine), a diffuse bilateral
+  pattern where a bacterial one is a single dense focus. Both come from the same random
+  draws, so the subtype changes only the pattern.
 
 Command line: ``python tests/synthetic.py DEST [--per-class N] [--image-size S]
-[--seed S]`` writes ``DEST/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``;
+[--seed S] [--subtypes]`` writes ``DEST/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg`` (with
+``--subtypes``, viral files carry the viral pattern);
 ``python tests/synthetic.py DEST --kind nih [--patients N] [--image-size S] [--seed S]``
 writes an NIH ChestX-ray14-style set, ``DEST/images/*.png`` plus ``DEST/Data_Entry_2017.csv``
 (see :func:`make_nih_like`).
@@ -49,6 +55,9 @@ SPLITS: tuple[str, str, str] = ("train", "val", "test")
 _BLOB_SIGMA = (0.075, 0.065)  # (y, x) as fractions of the image size
 _BLOB_AMPLITUDE = (125.0, 155.0)  # grey levels added at the blob centre, before contrast
 _BLOB_MARGIN = 2.0  # blob centre stays this many sigmas inside SIGNAL_BOX
+_VIRAL_SPREAD = 1.6  # a viral blob's sigma relative to the bacterial one
+_VIRAL_AMPLITUDE = 0.6  # a viral blob's peak relative to the bacterial one
+SUBTYPES: tuple[str, str] = ("bacteria", "virus")
 _MAX_SHIFT_PX = 3
 _BRIGHTNESS_JITTER = 15.0  # grey levels, uniform +-
 _CONTRAST_JITTER = 0.15  # relative, uniform +-
@@ -62,15 +71,21 @@ def _soft_ellipse(yy, xx, cy, cx, ry, rx, edge=0.08):
     return 1.0 / (1.0 + np.exp((r - 1.0) / edge)), r
 
 
-def synthetic_xray(label: int, rng: np.random.Generator, image_size: int = 64) -> np.ndarray:
+def synthetic_xray(
+    label: int, rng: np.random.Generator, image_size: int = 64, subtype: str = "bacteria"
+) -> np.ndarray:
     """One synthetic frontal chest X-ray, ``(image_size, image_size, 3)`` uint8 gray-in-RGB.
 
-    ``label`` 0 is NORMAL, 1 is PNEUMONIA (a bright opacity inside :data:`SIGNAL_BOX`).
-    All randomness comes from ``rng``, and the number of draws does not depend on the
-    label, so the same generator state gives the same anatomy for both classes.
+    ``label`` 0 is NORMAL, 1 is PNEUMONIA: with ``subtype="bacteria"`` a bright opacity
+    inside :data:`SIGNAL_BOX`, with ``"virus"`` two fainter, wider ones, in the box and in
+    its mirror image across the spine (``subtype`` is ignored for NORMAL). All randomness
+    comes from ``rng``, and the number of draws depends on neither the label nor the
+    subtype, so the same generator state gives the same anatomy for every class.
     """
     if label not in (0, 1):
         raise ValueError(f"label must be 0 (NORMAL) or 1 (PNEUMONIA), got {label!r}")
+    if subtype not in SUBTYPES:
+        raise ValueError(f"subtype must be one of {SUBTYPES}, got {subtype!r}")
     n = int(image_size)
     if n < 8:
         raise ValueError(f"image_size must be at least 8, got {image_size!r}")
@@ -100,8 +115,12 @@ def synthetic_xray(label: int, rng: np.random.Generator, image_size: int = 64) -
     spine = np.exp(-0.5 * ((ax - 0.5) / 0.03) ** 2) * (ay > 0.08)
     img += 70.0 * spine
 
-    if label == 1:
+    if label == 1 and subtype == "bacteria":
         img += blob_amp * np.exp(-0.5 * (((yy - blob_cy) / sy) ** 2 + ((xx - blob_cx) / sx) ** 2))
+    elif label == 1:
+        vy, vx = _VIRAL_SPREAD * sy, _VIRAL_SPREAD * sx
+        for cx in (blob_cx, 1.0 - blob_cx):
+            img += _VIRAL_AMPLITUDE * blob_amp * np.exp(-0.5 * (((yy - blob_cy) / vy) ** 2 + ((xx - cx) / vx) ** 2))
 
     img = (img - 80.0) * contrast + 80.0 + offset + noise
     gray = np.clip(np.rint(img), 0, 255).astype(np.uint8)
@@ -117,6 +136,7 @@ def make_kermany_like(
     images_per_patient: int = 2,
     seed: int = 0,
     fmt: str = "jpeg",
+    subtype_signal: bool = False,
 ) -> Path:
     """Write a synthetic data set as ``root/{train,val,test}/{NORMAL,PNEUMONIA}/*.<fmt>``.
 
@@ -127,6 +147,9 @@ def make_kermany_like(
     split; patient numbers are unique over the whole set (both classes, all splits), so a
     patient never appears in two splits. Most images are saved as 8-bit grayscale, every
     ninth as RGB, like the mix in the real data. ``fmt`` is ``"jpeg"`` or ``"png"``.
+    With ``subtype_signal`` the viral files carry the viral pattern of :func:`synthetic_xray`
+    (for the bacterial-vs-viral and three-class tasks); without it every PNEUMONIA image
+    carries the bacterial one.
 
     Deterministic: the same arguments give byte-identical files. Existing files with
     the same names are overwritten; other files under ``root`` are left alone.
@@ -157,7 +180,8 @@ def make_kermany_like(
                 else:
                     kind = "virus" if j % 2 else "bacteria"
                     stem = f"person{patient}_{kind}_{next(pneumonia_k[kind])}"
-                pixels = synthetic_xray(label, rng, image_size)
+                subtype = kind if label == 1 and subtype_signal else "bacteria"
+                pixels = synthetic_xray(label, rng, image_size, subtype)
                 image = Image.fromarray(pixels if n_written % 9 == 4 else pixels[:, :, 0])
                 path = folder / f"{stem}.{fmt}"
                 if fmt == "jpeg":
@@ -281,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument("--images-per-patient", type=int, default=2)
     parser.add_argument("--fmt", choices=("jpeg", "png"), default="jpeg")
+    parser.add_argument("--subtypes", action="store_true",
+                        help="viral PNEUMONIA files carry a viral pattern (two faint bilateral "
+                        "opacities) instead of the bacterial one (a single dense opacity)")
     args = parser.parse_args(argv)
     if args.per_class < 1:
         parser.error("--per-class must be >= 1")
@@ -309,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         images_per_patient=args.images_per_patient,
         seed=args.seed,
         fmt=args.fmt,
+        subtype_signal=args.subtypes,
     )
     counts = _count(root)
     print(f"wrote {sum(counts.values())} synthetic images to {root}")

@@ -38,7 +38,7 @@ def test_normal_and_normal2_are_different_patients():
 
 def test_load_kermany_index(kermany_root):
     index = load_kermany(kermany_root)
-    assert list(index.columns) == ["path", "label", "patient", "split", "source"]
+    assert list(index.columns) == ["path", "label", "patient", "split", "source", "subtype"]
     assert set(index["split"]) == {"train", "val", "test"}
     assert set(index["label"]) == {0, 1}
     assert (index[index["path"].str.contains("/PNEUMONIA/")]["label"] == 1).all()
