@@ -21,6 +21,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocC
 from pneumo_utils import CLASS_NAMES
 from pneumo_utils.data import load_images
 from pneumo_utils.evaluate import expected_calibration_error
+from pneumo_utils.tasks import predicted_labels
 
 JPEG_QUALITY = 85
 """JPEG quality of image figures in notebooks: no visible loss on X-rays at this size."""
@@ -69,22 +70,28 @@ def sample_grid(images: np.ndarray, titles: Sequence[str], ncols: int = 4) -> pl
     return _finish(fig)
 
 
-def index_samples(index: pd.DataFrame, image_size: int = 224, per_class: int = 4, split: str = "train") -> plt.Figure:
+def index_samples(
+    index: pd.DataFrame,
+    image_size: int = 224,
+    per_class: int = 4,
+    split: str = "train",
+    class_names: Sequence[str] = CLASS_NAMES,
+) -> plt.Figure:
     """The first ``per_class`` images of each class in ``split``, titled with class and patient."""
     examples = index[index["split"] == split].groupby("label").head(per_class)
-    titles = [f"{CLASS_NAMES[y]} ({p})" for y, p in zip(examples["label"], examples["patient"], strict=True)]
-    return sample_grid(load_images(examples["path"].tolist(), image_size), titles)
+    titles = [f"{class_names[y]} ({p})" for y, p in zip(examples["label"], examples["patient"], strict=True)]
+    return sample_grid(load_images(examples["path"].tolist(), image_size), titles, ncols=per_class)
 
 
-def class_distribution(index: pd.DataFrame) -> plt.Figure:
-    """Images per class in each split, as grouped bars with counts."""
-    table = index.assign(cls=index["label"].map(dict(enumerate(CLASS_NAMES))))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def class_distribution(index: pd.DataFrame, class_names: Sequence[str] = CLASS_NAMES) -> plt.Figure:
+    """Images per class (``class_names`` in label order) in each split, as grouped bars with counts."""
+    table = index.assign(cls=index["label"].map(dict(enumerate(class_names))))
+    fig, ax = plt.subplots(figsize=(6 + len(class_names) - 2, 3.5))
     sns.countplot(
         data=table,
         x="split",
         hue="cls",
-        hue_order=list(CLASS_NAMES),
+        hue_order=list(class_names),
         order=[s for s in ("train", "val", "test") if s in set(table["split"])],
         ax=ax,
     )
@@ -118,39 +125,58 @@ def training_curves(
 def confusion_matrix(
     y_true: np.ndarray,
     proba: np.ndarray,
-    threshold: float,
+    threshold: float | None,
     title: str = "",
     class_names: Sequence[str] = CLASS_NAMES,
 ) -> plt.Figure:
-    """Confusion matrix at ``threshold``: counts and row percentages (share of each true class).
+    """Confusion matrix: counts and row percentages (share of each true class).
 
-    ``proba`` is the model's output for class 1; a case is predicted as class 1 when
-    ``proba >= threshold``. Drawn by scikit-learn's ``ConfusionMatrixDisplay``.
+    ``proba`` ``(n,)`` is a binary model's output for class 1, predicted as class 1 when
+    ``proba >= threshold``; ``(n, K)`` holds one probability per class, decided by argmax
+    (``threshold`` None). Drawn by scikit-learn's ``ConfusionMatrixDisplay``.
     """
-    y_pred = (np.asarray(proba) >= threshold).astype(int)
-    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    y_pred = predicted_labels(proba, threshold)
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(2.1 * k, 1.8 * k))
     display = ConfusionMatrixDisplay.from_predictions(
-        y_true, y_pred, labels=[0, 1], display_labels=list(class_names), cmap="Blues",
+        y_true, y_pred, labels=list(range(k)), display_labels=_wrapped(class_names), cmap="Blues",
         colorbar=False, ax=ax,
     )
     counts = display.confusion_matrix
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     for (i, j), text in np.ndenumerate(display.text_):
         text.set_text(f"{counts[i, j]}\n{shares[i, j]:.1%}")
-    ax.set(xlabel="predicted", ylabel="true", title=title or f"threshold {threshold:.3f}")
+    decided = "argmax (most probable class)" if threshold is None else f"threshold {threshold:.3f}"
+    ax.set(xlabel="predicted", ylabel="true", title=title or decided)
     return _finish(fig)
 
 
-def roc_pr_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> plt.Figure:
+def _wrapped(class_names: Sequence[str]) -> list[str]:
+    """Class names with spaces as line breaks, so three long names fit under a matrix."""
+    return [name.replace(" ", "\n") for name in class_names]
+
+
+def roc_pr_curves(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str] = CLASS_NAMES
+) -> plt.Figure:
     """ROC and precision-recall curves for one or more ``name -> (y_true, proba)``.
 
     scikit-learn's ``RocCurveDisplay`` and ``PrecisionRecallDisplay``; each legend entry
-    carries the curve's AUC or average precision (AP).
+    carries the curve's AUC or average precision (AP). For ``(n, K)`` probabilities of K
+    classes each class gets its one-vs-rest curve (that class against the others).
     """
     fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for i, (name, (y, p)) in enumerate(curves.items()):
-        RocCurveDisplay.from_predictions(y, p, name=name, ax=roc_ax, plot_chance_level=i == 0)
-        PrecisionRecallDisplay.from_predictions(y, p, name=name, ax=pr_ax)
+    first = True
+    for name, (y, p) in curves.items():
+        p = np.asarray(p)
+        one_vs_rest = p.ndim == 2 and p.shape[1] > 1
+        columns = range(p.shape[1]) if one_vs_rest else [None]
+        for k in columns:
+            label = f"{name}: {class_names[k]} vs rest" if one_vs_rest else name
+            y_k, p_k = (np.asarray(y) == k, p[:, k]) if one_vs_rest else (y, p)
+            RocCurveDisplay.from_predictions(y_k, p_k, name=label, ax=roc_ax, plot_chance_level=first)
+            PrecisionRecallDisplay.from_predictions(y_k, p_k, name=label, ax=pr_ax)
+            first = False
     roc_ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC")
     pr_ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall")
     roc_ax.legend(loc="lower right", fontsize=8)
@@ -165,16 +191,24 @@ def reliability_diagram(
 ) -> plt.Figure:
     """Observed rate of class 1 against the mean predicted probability in ``n_bins`` equal-width
     bins (scikit-learn's ``CalibrationDisplay``), one curve per ``name -> (y_true, proba)``
-    with its expected calibration error (ECE) in the legend. On the diagonal is perfect."""
+    with its expected calibration error (ECE) in the legend. On the diagonal is perfect.
+
+    For ``(n, K)`` probabilities the diagram is *top-label*: how often the most probable
+    class is right against the probability given to it."""
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    top_label = False
     for i, (name, (y, p)) in enumerate(curves.items()):
+        p = np.asarray(p)
+        if p.ndim == 2 and p.shape[1] > 1:
+            top_label = True
+            y, p = (p.argmax(axis=1) == np.asarray(y)).astype(int), p.max(axis=1)
         ece = expected_calibration_error(y, p, n_bins)
         CalibrationDisplay.from_predictions(
             y, p, n_bins=n_bins, name=f"{name} (ECE {ece:.3f})", ax=ax, ref_line=i == 0
         )
     ax.set(
-        xlabel="mean predicted probability",
-        ylabel=f"observed {class_names[1]} rate",
+        xlabel="mean predicted probability" + (" of the predicted class" if top_label else ""),
+        ylabel="observed accuracy" if top_label else f"observed {class_names[1]} rate",
         title="Reliability diagram",
         xlim=(0, 1),
         ylim=(0, 1),
@@ -196,10 +230,10 @@ def gradcam_grid(
     images: np.ndarray,
     heatmaps: np.ndarray,
     *,
-    probabilities: Sequence[float],
+    probabilities: np.ndarray,
     titles: Sequence[str] | None = None,
     target: str = "predicted",
-    threshold: float = 0.5,
+    threshold: float | None = 0.5,
     alpha: float = 0.45,
     class_names: Sequence[str] = CLASS_NAMES,
 ) -> plt.Figure:
@@ -207,10 +241,12 @@ def gradcam_grid(
 
     ``images`` are ``(n, h, w, 3)`` in 0-255, ``heatmaps`` the ``(n, h', w')`` maps in [0, 1]
     from :func:`pneumo_utils.gradcam.grad_cam` (any resolution; drawn stretched over the
-    image) and ``probabilities`` the model's output for class 1 on each image, shown in each
-    caption below the optional ``titles``. ``target`` and ``threshold`` are the ones passed
-    to ``grad_cam``: with ``"predicted"`` each map explains the class the model predicts at
-    ``threshold``, with ``"pneumonia"`` always class 1; the overlay's title says which.
+    image) and ``probabilities`` the model's output for class 1 on each image ``(n,)``, or
+    one probability per class ``(n, K)``, shown in each caption below the optional
+    ``titles``. ``target`` and ``threshold`` are the ones passed to ``grad_cam``: with
+    ``"predicted"`` each map explains the class the model predicts (at ``threshold``, or the
+    most probable of K classes), with ``"pneumonia"`` always class 1; the overlay's title
+    says which.
 
     How to read it: red marks the regions whose features raised the score of the explained
     class most, blue regions that did not raise it (the colour bar runs from 0, no
@@ -230,11 +266,15 @@ def gradcam_grid(
     fig, axes = plt.subplots(n, 2, figsize=(6.4, 3.1 * n), squeeze=False, layout="constrained",
                              FigureClass=PhotoFigure)
     heat_image = None
-    for row, image, heat, p, title in zip(axes, images, heatmaps, probabilities, titles, strict=True):
+    probabilities = np.asarray(probabilities, dtype=float)
+    predicted = predicted_labels(probabilities, threshold)
+    for row, image, heat, p, pred, title in zip(axes, images, heatmaps, probabilities, predicted, titles,
+                                                strict=True):
         picture = np.clip(image, 0, 255).astype(np.uint8)
         h, w = picture.shape[:2]
-        explained = class_names[1] if target == "pneumonia" else class_names[int(p >= threshold)]
-        caption = f"{title}\nP({class_names[1]}) = {p:.2f}".lstrip("\n")
+        explained = class_names[1] if target == "pneumonia" else class_names[pred]
+        shown = f"P({class_names[pred]}) = {p[pred]:.2f}" if p.ndim else f"P({class_names[1]}) = {p:.2f}"
+        caption = f"{title}\n{shown}".lstrip("\n")
         row[0].imshow(picture)
         row[0].set_title(caption, fontsize=9)
         row[1].imshow(picture)

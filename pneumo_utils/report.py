@@ -18,6 +18,7 @@ from pneumo_utils import CLASS_NAMES
 from pneumo_utils.evaluate import CI_METRICS
 from pneumo_utils.io import write_json_atomic
 from pneumo_utils.models import model_metadata, save_model
+from pneumo_utils.tasks import predicted_labels
 
 
 def describe_weights(weights_file: str | None) -> str:
@@ -26,15 +27,18 @@ def describe_weights(weights_file: str | None) -> str:
 
 
 def describe_split(index: pd.DataFrame, class_names: Sequence[str] = CLASS_NAMES) -> str:
-    """One sentence with image, positive and patient counts per split, for sidecars and reports."""
+    """One sentence with image, per-class and patient counts per split, for sidecars and reports.
+
+    Two classes name the positive count only (``"625 images (391 PNEUMONIA)"``); more classes
+    name every class's count."""
     parts = []
     for split in ("train", "val", "test"):
         part = index[index["split"] == split]
         if len(part):
-            parts.append(
-                f"{split}: {len(part)} images ({int(part['label'].sum())} {class_names[1]}) "
-                f"from {part['patient'].nunique()} patients"
-            )
+            counts = part["label"].value_counts()
+            named = [class_names[1]] if len(class_names) == 2 else list(class_names)
+            classes = ", ".join(f"{int(counts.get(class_names.index(name), 0))} {name}" for name in named)
+            parts.append(f"{split}: {len(part)} images ({classes}) from {part['patient'].nunique()} patients")
     return "; ".join(parts)
 
 
@@ -42,7 +46,7 @@ def pick_examples(
     *,
     labels: np.ndarray,
     proba: np.ndarray,
-    threshold: float,
+    threshold: float | None,
     n_correct: int = 2,
     n_wrong: int = 2,
     seed: int = 0,
@@ -50,12 +54,13 @@ def pick_examples(
 ) -> tuple[np.ndarray, list[str]]:
     """Row positions of randomly chosen correct and wrong predictions, with captions.
 
-    Captions read ``correct: true NORMAL, pred NORMAL`` (the figure adds the model's output).
-    Fewer rows come back when a pool is smaller than asked for.
+    ``proba`` is a binary model's output ``(n,)`` decided at ``threshold``, or ``(n, K)``
+    class probabilities decided by argmax (``threshold`` None). Captions read
+    ``correct: true NORMAL, pred NORMAL`` (the figure adds the model's output). Fewer rows
+    come back when a pool is smaller than asked for.
     """
     labels = np.asarray(labels)
-    proba = np.asarray(proba)
-    pred = (proba >= threshold).astype(int)
+    pred = predicted_labels(proba, threshold)
     rng = np.random.default_rng(seed)
     chosen, captions = [], []
     for correct, n in ((True, n_correct), (False, n_wrong)):
@@ -111,16 +116,19 @@ def comparison_table(evaluations: Mapping[str, dict]) -> pd.DataFrame:
 def save_with_card(model: keras.Model, path: str | Path, *, evaluation: dict, **info) -> dict:
     """Save ``model`` (``.keras``, atomically) with its JSON sidecar and a markdown model card.
 
-    The sidecar holds the validation-chosen threshold and its rule, the temperature fitted on
-    validation, the validation and test metrics, and ``info`` (backbone, weights, data,
-    training, ``class_names`` when they are not NORMAL/PNEUMONIA, ...). The card goes to
-    ``path`` with suffix ``.md``. Returns the sidecar's metadata.
+    The sidecar holds how outputs become decisions (a binary model's validation-chosen
+    threshold and its rule; argmax for more classes), the temperature fitted on validation,
+    the validation and test metrics, and ``info`` (backbone, weights, data, training, ``task``
+    and ``class_names`` when they are not NORMAL/PNEUMONIA, ...). The card goes to ``path``
+    with suffix ``.md``. Returns the sidecar's metadata.
     """
     path = Path(path)
+    decision = {"threshold_rule": evaluation["threshold_rule"]}
+    if evaluation.get("threshold") is not None:
+        decision["threshold"] = evaluation["threshold"]
     meta = model_metadata(
         model,
-        threshold=evaluation["threshold"],
-        threshold_rule=evaluation["threshold_rule"],
+        **decision,
         temperature=evaluation.get("temperature", 1.0),
         metrics={"validation": evaluation["validation"], "test": evaluation["test"]},
         **info,
@@ -144,15 +152,18 @@ def model_entry(
 
     ``weights`` is a human description (:func:`describe_weights`), so a backbone trained from
     random weights is never read as transfer learning; ``positive_class`` names what label 1
-    means for this model.
+    means for a binary model (a model of more classes lists them). ``val_auc`` is the
+    validation ROC AUC (macro one-vs-rest for more than two classes); ``threshold`` is
+    ``None`` when decisions are argmax.
     """
     return {
         "name": name,
         "backbone": backbone,
         "weights": weights,
         "positive_class": positive_class,
-        "threshold": evaluation["threshold"],
+        "threshold": evaluation.get("threshold"),
         "threshold_rule": evaluation["threshold_rule"],
+        "decision": evaluation.get("decision", "threshold"),
         "val_auc": evaluation["validation"]["auc"],
         "validation": evaluation["validation"],
         "test": evaluation["test"],
@@ -169,14 +180,15 @@ def write_metrics(
     """Write the run's metrics JSON (read by the runner for ``reports/index.html``).
 
     ``models`` are :func:`model_entry` records. ``task`` names what they were trained and
-    tested on (``"kermany"``, or ``"nih:<finding>"``); the best model is chosen among one
-    task's models only, since validation AUCs of different data sets and findings do not
-    compare. The top level repeats the entry with the highest validation AUC.
+    tested on (``"kermany"`` for pneumonia vs normal, ``"kermany:<task>"`` for the other
+    tasks of :mod:`pneumo_utils.tasks`, or ``"nih:<finding>"``); the best model is chosen
+    among one task's models only, since scores of different tasks do not compare. The top
+    level repeats the entry with the highest validation AUC.
     """
     best = max(models, key=lambda m: m["val_auc"])
     record = {
         "run_name": run_name, "title": title, "data": data, "task": task, **extra,
-        **{k: best[k] for k in ("threshold", "threshold_rule", "val_auc", "test", "model_path",
+        **{k: best[k] for k in ("threshold", "threshold_rule", "decision", "val_auc", "test", "model_path",
                                 "weights", "positive_class")},
         "models": models,
     }
@@ -185,52 +197,90 @@ def write_metrics(
 
 
 def model_card(meta: dict, evaluation: dict) -> str:
-    """A short model card (markdown): data and split, metrics with CIs, threshold, use, limits."""
+    """A short model card (markdown): data and split, metrics with CIs, decision rule, use, limits.
+
+    Binary models state their threshold and rule; models of more classes state that the most
+    probable class wins and add per-class precision/recall/F1 and the confusion matrix."""
     t = evaluation["test"]
-    rows = "\n".join(
-        f"| {m} | {t[m]:.3f} | {t[m + '_ci'][0]:.3f} - {t[m + '_ci'][1]:.3f} |"
-        for m in ("auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "brier")
-    )
-    negative, positive = meta.get("class_names", CLASS_NAMES)
+    names = list(meta.get("class_names", CLASS_NAMES))
+    binary = evaluation.get("threshold") is not None
+    shown = [m for m in (*CI_METRICS, "balanced_accuracy", "macro_f1", "weighted_f1") if f"{m}_ci" in t]
+    rows = "\n".join(f"| {m} | {t[m]:.3f} | {t[m + '_ci'][0]:.3f} - {t[m + '_ci'][1]:.3f} |" for m in shown)
     calibrated = evaluation.get("test_calibrated", t)
     loading = ("`import pneumo_utils.preprocessing` first (it registers the `pneumo>HistogramEqualization` layer), "
                "then `keras.models.load_model(path)`" if meta.get("custom_layers")
                else "`keras.models.load_model(path)`; nothing to import")
+    if binary:
+        output = f"sigmoid output = P({names[1]}); below the threshold: {names[0]}"
+        decision = (f"- **Decision threshold**: {evaluation['threshold']:.4f} on the raw output, chosen by "
+                    f"{evaluation['threshold_rule']}.")
+        per_class = ""
+    else:
+        output = f"softmax output, one probability each for {', '.join(names)}"
+        decision = "- **Decision**: the most probable class (argmax); there is no threshold to choose."
+        per_class = _per_class_section(t, names)
+    task = f"\n- **Task**: {meta['task']} ({', '.join(names)})" if meta.get("task") else ""
     cue = ""
     if meta.get("cue_test"):
+        columns = [c for c in ("auc", "sensitivity", "specificity", "balanced accuracy", "flipped")
+                   if all(c in row for row in meta["cue_test"].values())]
         cue_rows = "\n".join(
-            f"| {name} | {row['auc']:.3f} | {row['sensitivity']:.3f} | {row['specificity']:.3f} | {row['flipped']:.3f} |"
+            f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |"
             for name, row in meta["cue_test"].items()
         )
         cue = f"""
-## Shortcut check (validation images, threshold above)
-Each validation image with its grey-level histogram or its outer frame taken from an image of the
-other class, or its frame blanked (`pneumo_utils.shortcuts`). Selection score
+## Shortcut check (validation images, decision rule above)
+Each validation image with its grey-level histogram or its outer frame taken from an image of
+another class, or its frame blanked (`pneumo_utils.shortcuts`). Selection score
 {meta.get('selection_score', float('nan')):.3f}: {meta.get('selection_rule', '')}.
 
-| images | AUC | sensitivity | specificity | decisions flipped |
-|---|---|---|---|---|
+| images | {' | '.join(columns)} |
+|---|{'---|' * len(columns)}
 {cue_rows}
 """
     return f"""# Model card: {meta.get('name', 'model')}
-
-- **Architecture**: {meta.get('backbone', '?')}, input {meta.get('image_size')} px RGB (0-255, preprocessing inside the model), sigmoid output = P({positive}); below the threshold: {negative}.
+{task}
+- **Architecture**: {meta.get('backbone', '?')}, input {meta.get('image_size')} px RGB (0-255, preprocessing inside the model), {output}.
 - **Weights**: {meta.get('weights', '?')}
 - **Data and split**: {meta.get('data', '?')}
 - **Training**: {meta.get('training', '?')}
-- **Decision threshold**: {evaluation['threshold']:.4f} on the raw output, chosen by {evaluation['threshold_rule']}.
+{decision}
 - **Calibration**: test ECE {t['ece']:.3f}; temperature {evaluation.get('temperature', 1.0):.2f} fitted on validation gives ECE {calibrated['ece']:.3f}.
 - **Loading**: {loading}.
 - **Intended use**: research and teaching on chest X-ray classification. **Not for diagnostic use.**
 
-## Test metrics (95% bootstrap CIs, threshold above)
+## Test metrics (95% bootstrap CIs, decision rule above)
 | metric | value | 95% CI |
 |---|---|---|
 {rows}
-{cue}
+{per_class}{cue}
 ## Limitations
 - Trained on one public data set; performance on images from other hospitals, scanners,
   populations (e.g. adults vs children) or acquisition protocols is unknown and usually lower.
 - The test split is a held-out part of the same collection, not an external validation.
 - Grad-CAM maps show what the model attends to, which may be shortcuts rather than pathology.
+"""
+
+
+def _per_class_section(test: dict, names: Sequence[str]) -> str:
+    """Per-class precision/recall/F1/support and the confusion matrix of a multi-class test."""
+    per_class = test.get("per_class", {})
+    lines = "\n".join(
+        f"| {name} | {per_class[name]['precision']:.3f} | {per_class[name]['recall']:.3f} | "
+        f"{per_class[name]['f1']:.3f} | {int(per_class[name]['support'])} | {test['auc_per_class'][name]:.3f} |"
+        for name in names if name in per_class
+    )
+    matrix = test.get("confusion_matrix", [])
+    header = " | ".join(f"pred {name}" for name in names)
+    cells = "\n".join(f"| {name} | " + " | ".join(str(int(v)) for v in row) + " |"
+                      for name, row in zip(names, matrix, strict=False))
+    return f"""
+## Per class (test)
+| class | precision | recall | F1 | images | one-vs-rest AUC |
+|---|---|---|---|---|---|
+{lines}
+
+| true \\ predicted | {header} |
+|---|{'---|' * len(names)}
+{cells}
 """

@@ -30,6 +30,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from pneumo_utils.tasks import predicted_labels
+
 STATISTIC_GROUPS: dict[str, list[str]] = {
     "border intensity": ["border_left", "border_right", "border_top", "border_bottom", "border_p5"],
     "grey-level percentiles": ["p1", "p5", "p50", "p95", "p99"],
@@ -160,25 +162,37 @@ def cue_test(
     predict: Callable[[np.ndarray], np.ndarray],
     sets: Mapping[str, np.ndarray],
     labels: np.ndarray,
-    threshold: float,
+    threshold: float | None,
 ) -> pd.DataFrame:
     """How a model's decisions move when the cue is swapped; one row per image set.
 
-    ``predict`` maps ``(n, h, w, 3)`` pixels to probabilities of the positive class (e.g.
-    ``lambda x: model.predict(x, verbose=0).ravel()``); ``sets`` comes from
-    :func:`counterfactuals` and must include ``"clean"``. Columns: ``auc``, ``sensitivity``,
-    ``specificity`` and ``balanced accuracy`` at ``threshold`` (the model's own, chosen on
-    clean validation images), ``flipped`` (share of decisions that differ from clean) and
-    ``normal score`` (median probability given to the negative class).
+    ``predict`` maps ``(n, h, w, 3)`` pixels to a binary model's probabilities of the positive
+    class ``(n,)`` (e.g. ``lambda x: model.predict(x, verbose=0).ravel()``), or to ``(n, K)``
+    class probabilities; ``sets`` comes from :func:`counterfactuals` and must include
+    ``"clean"``. Binary columns: ``auc``, ``sensitivity``, ``specificity`` and ``balanced
+    accuracy`` at ``threshold`` (the model's own, chosen on clean validation images),
+    ``flipped`` (share of decisions that differ from clean) and ``normal score`` (median
+    probability given to the negative class). With K classes (``threshold`` None, decisions
+    by argmax): ``auc`` (macro one-vs-rest), ``balanced accuracy`` (mean recall over the
+    classes) and ``flipped``.
     """
     labels = np.asarray(labels).astype(int)
-    scores = {name: np.asarray(predict(x), dtype=np.float64).reshape(-1) for name, x in sets.items()}
-    clean = scores["clean"] >= threshold
+    scores = {name: np.asarray(predict(x), dtype=np.float64) for name, x in sets.items()}
+    clean = predicted_labels(scores["clean"], threshold)
     rows = {}
     for name, proba in scores.items():
-        pred = proba >= threshold
+        pred = predicted_labels(proba, threshold)
+        if proba.ndim == 2 and proba.shape[1] > 1:
+            rows[name] = {
+                "auc": float(skm.roc_auc_score(labels, proba, multi_class="ovr",
+                                               labels=list(range(proba.shape[1])))),
+                "balanced accuracy": float(skm.balanced_accuracy_score(labels, pred)),
+                "flipped": float(np.mean(pred != clean)),
+            }
+            continue
+        proba = proba.reshape(-1)
         sensitivity = float(np.mean(pred[labels == 1]))
-        specificity = float(np.mean(~pred[labels == 0]))
+        specificity = float(np.mean(pred[labels == 0] == 0))
         rows[name] = {
             "auc": float(skm.roc_auc_score(labels, proba)),
             "sensitivity": sensitivity,
@@ -196,7 +210,7 @@ def validation_cue_test(
     labels: np.ndarray,
     reference_paths: Sequence[str],
     reference_labels: np.ndarray,
-    threshold: float,
+    threshold: float | None,
     max_images: int | None = 300,
     batch_size: int = 32,
     seed: int = 0,
@@ -204,10 +218,10 @@ def validation_cue_test(
     """:func:`cue_test` of a Keras ``model`` on validation images, in one call.
 
     ``paths``/``labels`` are the validation images; each gets its cue from a random
-    reference of the other class (``reference_paths``/``reference_labels``, e.g. the
+    reference of another class (``reference_paths``/``reference_labels``, e.g. the
     training images). ``max_images`` scores a class-stratified random sample instead of every
-    image (each costs four forward passes). ``threshold`` is the model's own, chosen on clean
-    validation predictions.
+    image (each costs four forward passes). ``threshold`` is a binary model's own, chosen on
+    clean validation predictions; ``None`` for a softmax model (argmax).
     """
     from pneumo_utils.data import load_images
 
@@ -219,8 +233,11 @@ def validation_cue_test(
     size = int(model.inputs[0].shape[1])
     sets = counterfactuals(load_images([paths[i] for i in rows], size),
                            load_images([reference_paths[j] for j in refs], size))
-    return cue_test(lambda x: model.predict(x, batch_size=batch_size, verbose=0).reshape(-1),
-                    sets, labels[rows], threshold)
+    def predict(images: np.ndarray) -> np.ndarray:
+        proba = model.predict(images, batch_size=batch_size, verbose=0)
+        return proba.reshape(-1) if proba.shape[-1] == 1 else proba
+
+    return cue_test(predict, sets, labels[rows], threshold)
 
 
 SELECTION_RULE = (

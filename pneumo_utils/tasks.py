@@ -152,3 +152,18 @@ def task_index(index: pd.DataFrame, task: str | Task = DEFAULT_TASK) -> pd.DataF
     out["label"] = out["subtype"].map(codes).astype(np.int64)
     return out.reset_index(drop=True)
 
+
+
+def predicted_labels(proba: np.ndarray, threshold: float | None = 0.5) -> np.ndarray:
+    """Class decisions ``(n,)`` int from model outputs.
+
+    ``proba`` of shape ``(n,)`` or ``(n, 1)`` holds a binary model's probability of class 1,
+    decided at ``threshold``; ``(n, K)`` with ``K >= 2`` holds one probability per class,
+    decided by argmax (``threshold`` is not used).
+    """
+    proba = np.asarray(proba, dtype=float)
+    if proba.ndim == 2 and proba.shape[1] > 1:
+        return proba.argmax(axis=1).astype(np.int64)
+    if threshold is None:
+        raise ValueError("a binary model's outputs need a threshold to become decisions")
+    return (proba.reshape(-1) >= threshold).astype(np.int64)

@@ -133,3 +133,51 @@ def test_xray_figures_display_as_jpeg_in_a_notebook(shell):
     curves = plots.training_curves({"loss": [1.0, 0.5], "val_loss": [1.1, 0.7]}, metrics=("loss",))
     assert not isinstance(curves, plots.PhotoFigure)
     assert "image/jpeg" not in shell.display_formatter.format(curves)[0]
+
+
+THREE = ("NORMAL", "BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA")
+
+
+@pytest.fixture()
+def three_class_scores():
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1, 2], 30)
+    logits = rng.normal(0.0, 1.0, (len(y), 3)) + 1.5 * np.eye(3)[y]
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y, proba
+
+
+def test_three_class_confusion_matrix_decides_by_argmax(three_class_scores):
+    y, proba = three_class_scores
+    fig = plots.confusion_matrix(y, proba, threshold=None, class_names=THREE)
+    ax = fig.axes[0]
+    counts = np.array([int(t.get_text().split("\n")[0]) for t in ax.texts]).reshape(3, 3)
+    expected = np.array([[np.sum((y == i) & (proba.argmax(1) == j)) for j in range(3)] for i in range(3)])
+    assert np.array_equal(counts, expected)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["NORMAL", "BACTERIAL\nPNEUMONIA", "VIRAL\nPNEUMONIA"]
+    assert ax.get_title() == "argmax (most probable class)"
+
+
+def test_three_class_roc_has_one_vs_rest_curve_per_class(three_class_scores):
+    y, proba = three_class_scores
+    fig = plots.roc_pr_curves({"test": (y, proba)}, class_names=THREE)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    for k, name in enumerate(THREE):
+        assert f"test: {name} vs rest (AUC = {roc_auc_score(y == k, proba[:, k]):.2f})" in labels
+
+
+def test_three_class_reliability_is_top_label(three_class_scores):
+    y, proba = three_class_scores
+    fig = plots.reliability_diagram({"test": (y, proba)}, n_bins=5, class_names=THREE)
+    ax = fig.axes[0]
+    observed, predicted = calibration_curve(proba.argmax(1) == y, proba.max(1), n_bins=5)
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), observed)
+    assert ax.get_ylabel() == "observed accuracy"
+
+
+def test_three_class_gradcam_grid_names_the_most_probable_class():
+    proba = np.array([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
+    fig = plots.gradcam_grid(_xrays(2), np.ones((2, 4, 4)), probabilities=proba, threshold=None, class_names=THREE)
+    assert fig.axes[0].get_title() == "P(VIRAL PNEUMONIA) = 0.70"
+    assert [fig.axes[i].get_title() for i in (1, 3)] == [
+        "Grad-CAM: evidence for VIRAL PNEUMONIA", "Grad-CAM: evidence for NORMAL"]

@@ -197,3 +197,43 @@ def test_training_set_with_frame_swaps_doubles_the_training_images(tmp_path):
     _, plain_x, plain_y = features.extract_with_frame_swaps(model, paths, labels, frame_swap=False, cache_dir=None,
                                                             verbose=False)
     assert plain_x.shape == (6, 2) and len(plain_y) == 6
+
+
+def _three_class_images(labels: np.ndarray) -> np.ndarray:
+    """Class k has a centre blob of +60k grey levels and a frame of grey level 60k (the cue)."""
+    rng = np.random.default_rng(0)
+    side, c = 48, 24
+    images = rng.normal(120, 25, (len(labels), side, side)).clip(0, 255)
+    for k in (1, 2):
+        images[labels == k, c - 6: c + 6, c - 6: c + 6] += 60 * k
+    frame = np.zeros((side, side), bool)
+    frame[:4], frame[-4:], frame[:, :4], frame[:, -4:] = True, True, True, True
+    for k in (0, 1, 2):
+        images[(labels == k)[:, None, None] & frame] = 60 * k
+    return np.repeat(images.clip(0, 255)[..., None], 3, axis=-1).astype(np.float32)
+
+
+def _softmax_around(value: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    logits = -((value[:, None] - centres[None, :]) / 15.0) ** 2
+    return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+
+def test_three_class_cue_test_decides_by_argmax_and_ranks_the_honest_model_first():
+    y = np.tile([0, 1, 2], 30)
+    images = _three_class_images(y)
+    refs = shortcuts.other_class_references(y, y, seed=0)
+    sets = shortcuts.counterfactuals(images, images[refs], border=0.08)
+
+    def shortcut(x):
+        return _softmax_around(x[:, :3, :, 0].mean(axis=(1, 2)), np.array([0.0, 60.0, 120.0]))
+
+    def honest(x):
+        return _softmax_around(x[:, 18:30, 18:30, 0].mean(axis=(1, 2)), np.array([120.0, 180.0, 240.0]))
+
+    cheat = shortcuts.cue_test(shortcut, sets, y, threshold=None)
+    fair = shortcuts.cue_test(honest, sets, y, threshold=None)
+    assert list(fair.columns) == ["auc", "balanced accuracy", "flipped"]
+    assert cheat.loc["clean", "balanced accuracy"] > 0.95 and fair.loc["clean", "balanced accuracy"] > 0.95
+    assert cheat.loc["border_swap", "flipped"] > 0.9 and fair.loc["border_swap", "flipped"] < 0.05
+    assert fair.loc[["border_swap", "border_mask"], "balanced accuracy"].min() > 0.9
+    assert shortcuts.selection_score(cheat) < 0.4  # chance is 1/3

@@ -124,3 +124,23 @@ def test_viral_pattern_is_bilateral_and_bacterial_focal():
     assert bacterial_excess[:, right].sum() < 0.05 * bacterial_excess[:, left].sum()
     assert viral_excess[:, right].sum() > 0.5 * viral_excess[:, left].sum()
     assert viral_excess.max() < bacterial_excess.max()
+
+
+def test_split_sentence_names_every_class_of_three(kermany_root):
+    from pneumo_utils import report
+
+    index = data.grouped_split(tasks.task_index(datasets.load_kermany(kermany_root), "three_class"),
+                               val_fraction=0.25, seed=0)
+    sentence = report.describe_split(index, class_names=tasks.get_task("three_class").class_names)
+    test = index[index["split"] == "test"]
+    counts = [int((test["label"] == k).sum()) for k in range(3)]
+    assert (f"test: {len(test)} images ({counts[0]} NORMAL, {counts[1]} BACTERIAL PNEUMONIA, "
+            f"{counts[2]} VIRAL PNEUMONIA) from {test['patient'].nunique()} patients") in sentence
+
+
+def test_predicted_labels_threshold_or_argmax():
+    assert tasks.predicted_labels(np.array([0.2, 0.7]), 0.5).tolist() == [0, 1]
+    assert tasks.predicted_labels(np.array([[0.2], [0.7]]), 0.75).tolist() == [0, 0]
+    assert tasks.predicted_labels(np.array([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]]), None).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="threshold"):
+        tasks.predicted_labels(np.array([0.2]), None)
