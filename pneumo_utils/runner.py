@@ -10,12 +10,22 @@ nbconvert into ``<name>.html`` (a summary from its metrics JSON on top, set-up c
 ``<name>.code.html``. ``index.html`` is written before the first kernel starts and after each
 notebook. Exit status: 0 all ran, 1 some failed, 2 bad usage, missing data or a busy folder.
 
+A profile's ``runs:`` section names extra runs of a notebook with parameters of their own
+(``runs: {01_kermany_bacterial_vs_viral: {notebook: 01_kermany_densenet121, task: ...}}``). Each
+runs right after its notebook, under its own name: its reports are ``<run>.html``,
+``<run>.code.html`` and ``<run>.ipynb``, and its ``run_name`` parameter (which the notebook must
+declare) is set to the run's name, so its metrics JSON and models do not overwrite the
+notebook's. ``--notebooks 01`` selects notebook 01 and its runs; a run's name selects the run.
+
 Parameters, lowest to highest precedence: the data folder found (``fetch.find_all``) as
-``data_dir``; the profile's ``default:`` section; its section named after the notebook;
-``--set KEY=VALUE``; ``--set NB.KEY=VALUE``. Keys must be declared in the notebook's parameters
-cell; values are YAML literals that papermill writes as Python literals (``null`` is ``None``).
-A profile's ``runner:`` section sets ``reports_dir`` and ``record_best``: only a run with
-``record_best`` (the full profile) writes ``<models_dir>/best.json``.
+``data_dir``; the profile's ``default:`` section; its section named after the notebook; the
+run's own keys; ``--set KEY=VALUE``; ``--set NB.KEY=VALUE`` where NB selects the notebook (and
+so its runs); ``--set RUN.KEY=VALUE`` where RUN selects a run by its own name. Keys must be
+declared in the notebook's parameters cell; values are YAML literals that papermill writes as
+Python literals (``null`` is ``None``). A profile's ``runner:`` section sets ``reports_dir`` and
+``record_best``: only a run with ``record_best`` (the full profile) writes, in its models
+folder, ``best.json`` for the Kermany pneumonia task and ``best.<task>.json`` for each other
+Kermany task.
 """
 
 from __future__ import annotations
@@ -56,9 +66,15 @@ NATIVE_LOG_LINE = re.compile(
 """TensorFlow's C++ log lines printed before its log level applies (start-up, graph warnings
 such as ``NodeDef mentions attribute ...``); the HTML reports leave them out."""
 BEST_TASK = "kermany"
+"""The metrics ``task`` of Kermany pneumonia vs normal; other Kermany tasks are ``kermany:<task>``."""
+RUN_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
+"""A run's name becomes file names: letters, digits, ``_``, ``.`` and ``-``."""
 RUNNER_KEYS = {"reports_dir": "reports", "record_best": False}
 """A profile's ``runner:`` section: where reports go, and whether the run sets ``best.json``."""
 DISCLAIMER = "Research use only: not for diagnostic use."
+TEST_METRICS = ("auc", "sensitivity", "specificity", "accuracy", "balanced_accuracy", "macro_f1")
+"""Test metrics on the index: binary tables show the first four; three-class tables the AUC
+(macro one-vs-rest), accuracy, balanced accuracy and macro F1."""
 LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "numpy", "scikit-learn", "papermill")
 COLOURS = ("#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#57606a")
 
@@ -69,13 +85,15 @@ class UsageError(ValueError):
 
 @dataclass
 class Notebook:
-    """One notebook: its source, declared parameters, the merged values and what happened."""
+    """One notebook, or one profile run of a notebook (``of`` names that notebook): its source,
+    declared parameters, the merged values and what happened."""
 
     name: str
     path: Path
     node: Any
     declared: dict[str, dict]
     parameters: dict[str, Any] = field(default_factory=dict)
+    of: str | None = None
     status: str = "pending"
     seconds: float = 0.0
     error: str | None = None
@@ -92,6 +110,10 @@ class Notebook:
         """The value parameter ``key`` has in this run."""
         return self.parameters[key] if key in self.parameters else self.default(key)
 
+    def selected_by(self, selector: str) -> bool:
+        """True when ``selector`` names this notebook, or this run or the notebook it runs."""
+        return matches(self.name, selector) or (self.of is not None and matches(self.of, selector))
+
 
 # --------------------------------------------------------------------------- parameters
 
@@ -105,9 +127,9 @@ def load_profile(name: str) -> dict[str, dict[str, Any]]:
         raise UsageError(f"profile {name!r} not found (looked for {path})")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict) or not all(isinstance(v, dict | None) for v in data.values()):
-        raise UsageError(f"profile {path} must map 'default' and notebook names to parameters")
+        raise UsageError(f"profile {path} must map 'default', notebook names and 'runs' to parameters")
     return {
-        str(section): {k: literal(v, f"profile {path.name}: {section}.{k}") for k, v in (params or {}).items()}
+        str(section): {str(k): literal(v, f"profile {path.name}: {section}.{k}") for k, v in (params or {}).items()}
         for section, params in data.items()
     }
 
@@ -162,22 +184,46 @@ def read_notebooks(folder: Path) -> list[Notebook]:
     return notebooks
 
 
+def add_runs(notebooks: Sequence[Notebook], runs: dict[str, Any]) -> list[Notebook]:
+    """``notebooks`` with each of a profile's ``runs`` right after the notebook it runs.
+
+    A run shares its notebook's source and declared parameters; its keys other than
+    ``notebook`` are checked by :func:`assign_parameters`.
+    """
+    names = [nb.name for nb in notebooks]
+    extra: dict[str, list[Notebook]] = {}
+    for name, keys in runs.items():
+        where = f"profile runs.{name}"
+        if not RUN_NAME.fullmatch(name) or name in names:
+            raise UsageError(f"{where}: a run needs a name of its own made of letters, digits, _ . -")
+        target = keys.get("notebook") if isinstance(keys, dict) else None
+        hits = [nb for nb in notebooks if isinstance(target, str) and matches(nb.name, target)]
+        if len(hits) != 1:
+            raise UsageError(f"{where}: 'notebook:' must name one notebook ({', '.join(names)}); got {target!r}")
+        nb = hits[0]
+        extra.setdefault(nb.name, []).append(Notebook(name, nb.path, nb.node, nb.declared, of=nb.name))
+    return [x for nb in notebooks for x in (nb, *extra.get(nb.name, []))]
+
+
 def assign_parameters(
     notebooks: Sequence[Notebook],
     profile: dict[str, dict[str, Any]],
     sets: Sequence[tuple[str | None, str, Any]],
     data: dict[str, Path],
 ) -> None:
-    """Merge data folder, profile and ``--set`` values into each notebook's ``parameters``.
+    """Merge data folder, profile and ``--set`` values into each notebook's and run's
+    ``parameters`` (precedence in the module docstring); a run's ``run_name`` is its name.
 
     Raises :class:`UsageError` naming the known parameters when a key is not declared.
     """
-    profile = {k: v for k, v in profile.items() if k != "runner"}
+    runs = profile.get("runs") or {}
+    profile = {k: v for k, v in profile.items() if k not in ("runner", "runs")}
     names = [nb.name for nb in notebooks]
+    plain = [nb.name for nb in notebooks if nb.of is None]
     everywhere = sorted(set().union(*(nb.declared for nb in notebooks)))
     for section in profile:
-        if section != "default" and section not in names:
-            raise UsageError(f"profile section {section!r} matches no notebook (have: {', '.join(names)})")
+        if section != "default" and section not in plain:
+            raise UsageError(f"profile section {section!r} matches no notebook (have: {', '.join(plain)})")
     shared = [(key, f"profile default.{key}") for key in profile.get("default", {})]
     shared += [(key, f"--set {key}") for nb, key, _ in sets if nb is None]
     for key, where in shared:
@@ -185,28 +231,37 @@ def assign_parameters(
             raise UsageError(f"{where}: no notebook declares {key!r}; known: {', '.join(everywhere)}")
     for selector, key, _ in sets:
         if selector is not None and not any(matches(n, selector) for n in names):
-            raise UsageError(f"--set {selector}.{key}: {selector!r} matches no notebook ({', '.join(names)})")
+            raise UsageError(f"--set {selector}.{key}: {selector!r} matches no notebook or run ({', '.join(names)})")
     for nb in notebooks:
-        own = [(key, f"profile {nb.name}.{key}") for key in profile.get(nb.name, {})]
-        own += [(key, f"--set {s}.{key}") for s, key, _ in sets if s is not None and matches(nb.name, s)]
+        home = nb.of or nb.name
+        mine = {k: v for k, v in (runs.get(nb.name) or {}).items() if k != "notebook"} if nb.of else {}
+        via = [(s, k, v) for s, k, v in sets if s is not None and matches(home, s)]
+        direct = [(s, k, v) for s, k, v in sets if s is not None and nb.of and matches(nb.name, s)]
+        own = [(key, f"profile {home}.{key}") for key in profile.get(home, {})]
+        own += [(key, f"profile runs.{nb.name}.{key}") for key in mine]
+        own += [("run_name", f"profile runs.{nb.name} (a run's outputs are named by run_name)")] if nb.of else []
+        own += [(key, f"--set {s}.{key}") for s, key, _ in via + direct]
         for key, where in own:
             if key not in nb.declared:
                 raise UsageError(
-                    f"{where}: {nb.name} declares no {key!r}; known: {', '.join(nb.declared)}"
+                    f"{where}: {home} declares no {key!r}; known: {', '.join(nb.declared)}"
                 )
         params: dict[str, Any] = {}
         if "data_dir" in nb.declared and need_of(nb) in data:
             params["data_dir"] = str(data[need_of(nb)])
         params.update(profile.get("default", {}))
-        params.update(profile.get(nb.name, {}))
+        params.update(profile.get(home, {}))
+        params.update(mine)
         params.update({k: v for s, k, v in sets if s is None})
-        params.update({k: v for s, k, v in sets if s is not None and matches(nb.name, s)})
+        params.update({k: v for _, k, v in via + direct})
+        if nb.of:
+            params["run_name"] = nb.name
         nb.parameters = {k: v for k, v in params.items() if k in nb.declared}
 
 
 def need_of(nb: Notebook) -> str:
-    """Which data set a notebook reads: ``"nih"`` for notebooks named ``*nih*``, else Kermany."""
-    return "nih" if "nih" in nb.name.lower() else "kermany"
+    """Which data set a notebook (or its run) reads: ``"nih"`` for notebooks named ``*nih*``, else Kermany."""
+    return "nih" if "nih" in (nb.of or nb.name).lower() else "kermany"
 
 
 # --------------------------------------------------------------------------- execution
@@ -387,6 +442,31 @@ def model_entries(metrics: dict | None) -> list[dict]:
     return [metrics]
 
 
+def task_key(value: Any) -> str:
+    """A metrics ``task`` as the index groups it: ``kermany`` (pneumonia vs normal),
+    ``kermany:<task>``, or as written (``nih:<finding>``); a bare Kermany task name, as a
+    sidecar writes it, counts as that Kermany task."""
+    from pneumo_utils.tasks import DEFAULT_TASK, TASKS
+
+    text = str(value or BEST_TASK)
+    name = text.removeprefix(f"{BEST_TASK}:")
+    if name in TASKS:
+        return BEST_TASK if name == DEFAULT_TASK else f"{BEST_TASK}:{name}"
+    return text
+
+
+def task_title(task: str) -> str:
+    """A task key in words, the title of its table on the index."""
+    from pneumo_utils.tasks import DEFAULT_TASK, TASKS
+
+    source, _, name = task.partition(":")
+    if source == BEST_TASK and (name or DEFAULT_TASK) in TASKS:
+        return f"Kermany: {TASKS[name or DEFAULT_TASK].description}"
+    if source == "nih" and name:
+        return f"NIH ChestX-ray14: {name} vs no {name}"
+    return task
+
+
 def weights_label(weights: Any) -> str:
     """How a model entry's ``weights`` reads on the index: random, ImageNet (file) or as given."""
     text = str(weights).strip()
@@ -400,7 +480,7 @@ def model_row(nb: Notebook, entry: dict) -> dict[str, Any]:
     metrics = nb.metrics or {}
     test = entry.get("test") if isinstance(entry.get("test"), dict) else {}
     validation = entry.get("validation") if isinstance(entry.get("validation"), dict) else {}
-    classes = metrics.get("class_names") or entry.get("class_names")
+    classes = entry.get("class_names") or metrics.get("class_names")
     positive = entry.get("positive_class") or (" / ".join(map(str, classes)) if classes else "–")
     weights = weights_label(entry["weights"]) if "weights" in entry else "not recorded"
     return {
@@ -410,8 +490,9 @@ def model_row(nb: Notebook, entry: dict) -> dict[str, Any]:
         "weights": weights,
         "random_weights": weights == "random initialisation",
         "positive_class": str(positive),
-        "task": str(entry.get("task") or metrics.get("task") or BEST_TASK),
-        "test": {m: fmt(test.get(m), test.get(f"{m}_ci")) for m in ("auc", "sensitivity", "specificity", "accuracy")},
+        "task": task_key(entry.get("task") or metrics.get("task")),
+        "argmax": (entry.get("decision") or metrics.get("decision")) == "argmax",
+        "test": {m: fmt(test.get(m), test.get(f"{m}_ci")) for m in TEST_METRICS},
         "threshold": fmt(entry.get("threshold")),
         "threshold_rule": str(entry.get("threshold_rule") or metrics.get("threshold_rule") or ""),
         "val_auc": fmt(validation.get("auc", entry.get("val_auc"))),
@@ -425,32 +506,38 @@ def model_row(nb: Notebook, entry: dict) -> dict[str, Any]:
     }
 
 
+def model_rows(notebooks: Sequence[Notebook]) -> list[dict[str, Any]]:
+    """Every model entry of the notebooks' metrics, as :func:`model_row` rows."""
+    return [model_row(nb, e) for nb in notebooks for e in model_entries(nb.metrics)]
+
+
 def report_summary(nb: Notebook) -> dict[str, Any]:
     """What a notebook report opens with: title, data split, each model's headline numbers."""
     metrics = nb.metrics or {}
     return {
         "title": str(metrics.get("title") or nb.name),
         "data": str(metrics.get("data") or ""),
-        "models": [model_row(nb, e) for e in model_entries(nb.metrics)],
+        "models": model_rows([nb]),
         "error": nb.error,
         "index_href": "index.html",
         "disclaimer": DISCLAIMER,
     }
 
 
-def choose_best(notebooks: Sequence[Notebook]) -> dict | None:
-    """The best Kermany model row: highest ``selection_score`` when entries carry one, else
-    validation AUC. Rows whose weights are random (a fallback) or not recorded are out when the
-    notebook asked for ImageNet weights."""
+def choose_best(notebooks: Sequence[Notebook], task: str = BEST_TASK) -> dict | None:
+    """The best model row of ``task``: highest ``selection_score`` when entries carry one, else
+    validation AUC (scores of different tasks do not compare, so each task has its own best).
+    Rows whose weights are random (a fallback) or not recorded are out when the notebook asked
+    for ImageNet weights."""
+    notebook = {nb.name: nb for nb in notebooks}
     rows = [
         row
-        for nb in notebooks
-        for row in (model_row(nb, e) for e in model_entries(nb.metrics))
-        if row["task"] == BEST_TASK
+        for row in model_rows(notebooks)
+        if row["task"] == task
         and row["model_path"]
         and Path(str(row["model_path"])).is_file()
         and not (row["weights"] in ("random initialisation", "not recorded")
-                 and str(nb.value("weights")).lower() == "imagenet")
+                 and str(notebook[row["notebook"]].value("weights")).lower() == "imagenet")
     ]
     scored = [r for r in rows if r["score"] is not None]
     key = "score" if scored else "val_auc_value"
@@ -463,8 +550,20 @@ def choose_best(notebooks: Sequence[Notebook]) -> dict | None:
     return best
 
 
+def choose_best_per_task(notebooks: Sequence[Notebook]) -> dict[str, dict]:
+    """:func:`choose_best` for every Kermany task with a model, by task key."""
+    tasks = sorted({row["task"] for row in model_rows(notebooks)})
+    chosen = {task: choose_best(notebooks, task) for task in tasks if task.partition(":")[0] == BEST_TASK}
+    return {task: best for task, best in chosen.items() if best is not None}
+
+
+def best_file(task: str) -> str:
+    """The pointer's file name: ``best.json`` for pneumonia vs normal, else ``best.<task>.json``."""
+    return "best.json" if task == BEST_TASK else f"best.{task.partition(':')[2]}.json"
+
+
 def write_best(best: dict, models_dir: Path) -> Path:
-    """``models_dir/best.json``: a small pointer to the chosen model (not a symlink)."""
+    """``models_dir/`` :func:`best_file`: a small pointer to the chosen model (not a symlink)."""
     model = Path(str(best["model_path"])).resolve()
     try:
         relative = model.relative_to(models_dir.resolve()).as_posix()
@@ -475,6 +574,7 @@ def write_best(best: dict, models_dir: Path) -> Path:
         "sidecar": str(Path(relative).with_suffix(".json")),
         "model_card": str(Path(relative).with_suffix(".md")),
         "name": best["name"],
+        "task": best["task"],
         "notebook": best["notebook"],
         "weights": best["weights"],
         "selection_rule": best["rule"],
@@ -482,7 +582,7 @@ def write_best(best: dict, models_dir: Path) -> Path:
         "chosen": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "commit": git_commit(),
     }
-    path = models_dir / "best.json"
+    path = models_dir / best_file(best["task"])
     if path.is_symlink():
         path.unlink()
     write_atomic(path, json.dumps(pointer, indent=2) + "\n")
@@ -529,19 +629,39 @@ def roc_curves(rows: Sequence[dict]) -> list[dict]:
     return curves
 
 
-def write_index(notebooks: Sequence[Notebook], reports_dir: Path, run: dict, best: dict | None) -> None:
-    """Write ``index.html`` and ``summary.json`` from what is on disk now (atomically)."""
+def model_tables(rows: Sequence[dict], best: dict[str, dict]) -> list[dict]:
+    """The index's models tables: one per task, ordered by task key (Kermany's first), the
+    best row of each marked; a table is three-class when any of its models decides by argmax."""
+    tables = []
+    for task in sorted({row["task"] for row in rows}):
+        mine = [row for row in rows if row["task"] == task]
+        chosen = best.get(task)
+        for row in mine:
+            row["best"] = chosen is not None and (row["notebook"], row["name"]) == (chosen["notebook"], chosen["name"])
+        tables.append({
+            "title": task_title(task),
+            "argmax": any(row["argmax"] for row in mine),
+            "models": mine,
+            "best": chosen and {"rule": chosen["rule"], "pointer": chosen["pointer"]},
+            "roc": roc_curves(mine),
+        })
+    return tables
+
+
+def write_index(notebooks: Sequence[Notebook], reports_dir: Path, run: dict, best: dict[str, dict]) -> None:
+    """Write ``index.html`` and ``summary.json`` from what is on disk now (atomically).
+
+    ``best`` maps task keys to the rows :func:`write_best` recorded (with their ``pointer``).
+    """
     import jinja2
 
-    rows = [model_row(nb, e) for nb in notebooks for e in model_entries(nb.metrics)]
-    if best is not None:
-        for row in rows:
-            row["best"] = (row["notebook"], row["name"]) == (best["notebook"], best["name"])
+    rows = model_rows(notebooks)
     listing = []
     for nb in notebooks:
         files = outputs(nb, reports_dir)
         listing.append({
             "name": nb.name,
+            "of": nb.of,
             "status": nb.status,
             "seconds": f"{nb.seconds:.0f}" if nb.status in ("ok", "failed") else "",
             "error": nb.error or "",
@@ -549,23 +669,25 @@ def write_index(notebooks: Sequence[Notebook], reports_dir: Path, run: dict, bes
             **{k: files[k].name if files[k].is_file() else None for k in ("html", "code_html", "ipynb")},
         })
     done = [nb for nb in notebooks if nb.status in ("ok", "failed")]
+    runs = sum(nb.of is not None for nb in notebooks)
     summary = (
-        f"{len(notebooks)} notebook(s) in this run: {sum(nb.status == 'ok' for nb in notebooks)} ran, "
+        f"{len(notebooks) - runs} notebook(s) and {runs} profile run(s) of them: "
+        f"{sum(nb.status == 'ok' for nb in notebooks)} ran, "
         f"{sum(nb.status == 'failed' for nb in notebooks)} failed, {len(notebooks) - len(done)} not finished. "
         f"They trained {len(rows)} model(s) "
         f"({sum(r['random_weights'] for r in rows)} of them from random weights) "
-        "and tested each once on a held-out split at a threshold chosen on validation data."
+        "and tested each once on a held-out split, deciding at a threshold chosen on validation data "
+        "(binary tasks) or by the most probable class (three classes)."
     )
-    if best is not None:
-        summary += f" The best Kermany model by {best['rule']} is {best['name']} (test AUC {best['test']['auc']})."
+    for task, chosen in best.items():
+        auc = "macro AUC" if chosen["argmax"] else "AUC"
+        summary += f" Best for {task_title(task)}, by {chosen['rule']}: {chosen['name']} (test {auc} {chosen['test']['auc']})."
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True)
     page = env.get_template("index.html.j2").render(
         run={**run, "summary": summary},
         notebooks=listing,
-        models=rows,
-        best=best and {"rule": best["rule"], "pointer": run.get("best_pointer", "")},
+        tables=model_tables(rows, best),
         best_note=run.get("best_note"),
-        roc=roc_curves(rows),
         settings=run["settings"],
         versions=library_versions(),
         disclaimer=DISCLAIMER,
@@ -577,9 +699,10 @@ def write_index(notebooks: Sequence[Notebook], reports_dir: Path, run: dict, bes
         "profile": run["profile"],
         "commit": run["commit"],
         "settings": run["settings"],
-        "best": best and {k: best[k] for k in ("notebook", "name", "rule", "model_path")},
+        "best": {task: {k: b[k] for k in ("notebook", "name", "rule", "model_path", "pointer")}
+                 for task, b in best.items()},
         "notebooks": {
-            nb.name: {"status": nb.status, "seconds": round(nb.seconds, 2), "error": nb.error,
+            nb.name: {"of": nb.of, "status": nb.status, "seconds": round(nb.seconds, 2), "error": nb.error,
                       "parameters": nb.parameters, "metrics": nb.metrics}
             for nb in notebooks
         },
@@ -641,11 +764,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         profile = load_profile(args.profile)
         sets = parse_sets(args.sets)
-        everything = read_notebooks(Path(args.notebooks_dir))
+        everything = add_runs(read_notebooks(Path(args.notebooks_dir)), profile.get("runs") or {})
         for selector in args.notebooks or []:
             if not any(matches(nb.name, selector) for nb in everything):
-                raise UsageError(f"--notebooks {selector}: no such notebook ({', '.join(nb.name for nb in everything)})")
-        selected = [nb for nb in everything if not args.notebooks or any(matches(nb.name, s) for s in args.notebooks)]
+                raise UsageError(f"--notebooks {selector}: no such notebook or run ({', '.join(nb.name for nb in everything)})")
+        selected = [nb for nb in everything if not args.notebooks or any(nb.selected_by(s) for s in args.notebooks)]
         assign_parameters(everything, profile, sets, {})  # checks every key before looking for data
         needs: dict[str, list[str]] = {}
         for nb in selected:
@@ -693,33 +816,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         for nb in selected:
             for path in outputs(nb, reports_dir).values():
                 path.unlink(missing_ok=True)
-        write_index(selected, reports_dir, run, None)
+        write_index(selected, reports_dir, run, {})
         try:
             for i, nb in enumerate(selected, start=1):
                 nb.status = "running"
-                write_index(selected, reports_dir, run, None)
+                write_index(selected, reports_dir, run, {})
                 print(f"[{i}/{len(selected)}] {nb.name} ...", flush=True)
                 run_notebook(nb, reports_dir, args.kernel, engine)
                 verdict = "ok" if nb.status == "ok" else f"FAILED: {nb.error}"
                 print(f"[{i}/{len(selected)}] {nb.name} {verdict} ({nb.seconds:.0f} s)", flush=True)
-                write_index(selected, reports_dir, run, None)
+                write_index(selected, reports_dir, run, {})
         except KeyboardInterrupt:
             for nb in selected:
                 if nb.status in ("running", "pending"):
                     nb.status = "interrupted"
             run.update(state="interrupted", finished=dt.datetime.now().astimezone().strftime("%H:%M"))
-            write_index(selected, reports_dir, run, None)
+            write_index(selected, reports_dir, run, {})
             print("interrupted: reports/index.html says which notebooks finished", file=sys.stderr)
             return 130
-        best = choose_best(selected) if settings["record_best"] else None
-        if best is not None and len(models_dirs) == 1:
-            run["best_pointer"] = str(write_best(best, models_dirs[0]))
-        elif not settings["record_best"]:
-            run["best_note"] = "best.json is only set by a full run"
+        best = choose_best_per_task(selected) if settings["record_best"] and len(models_dirs) == 1 else {}
+        for chosen in best.values():
+            chosen["pointer"] = str(write_best(chosen, models_dirs[0]))
+        if not settings["record_best"]:
+            run["best_note"] = "best.json and best.<task>.json are only set by a full run"
         run.update(state="finished", finished=dt.datetime.now().astimezone().strftime("%H:%M"))
-        write_index(selected, reports_dir, run, best if run.get("best_pointer") else None)
+        write_index(selected, reports_dir, run, best)
     failed = [nb.name for nb in selected if nb.status != "ok"]
-    print(f"\nreports: {reports_dir / 'index.html'}" + (f"\nbest model: {run['best_pointer']}" if run.get("best_pointer") else ""))
+    print(f"\nreports: {reports_dir / 'index.html'}")
+    for task, chosen in best.items():
+        print(f"best model ({task_title(task)}): {chosen['pointer']}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

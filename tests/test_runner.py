@@ -61,9 +61,9 @@ def test_set_values_are_literals_and_null_is_none() -> None:
 
 def test_shipped_profiles_only_set_declared_parameters() -> None:
     notebooks = runner.read_notebooks(ROOT / "notebooks")
-    for name in ("full", "smoke"):
-        runner.assign_parameters(notebooks, runner.load_profile(name), [], {})
     full, smoke = runner.load_profile("full"), runner.load_profile("smoke")
+    for profile in (full, smoke):
+        runner.assign_parameters(runner.add_runs(notebooks, profile.get("runs") or {}), profile, [], {})
     assert full["runner"]["record_best"] is True and "record_best" not in smoke["runner"]
     assert smoke["runner"]["reports_dir"] != "reports"
     assert smoke["default"]["models_dir"] != "saved_models"
@@ -250,6 +250,165 @@ def test_offline_without_data_fails_once_before_any_kernel(tmp_path: Path) -> No
     assert "--data-root DIR" in done.stderr and "kagglehub" in done.stderr
     assert not (tmp_path / "reports").exists()
     assert time.monotonic() - started < 60
+
+
+# --------------------------------------------------------------------------- profile runs and tasks
+
+TASKS = Path(__file__).parent / "fixtures" / "task_notebooks"
+RUNS = FULL + """\
+default: {epochs: 1}
+01_task_model: {epochs: 2, seed: 5, backbone: mobilenetv2}
+runs:
+  01_bvv:
+    notebook: 01_task_model
+    task: bacterial_vs_viral
+    backbone: resnet50
+  01_bogus:
+    notebook: 01_task_model
+    task: bogus
+  01_bvv_small:
+    notebook: "01"
+    task: bacterial_vs_viral
+    seed: 9
+  01_three:
+    notebook: 01_task_model
+    task: three_class
+"""
+
+
+@pytest.fixture(scope="module")
+def task_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Fixture notebook 01_task_model and four runs of it (one failing), in a full profile."""
+    tmp = tmp_path_factory.mktemp("tasks")
+    (tmp / "profile.yaml").write_text(RUNS)
+    done = run(tmp, "--profile", str(tmp / "profile.yaml"), "--data-root", str(make_kermany(tmp / "d")),
+               "--set", "01_task_model.epochs=3", "--set", "01_three.epochs=4", "--set", "seed=7",
+               notebooks=TASKS)
+    reports = tmp / "reports"
+    echo = {path.name.removesuffix(".metrics.json"): json.loads(path.read_text())["echo"]
+            for path in reports.glob("*.metrics.json")}
+    return {"done": done, "tmp": tmp, "reports": reports, "echo": echo}
+
+
+def test_runs_follow_their_notebook_with_their_own_names(task_run: dict) -> None:
+    done, reports = task_run["done"], task_run["reports"]
+    assert done.returncode == 1  # 01_bogus failed
+    names = ["01_task_model", "01_bvv", "01_bogus", "01_bvv_small", "01_three"]
+    for i, name in enumerate(names, start=1):
+        assert f"[{i}/5] {name} " in done.stdout
+    assert "[3/5] 01_bogus FAILED: KeyError: 'bogus'" in done.stdout
+    for name in names:
+        assert (reports / f"{name}.html").is_file() and (reports / f"{name}.code.html").is_file()
+        assert (reports / f"{name}.ipynb").is_file()
+    assert sorted(task_run["echo"]) == sorted(set(names) - {"01_bogus"})
+    assert all(echo["run_name"] == name for name, echo in task_run["echo"].items())  # run_name injected
+    assert "<title>01_three</title>" in (reports / "01_three.html").read_text(encoding="utf-8")
+    summary = json.loads((reports / "summary.json").read_text())
+    assert list(summary["notebooks"]) == names
+    assert summary["notebooks"]["01_bvv"]["of"] == "01_task_model"
+    assert summary["notebooks"]["01_bogus"]["status"] == "failed"
+
+
+def test_run_parameters_merge_in_order(task_run: dict) -> None:
+    echo = task_run["echo"]
+    data_dir = str(task_run["tmp"] / "d")
+    # notebook section < run's own keys < --set KEY < --set NB.KEY < --set RUN.KEY
+    assert echo["01_task_model"] == {"data_dir": data_dir, "task": "pneumonia", "backbone": "mobilenetv2",
+                                     "epochs": 3, "seed": 7, "run_name": "01_task_model"}
+    assert echo["01_bvv"] | {"run_name": None} == {"data_dir": data_dir, "task": "bacterial_vs_viral",
+                                                   "backbone": "resnet50", "epochs": 3, "seed": 7, "run_name": None}
+    assert echo["01_bvv_small"]["backbone"] == "mobilenetv2" and echo["01_bvv_small"]["seed"] == 7
+    assert echo["01_three"]["task"] == "three_class" and echo["01_three"]["epochs"] == 4
+
+
+def test_index_has_one_table_per_task(task_run: dict) -> None:
+    page = (task_run["reports"] / "index.html").read_text(encoding="utf-8")
+    titles = ["Kermany: pneumonia vs normal", "Kermany: bacterial vs viral pneumonia (PNEUMONIA images only)",
+              "Kermany: normal vs bacterial vs viral pneumonia", "Run settings"]
+    starts = [page.index(f">{t}</h") for t in titles]
+    assert starts == sorted(starts)  # in the order of their task keys
+    pneumonia, binary, three = (page[a:b] for a, b in zip(starts, starts[1:], strict=False))
+    for column in ("test macro AUC", "balanced accuracy", "macro F1", "argmax (no threshold)",
+                   "0.642 (0.590–0.690)", "NORMAL / BACTERIAL PNEUMONIA / VIRAL PNEUMONIA"):
+        assert column in three
+    assert "sensitivity" not in three and "<polyline" not in three
+    assert "VIRAL PNEUMONIA" in binary and "0.400" in binary and binary.count("<polyline") == 2
+    assert "mobilenetv2 pneumonia" in pneumonia and "bacterial_vs_viral" not in pneumonia
+    assert page.count('class="best"') == 3 and "run of 01_task_model" in page
+    short = (task_run["reports"] / "01_three.html").read_text(encoding="utf-8")
+    assert "balanced accuracy 0.660 (0.600–0.710)" in short and "argmax, no threshold" in short
+
+
+def test_best_is_chosen_per_kermany_task(task_run: dict) -> None:
+    models = task_run["tmp"] / "saved_models"
+    expected = {"best.json": ("kermany", "01_task_model"),
+                "best.bacterial_vs_viral.json": ("kermany:bacterial_vs_viral", "01_bvv"),
+                "best.three_class.json": ("kermany:three_class", "01_three")}
+    assert sorted(p.name for p in models.glob("best*.json")) == sorted(expected)
+    for file, (task, notebook) in expected.items():
+        pointer = json.loads((models / file).read_text())
+        assert (pointer["task"], pointer["notebook"], pointer["model"]) == (task, notebook, f"{notebook}.keras")
+        assert pointer["selection_rule"] == "validation AUC"
+    summary = json.loads((task_run["reports"] / "summary.json").read_text())
+    assert {t: b["notebook"] for t, b in summary["best"].items()} == {t: n for t, n in expected.values()}
+    page = (task_run["reports"] / "index.html").read_text(encoding="utf-8")
+    assert "Best for Kermany: bacterial vs viral pneumonia (PNEUMONIA images only), by validation AUC: resnet50" in page
+    assert "test macro AUC 0.810 (0.750–0.860)" in page
+
+
+def test_runs_are_selected_and_prepared_by_name(tmp_path: Path) -> None:
+    (tmp_path / "profile.yaml").write_text(RUNS)
+    common = ["--profile", str(tmp_path / "profile.yaml"), "--data-root", str(make_kermany(tmp_path / "d"))]
+    done = run(tmp_path, *common, "--notebooks", "01_three", "--prepare-only", "only", notebooks=TASKS)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in (tmp_path / "only").iterdir()] == ["01_three.ipynb"]
+    source = "".join(c.source for c in nbformat.read(str(tmp_path / "only" / "01_three.ipynb"), as_version=4).cells)
+    assert 'run_name = "01_three"' in source and 'task = "three_class"' in source
+    done = run(tmp_path, *common, "--notebooks", "01", "--prepare-only", "all", notebooks=TASKS)
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "all").glob("*.ipynb"))) == 5
+
+
+@pytest.mark.parametrize(("runs", "message"), [
+    ("r1: {notebook: 03_ok2, task: three_class}", "profile runs.r1.task: 03_ok2 declares no 'task'; known: data_dir"),
+    ("r1: {task: three_class}", "profile runs.r1: 'notebook:' must name one notebook"),
+    ("r1: {notebook: '0'}", "profile runs.r1: 'notebook:' must name one notebook"),
+    ("01_ok: {notebook: '01'}", "profile runs.01_ok: a run needs a name of its own"),
+    ("../r1: {notebook: '01'}", "a run needs a name of its own"),
+])
+def test_bad_runs_are_usage_errors(tmp_path: Path, monkeypatch, capsys, runs: str, message: str) -> None:
+    (tmp_path / "profile.yaml").write_text(f"runs:\n  {runs}\n")
+    monkeypatch.chdir(tmp_path)
+    rc = runner.main(["--profile", "profile.yaml", "--notebooks-dir", str(FIXTURES),
+                      "--data-root", str(make_kermany(tmp_path / "d"))])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    assert not (tmp_path / "reports").exists()
+
+
+def test_run_of_a_notebook_without_run_name_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    notebooks = tmp_path / "nbs"
+    notebooks.mkdir()
+    (notebooks / "03_ok2.py").write_text((FIXTURES / "03_ok2.py").read_text().replace('run_name = "03_ok2"', ""))
+    (tmp_path / "profile.yaml").write_text("runs:\n  r1: {notebook: '03'}\n")
+    monkeypatch.chdir(tmp_path)
+    assert runner.main(["--profile", "profile.yaml", "--notebooks-dir", str(notebooks)]) == 2
+    err = capsys.readouterr().err
+    assert "profile runs.r1 (a run's outputs are named by run_name): 03_ok2 declares no 'run_name'" in err
+
+
+def test_old_metrics_without_task_still_render(tmp_path: Path) -> None:
+    old = runner.Notebook("03_old", tmp_path, None, {}, status="ok",
+                          metrics={"val_auc": 0.9, "test": {"auc": 0.8}, "threshold": 0.5})
+    odd = runner.Notebook("04_odd", tmp_path, None, {}, status="ok",
+                          metrics={"task": "nih:Effusion", "models": [{"name": "n", "test": "garbage"}, 3]})
+    run_info = {"state": "finished", "profile": "none", "commit": "x", "started": "now", "settings": {}}
+    runner.write_index([old, odd], tmp_path, run_info, {})
+    page = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "<h3>Kermany: pneumonia vs normal</h3>" in page and "<h3>NIH ChestX-ray14: Effusion vs no Effusion</h3>" in page
+    assert "0.800" in page and "–" in page and "argmax" not in page.split("<h2>Models</h2>")[1].split("<h3>")[1]
+    assert runner.task_key("bacterial_vs_viral") == "kermany:bacterial_vs_viral"
+    assert runner.task_key("kermany:pneumonia") == runner.task_key(None) == "kermany"
 
 
 # --------------------------------------------------------------------------- run_all.sh
