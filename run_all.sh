@@ -14,10 +14,13 @@ installs the project (a few minutes); set PNEUMO_VENV to use another folder.
 
   --smoke             quick plumbing run (profiles/smoke.yaml): writes to reports/smoke/ and
                       saved_models/smoke/, never to the full run's results or best.json
-  --full              the full profile (default); sets saved_models/best.json
-  --notebooks NB ...  only these notebooks (prefixes such as 01 03, or names)
+  --full              the full profile (default); sets saved_models/best.json and
+                      best.<task>.json for the other Kermany tasks
+  --notebooks NB ...  only these notebooks and their profile runs (prefixes such as 01 03,
+                      or names); a run's name selects that run alone
   --set [NB.]KEY=VAL  override a notebook parameter (YAML literal: 3, 1e-3, null, [16, 32]);
-                      KEY must be declared in the notebook's parameters cell
+                      KEY must be declared in the notebook's parameters cell; NB may also
+                      be a profile run's name (runs: in profiles/*.yaml)
   --data-root DIR     Kermany folder with {train,val,test}/{NORMAL,PNEUMONIA} (env PNEUMO_DATA_ROOT)
   --nih-root DIR      NIH ChestX-ray14 folder: label table + images (env PNEUMO_NIH_ROOT)
   --weights-dir DIR   ImageNet .h5 files under Keras' names (env PNEUMO_WEIGHTS_DIR)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: sets up .venv on first use, generates synthetic data sets, prepares the
-# notebooks with the smoke profile on them, and runs pytest over the package tests and nbval
-# over the notebooks. Extra arguments go to pytest (e.g. -k gradcam, -x).
+# notebooks and the profile's runs of them with the smoke profile on them, and runs pytest over
+# the package tests and nbval over the prepared notebooks. Extra arguments go to pytest
+# (e.g. -k gradcam, -x).
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/bootstrap.sh

@@ -722,7 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", default=env("PNEUMO_PROFILE", "full"),
                    help="profiles/NAME.yaml, a YAML path, or 'none' (default: %(default)s)")
-    p.add_argument("--notebooks", nargs="+", metavar="NB", help="prefixes (01) or names; default: all")
+    p.add_argument("--notebooks", nargs="+", metavar="NB",
+                   help="prefixes (01) or names of notebooks (with their runs) or of runs; default: all")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="[NB.]KEY=VALUE",
                    help="override a declared parameter; VALUE is a YAML literal (null = None)")
     p.add_argument("--data-root", default=env("PNEUMO_DATA_ROOT"), help="Kermany folder")
@@ -733,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", default=env("PNEUMO_OFFLINE") == "1",
                    help="never download data; fail at once when it is missing")
     p.add_argument("--prepare-only", metavar="DIR",
-                   help="write the parameterised notebooks to DIR (for nbval); execute nothing")
+                   help="write the parameterised notebooks and runs to DIR (for nbval); execute nothing")
     p.add_argument("--kernel", help="kernel name (default: each notebook's kernelspec)")
     return p
 
