@@ -16,12 +16,14 @@ savedmodel none         ``M.savedmodel/`` (TensorFlow Serving; needs TensorFlow 
 ========== ============ ==================================================================
 
 Every export keeps the model's input contract (``(batch, n, n, 3)`` float32 RGB pixels in
-0-255 at the model's image size, preprocessing inside, one sigmoid output) and is made by
+0-255 at the model's image size, preprocessing inside) and its output (one sigmoid unit for a
+binary task, one softmax unit per class for three classes; the sidecar names the task, and
+:mod:`pneumo_utils.runtime` checks the export's output width against it) and is made by
 TensorFlow's and Keras' own converters (``model.export``: ``tf.lite.TFLiteConverter`` for
 LiteRT with built-in ops only, so the plain LiteRT runtime runs it; ``tf2onnx`` for ONNX;
 ``onnxruntime.quantization`` for ONNX int8). After writing, the export is run on a few
-images beside the ``.keras`` model and the largest difference in probability is recorded; a
-float32 export that differs by more than :data:`FP32_TOLERANCE` is an error.
+images beside the ``.keras`` model and the largest difference in any output probability is
+recorded; a float32 export that differs by more than :data:`FP32_TOLERANCE` is an error.
 
 The float32 exports share the model's sidecar ``M.json`` (same stem); the quantised exports of
 one kind share their own (``M.int8.json`` for ``M.int8.tflite`` and ``M.int8.onnx``), a copy
@@ -319,7 +321,7 @@ def _update_card(card: Path, exports: list[dict]) -> None:
         for e in exports
     )
     section = (
-        f"{_CARD_HEADING}\nSame input (RGB 0-255, preprocessing inside), output and threshold as "
+        f"{_CARD_HEADING}\nSame input (RGB 0-255, preprocessing inside), output and decision as "
         "the `.keras` model; run with `python -m pneumo_utils.predict IMAGE --model FILE`.\n\n"
         "| file | format | quantisation | size | largest probability difference vs `.keras` |\n"
         f"|---|---|---|---|---|\n{rows}\n"

@@ -29,7 +29,7 @@ def grad_cam(
     model: keras.Model,
     images: np.ndarray,
     layer_name: str | None = None,
-    target: str = "predicted",
+    target: str | int = "predicted",
     threshold: float = 0.5,
 ) -> np.ndarray:
     """Grad-CAM heat maps for a batch.
@@ -38,10 +38,14 @@ def grad_cam(
     ----------
     images : ``(n, h, w, 3)`` RGB in 0-255, the model's input size.
     layer_name : the convolutional layer to explain; found automatically when ``None``.
-    target : ``"predicted"`` explains each image's predicted class (class 1 when the output is
-        at least ``threshold``), ``"pneumonia"`` always the class-1 score.
-    threshold : the decision threshold for ``target="predicted"``; pass the model's own
-        (e.g. the one chosen on validation) so the map explains the decision reported.
+    target : the class whose score is explained. ``"predicted"``: each image's predicted
+        class; for a one-unit sigmoid model class 1 when the output is at least
+        ``threshold`` (score ``p``) else class 0 (score ``1 - p``), for a softmax model the
+        most probable class (score its probability). A class index ``k`` explains class
+        ``k`` for every image; ``"pneumonia"`` is class 1 of a binary model.
+    threshold : the decision threshold of a sigmoid model for ``target="predicted"``; pass
+        the model's own (e.g. the one chosen on validation) so the map explains the decision
+        reported. A softmax model decides by argmax and does not use it.
 
     Returns ``(n, h', w')`` float32 maps in [0, 1] at the layer's resolution, each scaled to its
     own peak, covering the whole input image: when the model crops its input first (a
@@ -50,18 +54,43 @@ def grad_cam(
     :func:`pneumo_utils.plots.gradcam_grid` draws them with a colour bar.
     """
     layer_name = layer_name or find_last_conv_layer(model)
+    units = int(model.output.shape[-1])
+    target = _check_target(target, units)
     grad_model = keras.Model(model.inputs, [model.get_layer(layer_name).output, model.output])
     x = tf.convert_to_tensor(np.asarray(images, dtype=np.float32))
     with tf.GradientTape() as tape:
         conv, proba = grad_model(x, training=False)
-        score = proba[:, 0]
-        if target == "predicted":
-            score = tf.where(score >= threshold, score, 1.0 - score)
+        score = _class_score(proba, target, threshold)
     grads = tape.gradient(score, conv)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1)).numpy()
     peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
     return _uncrop((cam / np.maximum(peak, 1e-12)).astype(np.float32), model)
+
+
+def _check_target(target: str | int, units: int) -> str | int:
+    """``target`` as :func:`grad_cam` reads it, or ``ValueError`` naming what the model has."""
+    classes = 2 if units == 1 else units
+    if target == "pneumonia" and units == 1:
+        return 1
+    if target == "predicted" or (isinstance(target, int | np.integer) and 0 <= target < classes):
+        return target if target == "predicted" else int(target)
+    raise ValueError(
+        f"target must be 'predicted' or a class index 0..{classes - 1}"
+        + (" ('pneumonia' is class 1)" if units == 1 else "") + f", got {target!r}"
+    )
+
+
+def _class_score(proba: tf.Tensor, target: str | int, threshold: float) -> tf.Tensor:
+    """Score ``(n,)`` of the explained class for model outputs ``(n, units)``."""
+    if proba.shape[-1] == 1:
+        p = proba[:, 0]
+        if target == "predicted":
+            return tf.where(p >= threshold, p, 1.0 - p)
+        return p if target == 1 else 1.0 - p
+    if target == "predicted":
+        return tf.reduce_max(proba, axis=-1)
+    return proba[:, target]
 
 
 def _uncrop(cam: np.ndarray, model: keras.Model) -> np.ndarray:

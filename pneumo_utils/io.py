@@ -5,7 +5,11 @@ rename stays on one file system and is atomic), then replaces the target in one 
 processes writing the same file at once each leave a complete file; the last one wins.
 
 A model's JSON sidecar is read and checked against :data:`SIDECAR_SCHEMA` here, without
-TensorFlow, so that a command line can refuse a bad sidecar before loading a model.
+TensorFlow, so that a command line can refuse a bad sidecar before loading a model. The
+sidecar names the model's task (:data:`TASK_CLASS_NAMES`), its class names, its output
+(``sigmoid``: one unit, P(second class); ``softmax``: one unit per class) and how a prediction
+becomes a class (``threshold`` or ``argmax``); :func:`check_output` refuses a model whose
+output does not fit them.
 """
 
 from __future__ import annotations
@@ -19,13 +23,27 @@ from typing import Any
 
 import numpy as np
 
+from pneumo_utils import CLASS_NAMES
+
 __all__ = [
+    "TASK_CLASS_NAMES",
     "ModelFileError",
+    "check_output",
+    "class_names_of",
     "read_sidecar",
     "validate_metadata",
     "write_bytes_atomic",
     "write_json_atomic",
 ]
+
+TASK_CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "pneumonia": ("NORMAL", "PNEUMONIA"),
+    "bacterial_vs_viral": ("BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"),
+    "three_class": ("NORMAL", "BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"),
+}
+"""Class names (label order) of each task of :data:`pneumo_utils.tasks.TASKS`, kept here so
+that reading a sidecar imports neither pandas nor the data set loaders (a test checks that
+both agree)."""
 
 NEGATIVE_CLASS_NAMES = ("normal", "no finding")
 """Accepted first entries of a sidecar's ``class_names`` (compared case-insensitively): the
@@ -94,10 +112,13 @@ SIDECAR_SCHEMA: dict = {
             "type": "array",
             "items": {"type": "string", "minLength": 1},
             "minItems": 2,
-            "maxItems": 2,
+            "maxItems": max(len(names) for names in TASK_CLASS_NAMES.values()),
             "uniqueItems": True,
         },
         "threshold_rule": {"type": "string"},
+        "task": {"enum": list(TASK_CLASS_NAMES)},
+        "output": {"enum": ["sigmoid", "softmax"]},
+        "decision": {"enum": ["threshold", "argmax"]},
     },
 }
 """JSON schema of the sidecar fields that prediction reads; other fields are free."""
@@ -106,18 +127,25 @@ _FIELD_RULES = {
     "image_size": "a positive integer (the model's input side in pixels)",
     "threshold": "a number from 0 to 1",
     "temperature": "a number above 0",
-    "class_names": '[negative, positive] class names, e.g. ["NORMAL", "PNEUMONIA"]',
+    "class_names": '[negative, positive] class names, e.g. ["NORMAL", "PNEUMONIA"], or the '
+                   "class names of the sidecar's task",
     "threshold_rule": "a string",
+    "task": f"one of {', '.join(TASK_CLASS_NAMES)}",
+    "output": '"sigmoid" (one unit) or "softmax" (one unit per class)',
+    "decision": '"threshold" or "argmax"',
 }
 
 
 def validate_metadata(meta: Any, source: str | Path = "model metadata") -> dict:
-    """Check sidecar metadata against :data:`SIDECAR_SCHEMA`; return it unchanged.
+    """Check sidecar metadata against :data:`SIDECAR_SCHEMA` and its task; return it unchanged.
 
     Raises :class:`ModelFileError` naming ``source`` and the first bad field: a threshold that
     is NaN, outside 0..1, ``null`` or ``true``; a temperature that is not a positive number;
-    ``class_names`` that are not two names with the negative class first (reversed names
-    would flip every label); a sidecar that is not a JSON object.
+    a sidecar that is not a JSON object; an unknown ``task``. With a ``task``, ``class_names``
+    must be that task's names in label order, ``output`` and ``decision`` must be the task's
+    (``sigmoid``/``threshold`` for two classes, ``softmax``/``argmax`` for more) and a
+    three-class sidecar has no threshold. Without a task, ``class_names`` are two names with
+    the negative class first (reversed names would flip every label) and the model is binary.
     """
     import fastjsonschema
 
@@ -132,14 +160,94 @@ def validate_metadata(meta: Any, source: str | Path = "model metadata") -> dict:
             f"{source}: field {field} is {value}, expected {rule}; fix the field or save the "
             "model again"
         ) from None
+    task, names = meta.get("task"), meta.get("class_names")
+    if task is None:
+        _check_binary_without_task(meta, source)
+        return meta
+    expected = TASK_CLASS_NAMES[task]
+    if names is not None and tuple(names) != expected:
+        raise ModelFileError(
+            f"{source}: field class_names is {json.dumps(names)}, expected {json.dumps(expected)} "
+            f"(the classes of task {task}, in label order); fix the field or the task"
+        )
+    binary = len(expected) == 2
+    for field, wanted in (("output", "sigmoid" if binary else "softmax"),
+                          ("decision", "threshold" if binary else "argmax")):
+        if field in meta and meta[field] != wanted:
+            raise ModelFileError(
+                f"{source}: field {field} is {json.dumps(meta[field])}, expected "
+                f'"{wanted}" for task {task} ({len(expected)} classes); fix the field or the task'
+            )
+    if not binary and "threshold" in meta:
+        raise ModelFileError(
+            f"{source}: field threshold is {json.dumps(meta['threshold'])}, but task {task} "
+            "decides by the most probable class (argmax) and has no threshold; remove the field"
+        )
+    return meta
+
+
+def _check_binary_without_task(meta: dict, source: str | Path) -> None:
+    """A sidecar naming no task describes a binary model: two class names, negative first,
+    one sigmoid unit, a threshold."""
     names = meta.get("class_names")
+    if names is not None and len(names) != 2:
+        raise ModelFileError(
+            f"{source}: field class_names is {json.dumps(names)}, expected two names "
+            f"[negative, positive] when the sidecar names no task; add the field task (one of "
+            f"{', '.join(TASK_CLASS_NAMES)}) for a model with more classes"
+        )
     if names is not None and names[0].strip().casefold() not in NEGATIVE_CLASS_NAMES:
         raise ModelFileError(
             f"{source}: field class_names is {json.dumps(names)}, expected the negative class "
             'first ("NORMAL" or "No Finding"): the model\'s output is the probability of the '
             "second name; fix the order"
         )
-    return meta
+    for field, multiclass in (("output", "softmax"), ("decision", "argmax")):
+        if meta.get(field) == multiclass:
+            raise ModelFileError(
+                f"{source}: field {field} is {json.dumps(multiclass)}, but the sidecar names no "
+                "task, so the model is read as binary; add the field task (e.g. three_class)"
+            )
+
+
+def class_names_of(meta: dict) -> tuple[str, ...]:
+    """The class names, in label order, of the model ``meta`` describes: its ``class_names``,
+    else its task's, else NORMAL/PNEUMONIA."""
+    if meta.get("class_names"):
+        return tuple(meta["class_names"])
+    if meta.get("task"):
+        return TASK_CLASS_NAMES[meta["task"]]
+    return tuple(CLASS_NAMES)
+
+
+def check_output(meta: dict, units: int, model: str | Path, source: str) -> None:
+    """Refuse a model whose last layer does not fit the task its sidecar names.
+
+    ``units`` is the model's output width per image: 1 for a binary model (one sigmoid unit,
+    P(second class)), one per class for a softmax. A softmax needs a sidecar whose task has
+    that many classes (``three_class``): read as a binary model, its first column would be
+    taken for a probability of disease. ``meta`` is ``{}`` when there is no sidecar;
+    ``source`` names where it came from (``"sidecar PATH"``). Raises :class:`ModelFileError`
+    naming the model, the source and both sides of the mismatch.
+    """
+    names = class_names_of(meta)
+    if units == 1 and len(names) == 2:
+        return
+    if units == len(names) > 2 and meta.get("task"):
+        return
+    output = "one sigmoid unit (a binary model)" if units == 1 else f"{units} softmax units"
+    if not meta:
+        raise ModelFileError(
+            f"{model} ends in {output} and has no {source} naming its task and "
+            "classes; save it with pneumo_utils.models.save_model and "
+            "model_metadata(model, task='three_class')"
+        )
+    said = (f"task {meta['task']} with {len(names)} classes ({', '.join(names)})" if meta.get("task")
+            else f"no task, so a binary model with classes {', '.join(names)}")
+    raise ModelFileError(
+        f"{model} ends in {output} but {source} says {said}: the metadata belongs to another "
+        "model or was edited; save the model again with its own sidecar"
+    )
 
 
 @functools.cache

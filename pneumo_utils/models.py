@@ -8,8 +8,10 @@ preprocessing travels inside the saved ``.keras`` file. It is made of standard K
 plain ``keras.models.load_model`` without importing this package.
 
 A trained model travels as ``NAME.keras`` plus a JSON sidecar ``NAME.json`` holding the
-backbone, image size, class names, decision threshold and how it was chosen, and the data and
-metrics summary. :func:`load_model` returns both; prediction and evaluation need nothing else.
+backbone, image size, task and class names, output and decision (a threshold and how it was
+chosen, or argmax), and the data and metrics summary. A binary task's model ends in one
+sigmoid unit, P(second class); a three-class model in a softmax with one unit per class.
+:func:`load_model` returns both; prediction and evaluation need nothing else.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ import numpy as np
 
 from pneumo_utils import CLASS_NAMES, __version__
 from pneumo_utils.data import image_dataset
-from pneumo_utils.io import ModelFileError, current_umask, read_sidecar, write_json_atomic
+from pneumo_utils.io import (
+    TASK_CLASS_NAMES,
+    ModelFileError,
+    check_output,
+    current_umask,
+    read_sidecar,
+    validate_metadata,
+    write_json_atomic,
+)
 from pneumo_utils.preprocessing import HistogramEqualization  # noqa: F401  (registers the layer for loading)
 
 HEAD_PREFIX = "head_"
@@ -182,16 +192,18 @@ def build_classifier(
     freeze_base: bool = True,
     seed: int | None = None,
     remove_cues: bool = False,
+    n_classes: int = 2,
 ) -> keras.Model:
-    """A flat transfer-learning classifier: preprocessing, backbone, GAP, dense head, sigmoid.
+    """A flat transfer-learning classifier: preprocessing, backbone, GAP, dense head, output.
 
     The notebooks write this model out layer by layer; tests and benchmarks build it here.
     ``weights`` is a resolved file path or ``None`` (see :func:`resolve_weights`), loaded by
     layer name. ``remove_cues`` puts :func:`pneumo_utils.preprocessing.cue_removal` (centre
     crop 0.8, histogram equalisation) in front of the backbone's own scaling. The head is
     GlobalAveragePooling -> Dense(``dense_units``, relu, optional L2) -> Dropout(``dropout``)
-    -> Dense(1, sigmoid). Input ``(batch, image_size, image_size, 3)`` RGB in 0-255; output
-    ``(batch, 1)`` probability of the positive class.
+    -> the output layer of :func:`_attach_head`: ``(batch, 1)`` probability of the positive
+    class for ``n_classes=2``, ``(batch, n_classes)`` softmax probabilities for more. Input
+    ``(batch, image_size, image_size, 3)`` RGB in 0-255.
     """
     from pneumo_utils.preprocessing import cue_removal
 
@@ -206,7 +218,7 @@ def build_classifier(
     )
     if weights is not None:
         base.load_weights(weights, by_name=True)
-    model = _attach_head(inputs, base.output, spec.name, dense_units, dropout, l2)
+    model = _attach_head(inputs, base.output, spec.name, dense_units, dropout, l2, n_classes)
     for layer in base_layers(model):
         layer.trainable = not freeze_base
     return model
@@ -220,11 +232,13 @@ def build_scratch_cnn(
     conv_dropout: float = 0.2,
     l2: float = 0.0,
     seed: int | None = None,
+    n_classes: int = 2,
 ) -> keras.Model:
     """A small CNN trained from scratch: per block Conv2D-BatchNorm-ReLU x2, MaxPool, Dropout.
 
-    Same input contract and head as :func:`build_classifier`, so training, Grad-CAM (its
-    last conv block is found automatically) and evaluation treat both alike.
+    Same input contract and head (``n_classes`` included) as :func:`build_classifier`, so
+    training, Grad-CAM (its last conv block is found automatically) and evaluation treat
+    both alike.
     """
     if seed is not None:
         keras.utils.set_random_seed(seed)
@@ -240,18 +254,27 @@ def build_scratch_cnn(
         if block < len(filters):
             x = keras.layers.MaxPooling2D(name=f"block{block}_pool")(x)
             x = keras.layers.Dropout(conv_dropout, name=f"block{block}_dropout")(x)
-    return _attach_head(inputs, x, "scratch_cnn", dense_units, dropout, l2)
+    return _attach_head(inputs, x, "scratch_cnn", dense_units, dropout, l2, n_classes)
 
 
-def _attach_head(inputs, features, name: str, dense_units: int, dropout: float, l2: float):
-    """GAP -> Dense(relu, optional L2) -> Dropout -> Dense(1, sigmoid), named ``head_*``."""
+def _attach_head(
+    inputs, features, name: str, dense_units: int, dropout: float, l2: float, n_classes: int = 2
+):
+    """GAP -> Dense(relu, optional L2) -> Dropout -> output, named ``head_*``.
+
+    The output is Dense(1, sigmoid), P(second class), for two classes (a binary task decides
+    with a threshold on it), and Dense(``n_classes``, softmax) for three or more.
+    """
+    if n_classes < 2:
+        raise ValueError(f"n_classes must be 2 or more, got {n_classes!r}")
     regularizer = keras.regularizers.L2(l2) if l2 else None
     x = keras.layers.GlobalAveragePooling2D(name=HEAD_PREFIX + "gap")(features)
     x = keras.layers.Dense(
         dense_units, activation="relu", kernel_regularizer=regularizer, name=HEAD_PREFIX + "dense"
     )(x)
     x = keras.layers.Dropout(dropout, name=HEAD_PREFIX + "dropout")(x)
-    x = keras.layers.Dense(1, activation="sigmoid", name=HEAD_PREFIX + "output")(x)
+    units, activation = (1, "sigmoid") if n_classes == 2 else (n_classes, "softmax")
+    x = keras.layers.Dense(units, activation=activation, name=HEAD_PREFIX + "output")(x)
     return keras.Model(inputs, x, name=name)
 
 
@@ -303,38 +326,90 @@ def unfreeze_top(model: keras.Model, n_layers: int, train_batchnorm: bool = Fals
     return trainable
 
 
-def model_metadata(model: keras.Model, **info: Any) -> dict:
-    """Sidecar metadata for a model: what it is, how to feed it, and how to read its output."""
-    meta = {
+def model_metadata(model: keras.Model, task: str | None = None, **info: Any) -> dict:
+    """Sidecar metadata for a model: what it is, how to feed it, and how to read its output.
+
+    ``task`` (a name in :data:`pneumo_utils.tasks.TASKS`) sets ``class_names``; without it a
+    softmax model takes the task with as many classes, and a sigmoid model is a
+    ``pneumonia`` model unless ``info`` gives other ``class_names`` (an NIH finding: then no
+    task is written). ``output`` and ``decision`` come from the model's last layer: a sigmoid
+    model decides with ``threshold`` (default 0.5), a softmax model by argmax and has no
+    threshold (``threshold=None``, as a multi-class evaluation gives, writes none). Raises
+    :class:`~pneumo_utils.io.ModelFileError` when the model's output does not fit the task.
+    """
+    output, units = output_kind(model)
+    if task is None and output == "softmax":
+        task = next((t for t, names in TASK_CLASS_NAMES.items() if len(names) == units), None)
+    elif task is None and list(info.get("class_names", CLASS_NAMES)) == list(CLASS_NAMES):
+        task = "pneumonia"
+    meta: dict[str, Any] = {
         "name": model.name,
         "image_size": int(model.inputs[0].shape[1]),
         "input": "RGB pixels in 0-255; preprocessing is inside the model",
-        "class_names": list(CLASS_NAMES),
-        "threshold": 0.5,
-        "threshold_rule": "default 0.5",
-        "pneumo_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "intended_use": "research and teaching only; not for diagnostic use",
     }
+    if task is not None:
+        meta["task"] = task
+    meta["class_names"] = list(TASK_CLASS_NAMES[task]) if task is not None else list(CLASS_NAMES)
+    meta["output"] = output
+    if output == "sigmoid":
+        meta.update(decision="threshold", threshold=0.5, threshold_rule="default 0.5")
+    else:
+        meta["decision"] = "argmax"
+    meta.update(
+        pneumo_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        intended_use="research and teaching only; not for diagnostic use",
+    )
     custom = sorted({f"pneumo>{type(layer).__name__}" for layer in model.layers
                      if type(layer).__module__.startswith("pneumo_utils")})
     if custom:
         meta["custom_layers"] = custom
     meta.update(info)
+    if output == "softmax" and "threshold" in meta and meta["threshold"] is None:
+        del meta["threshold"]
+    validate_metadata(meta, f"metadata of model {model.name}")
+    check_output(meta, units, f"model {model.name}", "its metadata")
     return meta
+
+
+def output_kind(model: keras.Model, path: str | Path | None = None) -> tuple[str, int]:
+    """``("sigmoid", 1)`` or ``("softmax", K)``: the model's one output layer and its width.
+
+    Raises :class:`~pneumo_utils.io.ModelFileError` (naming ``path``, or the model) for any
+    other output: several outputs, another activation, a two-unit softmax (whose first
+    column would be read as P(positive)).
+    """
+    outputs = model.outputs
+    shape = tuple(outputs[0].shape) if len(outputs) == 1 else None
+    layer = getattr(outputs[0], "_keras_history", [None])[0] if outputs else None
+    activation = getattr(getattr(layer, "activation", None), "__name__", None)
+    if shape is not None and len(shape) == 2:
+        if shape[-1] == 1 and activation == "sigmoid":
+            return "sigmoid", 1
+        if shape[-1] is not None and shape[-1] >= 3 and activation == "softmax":
+            return "softmax", int(shape[-1])
+    shown = ", ".join(str(tuple(t.shape)) for t in outputs)
+    raise ModelFileError(
+        f"{path or 'model ' + model.name} must end in one sigmoid unit giving P(positive) per "
+        f"image (a binary task) or a softmax over 3 or more classes (three_class), as the "
+        f"pneumo builders make, but its output is {shown} from activation "
+        f"{activation or 'unknown'}; any other output would be misread"
+    )
 
 
 def predict_paths(
     model: keras.Model, paths: list[str], batch_size: int = 32, verbose: bool = False
 ) -> np.ndarray:
-    """PNEUMONIA probabilities ``(n,)`` for image files, decoded in parallel and batched.
+    """Probabilities for image files, decoded in parallel and batched: ``(n,)`` P(positive
+    class) for a one-unit sigmoid model, ``(n, K)`` for a ``K``-class softmax.
 
     ``verbose`` shows a progress bar over the batches (``tqdm``).
     """
     size = int(model.inputs[0].shape[1])
     dataset = image_dataset(paths, image_size=size, batch_size=batch_size, cache=False)
     callbacks = [ProgressBar(math.ceil(len(paths) / batch_size), "predict")] if verbose else []
-    return model.predict(dataset, verbose=0, callbacks=callbacks).reshape(-1)
+    proba = model.predict(dataset, verbose=0, callbacks=callbacks)
+    return proba.reshape(-1) if proba.shape[-1] == 1 else proba
 
 
 class ProgressBar(keras.callbacks.Callback):
@@ -405,9 +480,13 @@ def load_model(path: str | Path) -> tuple[keras.Model, dict]:
     its archive would unpack to more than :data:`MAX_MODEL_BYTES` (or a JSON member to more
     than :data:`MAX_CONFIG_BYTES`), when Keras safe mode refuses it (Python code inside),
     when the model does not take one square RGB image ``(h, w, 3)`` or does not end in one
-    sigmoid unit, or when the sidecar fails :func:`validate_metadata` or its
-    ``image_size`` disagrees with the model's input. Without a sidecar, metadata is inferred
-    from the model (threshold 0.5).
+    sigmoid unit or a softmax over 3 or more classes (:func:`output_kind`), when the
+    sidecar fails :func:`~pneumo_utils.io.validate_metadata`, when its ``image_size``
+    disagrees with the model's input, or when its task does not fit the output
+    (:func:`~pneumo_utils.io.check_output`: a sigmoid model with a three-class sidecar, a
+    softmax model whose sidecar names no multi-class task or is missing, a softmax of the
+    wrong width). Without a sidecar, the metadata of a sigmoid model is inferred from the
+    model (task pneumonia, threshold 0.5).
     """
     path = Path(path)
     if not path.is_file():
@@ -432,7 +511,8 @@ def load_model(path: str | Path) -> tuple[keras.Model, dict]:
             ) from None
         raise ModelFileError(f"cannot load {path} as a Keras model: {text}") from None
     size = _square_rgb_input_size(model, path)
-    _check_sigmoid_output(model, path)
+    _, units = output_kind(model, path)
+    check_output(meta, units, path, f"sidecar {meta_file}")
     if "image_size" in meta and size is not None and int(meta["image_size"]) != size:
         raise ModelFileError(
             f"sidecar {meta_file} says image_size {meta['image_size']} but {path} takes "
@@ -463,22 +543,6 @@ def _check_archive_sizes(path: Path) -> None:
                 f"(limit {MAX_CONFIG_BYTES / 2**20:.0f} MiB)") if big_json else (
                 f"its members unpack to {total / 2**30:,.1f} GiB (limit {MAX_MODEL_BYTES / 2**30:.0f} GiB)")
         raise ModelFileError(f"refusing to load {path}: {what}; this is not a pneumo model file")
-
-
-def _check_sigmoid_output(model: keras.Model, path: Path) -> None:
-    """Refuse a model whose output is not one sigmoid unit per image (e.g. a 2-unit softmax,
-    whose first column would be read as P(positive))."""
-    outputs = model.outputs
-    shape = tuple(outputs[0].shape) if len(outputs) == 1 else None
-    layer = getattr(outputs[0], "_keras_history", [None])[0] if outputs else None
-    activation = getattr(getattr(layer, "activation", None), "__name__", None)
-    if shape is None or len(shape) != 2 or shape[-1] != 1 or activation != "sigmoid":
-        shown = ", ".join(str(tuple(t.shape)) for t in outputs)
-        raise ModelFileError(
-            f"{path} must end in one sigmoid unit giving P(positive) per image (as the pneumo "
-            f"builders make), but its output is {shown} from activation {activation or 'unknown'}; "
-            "a softmax or multi-unit model would be misread"
-        )
 
 
 def _square_rgb_input_size(model: keras.Model, path: Path) -> int | None:

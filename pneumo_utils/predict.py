@@ -1,8 +1,10 @@
 """Prediction from the command line, for one image, several, or a folder.
 
 ``python -m pneumo_utils.predict IMAGE --model MODEL.keras [--gradcam OUT.png]`` prints e.g.
-``Prediction: PNEUMONIA (96.40% confidence)`` using the decision threshold stored beside the
-model; ``--model`` may also name a ``.tflite`` or ``.onnx`` export
+``Prediction: PNEUMONIA (96.40% confidence)`` with the class names stored beside the model: a
+binary task's model decides with its stored threshold, a three-class model by the most
+probable class (``Prediction: VIRAL PNEUMONIA (71.20% confidence)``); ``--gradcam`` explains
+the predicted class. ``--model`` may also name a ``.tflite`` or ``.onnx`` export
 (:mod:`pneumo_utils.export`), which runs without TensorFlow. Several files or a folder print
 one line per image (``--json``: one JSON list), with the model loaded once. Warnings about the input (EXIF rotation applied, a nearly uniform,
 noise-like or colour picture) are printed under the prediction and carried in the JSON.
@@ -22,19 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_utils import CLASS_NAMES
-
 GRADCAM_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def predict_image(model, meta: dict, path: str | Path) -> dict:
-    """Probability, label, confidence and input warnings for one image file.
+    """Label, confidence, probabilities and input warnings for one image file.
 
-    The class follows the model's raw output against its stored threshold; the label names
-    come from the sidecar's ``class_names`` (negative first). Confidence is the probability
-    of that class (``p`` for the positive class, ``1 - p`` for the negative one), using the
-    validation-fitted temperature when the sidecar has one, so it reads as a probability.
-    The image is resized to ``meta["image_size"]`` whatever its own size (huge JPEGs are
+    The label names come from the sidecar's class names (:func:`pneumo_utils.io.class_names_of`).
+    A binary model's class follows its raw output against the stored threshold; the result
+    has ``probability`` (P(``positive_class``), the second name), ``threshold`` and
+    ``probabilities`` {class: p}. A softmax model's class is the most probable one (argmax);
+    the result has ``probabilities`` {class: p}. ``decision`` says which; ``confidence`` is
+    the probability of the predicted class, using the validation-fitted temperature when
+    the sidecar has one, so it reads as a probability. ``raw_output`` is the model's own
+    output (a number, or one per class). The image is resized to ``meta["image_size"]`` whatever its own size (huge JPEGs are
     decoded at reduced scale, see :mod:`pneumo_utils.images`), turned upright by its EXIF
     orientation (``exif_orientation`` in the result) and checked for being plausible
     (``warnings``). Raises :class:`~pneumo_utils.images.ImageReadError` for an unreadable,
@@ -59,7 +62,7 @@ def predict_images(
     over the batches (``tqdm``).
     """
     from pneumo_utils.images import ImageReadError
-    from pneumo_utils.io import ModelFileError, validate_metadata
+    from pneumo_utils.io import ModelFileError, check_output, validate_metadata
 
     with warnings.catch_warnings():  # a kernel without ipywidgets: text bar, no warning
         warnings.simplefilter("ignore")
@@ -89,9 +92,10 @@ def predict_images(
         if not batch:
             continue
         images = np.stack(batch).astype(np.float32)
-        raw = model.predict(images, verbose=0).reshape(-1)
+        raw = np.asarray(model.predict(images, verbose=0))
+        check_output(meta, raw.shape[-1], "the model", "its metadata")
         for (slot, notes), image, value in zip(ready, images, raw, strict=True):
-            results[slot] = {**_describe(float(value), meta), **notes, "image_array": image}
+            results[slot] = {**_describe(value, meta), **notes, "image_array": image}
     return results
 
 
@@ -120,23 +124,39 @@ def _prepare(path: str | Path, size: int) -> tuple[np.ndarray, dict]:
     return image, notes
 
 
-def _describe(raw: float, meta: dict) -> dict:
-    """Label, probability and confidence for one raw model output."""
-    from pneumo_utils.runtime import apply_temperature
+def _describe(raw: np.ndarray, meta: dict) -> dict:
+    """Label, probabilities and confidence for one image's model output ``raw`` ``(units,)``."""
+    from pneumo_utils.io import class_names_of
+    from pneumo_utils.runtime import apply_softmax_temperature, apply_temperature
 
-    names = list(meta.get("class_names") or CLASS_NAMES)
+    names = class_names_of(meta)
+    if len(raw) > 1:
+        proba = np.asarray(raw, dtype=float)
+        if "temperature" in meta:
+            proba = apply_softmax_temperature(proba[None], meta["temperature"])[0]
+        label = int(np.argmax(raw))
+        return {
+            "raw_output": [float(v) for v in raw],
+            "decision": "argmax",
+            "label": names[label],
+            "confidence": float(proba[label]),
+            "probabilities": {name: float(v) for name, v in zip(names, proba, strict=True)},
+        }
+    value = float(raw[0])
     threshold = float(meta.get("threshold", 0.5))
-    label = int(raw >= threshold)
-    proba = raw
+    label = int(value >= threshold)
+    proba = value
     if "temperature" in meta:
-        proba = float(apply_temperature(np.array([raw]), meta["temperature"])[0])
+        proba = float(apply_temperature(np.array([value]), meta["temperature"])[0])
     return {
-        "raw_output": raw,
-        "probability_pneumonia": proba,
-        "positive_class": names[1],
-        "threshold": threshold,
+        "raw_output": value,
+        "decision": "threshold",
         "label": names[label],
         "confidence": proba if label else 1.0 - proba,
+        "probability": proba,
+        "positive_class": names[1],
+        "threshold": threshold,
+        "probabilities": {names[0]: 1.0 - proba, names[1]: proba},
     }
 
 
@@ -185,7 +205,7 @@ def _write_gradcam(model, result: dict, target: str) -> None:
     from pneumo_utils.gradcam import grad_cam, overlay
     from pneumo_utils.io import write_bytes_atomic
 
-    heat = grad_cam(model, result["image_array"][None])[0]
+    heat = grad_cam(model, result["image_array"][None], threshold=result.get("threshold", 0.5))[0]
     picture = overlay(result["image_array"], heat)
     ok, encoded = cv2.imencode(Path(target).suffix.lower(), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
     if not ok:
@@ -196,7 +216,8 @@ def _write_gradcam(model, result: dict, target: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pneumo_utils.predict",
-        description="Predict NORMAL/PNEUMONIA for chest X-rays (research use only).",
+        description="Predict the class of chest X-rays with a saved pneumo model, named by its "
+        "sidecar's classes (research use only).",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="JPEG, PNG or DICOM files, or folders of them")
@@ -207,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON list, one object per image")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
     parser.add_argument("--gradcam", metavar="OUT.png",
-                        help="also write a Grad-CAM overlay here (one image only)")
+                        help="also write a Grad-CAM overlay of the predicted class here (one image only)")
     args = parser.parse_args(argv)
 
     from pneumo_utils.images import check_image
@@ -272,11 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_single(result: dict, meta: dict) -> None:
     print(f"Prediction: {result['label']} ({result['confidence']:.2%} confidence)")
-    print(
-        f"P({result['positive_class']}) = {result['probability_pneumonia']:.4f}, threshold "
-        f"{result['threshold']:.4f} ({meta.get('threshold_rule', 'default')}). "
-        "Not for diagnostic use."
-    )
+    print(f"{_probabilities(result)}; {_decision(meta)}. Not for diagnostic use.")
     _print_notes(result, indent="")
 
 
@@ -286,11 +303,26 @@ def _print_many(results: list[dict], meta: dict) -> None:
             _fail(result["error"])
             continue
         print(f"{result['image']}: {result['label']} ({result['confidence']:.2%} confidence, "
-              f"P({result['positive_class']}) = {result['probability_pneumonia']:.4f})")
+              f"{_probabilities(result)})")
         _print_notes(result, indent="  ")
-    threshold = float(meta.get("threshold", 0.5))
-    print(f"threshold {threshold:.4f} ({meta.get('threshold_rule', 'default')}). "
-          "Not for diagnostic use.")
+    print(f"Decision: {_decision(meta)}. Not for diagnostic use.")
+
+
+def _probabilities(result: dict) -> str:
+    """``P(PNEUMONIA) = 0.9640`` for a binary model, every class's probability for more."""
+    if result["decision"] == "threshold":
+        return f"P({result['positive_class']}) = {result['probability']:.4f}"
+    return ", ".join(f"P({name}) = {p:.4f}" for name, p in result["probabilities"].items())
+
+
+def _decision(meta: dict) -> str:
+    """How the class was chosen, for the line under the prediction."""
+    from pneumo_utils.io import class_names_of
+
+    if len(class_names_of(meta)) == 2:
+        threshold = float(meta.get("threshold", 0.5))
+        return f"threshold {threshold:.4f} ({meta.get('threshold_rule', 'default')})"
+    return "the most probable class (argmax, no threshold)"
 
 
 def _print_notes(result: dict, indent: str) -> None:

@@ -1,8 +1,9 @@
 """Running an exported model (``.tflite`` or ``.onnx``) without TensorFlow.
 
 An export written by :mod:`pneumo_utils.export` keeps the ``.keras`` model's input contract:
-one ``(batch, n, n, 3)`` float32 array of RGB pixels in 0-255, preprocessing inside, one
-sigmoid output per image. It travels with its own JSON sidecar (same stem), so a laptop or
+one ``(batch, n, n, 3)`` float32 array of RGB pixels in 0-255, preprocessing inside; and its
+output: one sigmoid unit per image for a binary task, one softmax unit per class for
+``three_class``. It travels with its own JSON sidecar (same stem), so a laptop or
 workstation with only ``ai-edge-litert`` (for ``.tflite``) or ``onnxruntime`` (for
 ``.onnx``), NumPy and the image readers can answer in about a second: nothing here imports
 TensorFlow or Keras, and the runtimes are imported only when a model of their kind is loaded.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_utils.io import ModelFileError, read_sidecar, validate_metadata
+from pneumo_utils.io import ModelFileError, check_output, read_sidecar, validate_metadata
 
 EXPORT_SUFFIXES: dict[str, str] = {".tflite": "tflite", ".onnx": "onnx"}
 """File suffixes of the exports this module runs, and their format names."""
@@ -37,7 +38,8 @@ class ExportedModel:
 
     ``threads`` is the number of CPU threads the runtime may use (``None``: its default,
     one per core). ``predict`` takes ``(batch, n, n, 3)`` pixels in 0-255 and returns
-    ``(batch, 1)`` float32 probabilities, as ``keras.Model.predict`` does.
+    ``(batch, output_units)`` float32 probabilities, as ``keras.Model.predict`` does
+    (``output_units``: 1 for a sigmoid model, one per class for a softmax).
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
@@ -65,7 +67,7 @@ class ExportedModel:
             raise ModelFileError(
                 f"cannot load {self.path} as a {self.format} model: {text}"
             ) from None
-        self.input_shape = self._check_signature()
+        self.input_shape, self.output_units = self._check_signature()
 
     def _open_litert(self, threads: int | None) -> None:
         from ai_edge_litert.interpreter import Interpreter
@@ -75,6 +77,7 @@ class ExportedModel:
         self._input_index, self._input_dtype = detail["index"], detail["dtype"]
         self._shape = tuple(int(s) for s in detail["shape_signature"])
         self._outputs = self._interpreter.get_output_details()
+        self._output_shapes = [tuple(int(s) for s in o["shape_signature"]) for o in self._outputs]
         self._batch = None
 
     def _open_onnx(self, threads: int | None) -> None:
@@ -91,23 +94,25 @@ class ExportedModel:
         self._input_name, self._input_dtype = detail.name, detail.type
         self._shape = tuple(s if isinstance(s, int) else -1 for s in detail.shape)
         self._outputs = self._session.get_outputs()
+        self._output_shapes = [tuple(s if isinstance(s, int) else -1 for s in o.shape)
+                               for o in self._outputs]
 
-    def _check_signature(self) -> tuple:
-        """``(None, n, n, 3)``, or :class:`ModelFileError` if the export does not take one
-        square float32 RGB image per example and give one output per image."""
+    def _check_signature(self) -> tuple[tuple, int]:
+        """``((None, n, n, 3), units)``, or :class:`ModelFileError` if the export does not take
+        one square float32 RGB image per example and give one ``(batch, units)`` output."""
         dtype_ok = self._input_dtype in (np.float32, "tensor(float)")
-        shape = self._shape
+        shape, outputs = self._shape, self._output_shapes
         if (len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or shape[1] < 1
-                or not dtype_ok or len(self._outputs) != 1):
+                or not dtype_ok or len(outputs) != 1 or len(outputs[0]) != 2 or outputs[0][1] < 1):
             raise ModelFileError(
                 f"{self.path} must take (batch, n, n, 3) float32 RGB pixels and give one "
-                f"output, as pneumo exports do; it takes {shape} and gives "
-                f"{len(self._outputs)} outputs"
+                f"(batch, units) output, as pneumo exports do; it takes {shape} and gives "
+                f"{outputs}"
             )
-        return (None, shape[1], shape[2], 3)
+        return (None, shape[1], shape[2], 3), outputs[0][1]
 
     def predict(self, images: np.ndarray, batch_size: int | None = None, verbose=0) -> np.ndarray:
-        """Probabilities ``(batch, 1)`` for ``images`` ``(batch, n, n, 3)`` in 0-255.
+        """Probabilities ``(batch, output_units)`` for ``images`` ``(batch, n, n, 3)`` in 0-255.
 
         ``batch_size`` splits the call (default: one call); ``verbose`` is accepted for
         compatibility with ``keras.Model.predict`` and ignored.
@@ -121,8 +126,8 @@ class ExportedModel:
         step = batch_size or max(len(images), 1)
         parts = [self._run(images[i: i + step]) for i in range(0, len(images), step)]
         if not parts:
-            return np.zeros((0, 1), np.float32)
-        return np.concatenate(parts).reshape(-1, 1).astype(np.float32)
+            return np.zeros((0, self.output_units), np.float32)
+        return np.concatenate(parts).reshape(-1, self.output_units).astype(np.float32)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         if self.format == "onnx":
@@ -141,9 +146,11 @@ def load_exported(path: str | os.PathLike, threads: int | None = None) -> tuple[
     :func:`pneumo_utils.models.load_model`, without TensorFlow).
 
     Raises ``FileNotFoundError`` for a missing file and :class:`ModelFileError` for a file
-    the runtime cannot load, a missing runtime package, a sidecar that fails validation or
-    whose ``image_size`` disagrees with the export's input. Without a sidecar the metadata
-    is inferred (threshold 0.5).
+    the runtime cannot load, a missing runtime package, a sidecar that fails validation,
+    whose ``image_size`` disagrees with the export's input, or whose task does not fit the
+    export's output width (:func:`pneumo_utils.io.check_output`; an export's activation
+    cannot be read, so more than one output unit needs a sidecar naming a multi-class task).
+    Without a sidecar the metadata of a one-unit export is inferred (threshold 0.5).
     """
     model = ExportedModel(path, threads=threads)
     meta_file = Path(path).with_suffix(".json")
@@ -154,9 +161,11 @@ def load_exported(path: str | os.PathLike, threads: int | None = None) -> tuple[
             f"sidecar {meta_file} says image_size {meta['image_size']} but {path} takes "
             f"{size}x{size} input: the sidecar belongs to another model or was edited"
         )
+    check_output(meta, model.output_units, path, f"sidecar {meta_file}")
     meta.setdefault("image_size", size)
-    meta.setdefault("threshold", 0.5)
-    meta.setdefault("threshold_rule", "default 0.5 (no sidecar)")
+    if model.output_units == 1:
+        meta.setdefault("threshold", 0.5)
+        meta.setdefault("threshold_rule", "default 0.5 (no sidecar)")
     return model, validate_metadata(meta, f"sidecar {meta_file}")
 
 
@@ -166,6 +175,23 @@ def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
     NumPy only, so that prediction reads calibrated probabilities without loading
     scikit-learn."""
     return sigmoid(logit(np.asarray(proba, dtype=float)) / temperature)
+
+
+def apply_softmax_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
+    """Rescale softmax probabilities ``(n, K)`` with a temperature from
+    :func:`pneumo_utils.evaluate.fit_softmax_temperature`: ``softmax(log(p) / T)``.
+
+    ``log(p)`` differs from the model's logits by a constant per row, which softmax ignores,
+    so this equals dividing the logits by ``T``; the most probable class never changes."""
+    proba = np.clip(np.asarray(proba, dtype=float), 1e-12, 1.0)
+    return softmax(np.log(proba) / temperature)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """``exp(z) / sum(exp(z))`` along the last axis (shifted by the row maximum, so finite)."""
+    z = np.asarray(z, dtype=float)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -192,7 +218,8 @@ def load_any(path: str | os.PathLike):
 
 def predict_paths(model, paths: list[str], batch_size: int = 32, verbose: bool = False,
                   workers: int | None = None) -> np.ndarray:
-    """PNEUMONIA probabilities ``(n,)`` for image files, with an export or a Keras model.
+    """Probabilities for image files, with an export or a Keras model: ``(n,)`` (P(positive
+    class)) for a one-unit model, ``(n, K)`` for a ``K``-class softmax.
 
     A Keras model goes to :func:`pneumo_utils.models.predict_paths` (tf.data). For an
     :class:`ExportedModel`, images are decoded with
@@ -211,6 +238,7 @@ def predict_paths(model, paths: list[str], batch_size: int = 32, verbose: bool =
 
     size = int(model.input_shape[1])
     batches = [paths[i: i + batch_size] for i in range(0, len(paths), batch_size)]
+    units = model.output_units
     out: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         pending = [pool.submit(read_resized, p, size) for p in batches[0]] if batches else []
@@ -219,5 +247,6 @@ def predict_paths(model, paths: list[str], batch_size: int = 32, verbose: bool =
             images = np.stack([future.result() for future in pending])
             following = batches[i + 1] if i + 1 < len(batches) else []
             pending = [pool.submit(read_resized, p, size) for p in following]
-            out.append(model.predict(images).reshape(-1))
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+            out.append(model.predict(images))
+    proba = np.concatenate(out) if out else np.zeros((0, units), np.float32)
+    return proba.reshape(-1) if units == 1 else proba

@@ -111,3 +111,139 @@ def test_bootstrap_resample_metrics_equal_binary_metrics(threshold):
     assert set(fast) == set(evaluate.CI_METRICS)
     for name in evaluate.CI_METRICS:
         assert fast[name] == pytest.approx(full[name], abs=1e-12), name
+
+
+# --------------------------------------------------------------------------- three classes
+
+NAMES = ("NORMAL", "BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA")
+HAND_Y = np.array([0, 0, 1, 1, 2, 2])
+HAND_P = np.array([
+    [0.7, 0.2, 0.1],  # NORMAL, right
+    [0.3, 0.6, 0.1],  # NORMAL read as BACTERIAL
+    [0.2, 0.7, 0.1],  # BACTERIAL, right
+    [0.1, 0.3, 0.6],  # BACTERIAL read as VIRAL
+    [0.1, 0.1, 0.8],  # VIRAL, right
+    [0.2, 0.2, 0.6],  # VIRAL, right
+])
+
+
+def test_multiclass_metrics_equal_hand_computed_values():
+    m = evaluate.multiclass_metrics(HAND_Y, HAND_P, NAMES)
+    assert m["n"] == 6 and m["class_counts"] == dict.fromkeys(NAMES, 2)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 1, 1], [0, 0, 2]]
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+    # one-vs-rest AUC as the share of (positive, negative) pairs ranked right, ties half:
+    # NORMAL 8/8; BACTERIAL 0.3 loses to one NORMAL row's 0.6: 7/8; VIRAL 0.6 ties one: 7.5/8
+    assert m["auc_per_class"] == pytest.approx(dict(zip(NAMES, (1.0, 0.875, 0.9375), strict=True)))
+    assert m["auc"] == pytest.approx((1.0 + 0.875 + 0.9375) / 3)
+    assert m["auc_weighted"] == pytest.approx(m["auc"])  # equal supports
+    precision, recall = (1.0, 0.5, 2 / 3), (0.5, 0.5, 1.0)
+    f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall, strict=True)]
+    for c, name in enumerate(NAMES):
+        assert m["per_class"][name] == pytest.approx(
+            {"precision": precision[c], "recall": recall[c], "f1": f1[c], "support": 2})
+    assert m["macro_precision"] == pytest.approx(np.mean(precision))
+    assert m["macro_recall"] == pytest.approx(np.mean(recall))
+    assert m["macro_f1"] == pytest.approx(np.mean(f1)) and m["weighted_f1"] == pytest.approx(np.mean(f1))
+    # Brier: per image the sum over classes of (p - one-hot)^2, then the mean
+    assert m["brier"] == pytest.approx((0.14 + 0.86 + 0.14 + 0.86 + 0.06 + 0.24) / 6)
+    assert m["log_loss"] == pytest.approx(-np.mean(np.log([0.7, 0.3, 0.7, 0.3, 0.8, 0.6])))
+    # top-label ECE: confidence 0.6 x3 (1 of 3 right), 0.7 x2 (both right), 0.8 x1 (right)
+    assert m["ece"] == pytest.approx(3 / 6 * abs(1 / 3 - 0.6) + 2 / 6 * 0.3 + 1 / 6 * 0.2)
+
+
+def test_multiclass_metrics_refuse_what_is_not_softmax_output():
+    with pytest.raises(ValueError, match="summing to 1"):
+        evaluate.multiclass_metrics(HAND_Y, HAND_P * 2, NAMES)
+    with pytest.raises(ValueError, match=r"\(6, 3\)"):
+        evaluate.multiclass_metrics(HAND_Y, HAND_P[:, :2], NAMES)
+    with pytest.raises(ValueError, match="labels must be 0..2"):
+        evaluate.multiclass_metrics(HAND_Y + 1, HAND_P, NAMES)
+    missing = evaluate.multiclass_metrics(HAND_Y[:4], HAND_P[:4], NAMES)
+    assert np.isnan(missing["auc"]) and np.isnan(missing["auc_per_class"]["VIRAL PNEUMONIA"])
+    assert missing["auc_per_class"]["NORMAL"] == pytest.approx(1.0)
+
+
+@pytest.fixture
+def softmax_predictions():
+    """600 images of three classes; logits favour the true class, with ties in the scores."""
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 600)
+    logits = rng.normal(0, 1, (600, 3))
+    logits[np.arange(600), y] += 1.2
+    logits = np.round(logits, 1)  # ties, which the rank AUC must count half as scikit-learn does
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y, p
+
+
+def test_bootstrap_resample_metrics_equal_multiclass_metrics(softmax_predictions):
+    y, p = softmax_predictions
+    for rows in (slice(None), slice(0, 40)):
+        full = evaluate.multiclass_metrics(y[rows], p[rows], NAMES)
+        fast = evaluate._multiclass_ci_metrics(y[rows], p[rows], 3)
+        assert set(fast) == set(evaluate.MULTICLASS_CI_METRICS)
+        for name in evaluate.MULTICLASS_CI_METRICS:
+            assert fast[name] == pytest.approx(full[name], abs=1e-12), name
+
+
+def test_multiclass_bootstrap_brackets_the_estimate_and_widens_with_patients(softmax_predictions):
+    y, p = softmax_predictions
+    ci = evaluate.multiclass_bootstrap_ci(y, p, n_boot=300, seed=0)
+    point = evaluate.multiclass_metrics(y, p, NAMES)
+    assert set(ci) == set(evaluate.MULTICLASS_CI_METRICS)
+    for metric, (lo, hi) in ci.items():
+        assert lo < point[metric] < hi, metric
+    assert ci == evaluate.multiclass_bootstrap_ci(y, p, n_boot=300, seed=0)
+    small = evaluate.multiclass_bootstrap_ci(y[:60], p[:60], n_boot=300, seed=0)
+    assert ci["auc"][1] - ci["auc"][0] < small["auc"][1] - small["auc"][0]
+    # 60 patients of 10 images each, all alike: resampling images would be far too sure
+    patients = np.repeat(np.arange(60), 10)
+    y_p, p_p = np.repeat(y[:60], 10), np.repeat(p[:60], 10, axis=0)
+    by_image = evaluate.multiclass_bootstrap_ci(y_p, p_p, n_boot=300, seed=0)
+    by_patient = evaluate.multiclass_bootstrap_ci(y_p, p_p, n_boot=300, seed=0, groups=patients)
+    width = lambda c: c["macro_f1"][1] - c["macro_f1"][0]  # noqa: E731
+    assert width(by_patient) > 2 * width(by_image)
+
+
+def test_multiclass_evaluation_report_decides_by_argmax(softmax_predictions):
+    y, p = softmax_predictions
+    overconfident = evaluate.softmax(3 * np.log(p))
+    rep = evaluate.evaluation_report(y[300:], overconfident[300:], y[:300], overconfident[:300], n_boot=50)
+    assert rep["class_names"] == list(NAMES) and rep["decision"] == "argmax"
+    assert rep["threshold"] is None and "argmax" in rep["threshold_rule"]
+    assert rep["temperature"] == pytest.approx(3.0, rel=0.25)
+    assert rep["test_calibrated"]["ece"] < rep["test"]["ece"]
+    assert np.array(rep["test"]["confusion_matrix"]).shape == (3, 3)
+    for m in evaluate.MULTICLASS_CI_METRICS:
+        lo, hi = rep["test"][f"{m}_ci"]
+        assert lo <= rep["test"][m] <= hi, m
+    table = evaluate.metrics_table(rep)
+    assert {"accuracy", "macro_f1", "auc VIRAL PNEUMONIA vs rest"} <= set(table.index)
+    report = evaluate.classification_table(y, p)
+    assert list(report.index[:3]) == list(NAMES)
+    assert report.loc["VIRAL PNEUMONIA", "recall"] == pytest.approx(
+        evaluate.multiclass_metrics(y, p, NAMES)["per_class"]["VIRAL PNEUMONIA"]["recall"], abs=1e-4)
+    with pytest.raises(ValueError, match=r"shape \(600, 2\)"):
+        evaluate.evaluation_report(y, p[:, :2], y, p[:, :2])
+
+
+def test_binary_report_names_its_classes_and_decision(predictions):
+    y, p = predictions
+    rep = evaluate.evaluation_report(y[200:], p[200:], y[:200], p[:200], n_boot=20,
+                                     class_names=["BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"])
+    assert rep["decision"] == "threshold" and rep["class_names"] == ["BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"]
+    table = evaluate.classification_table(y, p, rep["threshold"], class_names=rep["class_names"])
+    assert "VIRAL PNEUMONIA" in table.index
+    with pytest.raises(ValueError, match="threshold"):
+        evaluate.classification_table(y, p)
+
+
+def test_softmax_temperature_keeps_the_decision():
+    rng = np.random.default_rng(0)
+    p = evaluate.softmax(rng.normal(0, 2, (50, 3)))
+    np.testing.assert_allclose(evaluate.apply_softmax_temperature(p, 1.0), p, atol=1e-9)
+    softer = evaluate.apply_softmax_temperature(p, 2.5)
+    assert np.array_equal(softer.argmax(axis=1), p.argmax(axis=1))
+    assert np.all(softer.max(axis=1) <= p.max(axis=1) + 1e-12)
+    np.testing.assert_allclose(softer.sum(axis=1), 1.0)

@@ -166,7 +166,7 @@ def test_predict_and_evaluate_with_an_export_never_import_tensorflow(saved, suff
     (result,) = json.loads(done.stdout)
     keras_result = predict.predict_image(model, models.load_model(path)[1], image)
     assert result["raw_output"] == pytest.approx(keras_result["raw_output"], abs=1e-4)
-    assert result["probability_pneumonia"] == pytest.approx(keras_result["probability_pneumonia"], abs=1e-4)
+    assert result["probability"] == pytest.approx(keras_result["probability"], abs=1e-4)
     assert result["label"] == keras_result["label"] and result["threshold"] == 0.4
 
     data = tmp_path / "data"

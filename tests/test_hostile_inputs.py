@@ -188,8 +188,12 @@ def test_labels_follow_the_sidecars_class_names(saved_model, tmp_path):
     model, meta = models.load_model(saved_model)
     picture = tmp_path / "x.png"
     Image.fromarray(_xray(1, SIZE)).save(picture)
-    result = predict.predict_image(model, {**meta, "class_names": ["No Finding", "Effusion"]}, picture)
+    nih = {**{k: v for k, v in meta.items() if k != "task"}, "class_names": ["No Finding", "Effusion"]}
+    result = predict.predict_image(model, nih, picture)
     assert result["label"] in ("No Finding", "Effusion") and result["positive_class"] == "Effusion"
+    assert set(result["probabilities"]) == {"No Finding", "Effusion"}
+    with pytest.raises(ModelFileError, match=r'field class_names .* expected \["NORMAL", "PNEUMONIA"\]'):
+        predict.predict_image(model, {**meta, "class_names": ["No Finding", "Effusion"]}, picture)
 
 
 # --------------------------------------------------------------------------- damaged images
