@@ -11,7 +11,7 @@ build="build/test-run"
 rm -rf "$build"
 mkdir -p "$build"
 echo "[tests] generating synthetic data sets in $build"
-python tests/synthetic.py "$build/kermany" --per-class 16 --image-size 64 --seed 0
+python tests/synthetic.py "$build/kermany" --per-class 16 --image-size 64 --seed 0 --subtypes
 python tests/synthetic.py "$build/nih" --kind nih --patients 60 --image-size 64 --seed 0
 # nbval runs each notebook from its own folder: every path handed to the notebooks is absolute.
 out="$PWD/$build"

@@ -23,6 +23,13 @@
 # images are drawn from train by patient, the decision threshold is chosen on validation, and the
 # test split is used once, for the final numbers.
 #
+# Kermany et al. report a second task on the same images, **bacterial vs viral pneumonia**
+# (antibiotics or not); the subtype is in every PNEUMONIA file name. The `task` parameter picks
+# the question: `"pneumonia"` (normal vs pneumonia), `"bacterial_vs_viral"` (PNEUMONIA images
+# only) or `"three_class"` (normal, bacterial, viral: a softmax over three classes). `backbone`
+# swaps DenseNet121 for MobileNetV2 or ResNet50, whose ImageNet weights may be at hand when
+# DenseNet121's are not.
+#
 # The training images carry **shortcuts**: NORMAL X-rays in this collection have darker borders
 # and true-black backgrounds, so a model can score well without looking at a lung, and then fail
 # on images from elsewhere. The model below removes those cues at its input, trains on copies
@@ -44,6 +51,9 @@ if "google.colab" in sys.modules:
 
 # %% tags=["parameters"]
 data_dir: str = "data/chest_xray"  # Kermany folder holding train/, val/ and test/
+task: str = "pneumonia"  # pneumonia, bacterial_vs_viral or three_class (pneumo_utils.tasks)
+backbone: str = "densenet121"  # densenet121, mobilenet_v2 or resnet50 (keras.applications)
+run_name: str = "01_kermany_densenet121"  # file name of the saved model and the metrics JSON
 weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
 weights_fallback: str = "error"  # "random": go on with random weights when ImageNet weights cannot be found
 image_size: int = 224  # side of the square input image, in pixels
@@ -80,11 +90,14 @@ from pneumo_utils import (
     preprocessing,
     report,
     shortcuts,
+    tasks,
 )
 from pneumo_utils.predict import predict_image
 from pneumo_utils.train import EpochLine
 
-RUN_NAME = "01_kermany_densenet121"
+task_spec = tasks.get_task(task)
+CLASS_NAMES = task_spec.class_names  # label order: label k is CLASS_NAMES[k]
+print(f"task {task}: {task_spec.description}; classes {CLASS_NAMES}")
 data.set_seed(seed)
 strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
 print(distribute.describe(strat))
@@ -93,49 +106,64 @@ batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> p
 # %% [markdown]
 # ## 1. Data: one row per image, split by patient
 # `load_kermany` indexes every image (path, label, patient id from the file name, split) and
-# decode-checks it, so a corrupt file is reported now and not in the middle of training. The
-# official `val/` holds 16 images, too few to stop training on or to choose a threshold with, so
-# it is merged into train and a validation split is drawn from train **by patient**: no child has
-# X-rays on both sides. `test/` stays as published.
+# decode-checks it, so a corrupt file is reported now and not in the middle of training, and
+# reads the subtype (normal, bacteria, virus) from the file name. `task_index` keeps the images
+# the task needs and numbers its classes. The official `val/` holds 16 images, too few to stop
+# training on or to choose a threshold with, so it is merged into train and a validation split is
+# drawn from train **by patient**, stratified by the task's classes: no child has X-rays on both
+# sides. `test/` stays as published.
+#
+# Patient ids come from the file names (`person1004_bacteria_2935.jpeg` is patient `person1004`).
+# About half the PNEUMONIA patient ids carry both bacterial and viral images; whether such an id is
+# one child or two numbering schemes that overlap is not documented, so grouping by id, the
+# cautious reading, keeps them together.
 
 # %%
 index = datasets.load_kermany(data_dir)
+index = tasks.task_index(index, task)  # the task's images, label = class number
 index = data.grouped_split(index, val_fraction=val_fraction, seed=seed)
 index = data.subsample(index, max_images_per_class, seed=seed)
 data.assert_no_patient_leak(index)
-datasets.summarize(index)
+datasets.summarize(index, CLASS_NAMES)
 
 # %%
-plots.class_distribution(index)
+plots.class_distribution(index, class_names=CLASS_NAMES)
 
 # %%
-plots.index_samples(index, image_size, per_class=4)
+plots.index_samples(index, image_size, per_class=4, class_names=CLASS_NAMES)
 
 # %% [markdown]
 # ## 2. The model: preprocessing, backbone, head
 # The input is raw RGB pixels (0-255). With `remove_cues`, the first layers keep the central 80%
 # of the image (borders, side markers and collimation edges go) and equalise its grey-level
 # histogram, so exposure and background darkness no longer tell the classes apart
-# (`pneumo_utils.preprocessing`). The next layer applies DenseNet121's own scaling, so the saved
-# model needs no preprocessing outside it. The backbone is DenseNet121 without its ImageNet
-# classifier (`include_top=False`), built on that layer's output, and frozen. The head is
-# attached to the backbone's last feature map in the same (flat) graph, which is what Grad-CAM
-# needs. Its layers are named `head_*`: the feature cache below finds the head by that prefix.
+# (`pneumo_utils.preprocessing`). The next layer applies the backbone's own scaling (for
+# DenseNet121: [0, 1], then ImageNet mean and std), so the saved model needs no preprocessing
+# outside it. The backbone comes from `keras.applications` without its ImageNet classifier
+# (`include_top=False`), built on that layer's output, and frozen. The head is attached to the
+# backbone's last feature map in the same (flat) graph, which is what Grad-CAM needs. Its layers
+# are named `head_*`: the feature cache below finds the head by that prefix.
+#
+# The output layer follows the task: **one sigmoid unit** (the probability of the second class)
+# for two classes, a **softmax over three units** (one probability per class, summing to 1) for
+# `three_class`.
 
 # %%
-weights_file = models.resolve_weights("densenet121", weights, fallback=weights_fallback)
+spec = models.get_backbone(backbone)  # constructor name, scaling mode, weights file
+weights_file = models.resolve_weights(backbone, weights, fallback=weights_fallback)
 with strat.scope():
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = preprocessing.cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs  # centre 80%, equalised
-    x = models.preprocessing_layer(x, mode="torch")  # [0, 1], then ImageNet mean and std
-    base = keras.applications.DenseNet121(include_top=False, weights=weights_file, input_tensor=x)
+    x = models.preprocessing_layer(x, mode=spec.preprocessing)  # e.g. "torch" for DenseNet121
+    application = getattr(keras.applications, spec.constructor)  # e.g. keras.applications.DenseNet121
+    base = application(include_top=False, weights=weights_file, input_tensor=x)
     base.trainable = False
 
     x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
     x = keras.layers.Dense(128, activation="relu", name="head_dense")(x)
     x = keras.layers.Dropout(0.5, name="head_dropout")(x)
-    outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
-    model = keras.Model(inputs, outputs, name="densenet121")
+    outputs = keras.layers.Dense(task_spec.output_units, activation=task_spec.activation, name="head_output")(x)
+    model = keras.Model(inputs, outputs, name=spec.name)
 print(f"{report.describe_weights(weights_file)}; {model.count_params():,} parameters; trainable layers:",
       [layer.name for layer in model.layers if layer.trainable_weights])
 
@@ -145,12 +173,14 @@ print(f"{report.describe_weights(weights_file)}; {model.count_params():,} parame
 # in every epoch. So they are computed once (and cached on disk under a key of weights, image
 # size and files), and the head trains on them: `head_on_features` is a model made of the same
 # head layers, fed the pooled features instead of images, so training it trains `model`'s head.
-# Class weights balance the loss (PNEUMONIA outnumbers NORMAL about 3 to 1); early stopping
-# watches validation ROC AUC and restores the best epoch.
+# Class weights balance the loss (PNEUMONIA outnumbers NORMAL about 3 to 1, bacterial images
+# outnumber viral ones about 2 to 1); early stopping watches validation ROC AUC and restores the
+# best epoch. A softmax output learns from one-hot targets (`to_categorical`) with categorical
+# cross-entropy; the AUC metric then averages over the classes' columns.
 #
 #
 # With `remove_cues` the head also trains on a second copy of every training image whose outer
-# frame (12% of each side) comes from an image of the **other** class: across the two copies the
+# frame (12% of each side) comes from an image of **another** class: across the two copies the
 # frame says nothing about the label, so the head has to use the centre.
 
 # %%
@@ -161,14 +191,20 @@ with strat.scope():
     head = models.head_on_features(model)
 
 # %%
+if task_spec.binary:
+    loss, y_fit, y_val_fit = "binary_crossentropy", y_train, labels["val"]
+else:  # one column per class, like the softmax output
+    loss = "categorical_crossentropy"
+    y_fit = keras.utils.to_categorical(y_train, task_spec.n_classes)
+    y_val_fit = keras.utils.to_categorical(labels["val"], task_spec.n_classes)
 head.compile(
     optimizer=keras.optimizers.Adam(learning_rate),
-    loss="binary_crossentropy",
+    loss=loss,
     metrics=[keras.metrics.AUC(name="auc")],
 )
 history = head.fit(
-    x_train, y_train,
-    validation_data=(feats["val"], labels["val"]),
+    x_train, y_fit,
+    validation_data=(feats["val"], y_val_fit),
     epochs=epochs, batch_size=batch_size,
     class_weight=data.class_weights(y_train),
     callbacks=[
@@ -184,32 +220,45 @@ plots.training_curves(history.history)
 
 # %% [markdown]
 # ## 4. The decision threshold, chosen on validation
-# The model outputs a probability of PNEUMONIA; a decision needs a threshold. It is chosen on the
-# validation predictions (by `threshold_rule`) and then applied unchanged to the test images.
+# A binary model outputs the probability of its second class (PNEUMONIA, or VIRAL PNEUMONIA); a
+# decision needs a threshold. It is chosen on the validation predictions (by `threshold_rule`)
+# and then applied unchanged to the test images. With three classes the most probable class
+# wins (argmax): there is no threshold to choose.
 
 # %%
-p_val = head.predict(feats["val"], verbose=0).ravel()
-p_test = head.predict(feats["test"], verbose=0).ravel()
-threshold = evaluate.choose_threshold(labels["val"], p_val, rule=threshold_rule)
-print(f"threshold {threshold:.3f}: {evaluate.describe_rule(threshold_rule)}")
+p_val = head.predict(feats["val"], verbose=0)
+p_test = head.predict(feats["test"], verbose=0)
+if task_spec.binary:
+    p_val, p_test = p_val.ravel(), p_test.ravel()  # (n, 1) -> (n,)
+    threshold = evaluate.choose_threshold(labels["val"], p_val, rule=threshold_rule)
+    print(f"threshold {threshold:.3f}: {evaluate.describe_rule(threshold_rule)}")
+else:
+    threshold = None
+    print("decision: the most probable of", CLASS_NAMES)
 
 # %% [markdown]
 # ## 5. Test metrics with 95% confidence intervals
-# Intervals come from resampling test **patients** (a patient's images are correlated). The
-# "test @ 0.5" column shows what the default threshold would have given.
+# Intervals come from resampling test **patients** (a patient's images are correlated). For a
+# binary task the "test @ 0.5" column shows what the default threshold would have given; for
+# three classes the table has accuracy, balanced accuracy, macro F1 and the macro one-vs-rest
+# AUC, and the per-class table below says how each class fares.
 
 # %%
 evaluation = evaluate.evaluation_report(
     y_test=labels["test"], proba_test=p_test, y_val=labels["val"], proba_val=p_val,
     rule=threshold_rule, n_boot=n_boot, seed=seed, groups_test=datasets.patients_of(index, "test"),
+    class_names=CLASS_NAMES,
 )
 evaluate.metrics_table(evaluation)
 
 # %%
-plots.confusion_matrix(labels["test"], p_test, threshold)
+evaluate.classification_table(labels["test"], p_test, threshold, class_names=CLASS_NAMES)
 
 # %%
-plots.roc_pr_curves({"test": (labels["test"], p_test), "validation": (labels["val"], p_val)})
+plots.confusion_matrix(labels["test"], p_test, threshold, class_names=CLASS_NAMES)
+
+# %%
+plots.roc_pr_curves({"test": (labels["test"], p_test), "validation": (labels["val"], p_val)}, class_names=CLASS_NAMES)
 
 # %% [markdown]
 # Calibration: do predicted probabilities match observed rates? A temperature fitted on
@@ -217,19 +266,20 @@ plots.roc_pr_curves({"test": (labels["test"], p_test), "validation": (labels["va
 
 # %%
 temperature = evaluation["temperature"]
+rescale = evaluate.apply_temperature if task_spec.binary else evaluate.apply_softmax_temperature
 plots.reliability_diagram({
     "test": (labels["test"], p_test),
-    f"test, temperature {temperature:.2f}": (labels["test"], evaluate.apply_temperature(p_test, temperature)),
-})
+    f"test, temperature {temperature:.2f}": (labels["test"], rescale(p_test, temperature)),
+}, class_names=CLASS_NAMES)
 
 # %% [markdown]
 # ## 6. Shortcut check on validation images
 # A same-source test split rewards shortcuts as much as real signal, so it cannot say how the
 # model fares on another hospital's images. The check asks the validation images instead: each
-# one gets the grey-level histogram or the outer frame of an image of the other class, or a
+# one gets the grey-level histogram or the outer frame of an image of another class, or a
 # blank frame. A model that reads the lungs keeps its decisions; one that reads the cue loses
 # specificity. The lowest balanced accuracy over the four sets is the **selection score** that
-# `run_all.sh` ranks models by.
+# `run_all.sh` ranks models by (within one task).
 
 # %%
 cue_test = shortcuts.validation_cue_test(model, paths["val"], labels["val"], paths["train"], labels["train"],
@@ -244,24 +294,28 @@ cue_test.round(3)
 # hope for; heat on text markers, borders or outside the body points to a shortcut.
 
 # %%
-rows, captions = report.pick_examples(labels=labels["test"], proba=p_test, threshold=threshold, seed=seed)
+rows, captions = report.pick_examples(labels=labels["test"], proba=p_test, threshold=threshold, seed=seed,
+                                     class_names=CLASS_NAMES)
 images = data.load_images([paths["test"][i] for i in rows], image_size)
-heatmaps = gradcam.grad_cam(model, images)
-plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions)
+heatmaps = gradcam.grad_cam(model, images, threshold=threshold)  # explains each image's predicted class
+plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions, threshold=threshold,
+                   class_names=CLASS_NAMES)
 
 # %% [markdown]
 # ## 8. Save the model and predict one image
-# The `.keras` file (written atomically) travels with a JSON sidecar (threshold and rule, data
-# split, weights, metrics) and a markdown model card; `python -m pneumo_utils.predict IMAGE
-# --model saved_models/01_kermany_densenet121.keras` needs nothing else.
+# The `.keras` file (written atomically) travels with a JSON sidecar (task and class names,
+# threshold and rule, data split, weights, metrics) and a markdown model card;
+# `python -m pneumo_utils.predict IMAGE --model saved_models/01_kermany_densenet121.keras` needs
+# nothing else.
 
 # %%
-model_path = Path(models_dir) / f"{RUN_NAME}.keras"
+model_path = Path(models_dir) / f"{run_name}.keras"
 weights_used = report.describe_weights(weights_file)
-split_description = report.describe_split(index)
+split_description = report.describe_split(index, class_names=CLASS_NAMES)
 meta = report.save_with_card(
-    model, model_path, evaluation=evaluation, distribution=distribute.strategy_info(strat), backbone="densenet121", weights=weights_used,
-    data=f"Kermany chest_xray at {data_dir}; {split_description}",
+    model, model_path, evaluation=evaluation, distribution=distribute.strategy_info(strat), backbone=backbone,
+    weights=weights_used, task=task, class_names=list(CLASS_NAMES),
+    data=f"Kermany chest_xray at {data_dir}, task {task}; {split_description}",
     training=f"frozen base; head trained on cached features, Adam {learning_rate:g}, class weights, "
              f"early stopping on validation AUC (patience {patience}); cue removal: {remove_cues}",
     cue_test=cue_test.round(4).to_dict(orient="index"), selection_score=selection_score,
@@ -273,12 +327,14 @@ print(f"{paths['test'][0]} (true {meta['class_names'][labels['test'][0]]}): "
 
 # %%
 entry = report.model_entry(
-    name="DenseNet121, frozen base", backbone="densenet121", weights=weights_used,
-    positive_class="PNEUMONIA", evaluation=evaluation, model_path=model_path,
+    name=f"{spec.constructor}, frozen base", backbone=backbone, weights=weights_used,
+    positive_class=task_spec.positive_class or " / ".join(CLASS_NAMES), evaluation=evaluation,
+    model_path=model_path, task=task, class_names=list(CLASS_NAMES),
     selection_score=selection_score, selection_rule=shortcuts.SELECTION_RULE,
     cue_test=cue_test.round(4).to_dict(orient="index"),
 )
 _ = report.write_metrics(
-    Path(reports_dir) / f"{RUN_NAME}.metrics.json", run_name=RUN_NAME,
-    title="Kermany: DenseNet121 transfer learning", data=split_description, models=[entry],
+    Path(reports_dir) / f"{run_name}.metrics.json", run_name=run_name,
+    title=f"Kermany, {task_spec.description}: {spec.constructor} transfer learning", data=split_description,
+    models=[entry], task="kermany" if task == "pneumonia" else f"kermany:{task}", class_names=list(CLASS_NAMES),
 )

@@ -167,7 +167,7 @@ def model_entry(
         "val_auc": evaluation["validation"]["auc"],
         "validation": evaluation["validation"],
         "test": evaluation["test"],
-        "test_at_0.5": evaluation["test_at_0.5"],
+        "test_at_0.5": evaluation.get("test_at_0.5"),
         "model_path": str(model_path),
         **extra,
     }
@@ -205,7 +205,9 @@ def model_card(meta: dict, evaluation: dict) -> str:
     names = list(meta.get("class_names", CLASS_NAMES))
     binary = evaluation.get("threshold") is not None
     shown = [m for m in (*CI_METRICS, "balanced_accuracy", "macro_f1", "weighted_f1") if f"{m}_ci" in t]
-    rows = "\n".join(f"| {m} | {t[m]:.3f} | {t[m + '_ci'][0]:.3f} - {t[m + '_ci'][1]:.3f} |" for m in shown)
+    label = {"auc": "auc" if binary else "auc (macro one-vs-rest)"}
+    rows = "\n".join(f"| {label.get(m, m)} | {t[m]:.3f} | {t[m + '_ci'][0]:.3f} - {t[m + '_ci'][1]:.3f} |"
+                      for m in shown)
     calibrated = evaluation.get("test_calibrated", t)
     loading = ("`import pneumo_utils.preprocessing` first (it registers the `pneumo>HistogramEqualization` layer), "
                "then `keras.models.load_model(path)`" if meta.get("custom_layers")

@@ -242,7 +242,8 @@ def validation_cue_test(
 
 SELECTION_RULE = (
     "worst balanced accuracy over clean and counterfactual validation images "
-    "(histogram swap, border swap, border mask) at the model's own threshold"
+    "(histogram swap, border swap, border mask) at the model's own decision rule (its "
+    "validation-chosen threshold, or argmax for three classes)"
 )
 
 
