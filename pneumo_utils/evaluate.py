@@ -293,9 +293,10 @@ def multiclass_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: Seque
 def _check_multiclass(
     y_true: np.ndarray, proba: np.ndarray, class_names: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Labels ``(n,)`` int and probabilities ``(n, K)`` float64, or ``ValueError`` saying what
-    does not fit (rows that do not sum to 1, as scikit-learn checks them, are not softmax
-    output: logits, or one column per binary model)."""
+    """Labels ``(n,)`` int and probabilities ``(n, K)`` float64, each row divided by its sum
+    (a float32 softmax sums to 1 only to about 1e-7, which scikit-learn warns about), or
+    ``ValueError`` saying what does not fit (rows that do not sum to 1 within ``np.allclose``
+    are not softmax output: logits, or one column per binary model)."""
     y_true = np.asarray(y_true).astype(int).reshape(-1)
     proba = np.asarray(proba, dtype=float)
     if proba.ndim != 2 or proba.shape[1] != len(class_names) or len(proba) != len(y_true):
@@ -310,7 +311,7 @@ def _check_multiclass(
     if np.any(proba < 0) or not np.allclose(sums, 1.0):
         raise ValueError("proba rows must be probabilities summing to 1 (a softmax output); "
                          f"row sums range from {sums.min():.6g} to {sums.max():.6g}")
-    return y_true, proba
+    return y_true, proba / sums[:, None]
 
 
 def multiclass_bootstrap_ci(

@@ -329,19 +329,24 @@ def unfreeze_top(model: keras.Model, n_layers: int, train_batchnorm: bool = Fals
 def model_metadata(model: keras.Model, task: str | None = None, **info: Any) -> dict:
     """Sidecar metadata for a model: what it is, how to feed it, and how to read its output.
 
-    ``task`` (a name in :data:`pneumo_utils.tasks.TASKS`) sets ``class_names``; without it a
-    softmax model takes the task with as many classes, and a sigmoid model is a
-    ``pneumonia`` model unless ``info`` gives other ``class_names`` (an NIH finding: then no
-    task is written). ``output`` and ``decision`` come from the model's last layer: a sigmoid
-    model decides with ``threshold`` (default 0.5), a softmax model by argmax and has no
-    threshold (``threshold=None``, as a multi-class evaluation gives, writes none). Raises
-    :class:`~pneumo_utils.io.ModelFileError` when the model's output does not fit the task.
+    ``task`` (a name in :data:`pneumo_utils.tasks.TASKS`) sets ``class_names``. Without it
+    the task is the one whose class names ``info`` gives; with no class names, ``pneumonia``
+    for a sigmoid model and the task with as many classes for a softmax one; other class
+    names (an NIH finding) write no task. ``output`` and ``decision`` come from the model's
+    last layer: a sigmoid model decides with ``threshold`` (default 0.5), a softmax model by
+    argmax and has no threshold (``threshold=None``, as a multi-class evaluation gives, writes
+    none). Raises :class:`~pneumo_utils.io.ModelFileError` when the model's output does not
+    fit the task.
     """
     output, units = output_kind(model)
-    if task is None and output == "softmax":
-        task = next((t for t, names in TASK_CLASS_NAMES.items() if len(names) == units), None)
-    elif task is None and list(info.get("class_names", CLASS_NAMES)) == list(CLASS_NAMES):
-        task = "pneumonia"
+    if task is None:
+        given = tuple(info.get("class_names") or ())
+        if given:
+            task = next((t for t, names in TASK_CLASS_NAMES.items() if names == given), None)
+        elif output == "sigmoid":
+            task = "pneumonia"
+        else:
+            task = next((t for t, names in TASK_CLASS_NAMES.items() if len(names) == units), None)
     meta: dict[str, Any] = {
         "name": model.name,
         "image_size": int(model.inputs[0].shape[1]),

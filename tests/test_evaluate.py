@@ -181,7 +181,7 @@ def test_bootstrap_resample_metrics_equal_multiclass_metrics(softmax_predictions
     y, p = softmax_predictions
     for rows in (slice(None), slice(0, 40)):
         full = evaluate.multiclass_metrics(y[rows], p[rows], NAMES)
-        fast = evaluate._multiclass_ci_metrics(y[rows], p[rows], 3)
+        fast = evaluate._multiclass_ci_metrics(*evaluate._check_multiclass(y[rows], p[rows], NAMES), 3)
         assert set(fast) == set(evaluate.MULTICLASS_CI_METRICS)
         for name in evaluate.MULTICLASS_CI_METRICS:
             assert fast[name] == pytest.approx(full[name], abs=1e-12), name

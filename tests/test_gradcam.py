@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 
 from pneumo_utils import gradcam
 
@@ -43,3 +44,14 @@ def test_maps_of_a_cropping_model_line_up_with_the_whole_image():
     assert heat.shape == (2, 20, 20)
     assert np.all(heat[:, :2] == 0) and np.all(heat[:, :, -2:] == 0), "the cropped-away frame has no heat"
     assert heat[:, 2:18, 2:18].max() > 0
+
+
+def test_class_index_targets_of_a_binary_model():
+    model = _tiny_model()
+    images = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(gradcam.grad_cam(model, images, target=1),
+                               gradcam.grad_cam(model, images, target="pneumonia"), atol=1e-6)
+    np.testing.assert_allclose(gradcam.grad_cam(model, images, target=0),
+                               gradcam.grad_cam(model, images, threshold=1.01), atol=1e-6)
+    with pytest.raises(ValueError, match=r"class index 0..1 \('pneumonia' is class 1\), got 2"):
+        gradcam.grad_cam(model, images, target=2)

@@ -163,3 +163,26 @@ def test_progress_bars_only_when_verbose(tmp_path, capsys):
     features.extract_features(model, paths, batch_size=2, cache_dir=None, verbose=True)
     captured = capsys.readouterr()
     assert "features:" in captured.err and "/3 [" in captured.err  # 3 batches of 2 images
+
+
+def test_builders_end_in_a_softmax_for_three_classes():
+    """n_classes=3 gives a three-unit softmax head (head_on_features included), 2 today's
+    sigmoid unit; the sidecar metadata follows the output."""
+    three = models.build_classifier("mobilenet_v2", image_size=32, weights=None, seed=0, n_classes=3)
+    assert three.output.shape[-1] == 3 and models.output_kind(three) == ("softmax", 3)
+    head = models.head_on_features(three)
+    proba = head.predict(np.random.default_rng(0).normal(size=(4, head.inputs[0].shape[-1])), verbose=0)
+    assert proba.shape == (4, 3) and np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    meta = models.model_metadata(three, threshold=None, threshold_rule="argmax")
+    assert (meta["task"], meta["output"], meta["decision"]) == ("three_class", "softmax", "argmax")
+    assert "threshold" not in meta and len(meta["class_names"]) == 3
+    scratch = models.build_scratch_cnn(32, filters=(4,), dense_units=4, seed=0, n_classes=2)
+    assert models.output_kind(scratch) == ("sigmoid", 1)
+    binary = models.model_metadata(scratch)
+    assert (binary["task"], binary["output"], binary["decision"], binary["threshold"]) == (
+        "pneumonia", "sigmoid", "threshold", 0.5)
+    subtypes = models.model_metadata(scratch, class_names=["BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"])
+    assert subtypes["task"] == "bacterial_vs_viral"
+    assert "task" not in models.model_metadata(scratch, class_names=["No Finding", "Effusion"])
+    with pytest.raises(ValueError, match="n_classes must be 2 or more"):
+        models.build_scratch_cnn(32, filters=(4,), n_classes=1)

@@ -1,0 +1,207 @@
+"""Three classes end to end on generated data: a softmax model learns the planted subtypes
+(bacterial: one dense opacity; viral: two fainter ones, one in each lung), travels with a
+three_class sidecar, and the predict and evaluate commands name its classes; a binary model
+and mismatched sidecars are refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from synthetic import make_kermany_like
+
+from pneumo_utils import data, evaluate, export, gradcam, io, models, predict, runtime, tasks
+from pneumo_utils.datasets import load_kermany
+from pneumo_utils.io import ModelFileError
+
+NAMES = tasks.TASKS["three_class"].class_names
+SIZE = 48
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """48 NORMAL and 48 PNEUMONIA training images (half bacterial, half viral patients),
+    8 + 8 for validation, 16 + 16 for test; viral files carry the viral pattern."""
+    return make_kermany_like(tmp_path_factory.mktemp("three"), n_train_per_class=48, n_val_per_class=8,
+                             n_test_per_class=16, image_size=64, seed=0, subtype_signal=True)
+
+
+@pytest.fixture(scope="module")
+def trained(root, tmp_path_factory):
+    """A small scratch CNN with a three-unit softmax, trained on the three-class index, its
+    evaluation, and the model saved with a three_class sidecar as the notebooks save it."""
+    index = tasks.task_index(load_kermany(root), "three_class")
+    split = {s: index[index["split"] == s] for s in ("train", "val", "test")}
+    x = {s: data.load_images(part["path"].tolist(), SIZE) for s, part in split.items()}
+    y = {s: part["label"].to_numpy() for s, part in split.items()}
+    model = models.build_scratch_cnn(SIZE, filters=(8, 16, 32), dense_units=32, dropout=0.2,
+                                     conv_dropout=0.0, seed=0, n_classes=3)
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    model.fit(x["train"], y["train"], epochs=15, batch_size=16, shuffle=True, verbose=0,
+              class_weight=data.class_weights(y["train"]))
+    proba = {s: model.predict(x[s], verbose=0) for s in ("val", "test")}
+    evaluation = evaluate.evaluation_report(y["test"], proba["test"], y["val"], proba["val"], n_boot=100,
+                                            class_names=NAMES)
+    path = tmp_path_factory.mktemp("models") / "three.keras"
+    models.save_model(model, path, models.model_metadata(
+        model, task="three_class", threshold=evaluation["threshold"],
+        threshold_rule=evaluation["threshold_rule"], temperature=evaluation["temperature"]))
+    return model, split, x, evaluation, path
+
+
+def _tiny(n_classes: int) -> keras.Model:
+    return models.build_scratch_cnn(32, filters=(4,), dense_units=4, seed=0, n_classes=n_classes)
+
+
+def test_io_knows_the_class_names_of_every_task():
+    assert io.TASK_CLASS_NAMES == {name: task.class_names for name, task in tasks.TASKS.items()}
+
+
+def test_softmax_model_learns_the_planted_subtypes(trained):
+    model, split, _, evaluation, _ = trained
+    assert model.get_layer("head_output").activation.__name__ == "softmax"
+    test = evaluation["test"]
+    assert test["class_counts"] == {name: int(n) for name, n in
+                                    zip(NAMES, np.bincount(split["test"]["label"], minlength=3), strict=True)}
+    assert test["auc"] > 0.9, f"macro one-vs-rest AUC {test['auc']:.3f} (chance 0.5)"
+    assert min(test["auc_per_class"].values()) > 0.85, test["auc_per_class"]
+    bacterial_vs_viral = np.array(test["confusion_matrix"])[1:, 1:]
+    assert np.trace(bacterial_vs_viral) > 0.75 * bacterial_vs_viral.sum(), test["confusion_matrix"]
+    assert evaluation["decision"] == "argmax" and evaluation["threshold"] is None
+    assert test["auc_ci"][0] <= test["auc"] <= test["auc_ci"][1]
+
+
+def test_three_class_sidecar_round_trip(trained):
+    model, split, x, evaluation, path = trained
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert (meta["task"], meta["class_names"], meta["output"], meta["decision"]) == (
+        "three_class", list(NAMES), "softmax", "argmax")
+    assert "threshold" not in meta and meta["temperature"] == evaluation["temperature"]
+    loaded, loaded_meta = models.load_model(path)
+    proba = models.predict_paths(loaded, split["test"]["path"].tolist())
+    assert proba.shape == (len(split["test"]), 3)
+    np.testing.assert_allclose(proba, model.predict(x["test"], verbose=0), atol=1e-4)
+
+
+def test_predict_cli_names_one_of_the_three_classes(trained, capsys, tmp_path):
+    _, split, _, _, path = trained
+    viral = split["test"][split["test"]["label"] == 2]["path"].iloc[0]
+    cam = tmp_path / "cam.png"
+    assert predict.main([viral, "--model", str(path), "--gradcam", str(cam)]) == 0
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    label = first.removeprefix("Prediction: ").split(" (")[0]
+    assert label in NAMES and first.endswith("% confidence)")
+    assert all(f"P({name}) = " in second for name in NAMES) and "argmax" in second
+    assert cam.stat().st_size > 0
+    assert predict.main([viral, "--model", str(path), "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert list(result["probabilities"]) == list(NAMES) and result["decision"] == "argmax"
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0)
+    assert result["confidence"] == pytest.approx(result["probabilities"][result["label"]])
+    assert result["label"] == NAMES[int(np.argmax(result["raw_output"]))]
+
+
+def test_evaluate_cli_gives_a_three_by_three_confusion_matrix(trained, root, capsys, tmp_path):
+    _, split, _, evaluation, path = trained
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--model", str(path), "--data", str(root), "--n-boot", "50", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["task"], result["class_names"], result["decision"]) == ("three_class", list(NAMES), "argmax")
+    matrix = np.array(result["confusion_matrix"])
+    assert matrix.shape == (3, 3) and matrix.sum() == len(split["test"]) == result["n"]
+    assert result["auc"] == pytest.approx(evaluation["test"]["auc"], abs=1e-3)
+    assert set(result["ci"]) == set(evaluate.MULTICLASS_CI_METRICS)
+    assert result["calibrated"]["temperature"] == evaluation["temperature"]
+    capsys.readouterr()
+    assert evaluate.main(["--model", str(path), "--data", str(root), "--cue-test"]) == 2
+    assert "--cue-test" in _one_error_line(capsys)
+    assert evaluate.main(["--model", str(path), "--data", str(root), "--task", "pneumonia"]) == 2
+    assert "trained for task three_class" in _one_error_line(capsys)
+
+
+def test_gradcam_explains_the_most_probable_class(trained):
+    model, split, x, _, _ = trained
+    images = x["test"][split["test"]["label"].to_numpy() > 0][:4]
+    predicted = model.predict(images, verbose=0).argmax(axis=1)
+    heat = gradcam.grad_cam(model, images)
+    for i, k in enumerate(predicted):
+        np.testing.assert_allclose(heat[i], gradcam.grad_cam(model, images[i: i + 1], target=int(k))[0],
+                                   atol=1e-5)
+    other = gradcam.grad_cam(model, images[:1], target=int((predicted[0] + 1) % 3))
+    assert not np.allclose(other, heat[:1])
+    with pytest.raises(ValueError, match="class index 0..2"):
+        gradcam.grad_cam(model, images, target="pneumonia")
+
+
+def test_binary_model_asked_for_three_classes_exits_2(root, tmp_path, capsys):
+    path = models.save_model(_tiny(2), tmp_path / "binary.keras")
+    assert evaluate.main(["--model", str(path), "--data", str(root), "--task", "three_class"]) == 2
+    line = _one_error_line(capsys)
+    assert "trained for task pneumonia (classes NORMAL, PNEUMONIA)" in line
+    assert "three_class (NORMAL, BACTERIAL PNEUMONIA, VIRAL PNEUMONIA)" in line
+
+
+def test_sidecars_that_do_not_fit_the_model_are_refused(tmp_path, capsys):
+    softmax, sigmoid = _tiny(3), _tiny(2)
+    path = models.save_model(softmax, tmp_path / "three.keras")
+    sidecar = path.with_suffix(".json")
+    good = json.loads(sidecar.read_text())
+    assert good["task"] == "three_class" and models.load_model(path)[1]["class_names"] == list(NAMES)
+    cases = {
+        "wrong names": ({**good, "class_names": ["NORMAL", "BACTERIA", "VIRUS"]},
+                        r'field class_names is \["NORMAL", "BACTERIA", "VIRUS"\], expected \["NORMAL", '
+                        r'"BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"\] \(the classes of task three_class'),
+        "a threshold": ({**good, "threshold": 0.5}, "field threshold is 0.5, but task three_class"),
+        "binary output": ({**good, "output": "sigmoid"}, 'field output is "sigmoid", expected "softmax"'),
+        "binary task": ({**{k: v for k, v in good.items() if k not in ("output", "decision")},
+                         "task": "pneumonia", "class_names": ["NORMAL", "PNEUMONIA"]},
+                        "ends in 3 softmax units but sidecar .* says task pneumonia with 2 classes"),
+        "no task": ({k: v for k, v in good.items() if k not in ("task", "class_names", "output", "decision")},
+                    "ends in 3 softmax units but sidecar .* says no task"),
+        "three names, no task": ({**{k: v for k, v in good.items() if k != "task"}},
+                                 "expected two names .* when the sidecar names no task"),
+    }
+    picture = tmp_path / "x.png"
+    keras.utils.save_img(picture, np.full((40, 40, 3), 120, np.uint8))
+    for case, (meta, message) in cases.items():
+        sidecar.write_text(json.dumps(meta))
+        with pytest.raises(ModelFileError, match=message):
+            models.load_model(path)
+        assert predict.main([str(picture), "--model", str(path)]) == 2, case
+        _one_error_line(capsys)
+    sidecar.unlink()
+    with pytest.raises(ModelFileError, match="ends in 3 softmax units and has no sidecar"):
+        models.load_model(path)
+    binary = models.save_model(sigmoid, tmp_path / "binary.keras")
+    binary.with_suffix(".json").write_text(json.dumps(good))
+    with pytest.raises(ModelFileError, match="ends in one sigmoid unit .* says task three_class with 3 classes"):
+        models.load_model(binary)
+    with pytest.raises(ModelFileError, match='field output is "sigmoid", expected "softmax" for task three_class'):
+        models.model_metadata(sigmoid, task="three_class")
+
+
+def test_exported_softmax_model_predicts_three_probabilities(trained, root, tmp_path, capsys):
+    pytest.importorskip("ai_edge_litert", reason="the export extra is not installed")
+    model, split, x, _, path = trained
+    target = export.convert(model, path.with_suffix(".tflite"), "tflite")
+    exported, meta = runtime.load_exported(target)
+    assert exported.output_units == 3 and meta["task"] == "three_class"
+    np.testing.assert_allclose(exported.predict(x["test"]), model.predict(x["test"], verbose=0),
+                               atol=export.FP32_TOLERANCE)
+    assert runtime.predict_paths(exported, split["test"]["path"].tolist()[:5]).shape == (5, 3)
+    assert evaluate.main(["--model", str(target), "--data", str(root), "--n-boot", "20"]) == 0
+    assert np.array(json.loads(capsys.readouterr().out)["confusion_matrix"]).shape == (3, 3)
+    alone = tmp_path / "alone.tflite"
+    alone.write_bytes(target.read_bytes())
+    with pytest.raises(ModelFileError, match="ends in 3 softmax units and has no sidecar"):
+        runtime.load_exported(alone)
