@@ -30,7 +30,7 @@ def grad_cam(
     images: np.ndarray,
     layer_name: str | None = None,
     target: str | int = "predicted",
-    threshold: float = 0.5,
+    threshold: float | None = 0.5,
 ) -> np.ndarray:
     """Grad-CAM heat maps for a batch.
 
@@ -45,7 +45,7 @@ def grad_cam(
         ``k`` for every image; ``"pneumonia"`` is class 1 of a binary model.
     threshold : the decision threshold of a sigmoid model for ``target="predicted"``; pass
         the model's own (e.g. the one chosen on validation) so the map explains the decision
-        reported. A softmax model decides by argmax and does not use it.
+        reported. A softmax model decides by argmax and does not use it (``None`` is fine).
 
     Returns ``(n, h', w')`` float32 maps in [0, 1] at the layer's resolution, each scaled to its
     own peak, covering the whole input image: when the model crops its input first (a
@@ -56,6 +56,9 @@ def grad_cam(
     layer_name = layer_name or find_last_conv_layer(model)
     units = int(model.output.shape[-1])
     target = _check_target(target, units)
+    if units == 1 and target == "predicted" and threshold is None:
+        raise ValueError("a sigmoid model's predicted class needs its decision threshold; "
+                         "pass threshold= (the one chosen on validation)")
     grad_model = keras.Model(model.inputs, [model.get_layer(layer_name).output, model.output])
     x = tf.convert_to_tensor(np.asarray(images, dtype=np.float32))
     with tf.GradientTape() as tape:
@@ -81,7 +84,7 @@ def _check_target(target: str | int, units: int) -> str | int:
     )
 
 
-def _class_score(proba: tf.Tensor, target: str | int, threshold: float) -> tf.Tensor:
+def _class_score(proba: tf.Tensor, target: str | int, threshold: float | None) -> tf.Tensor:
     """Score ``(n,)`` of the explained class for model outputs ``(n, units)``."""
     if proba.shape[-1] == 1:
         p = proba[:, 0]

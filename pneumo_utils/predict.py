@@ -205,7 +205,7 @@ def _write_gradcam(model, result: dict, target: str) -> None:
     from pneumo_utils.gradcam import grad_cam, overlay
     from pneumo_utils.io import write_bytes_atomic
 
-    heat = grad_cam(model, result["image_array"][None], threshold=result.get("threshold", 0.5))[0]
+    heat = grad_cam(model, result["image_array"][None], threshold=result.get("threshold"))[0]
     picture = overlay(result["image_array"], heat)
     ok, encoded = cv2.imencode(Path(target).suffix.lower(), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
     if not ok:

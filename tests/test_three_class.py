@@ -1,7 +1,8 @@
-"""Three classes end to end on generated data: a softmax model learns the planted subtypes
+"""The subtype tasks end to end on generated data: a softmax model learns the planted subtypes
 (bacterial: one dense opacity; viral: two fainter ones, one in each lung), travels with a
-three_class sidecar, and the predict and evaluate commands name its classes; a binary model
-and mismatched sidecars are refused in one line."""
+three_class sidecar, and the predict and evaluate commands name its classes; a
+bacterial-vs-viral model is evaluated on the PNEUMONIA images only; a binary model asked for
+three classes, unlabelled file names and mismatched sidecars are refused in one line."""
 
 from __future__ import annotations
 
@@ -205,3 +206,33 @@ def test_exported_softmax_model_predicts_three_probabilities(trained, root, tmp_
     alone.write_bytes(target.read_bytes())
     with pytest.raises(ModelFileError, match="ends in 3 softmax units and has no sidecar"):
         runtime.load_exported(alone)
+
+
+def test_bacterial_vs_viral_model_is_evaluated_on_pneumonia_images_only(root, tmp_path, capsys):
+    model = _tiny(2)
+    path = models.save_model(model, tmp_path / "subtypes.keras",
+                             models.model_metadata(model, task="bacterial_vs_viral", threshold=0.5))
+    assert evaluate.main(["--model", str(path), "--data", str(root), "--n-boot", "20"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["task"], result["decision"]) == ("bacterial_vs_viral", "threshold")
+    assert result["class_names"] == ["BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"]
+    assert result["n"] == 16 and result["n_positive"] == 8  # the 16 PNEUMONIA test images, 8 viral
+    viral = next((root / "test" / "PNEUMONIA").glob("*virus*"))
+    assert predict.main([str(viral), "--model", str(path)]) == 0
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    assert first.split(" (")[0] in ("Prediction: BACTERIAL PNEUMONIA", "Prediction: VIRAL PNEUMONIA")
+    assert second.startswith("P(VIRAL PNEUMONIA) = ")
+
+
+def test_pneumonia_file_without_a_subtype_is_one_error_line(trained, root, tmp_path, capsys):
+    *_, path = trained
+    folder = tmp_path / "data"
+    for name in ("NORMAL", "PNEUMONIA"):
+        (folder / name).mkdir(parents=True)
+        for image in sorted((root / "test" / name).iterdir())[:2]:
+            (folder / name / image.name).write_bytes(image.read_bytes())
+    unnamed = next((root / "test" / "PNEUMONIA").iterdir()).read_bytes()
+    (folder / "PNEUMONIA" / "scan_0001.jpeg").write_bytes(unnamed)
+    assert evaluate.main(["--model", str(path), "--data", str(folder)]) == 2
+    line = _one_error_line(capsys)
+    assert "scan_0001.jpeg" in line and "bacteria or virus" in line
