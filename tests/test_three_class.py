@@ -191,10 +191,13 @@ def test_sidecars_that_do_not_fit_the_model_are_refused(tmp_path, capsys):
         models.model_metadata(sigmoid, task="three_class")
 
 
-def test_exported_softmax_model_predicts_three_probabilities(trained, root, tmp_path, capsys):
-    pytest.importorskip("ai_edge_litert", reason="the export extra is not installed")
+@pytest.mark.parametrize(("fmt", "packages"), [("tflite", ("ai_edge_litert",)),
+                                               ("onnx", ("tf2onnx", "onnxruntime"))])
+def test_exported_softmax_model_predicts_three_probabilities(trained, root, tmp_path, capsys, fmt, packages):
+    for package in packages:
+        pytest.importorskip(package, reason="the export extra is not installed")
     model, split, x, _, path = trained
-    target = export.convert(model, path.with_suffix(".tflite"), "tflite")
+    target = export.convert(model, path.with_suffix(f".{fmt}"), fmt)
     exported, meta = runtime.load_exported(target)
     assert exported.output_units == 3 and meta["task"] == "three_class"
     np.testing.assert_allclose(exported.predict(x["test"]), model.predict(x["test"], verbose=0),
@@ -202,7 +205,7 @@ def test_exported_softmax_model_predicts_three_probabilities(trained, root, tmp_
     assert runtime.predict_paths(exported, split["test"]["path"].tolist()[:5]).shape == (5, 3)
     assert evaluate.main(["--model", str(target), "--data", str(root), "--n-boot", "20"]) == 0
     assert np.array(json.loads(capsys.readouterr().out)["confusion_matrix"]).shape == (3, 3)
-    alone = tmp_path / "alone.tflite"
+    alone = tmp_path / f"alone.{fmt}"
     alone.write_bytes(target.read_bytes())
     with pytest.raises(ModelFileError, match="ends in 3 softmax units and has no sidecar"):
         runtime.load_exported(alone)
