@@ -156,7 +156,9 @@ with strat.scope():
     x = preprocessing.cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs  # centre 80%, equalised
     x = models.preprocessing_layer(x, mode=spec.preprocessing)  # e.g. "torch" for DenseNet121
     application = getattr(keras.applications, spec.constructor)  # e.g. keras.applications.DenseNet121
-    base = application(include_top=False, weights=weights_file, input_tensor=x)
+    base = application(include_top=False, weights=None, input_tensor=x)
+    if weights_file:  # by layer name: the preprocessing layers are not in the weights file
+        base.load_weights(weights_file, by_name=True)
     base.trainable = False
 
     x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
