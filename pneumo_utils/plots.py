@@ -77,8 +77,9 @@ def index_samples(
     split: str = "train",
     class_names: Sequence[str] = CLASS_NAMES,
 ) -> plt.Figure:
-    """The first ``per_class`` images of each class in ``split``, titled with class and patient."""
-    examples = index[index["split"] == split].groupby("label").head(per_class)
+    """The first ``per_class`` images of each class in ``split``, one row per class, titled with
+    class and patient."""
+    examples = index[index["split"] == split].groupby("label").head(per_class).sort_values("label", kind="stable")
     titles = [f"{class_names[y]} ({p})" for y, p in zip(examples["label"], examples["patient"], strict=True)]
     return sample_grid(load_images(examples["path"].tolist(), image_size), titles, ncols=per_class)
 

@@ -171,8 +171,8 @@ def cue_test(
     class probabilities; ``sets`` comes from :func:`counterfactuals` and must include
     ``"clean"``. Binary columns: ``auc``, ``sensitivity``, ``specificity`` and ``balanced
     accuracy`` at ``threshold`` (the model's own, chosen on clean validation images),
-    ``flipped`` (share of decisions that differ from clean) and ``normal score`` (median
-    probability given to the negative class). With K classes (``threshold`` None, decisions
+    ``flipped`` (share of decisions that differ from clean) and ``class-0 score`` (median
+    output, the probability of class 1, over the class-0 images). With K classes (``threshold`` None, decisions
     by argmax): ``auc`` (macro one-vs-rest), ``balanced accuracy`` (mean recall over the
     classes) and ``flipped``.
     """
@@ -199,7 +199,7 @@ def cue_test(
             "specificity": specificity,
             "balanced accuracy": (sensitivity + specificity) / 2,
             "flipped": float(np.mean(pred != clean)),
-            "normal score": float(np.median(proba[labels == 0])),
+            "class-0 score": float(np.median(proba[labels == 0])),
         }
     return pd.DataFrame(rows).T
 
