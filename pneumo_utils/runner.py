@@ -679,9 +679,15 @@ def write_index(notebooks: Sequence[Notebook], reports_dir: Path, run: dict, bes
         "and tested each once on a held-out split, deciding at a threshold chosen on validation data "
         "(binary tasks) or by the most probable class (three classes)."
     )
-    for task, chosen in best.items():
-        auc = "macro AUC" if chosen["argmax"] else "AUC"
-        summary += f" Best for {task_title(task)}, by {chosen['rule']}: {chosen['name']} (test {auc} {chosen['test']['auc']})."
+    rules = {chosen["rule"] for chosen in best.values()}
+    picks = [
+        f"{task_title(task)}: {chosen['name']} (test {'macro AUC' if chosen['argmax'] else 'AUC'} "
+        f"{chosen['test']['auc']}" + (f"; by {chosen['rule']})" if len(rules) > 1 else ")")
+        for task, chosen in best.items()
+    ]
+    if picks:
+        summary += (" Best per task" + (f", by {rules.pop()}" if len(rules) == 1 else "") + ": "
+                    + "; ".join(picks) + ".")
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True)
     page = env.get_template("index.html.j2").render(
         run={**run, "summary": summary},
