@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,18 @@ def shared_dir() -> Path:
     if not (SHARED / "data").is_dir():
         pytest.skip(f"{SHARED} not found: shared data/weights tests need ../shared beside the repo")
     return SHARED
+
+
+@pytest.fixture()
+def error_line(capsys) -> Callable[[], str]:
+    """Reads what a command printed on stderr and returns its one ``error: ...`` line,
+    asserting there is exactly one and no traceback."""
+
+    def read() -> str:
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+        assert "Traceback" not in captured.err
+        return lines[0]
+
+    return read

@@ -82,14 +82,6 @@ def saved_model(tmp_path_factory) -> Path:
     return path
 
 
-def _one_error_line(capsys) -> str:
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
-    assert "Traceback" not in captured.err
-    return lines[0]
-
-
 # --------------------------------------------------------------------------- security
 
 
@@ -154,7 +146,7 @@ def test_dicom_above_the_pixel_budget_is_refused_before_decoding(tmp_path, monke
     ],
 )
 def test_bad_sidecar_values_are_refused_naming_file_and_field(saved_model, tmp_path, capsys,
-                                                              field, value, shown):
+                                                              field, value, shown, error_line):
     copy = tmp_path / "m.keras"
     copy.write_bytes(saved_model.read_bytes())
     meta = json.loads(models.sidecar_path(saved_model).read_text())
@@ -165,7 +157,7 @@ def test_bad_sidecar_values_are_refused_naming_file_and_field(saved_model, tmp_p
     picture = tmp_path / "x.png"
     Image.fromarray(_xray(1, SIZE)).save(picture)
     assert predict.main([str(picture), "--model", str(copy)]) == 2
-    assert f"field {field}" in _one_error_line(capsys)
+    assert f"field {field}" in error_line()
 
 
 def test_sidecar_that_is_not_an_object_is_refused(saved_model, tmp_path):
@@ -222,14 +214,14 @@ def damaged(tmp_path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind", ["truncated_new_eoi", "overwritten"])
-def test_damaged_jpeg_is_refused(damaged, saved_model, capsys, kind):
+def test_damaged_jpeg_is_refused(damaged, saved_model, capsys, kind, error_line):
     path = damaged[kind]
     with pytest.raises(ImageReadError, match=r"damaged JPEG data .*libjpeg says 'Corrupt JPEG data"):
         read_resized(path, SIZE)
     assert "damaged JPEG data" in images.check_image(path)
     assert images.check_image(damaged["good"]) is None
     assert predict.main([str(path), "--model", str(saved_model)]) == 2
-    line = _one_error_line(capsys)
+    line = error_line()
     assert str(path) in line and "damaged JPEG" in line
 
 
@@ -306,11 +298,11 @@ def test_exif_orientation_is_applied_and_reported(saved_model, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (20, 300)])
-def test_tiny_images_are_refused_and_skipped(saved_model, tmp_path, capsys, shape):
+def test_tiny_images_are_refused_and_skipped(saved_model, tmp_path, capsys, shape, error_line):
     path = tmp_path / "tiny.png"
     Image.fromarray(np.full(shape, 128, np.uint8)).save(path)
     assert predict.main([str(path), "--model", str(saved_model)]) == 2
-    assert "image too small" in _one_error_line(capsys)
+    assert "image too small" in error_line()
     folder = _class_folder(tmp_path / "test")
     (folder / "NORMAL" / "IM-0099-0001.png").write_bytes(path.read_bytes())
     with pytest.warns(BadImagesWarning, match="image too small"):
@@ -362,7 +354,7 @@ def test_predict_on_a_folder_and_several_files_loads_the_model_once(saved_model,
 # --------------------------------------------------------------------------- evaluate
 
 
-def test_evaluate_reports_nested_images_and_validates_flags(saved_model, tmp_path, capsys):
+def test_evaluate_reports_nested_images_and_validates_flags(saved_model, tmp_path, capsys, error_line):
     folder = _class_folder(tmp_path / "test")
     nested = folder / "NORMAL" / "old_export"
     nested.mkdir()
@@ -374,7 +366,7 @@ def test_evaluate_reports_nested_images_and_validates_flags(saved_model, tmp_pat
     assert all(np.isfinite(v) for pair in result["ci"].values() for v in pair)
     for flag in ("--n-boot", "--batch-size"):
         assert evaluate.main(["--model", str(saved_model), "--data", str(folder), flag, "0"]) == 2
-        assert f"{flag} must be a positive integer" in _one_error_line(capsys)
+        assert f"{flag} must be a positive integer" in error_line()
     with pytest.raises(ValueError, match="n_boot must be a positive"):
         evaluate.bootstrap_ci(np.array([0, 1]), np.array([0.2, 0.8]), n_boot=0)
 
@@ -461,17 +453,17 @@ def test_damaged_feature_cache_is_detected_deleted_and_recomputed(tmp_path, dama
 
 
 @pytest.mark.parametrize("target", ["folder", "notes.txt", "noext", "file_as_parent/x.png"])
-def test_gradcam_target_is_checked_before_predicting(saved_model, tmp_path, capsys, target):
+def test_gradcam_target_is_checked_before_predicting(saved_model, tmp_path, capsys, target, error_line):
     picture = tmp_path / "x.png"
     Image.fromarray(_xray(1, SIZE)).save(picture)
     (tmp_path / "folder").mkdir()
     (tmp_path / "file_as_parent").write_text("a file, not a folder")
     assert predict.main([str(picture), "--model", str(saved_model), "--gradcam", str(tmp_path / target)]) == 2
-    assert "--gradcam" in _one_error_line(capsys)
+    assert "--gradcam" in error_line()
     assert capsys.readouterr().out == ""
 
 
-def test_gradcam_write_is_checked(tmp_path, capsys, monkeypatch):
+def test_gradcam_write_is_checked(tmp_path, capsys, monkeypatch, error_line):
     picture = tmp_path / "x.png"
     Image.fromarray(_xray(1, SIZE)).save(picture)
     cnn = models.build_scratch_cnn(SIZE, filters=(4, 8), dense_units=4, seed=0)
@@ -487,7 +479,7 @@ def test_gradcam_write_is_checked(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(os, "replace", disk_full)
     assert predict.main([str(picture), "--model", str(saved_model), "--gradcam", str(target)]) == 2
-    assert "No space left" in _one_error_line(capsys)
+    assert "No space left" in error_line()
 
 
 def test_concurrent_json_writers_never_fail_or_show_half_a_file(tmp_path):
@@ -538,23 +530,23 @@ def test_temporary_file_of_a_killed_save_is_removed_by_the_next_save(tmp_path):
 # --------------------------------------------------------------------------- messages
 
 
-def test_what_is_not_an_image_file_is_named_as_such(tmp_path, saved_model, capsys):
+def test_what_is_not_an_image_file_is_named_as_such(tmp_path, saved_model, capsys, error_line):
     loop = tmp_path / "loop.png"
     loop.symlink_to(loop)
     with pytest.raises(ImageReadError, match="symbolic link loop"):
         read_image(loop)
     assert predict.main([str(loop), "--model", str(saved_model)]) == 2
-    assert "symbolic link loop" in _one_error_line(capsys)
+    assert "symbolic link loop" in error_line()
     with pytest.raises(ImageReadError, match="not a regular file"):
         read_image("/dev/zero")
     assert predict.main(["/dev/zero", "--model", str(saved_model)]) == 2
-    assert "not a regular file" in _one_error_line(capsys)
+    assert "not a regular file" in error_line()
     with pytest.raises(ImageReadError, match="is a directory"):
         read_image(tmp_path)
     empty = tmp_path / "empty_folder"
     empty.mkdir()
     assert predict.main([str(empty), "--model", str(saved_model)]) == 2
-    assert "holds no .jpeg/.jpg/.png/.dcm image" in _one_error_line(capsys)
+    assert "holds no .jpeg/.jpg/.png/.dcm image" in error_line()
 
 
 def test_safe_mode_refusal_quotes_keras_instead_of_guessing(saved_model, monkeypatch):

@@ -21,14 +21,6 @@ NAMES = tasks.TASKS["three_class"].class_names
 SIZE = 48
 
 
-def _one_error_line(capsys) -> str:
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
-    assert "Traceback" not in captured.err
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """48 NORMAL and 48 PNEUMONIA training images (half bacterial, half viral patients),
@@ -112,7 +104,7 @@ def test_predict_cli_names_one_of_the_three_classes(trained, capsys, tmp_path):
     assert result["label"] == NAMES[int(np.argmax(result["raw_output"]))]
 
 
-def test_evaluate_cli_gives_a_three_by_three_confusion_matrix(trained, root, capsys, tmp_path):
+def test_evaluate_cli_gives_a_three_by_three_confusion_matrix(trained, root, capsys, tmp_path, error_line):
     _, split, _, evaluation, path = trained
     out = tmp_path / "eval.json"
     assert evaluate.main(["--model", str(path), "--data", str(root), "--n-boot", "50", "--out", str(out)]) == 0
@@ -125,9 +117,9 @@ def test_evaluate_cli_gives_a_three_by_three_confusion_matrix(trained, root, cap
     assert result["calibrated"]["temperature"] == evaluation["temperature"]
     capsys.readouterr()
     assert evaluate.main(["--model", str(path), "--data", str(root), "--cue-test"]) == 2
-    assert "--cue-test" in _one_error_line(capsys)
+    assert "--cue-test" in error_line()
     assert evaluate.main(["--model", str(path), "--data", str(root), "--task", "pneumonia"]) == 2
-    assert "trained for task three_class" in _one_error_line(capsys)
+    assert "trained for task three_class" in error_line()
 
 
 def test_gradcam_explains_the_most_probable_class(trained):
@@ -144,15 +136,15 @@ def test_gradcam_explains_the_most_probable_class(trained):
         gradcam.grad_cam(model, images, target="pneumonia")
 
 
-def test_binary_model_asked_for_three_classes_exits_2(root, tmp_path, capsys):
+def test_binary_model_asked_for_three_classes_exits_2(root, tmp_path, capsys, error_line):
     path = models.save_model(_tiny(2), tmp_path / "binary.keras")
     assert evaluate.main(["--model", str(path), "--data", str(root), "--task", "three_class"]) == 2
-    line = _one_error_line(capsys)
+    line = error_line()
     assert "trained for task pneumonia (classes NORMAL, PNEUMONIA)" in line
     assert "three_class (NORMAL, BACTERIAL PNEUMONIA, VIRAL PNEUMONIA)" in line
 
 
-def test_sidecars_that_do_not_fit_the_model_are_refused(tmp_path, capsys):
+def test_sidecars_that_do_not_fit_the_model_are_refused(tmp_path, capsys, error_line):
     softmax, sigmoid = _tiny(3), _tiny(2)
     path = models.save_model(softmax, tmp_path / "three.keras")
     sidecar = path.with_suffix(".json")
@@ -179,7 +171,7 @@ def test_sidecars_that_do_not_fit_the_model_are_refused(tmp_path, capsys):
         with pytest.raises(ModelFileError, match=message):
             models.load_model(path)
         assert predict.main([str(picture), "--model", str(path)]) == 2, case
-        _one_error_line(capsys)
+        error_line()
     sidecar.unlink()
     with pytest.raises(ModelFileError, match="ends in 3 softmax units and has no sidecar"):
         models.load_model(path)
@@ -227,7 +219,7 @@ def test_bacterial_vs_viral_model_is_evaluated_on_pneumonia_images_only(root, tm
     assert second.startswith("P(VIRAL PNEUMONIA) = ")
 
 
-def test_pneumonia_file_without_a_subtype_is_one_error_line(trained, root, tmp_path, capsys):
+def test_pneumonia_file_without_a_subtype_is_one_error_line(trained, root, tmp_path, capsys, error_line):
     *_, path = trained
     folder = tmp_path / "data"
     for name in ("NORMAL", "PNEUMONIA"):
@@ -237,5 +229,5 @@ def test_pneumonia_file_without_a_subtype_is_one_error_line(trained, root, tmp_p
     unnamed = next((root / "test" / "PNEUMONIA").iterdir()).read_bytes()
     (folder / "PNEUMONIA" / "scan_0001.jpeg").write_bytes(unnamed)
     assert evaluate.main(["--model", str(path), "--data", str(folder)]) == 2
-    line = _one_error_line(capsys)
+    line = error_line()
     assert "scan_0001.jpeg" in line and "bacteria or virus" in line
