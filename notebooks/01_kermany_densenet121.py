@@ -16,7 +16,7 @@
 # ---
 
 # %% [markdown]
-# # Pneumonia on paediatric chest X-rays: DenseNet121 transfer learning
+# # Paediatric chest X-rays: transfer learning with DenseNet121 (or another backbone)
 #
 # A classifier that tells **NORMAL** from **PNEUMONIA** on the Kermany et al. (2018) paediatric
 # chest X-rays: an ImageNet backbone, frozen, with a small new head trained on top. Validation
