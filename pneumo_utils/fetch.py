@@ -99,13 +99,42 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
 }
 
-SEARCH_ORDER = {"kermany": ("kermany",), "nih": ("nih", "nih-sample")}
+def is_class_folder(path: Path) -> bool:
+    """True when ``path`` holds NORMAL and PNEUMONIA folders (a labelled evaluation set)."""
+    return all((Path(path) / c).is_dir() for c in KERMANY_CLASSES)
+
+
+EXTERNAL: dict[str, DatasetSpec] = {
+    "external": DatasetSpec(
+        key="external",
+        title="labelled external validation set (Kermany layout, another site or collection)",
+        handle="",
+        folder="chest_xray_external",
+        is_root=is_class_folder,
+        layout="{NORMAL,PNEUMONIA}/*.jpeg",
+        size="",
+    ),
+    "official-test-a": DatasetSpec(
+        key="official-test-a",
+        title="half A of Kermany's official test split, as labelled external validation",
+        handle="",
+        folder="chest_xray_official_test_a",
+        is_root=is_class_folder,
+        layout="{NORMAL,PNEUMONIA}/*.jpeg",
+        size="",
+    ),
+}
+"""External validation sets: looked for, never downloaded (there is no public copy of a
+site's own labelled sample); a run without one says so and goes on."""
+
+SEARCH_ORDER = {"kermany": ("kermany",), "nih": ("nih", "nih-sample"),
+                "external": ("external", "official-test-a")}
 """Which data sets satisfy a need, in order of preference; the last one is downloaded."""
 
 
 def candidates(need: str, base: Path = Path()) -> list[Path]:
     """The folders :func:`locate` looks in for ``need`` (``"kermany"`` or ``"nih"``), in order."""
-    specs = [DATASETS[key] for key in SEARCH_ORDER[need]]
+    specs = [{**DATASETS, **EXTERNAL}[key] for key in SEARCH_ORDER[need]]
     return [base / "data" / s.folder for s in specs] + [
         base / ".." / "shared" / "data" / s.folder for s in specs
     ]
@@ -117,7 +146,7 @@ def locate(need: str, explicit: str | Path | None = None, base: Path = Path()) -
     An ``explicit`` folder without the expected layout raises :class:`FetchError`; ``None``
     means nothing was found (the caller may :func:`fetch` it).
     """
-    spec = DATASETS[SEARCH_ORDER[need][0]]
+    spec = {**DATASETS, **EXTERNAL}[SEARCH_ORDER[need][0]]
     if explicit:
         path = Path(explicit).expanduser()
         if not spec.is_root(path):
@@ -298,6 +327,43 @@ def find_all(
         listed = "\n".join(f"  - {p}" for p in problems)
         raise FetchError(f"no data to run on:\n{listed}\n{how_to_fix(needs)}")
     return found
+
+
+def project_root() -> Path:
+    """The folder a notebook's relative paths mean: the source checkout that holds this
+    package (it has ``notebooks/`` and ``pyproject.toml``), else the current folder (a
+    pip-installed package, e.g. in Colab). A kernel started in ``notebooks/`` by JupyterLab
+    and ``run_all.sh`` started at the root thus read and write the same folders."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "notebooks").is_dir() and (root / "pyproject.toml").is_file() else Path.cwd()
+
+
+def in_project(path: str | Path) -> Path:
+    """``path`` as given when absolute, else under :func:`project_root`."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else project_root() / path
+
+
+def find(need: str, explicit: str | Path | None = None, required: bool = True,
+         offline: bool | None = None) -> Path | None:
+    """The folder of data set ``need`` for a notebook, wherever its kernel started.
+
+    ``explicit`` (relative to :func:`project_root`) wins; else the search of :func:`locate`
+    from the project root (``data/``, then ``../shared/data/``); else, when ``required``,
+    the public copy is downloaded (unless ``offline``, default: the ``PNEUMO_OFFLINE``
+    environment variable) and a :class:`FetchError` says what to do when that is not
+    possible. A set that is not ``required`` (the external validation set) is ``None`` when
+    absent.
+    """
+    import os
+
+    path = locate(need, in_project(explicit) if explicit else None, base=project_root())
+    if path is not None or not required:
+        return path
+    if offline if offline is not None else os.environ.get("PNEUMO_OFFLINE") == "1":
+        looked = ", ".join(str(p) for p in candidates(need, project_root()))
+        raise FetchError(f"the {need} data is missing (looked in {looked}); {how_to_fix({need: []})}")
+    return fetch(SEARCH_ORDER[need][-1], dest=project_root() / "data")
 
 
 def main(argv: list[str] | None = None) -> int:

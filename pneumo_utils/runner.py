@@ -249,6 +249,8 @@ def assign_parameters(
         params: dict[str, Any] = {}
         if "data_dir" in nb.declared and need_of(nb) in data:
             params["data_dir"] = str(data[need_of(nb)])
+        if "external_dir" in nb.declared and "external" in data:
+            params["external_dir"] = str(data["external"])
         params.update(profile.get("default", {}))
         params.update(profile.get(home, {}))
         params.update(mine)
@@ -480,6 +482,7 @@ def model_row(nb: Notebook, entry: dict) -> dict[str, Any]:
     metrics = nb.metrics or {}
     test = entry.get("test") if isinstance(entry.get("test"), dict) else {}
     validation = entry.get("validation") if isinstance(entry.get("validation"), dict) else {}
+    external = entry.get("external") if isinstance(entry.get("external"), dict) else {}
     classes = entry.get("class_names") or metrics.get("class_names")
     positive = entry.get("positive_class") or (" / ".join(map(str, classes)) if classes else "–")
     weights = weights_label(entry["weights"]) if "weights" in entry else "not recorded"
@@ -493,6 +496,9 @@ def model_row(nb: Notebook, entry: dict) -> dict[str, Any]:
         "task": task_key(entry.get("task") or metrics.get("task")),
         "argmax": (entry.get("decision") or metrics.get("decision")) == "argmax",
         "test": {m: fmt(test.get(m), test.get(f"{m}_ci")) for m in TEST_METRICS},
+        "external": {m: fmt(external.get(m), external.get(f"{m}_ci")) for m in TEST_METRICS} if external else None,
+        "external_auc": number(external.get("auc")),
+        "external_data": str(external.get("data") or ""),
         "threshold": fmt(entry.get("threshold")),
         "threshold_rule": str(entry.get("threshold_rule") or metrics.get("threshold_rule") or ""),
         "val_auc": fmt(validation.get("auc", entry.get("val_auc"))),
@@ -524,11 +530,19 @@ def report_summary(nb: Notebook) -> dict[str, Any]:
     }
 
 
+EXTERNAL_RULE = ("highest AUC on the labelled external validation set (scored zero-shot: neither "
+                 "weights nor thresholds were fitted on it)")
+"""How the best model is chosen when the models were scored on external validation. The
+training-side selection score did not rank models the way a new site does (``RESULTS.md``),
+so a labelled sample of the new site decides; the threshold is then calibrated on it."""
+
+
 def choose_best(notebooks: Sequence[Notebook], task: str = BEST_TASK) -> dict | None:
-    """The best model row of ``task``: highest ``selection_score`` when entries carry one, else
-    validation AUC (scores of different tasks do not compare, so each task has its own best).
-    Rows whose weights are random (a fallback) or not recorded are out when the notebook asked
-    for ImageNet weights."""
+    """The best model row of ``task``: highest AUC on external validation when the rows carry
+    it (:data:`EXTERNAL_RULE`), else the highest ``selection_score``, else validation AUC
+    (scores of different tasks do not compare, so each task has its own best). Rows whose
+    weights are random (a fallback) or not recorded are out when the notebook asked for
+    ImageNet weights. The row's ``rule`` and ``rule_data`` say what chose it, on which data."""
     notebook = {nb.name: nb for nb in notebooks}
     rows = [
         row
@@ -539,15 +553,20 @@ def choose_best(notebooks: Sequence[Notebook], task: str = BEST_TASK) -> dict | 
         and not (row["weights"] in ("random initialisation", "not recorded")
                  and str(notebook[row["notebook"]].value("weights")).lower() == "imagenet")
     ]
-    scored = [r for r in rows if r["score"] is not None]
-    key = "score" if scored else "val_auc_value"
-    ranked = [r for r in (scored or rows) if r[key] is not None]
-    if not ranked:
-        return None
-    best = max(ranked, key=lambda r: r[key])
-    best["best"] = True
-    best["rule"] = best["selection_rule"] if key == "score" and best["selection_rule"] else "validation AUC"
-    return best
+    for key, rule, data in (
+        ("external_auc", EXTERNAL_RULE, "external validation"),
+        ("score", None, "validation images and their counterfactual copies"),
+        ("val_auc_value", "validation AUC", "validation split"),
+    ):
+        ranked = [r for r in rows if r[key] is not None]
+        if ranked:
+            best = max(ranked, key=lambda r: r[key])
+            best["best"] = True
+            best["rule"] = rule or best["selection_rule"] or "selection score"
+            best["rule_data"] = best["external_data"] if key == "external_auc" else data
+            best["rule_value"] = best[key]
+            return best
+    return None
 
 
 def choose_best_per_task(notebooks: Sequence[Notebook]) -> dict[str, dict]:
@@ -578,7 +597,8 @@ def write_best(best: dict, models_dir: Path) -> Path:
         "notebook": best["notebook"],
         "weights": best["weights"],
         "selection_rule": best["rule"],
-        "selection_score": best["score"] if best["score"] is not None else best["val_auc_value"],
+        "selection_data": best["rule_data"],
+        "selection_value": best["rule_value"],
         "chosen": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "commit": git_commit(),
     }
@@ -735,6 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=env("PNEUMO_DATA_ROOT"), help="Kermany folder")
     p.add_argument("--nih-root", default=env("PNEUMO_NIH_ROOT"), help="NIH ChestX-ray14 folder")
     p.add_argument("--weights-dir", default=env("PNEUMO_WEIGHTS_DIR"), help="ImageNet .h5 files")
+    p.add_argument("--external-dir", default=env("PNEUMO_EXTERNAL_DIR"),
+                   help="labelled external validation folder {NORMAL,PNEUMONIA}/ (default: "
+                        "data/chest_xray_external, then ../shared/data/chest_xray_official_test_a)")
     p.add_argument("--reports-dir", help="default: the profile's reports_dir, else reports")
     p.add_argument("--notebooks-dir", default="notebooks", help="default: %(default)s")
     p.add_argument("--offline", action="store_true", default=env("PNEUMO_OFFLINE") == "1",
@@ -783,6 +806,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 needs.setdefault(need_of(nb), []).append(nb.name)
         roots = {"kermany": args.data_root, "nih": args.nih_root}
         data = fetch.find_all(needs, roots, offline=args.offline)
+        if any("external_dir" in nb.declared for nb in selected):
+            external = fetch.locate("external", args.external_dir)
+            if external is not None:
+                data["external"] = external
         assign_parameters(everything, profile, sets, data)
         settings = {**RUNNER_KEYS, **profile.get("runner", {})}
         if set(settings) != set(RUNNER_KEYS):
@@ -813,6 +840,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {
             "command": "python -m pneumo_utils.runner " + " ".join(sys.argv[1:] if argv is None else argv),
             **{f"data ({k})": str(v) for k, v in data.items()},
+            **({} if "external" in data else {
+                "data (external)": "none found: models are not scored on external validation"}),
             "ImageNet weights folder": os.environ.get("PNEUMO_WEIGHTS_DIR", "(Keras download)"),
             "reports": str(reports_dir),
             "models": ", ".join(map(str, models_dirs)) or "–",

@@ -196,6 +196,24 @@ def test_selection_score_wins_over_validation_auc(tmp_path: Path) -> None:
     assert best["name"] == "b" and best["rule"] == "mean AUC under shift"
 
 
+def test_external_validation_auc_wins_over_the_selection_score(tmp_path: Path) -> None:
+    entries = []
+    for name, score, external_auc in (("a", 0.95, 0.90), ("b", 0.80, 0.96), ("c", 0.99, None)):
+        (tmp_path / f"{name}.keras").write_text(name)
+        external = {"auc": external_auc, "data": "site A"} if external_auc else None
+        entries.append({"name": name, "weights": "w.h5", "validation": {"auc": 0.99},
+                        "selection_score": score, "selection_rule": "worst balanced accuracy",
+                        "external": external, "model_path": str(tmp_path / f"{name}.keras")})
+    nb = runner.Notebook("04_x", tmp_path, None, {}, metrics={"models": entries})
+    best = runner.choose_best([nb])
+    assert best["name"] == "b" and best["rule"] == runner.EXTERNAL_RULE
+    assert best["rule_data"] == "site A" and best["rule_value"] == 0.96
+    pointer = json.loads(runner.write_best({**best, "pointer": None}, tmp_path).read_text())
+    assert pointer["selection_data"] == "site A" and pointer["selection_value"] == 0.96
+    row = runner.model_row(nb, entries[1])
+    assert row["external"]["auc"] == "0.960" and runner.model_row(nb, entries[2])["external"] is None
+
+
 def test_edited_py_is_what_runs_and_index_says_running(tmp_path: Path) -> None:
     notebooks = tmp_path / "nbs"
     notebooks.mkdir()
