@@ -70,9 +70,24 @@ class ExportedModel:
         self.input_shape, self.output_units = self._check_signature()
 
     def _open_litert(self, threads: int | None) -> None:
+        """Create the LiteRT interpreter and apply its XNNPACK delegate (first allocation)
+        with file descriptor 2 sent to ``os.devnull``: LiteRT's C++ logger prints "INFO:
+        Created TensorFlow Lite XNNPACK delegate for CPU." there, below ``sys.stderr`` and
+        ``TF_CPP_MIN_LOG_LEVEL``. Failures still arrive as Python exceptions."""
+        import sys
+
         from ai_edge_litert.interpreter import Interpreter
 
-        self._interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
+        sys.stderr.flush()
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 2)
+            self._interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
+            self._interpreter.allocate_tensors()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(null)
         (detail,) = self._interpreter.get_input_details()
         self._input_index, self._input_dtype = detail["index"], detail["dtype"]
         self._shape = tuple(int(s) for s in detail["shape_signature"])
@@ -171,9 +186,9 @@ def load_exported(path: str | os.PathLike, threads: int | None = None) -> tuple[
 
 def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
     """Rescale probabilities with a temperature from
-    :func:`pneumo_utils.evaluate.fit_temperature`: ``sigmoid(logit(p) / T)``. Here, with
-    NumPy only, so that prediction reads calibrated probabilities without loading
-    scikit-learn."""
+    :func:`pneumo_utils.evaluate.fit_temperature`: ``sigmoid(logit(p) / T)``, with
+    ``scipy.special`` (imported when called, so that prediction reads calibrated
+    probabilities without loading scikit-learn)."""
     return sigmoid(logit(np.asarray(proba, dtype=float)) / temperature)
 
 
@@ -188,21 +203,25 @@ def apply_softmax_temperature(proba: np.ndarray, temperature: float) -> np.ndarr
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
-    """``exp(z) / sum(exp(z))`` along the last axis (shifted by the row maximum, so finite)."""
-    z = np.asarray(z, dtype=float)
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    """``scipy.special.softmax`` along the last axis (one distribution per row)."""
+    from scipy.special import softmax as scipy_softmax
+
+    return scipy_softmax(np.asarray(z, dtype=float), axis=-1)
 
 
 def logit(p: np.ndarray) -> np.ndarray:
-    """``log(p / (1 - p))`` with ``p`` clipped to ``[1e-7, 1 - 1e-7]`` (finite everywhere)."""
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
+    """``scipy.special.logit`` of ``p`` clipped to ``[1e-7, 1 - 1e-7]``: a float32 sigmoid
+    reaches exactly 0 and 1, whose logits would be infinite."""
+    from scipy.special import logit as scipy_logit
+
+    return scipy_logit(np.clip(p, 1e-7, 1 - 1e-7))
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
-    """``1 / (1 + exp(-z))``."""
-    return 1.0 / (1.0 + np.exp(-z))
+    """``scipy.special.expit``: ``1 / (1 + exp(-z))`` without overflow warnings."""
+    from scipy.special import expit
+
+    return expit(z)
 
 
 def load_any(path: str | os.PathLike):

@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("mobilenet_v2", "resnet50", "densenet121", "scratch_cnn")
 QUANTISED_AUC_TOLERANCE = 0.02
 """Largest AUC change allowed for an fp16 or int8 export on generated data."""
+FLOAT_ROUNDING = 1e-4
+"""Largest probability difference of a float32 export where no grey level falls on the other
+side of an equalisation bin edge (32 px models: none does), i.e. from float rounding alone."""
 
 
 def _with_cue_removal(backbone: str, size: int = 32, crop_fraction: float = 0.8) -> keras.Model:
@@ -110,7 +113,47 @@ def test_float32_exports_give_the_keras_probabilities(backbone, fmt, tmp_path):
     target = export.convert(model, tmp_path / f"m.{fmt}", fmt)
     got = runtime.ExportedModel(target).predict(images)
     assert got.shape == expected.shape
+    assert np.max(np.abs(got - expected)) <= FLOAT_ROUNDING
+
+
+def test_equalisation_bin_flips_stay_within_the_tolerance(tmp_path):
+    size = 96
+    inputs = keras.Input((size, size, 3))
+    equalise = keras.Model(inputs, cue_removal(inputs, crop_fraction=0.8))
+    images = export.generated_images(size)  # the images export_model checks on
+    litert = export.convert(equalise, tmp_path / "equalise.tflite")
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(litert))
+    (detail,) = interpreter.get_input_details()
+    interpreter.resize_tensor_input(detail["index"], images.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(detail["index"], images)
+    interpreter.invoke()
+    moved = np.abs(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+                   - equalise.predict(images, verbose=0))
+    assert moved.max() > 0.5, "at 96 px some grey levels fall on the other side of a bin edge"
+
+    keras.utils.set_random_seed(0)
+    model = _with_cue_removal("scratch_cnn", size=size)
+    model.compile(keras.optimizers.Adam(3e-3), "binary_crossentropy")
+    x, y = _xrays(48, size, seed=1)
+    model.fit(x, y, epochs=4, batch_size=16, verbose=0)
+    expected = model.predict(images, verbose=0)
+    got = runtime.ExportedModel(export.convert(model, tmp_path / "m.tflite")).predict(images)
     assert np.max(np.abs(got - expected)) <= export.FP32_TOLERANCE
+    assert not export.decision_changes(expected, got, threshold=0.5)[1].any()
+
+
+def test_decision_changes_allow_only_what_the_tolerance_explains():
+    expected = np.array([0.10, 0.495, 0.51, 0.90])
+    changed, unexplained = export.decision_changes(expected, expected + [0, 0.01, -0.02, 0], 0.5)
+    assert changed.tolist() == [False, True, True, False] and not unexplained.any()
+    changed, unexplained = export.decision_changes(expected, [0.1, 0.495, 0.51, 0.3], 0.5)
+    assert unexplained.tolist() == [False, False, False, True]
+    softmax = np.array([[0.50, 0.49, 0.01], [0.7, 0.2, 0.1]])
+    changed, unexplained = export.decision_changes(softmax, softmax[:, [1, 0, 2]], None)
+    assert changed.all() and unexplained.tolist() == [False, True]
 
 
 def test_quantised_exports_keep_the_auc(saved, tmp_path):
@@ -155,6 +198,45 @@ def test_int8_export_writes_its_own_sidecar(saved, tmp_path):
     assert meta["threshold"] == 0.4 and model.input_shape == (None, 64, 64, 3)
 
 
+def _copy_model(path: Path, folder: Path) -> Path:
+    """The saved model, sidecar and card copied to ``folder`` (a test may rewrite them)."""
+    for suffix in (".keras", ".json", ".md"):
+        (folder / path.with_suffix(suffix).name).write_bytes(path.with_suffix(suffix).read_bytes())
+    return folder / path.name
+
+
+def test_float32_export_that_changes_the_model_is_refused(saved, tmp_path, monkeypatch, error_line):
+    _, path, _ = saved
+    path = _copy_model(path, tmp_path)
+    honest = runtime.ExportedModel.predict
+    monkeypatch.setattr(runtime.ExportedModel, "predict",
+                        lambda self, images: np.clip(honest(self, images) + 0.05, 0, 1))
+    sidecar = path.with_suffix(".json").read_text()
+    assert export.main(["--model", str(path)]) == 2
+    assert "changed the model" in error_line()
+    assert path.with_suffix(".json").read_text() == sidecar, "a refused export is not listed"
+
+
+def test_quantised_export_far_from_its_model_warns(saved, tmp_path, monkeypatch, capsys):
+    _, path, images = saved
+    path = _copy_model(path, tmp_path)
+    honest = runtime.ExportedModel.predict
+    monkeypatch.setattr(runtime.ExportedModel, "predict",
+                        lambda self, batch: 1.0 - honest(self, batch))
+    assert export.main(["--model", str(path), "--quantize", "int8",
+                        "--calibration", str(images)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: scratch.int8.tflite gives"), err
+    exports = json.loads(path.with_suffix(".json").read_text())["exports"]
+    (entry,) = [e for e in exports if e["file"] == "scratch.int8.tflite"]
+    assert entry["agreement"]["max_abs_probability_difference"] > export.QUANTISED_WARNING
+    assert "int8 ranges do not fit" in entry["warning"]
+    assert json.loads(path.with_name("scratch.int8.json").read_text())["warning"] == entry["warning"]
+    assert "**Warning:** scratch.int8.tflite" in path.with_suffix(".md").read_text()
+    with pytest.warns(export.ExportWarning):
+        export.export_model(path, "tflite", "int8", calibration=images)
+
+
 @pytest.mark.parametrize("suffix", [".tflite", ".onnx"])
 def test_predict_and_evaluate_with_an_export_never_import_tensorflow(saved, suffix, tmp_path):
     model, path, images = saved
@@ -163,6 +245,7 @@ def test_predict_and_evaluate_with_an_export_never_import_tensorflow(saved, suff
     env = _no_tensorflow_env(tmp_path)
     done = _run(["-m", "pneumo_utils.predict", image, "--model", exported, "--json"], env)
     assert done.returncode == 0, done.stderr
+    assert "XNNPACK" not in done.stderr, "LiteRT's C++ INFO line stays off the console"
     (result,) = json.loads(done.stdout)
     keras_result = predict.predict_image(model, models.load_model(path)[1], image)
     assert result["raw_output"] == pytest.approx(keras_result["raw_output"], abs=1e-4)
