@@ -35,6 +35,7 @@ import ast
 import contextlib
 import datetime as dt
 import importlib.metadata
+import importlib.resources
 import json
 import math
 import os
@@ -52,7 +53,8 @@ import yaml
 
 from pneumo_utils import fetch
 
-PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+PROFILES = importlib.resources.files("pneumo_utils") / "profiles"
+"""The shipped profiles (``full.yaml``, ``smoke.yaml``): package data, in the wheel too."""
 TEMPLATES = Path(__file__).with_name("templates")
 NOTEBOOK_PATTERNS = ("[0-9][0-9]_*.py", "[0-9][0-9]_*.ipynb")
 HIDDEN_INPUT_TAGS = ("setup", "parameters", "injected-parameters", "hide-input")
@@ -119,7 +121,8 @@ class Notebook:
 
 
 def load_profile(name: str) -> dict[str, dict[str, Any]]:
-    """``profiles/<name>.yaml`` or a YAML path as ``{section: parameters}``; ``"none"`` -> {}."""
+    """:data:`PROFILES` ``/<name>.yaml`` or a YAML path as ``{section: parameters}``;
+    ``"none"`` -> {}."""
     if name.lower() == "none":
         return {}
     path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILES / f"{name}.yaml"
