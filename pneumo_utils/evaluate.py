@@ -699,11 +699,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, meta = load_any(args.model)
         index = _folder_index(args.data, task)
+        labels = index["label"].to_numpy()
+        _check_every_class(labels, task, args.data)
+        proba = predict_paths(model, index["path"].tolist(), args.batch_size,
+                              verbose=sys.stderr.isatty())
     except (FileNotFoundError, ModelFileError, ValueError) as exc:
         return _fail(exc)
-    proba = predict_paths(model, index["path"].tolist(), args.batch_size,
-                          verbose=sys.stderr.isatty())
-    labels = index["label"].to_numpy()
     if task.binary:
         result = _evaluate_binary(model, meta, index, labels, proba, args)
     else:
@@ -724,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         skipped={"count": len(index.attrs["skipped"]), "files": index.attrs["skipped"]},
         nested_images=index.attrs["nested"],
     )
-    text = json.dumps(result, indent=2)
+    result = strict_json(result)
+    text = json.dumps(result, indent=2, allow_nan=False)
     print(text)
     if args.out:
         try:
@@ -732,6 +734,34 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             return _fail(f"cannot write --out {args.out}: {exc}")
     return 0
+
+
+def _check_every_class(labels: np.ndarray, task, data: str) -> None:
+    """Refuse data without an image of one of ``task``'s classes (``ValueError``): its
+    recall, AUC and confusion row would be undefined (NaN, or 0.0 for an absent class)."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=task.n_classes)
+    empty = [name for name, n in zip(task.class_names, counts, strict=True) if n == 0]
+    if empty:
+        raise ValueError(
+            f"{data} has no images of {', '.join(empty)} for task {task.name}; evaluation needs "
+            "labelled images of every class (add them, or evaluate a model of another task)"
+        )
+
+
+def strict_json(value):
+    """``value`` with every non-finite float (NaN, infinity) replaced by ``None``, so that
+    ``json.dumps(..., allow_nan=False)`` writes strict JSON (``null``, never bare ``NaN``)."""
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return strict_json(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def _evaluate_binary(model, meta: dict, index: pd.DataFrame, labels: np.ndarray,

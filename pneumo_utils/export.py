@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_utils.io import ModelFileError, write_json_atomic
+from pneumo_utils.io import ModelFileError, file_digest, write_json_atomic
 
 FORMATS = ("tflite", "onnx", "savedmodel")
 QUANTIZATIONS = ("none", "fp16", "int8")
@@ -291,8 +291,9 @@ def export_model(
 
     Writes the export (see :func:`export_path`), its sidecar when quantised, lists it under
     ``exports`` in the model's sidecar and in the model card's "Exports" table (both
-    rewritten, the card only when it exists). ``calibration`` is a folder of images like the
-    training data (required for ``int8``; when given, the agreement check runs on them).
+    rewritten, the card only when it exists). The sidecar that describes the export records
+    its SHA-256 under ``sha256`` (:func:`pneumo_utils.io.check_fingerprint`). ``calibration``
+    is a folder of images like the training data (required for ``int8``; when given, the agreement check runs on them).
     Returns the export's entry: file, format, quantisation, bytes, agreement (largest
     probability difference, decisions changed) and, for a quantised export beyond
     :data:`QUANTISED_WARNING`, ``warning`` (also in its sidecar and the card, and raised as
@@ -344,15 +345,22 @@ def export_model(
             )
             warnings.warn(entry["warning"], ExportWarning, stacklevel=2)
     source_meta = _raw_sidecar(sidecar_path(model_path))
+    digest = {format: file_digest(target)} if format != "savedmodel" else {}
     if quantize != "none":
-        own = {k: v for k, v in (source_meta or meta).items() if k != "exports"}
+        own = {k: v for k, v in (source_meta or meta).items() if k not in ("exports", "sha256")}
         if "warning" in entry:
             own["warning"] = entry["warning"]
+        previous = _raw_sidecar(sidecar_path(target)) or {}
+        kept = (previous.get("sha256", {}) if previous.get("exported_from") == model_path.name
+                else {})
         write_json_atomic(sidecar_path(target),
-                          {**own, "quantization": quantize, "exported_from": model_path.name})
+                          {**own, "quantization": quantize, "exported_from": model_path.name,
+                           "sha256": {**kept, **digest}})
     if source_meta is not None:
         exports = [e for e in source_meta.get("exports", []) if e.get("file") != entry["file"]]
         source_meta["exports"] = [*exports, entry]
+        if quantize == "none" and digest:
+            source_meta["sha256"] = {**source_meta.get("sha256", {}), **digest}
         write_json_atomic(sidecar_path(model_path), source_meta)
         _update_card(model_path.with_suffix(".md"), source_meta["exports"])
     return entry
@@ -405,7 +413,8 @@ def slim(model_path: str | os.PathLike, out: str | os.PathLike | None = None) ->
     Keras 3 writes a compiled model's optimizer variables (Adam: two per trained weight)
     into the ``.keras`` archive; prediction, evaluation and export never use them. The model
     is loaded without compiling and saved again, atomically, to ``out`` (default: in place),
-    with its sidecar copied unchanged. Fine-tuning from the slim file starts a new optimizer.
+    with its sidecar copied (the ``.keras`` digest renewed, the exports' kept: the weights do
+    not change). Fine-tuning from the slim file starts a new optimizer.
     """
     from pneumo_utils.models import load_model, save_model, sidecar_path
 
@@ -414,6 +423,10 @@ def slim(model_path: str | os.PathLike, out: str | os.PathLike | None = None) ->
     model, meta = load_model(model_path)
     raw = _raw_sidecar(sidecar_path(model_path))
     save_model(model, out, raw if raw is not None else meta)
+    exported = {k: v for k, v in (raw or {}).get("sha256", {}).items() if k != "keras"}
+    if exported:  # the weights are unchanged, so the exports still match
+        saved = _raw_sidecar(sidecar_path(out))
+        write_json_atomic(sidecar_path(out), {**saved, "sha256": {**saved["sha256"], **exported}})
     card = model_path.with_suffix(".md")
     if out != model_path and card.is_file():
         shutil.copyfile(card, out.with_suffix(".md"))

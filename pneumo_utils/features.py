@@ -192,12 +192,11 @@ def _load_cached(cache_file: Path, n_rows: int) -> tuple[np.ndarray, Path] | Non
     for candidate in sorted(cache_file.parent.glob(f"{cache_file.stem}-*.npy")):
         expected = candidate.stem.rsplit("-", 1)[-1]
         try:
-            features = np.load(candidate, allow_pickle=False)
-            problem = None
-            if features.ndim != 2 or features.shape[0] != n_rows:
-                problem = f"holds {features.shape}, expected {n_rows} rows"
-            elif _checksum(features) != expected:
-                problem = "its contents do not match the checksum in its name"
+            problem = _header_problem(candidate, n_rows)
+            if problem is None:
+                features = np.load(candidate, allow_pickle=False)
+                if _checksum(features) != expected:
+                    problem = "its contents do not match the checksum in its name"
         except (OSError, ValueError, EOFError) as exc:
             problem = f"cannot be read ({' '.join(str(exc).split())})"
         if problem is None:
@@ -208,6 +207,24 @@ def _load_cached(cache_file: Path, n_rows: int) -> tuple[np.ndarray, Path] | Non
             stacklevel=3,
         )
         candidate.unlink(missing_ok=True)
+    return None
+
+
+def _header_problem(candidate: Path, n_rows: int) -> str | None:
+    """What is wrong with a cache file's ``.npy`` header (``None`` if nothing), read before
+    the array: a damaged header can declare a (2e9, 1024) array, which ``np.load`` would try
+    to allocate (7.45 TiB) before finding the file short."""
+    with open(candidate, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(handle)
+        data_bytes = candidate.stat().st_size - handle.tell()
+    if len(shape) != 2 or shape[0] != n_rows or dtype.hasobject:
+        return f"holds {shape} {dtype}, expected {n_rows} rows"
+    if shape[0] * shape[1] * dtype.itemsize != data_bytes:
+        return (f"declares {shape} {dtype} ({shape[0] * shape[1] * dtype.itemsize:,} bytes) but "
+                f"holds {data_bytes:,} bytes")
     return None
 
 

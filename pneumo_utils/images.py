@@ -83,6 +83,12 @@ PIXEL_BUDGET = 6_000 * 6_000
 """Most pixels decoded for one image (after the JPEG draft reduction): 36 Mpx, about
 150 MB in Pillow's 4-bytes-per-pixel RGB. Chest radiographs are below 20 Mpx."""
 
+MAX_DICOM_BYTES = 128 * 2**20
+"""Largest DICOM data set read (128 MiB): a deflated file's inflated size, checked while
+inflating in blocks, and one frame's decoded pixels (rows x columns x samples x bits
+allocated), checked from the header before any pixel is decompressed. A 36 Mpx 16-bit
+radiograph is 72 MB."""
+
 MIN_SIDE = 32
 """Images with a side shorter than this (in pixels) are refused: they carry no detail a
 model could read."""
@@ -465,7 +471,13 @@ def _open_pil(path: Path) -> Image.Image:
 
 
 def _orientation(im: Image.Image) -> int:
-    """The EXIF orientation tag (1 when absent or invalid)."""
+    """The EXIF orientation tag (1 when absent or invalid).
+
+    Pillow finds a PNG's ``eXIf`` chunk after the image data only by decoding the whole
+    image, so a non-JPEG image over :data:`PIXEL_BUDGET` is taken as upright here, without
+    reading the tag: the decode that follows refuses it anyway."""
+    if im.format not in ("JPEG", "MPO") and im.width * im.height > PIXEL_BUDGET:
+        return 1
     try:
         value = int(im.getexif().get(_ORIENTATION_TAG, 1))
     except (ValueError, TypeError, OSError, SyntaxError):
@@ -516,11 +528,67 @@ def _read_dicom(path: Path, stop_before_pixels: bool = False):
     import pydicom  # imported lazily: only DICOM users pay for it
     from pydicom.errors import InvalidDicomError
 
+    _check_deflated_size(path)
     try:
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size="1 MB")
     except InvalidDicomError:
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size="1 MB",
                                force=True)
+
+
+def _check_deflated_size(path: Path) -> None:
+    """Refuse a deflated DICOM (transfer syntax 1.2.840.10008.1.2.1.99) whose data set
+    inflates to more than :data:`MAX_DICOM_BYTES`: pydicom inflates it whole into memory,
+    deferred elements included, so 1 MB can hold a 1 GiB private element. Inflated here in
+    1 MiB blocks that are counted and dropped."""
+    import zlib
+
+    from pydicom.filereader import read_file_meta_info
+
+    with open(path, "rb") as handle:
+        if handle.read(132)[128:132] != b"DICM":
+            return
+    try:
+        meta = read_file_meta_info(path)
+    except Exception:  # pydicom reports the damage when the file is read
+        return
+    if str(meta.get("TransferSyntaxUID", "")) != "1.2.840.10008.1.2.1.99":
+        return
+    offset = 132 + 12 + int(meta.get("FileMetaInformationGroupLength", 0) or 0)
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        pending = b""
+        while total <= MAX_DICOM_BYTES:
+            pending = pending or handle.read(2**20)
+            if not pending:
+                return
+            try:
+                total += len(inflater.decompress(pending, 2**20))
+            except zlib.error:
+                return
+            pending = inflater.unconsumed_tail
+            if inflater.eof:
+                return
+    raise ImageReadError(
+        path, f"deflated DICOM data set inflates to more than {MAX_DICOM_BYTES / 2**20:.0f} MiB "
+        "(a radiograph needs less); re-export the study uncompressed or with image compression",
+    )
+
+
+def _check_dicom_frame_size(path: Path, ds) -> None:
+    """Refuse a DICOM whose first frame would decode to more than :data:`MAX_DICOM_BYTES`
+    (rows x columns x samples per pixel x bits allocated), before decompressing it."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    size = rows * cols * samples * max(bits, 8) // 8
+    if size > MAX_DICOM_BYTES:
+        raise ImageReadError(
+            path, f"DICOM frame too large to decode safely ({cols} x {rows} px, {samples} "
+            f"sample(s) of {bits} bits: {size / 2**20:,.0f} MiB, limit "
+            f"{MAX_DICOM_BYTES / 2**20:.0f} MiB); downscale it and try again",
+        )
 
 
 def _decode_dicom(path: Path, target: tuple[int, int] | None) -> np.ndarray:
@@ -538,6 +606,7 @@ def _decode_dicom(path: Path, target: tuple[int, int] | None) -> np.ndarray:
             f"image too large to decode safely ({cols} x {rows} px, DICOM: {rows * cols / 1e6:.0f} "
             f"Mpx, limit {PIXEL_BUDGET / 1e6:.0f} Mpx); downscale it and try again",
         )
+    _check_dicom_frame_size(path, ds)
     if "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)

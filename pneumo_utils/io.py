@@ -15,8 +15,10 @@ output does not fit them.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,9 @@ __all__ = [
     "TASK_CLASS_NAMES",
     "ModelFileError",
     "check_output",
+    "check_fingerprint",
     "class_names_of",
+    "file_digest",
     "read_sidecar",
     "validate_metadata",
     "write_bytes_atomic",
@@ -44,6 +48,25 @@ TASK_CLASS_NAMES: dict[str, tuple[str, ...]] = {
 """Class names (label order) of each task of :data:`pneumo_utils.tasks.TASKS`, kept here so
 that reading a sidecar imports neither pandas nor the data set loaders (a test checks that
 both agree)."""
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 512
+"""Smallest and largest model input side (pixels) a sidecar or a model may declare: the
+project's models take 64-224 px (tests 32 px); a larger input multiplies the memory of every
+batch (a 4096 px image is 200 MB as float32) and is refused."""
+
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
+"""Range of a sidecar's ``temperature``: the bounds :func:`pneumo_utils.evaluate.fit_temperature`
+searches. A temperature near 0 would turn any output into a 0% or 100% "confidence"."""
+
+MAX_SIDECAR_BYTES = 2**20
+"""Largest sidecar file read (1 MiB): a real one, metrics and exports included, is a few KB."""
+
+MAX_SIDECAR_DEPTH = 32
+"""Deepest nesting of JSON arrays and objects in a sidecar (a real one nests 5 levels);
+checked before parsing, as a deeply nested file exhausts the parser's recursion."""
+
+FINGERPRINT_KINDS = ("keras", "onnx", "tflite")
+"""Model file kinds (file suffixes) whose SHA-256 a sidecar's ``sha256`` field records."""
 
 NEGATIVE_CLASS_NAMES = ("normal", "no finding")
 """Accepted first entries of a sidecar's ``class_names`` (compared case-insensitively): the
@@ -105,9 +128,15 @@ def _json_default(value: Any) -> Any:
 SIDECAR_SCHEMA: dict = {
     "type": "object",
     "properties": {
-        "image_size": {"type": "integer", "minimum": 1, "maximum": 4096},
+        "image_size": {"type": "integer", "minimum": MIN_IMAGE_SIZE, "maximum": MAX_IMAGE_SIZE},
         "threshold": {"type": "number", "minimum": 0, "maximum": 1},
-        "temperature": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000},
+        "temperature": {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE},
+        "sha256": {
+            "type": "object",
+            "properties": {kind: {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+                           for kind in FINGERPRINT_KINDS},
+            "additionalProperties": False,
+        },
         "class_names": {
             "type": "array",
             "items": {"type": "string", "minLength": 1},
@@ -124,9 +153,12 @@ SIDECAR_SCHEMA: dict = {
 """JSON schema of the sidecar fields that prediction reads; other fields are free."""
 
 _FIELD_RULES = {
-    "image_size": "a positive integer (the model's input side in pixels)",
+    "image_size": f"an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (the model's input "
+                  "side in pixels)",
     "threshold": "a number from 0 to 1",
-    "temperature": "a number above 0",
+    "temperature": f"a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE:g}",
+    "sha256": f"an object mapping {', '.join(FINGERPRINT_KINDS)} to 64 hex digits (the SHA-256 "
+              "of the model file)",
     "class_names": '[negative, positive] class names, e.g. ["NORMAL", "PNEUMONIA"], or the '
                    "class names of the sidecar's task",
     "threshold_rule": "a string",
@@ -250,6 +282,38 @@ def check_output(meta: dict, units: int, model: str | Path, source: str) -> None
     )
 
 
+PROBABILITY_TOLERANCE = 0.01
+"""How far a model output may stray from a probability (below 0, above 1, a softmax row's
+sum from 1) and still be read as one: an int8 export's outputs are quantised in steps of
+1/255."""
+
+
+def check_probabilities(values: np.ndarray, model: str | Path) -> np.ndarray:
+    """``values`` (``(n,)`` or ``(n, units)`` model outputs) clipped to 0..1, or
+    :class:`ModelFileError` when they are not probabilities: not finite, outside 0..1, or
+    softmax rows (more than one unit) not summing to 1, each beyond
+    :data:`PROBABILITY_TOLERANCE`. Such a model would print "nan% confidence" or
+    "11459% confidence" and make every metric meaningless."""
+    values = np.asarray(values, dtype=np.float64)
+    problem = None
+    if not np.isfinite(values).all():
+        problem = "outputs that are not numbers (NaN or infinite)"
+    elif values.size and (values.min() < -PROBABILITY_TOLERANCE
+                          or values.max() > 1 + PROBABILITY_TOLERANCE):
+        problem = f"outputs from {values.min():.4g} to {values.max():.4g}, outside 0..1"
+    elif values.ndim == 2 and values.shape[1] > 1 and values.size:
+        sums = values.sum(axis=1)
+        worst = float(sums[np.argmax(np.abs(sums - 1))])
+        if abs(worst - 1) > PROBABILITY_TOLERANCE:
+            problem = f"softmax rows summing to {worst:.4g}, not 1"
+    if problem:
+        raise ModelFileError(
+            f"{model} gives {problem}: it is not a probability model as pneumo saves them; "
+            "use a model saved or exported by pneumo"
+        )
+    return np.clip(values, 0.0, 1.0)
+
+
 @functools.cache
 def _sidecar_validator():
     """:data:`SIDECAR_SCHEMA` compiled to a Python function (``fastjsonschema``: a few
@@ -263,13 +327,89 @@ def read_sidecar(path: str | Path) -> dict:
     """The sidecar JSON at ``path`` (``{}`` when there is none), validated.
 
     ``NaN`` and ``Infinity`` (which Python's ``json`` accepts) are read as the strings
-    ``"NaN"``/``"Infinity"`` so that the schema names the field that holds them.
+    ``"NaN"``/``"Infinity"`` so that the schema names the field that holds them. A file
+    over :data:`MAX_SIDECAR_BYTES`, nested deeper than :data:`MAX_SIDECAR_DEPTH` (checked
+    before parsing) or a path that exists but is not a file (a folder) raises
+    :class:`ModelFileError`: taking it for "no sidecar" would silently predict at 0.5.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         return {}
+    if not path.is_file():
+        raise ModelFileError(
+            f"sidecar {path} exists but is not a file (a folder?); remove it or put the "
+            "model's JSON sidecar there"
+        )
+    size = path.stat().st_size
+    if size > MAX_SIDECAR_BYTES:
+        raise ModelFileError(
+            f"sidecar {path} is {size / 2**20:,.1f} MiB (limit {MAX_SIDECAR_BYTES / 2**20:.0f} "
+            "MiB); a pneumo sidecar is a few KB: save the model again with its own sidecar"
+        )
     try:
-        meta = json.loads(path.read_text(), parse_constant=str)
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelFileError(f"sidecar {path} is not valid JSON: {exc}") from None
+    depth = json_depth(text)
+    if depth > MAX_SIDECAR_DEPTH:
+        raise ModelFileError(
+            f"sidecar {path} nests arrays or objects {depth} deep (limit {MAX_SIDECAR_DEPTH}); "
+            "it is not a pneumo sidecar: save the model again with its own sidecar"
+        )
+    try:
+        meta = json.loads(text, parse_constant=str)
+    except (ValueError, RecursionError) as exc:
         raise ModelFileError(f"sidecar {path} is not valid JSON: {exc}") from None
     return validate_metadata(meta, f"sidecar {path}")
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of ``[``/``{`` in JSON ``text`` (brackets inside strings do not
+    count), computed without parsing, so that a hostile file is refused before the parser
+    recurses into it."""
+    codes = np.frombuffer(_JSON_STRING.sub('""', text).encode(), dtype=np.uint8)
+    steps = (np.isin(codes, (ord("["), ord("{"))).astype(np.int64)
+             - np.isin(codes, (ord("]"), ord("}"))))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 of the file at ``path`` (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(functools.partial(handle.read, 2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_fingerprint(meta: dict, model: str | Path, source: str) -> None:
+    """Refuse a sidecar written for another model file.
+
+    A sidecar saved by pneumo records the SHA-256 of each model file it describes under
+    ``sha256`` (``keras``, and ``onnx``/``tflite`` for exports sharing it). When the field is
+    present, the digest of ``model``'s kind (its suffix) must be there and match the file:
+    another model's sidecar would otherwise name the wrong classes or threshold. A sidecar
+    without the field (saved before fingerprints) is accepted. ``source`` names the sidecar.
+    """
+    recorded = meta.get("sha256")
+    if not recorded:
+        return
+    model = Path(model)
+    kind = model.suffix.lower().lstrip(".")
+    expected = recorded.get(kind)
+    if expected is None:
+        raise ModelFileError(
+            f"{source} records the SHA-256 of {', '.join(sorted(recorded))} model files but not "
+            f"of {model.name} ({kind}): it belongs to another model or the {kind} file is stale; "
+            "export or save the model again so its sidecar describes it"
+        )
+    actual = file_digest(model)
+    if actual != expected:
+        raise ModelFileError(
+            f"{model} does not match {source} (SHA-256 {actual[:12]}..., sidecar records "
+            f"{expected[:12]}...): the sidecar belongs to another model or the model file was "
+            "replaced; put the model's own sidecar beside it, or save the model again"
+        )

@@ -33,10 +33,14 @@ import numpy as np
 from pneumo_utils import CLASS_NAMES, __version__
 from pneumo_utils.data import image_dataset
 from pneumo_utils.io import (
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
     TASK_CLASS_NAMES,
     ModelFileError,
+    check_fingerprint,
     check_output,
     current_umask,
+    file_digest,
     read_sidecar,
     validate_metadata,
     write_json_atomic,
@@ -448,7 +452,10 @@ def save_model(model: keras.Model, path: str | Path, metadata: dict | None = Non
 
     An interrupted run never leaves a half-written model under ``path``; the temporary file
     of a save that was killed (its name carries the process id) is removed by the next save
-    into the same folder.
+    into the same folder. The sidecar records the SHA-256 of the ``.keras`` file it was
+    written with (``sha256``: ``{"keras": ...}``, replacing any digests in ``metadata``, whose
+    exports describe other weights), so :func:`load_model` refuses it beside another model;
+    rewriting only the sidecar later keeps it valid.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -459,11 +466,12 @@ def save_model(model: keras.Model, path: str | Path, metadata: dict | None = Non
     try:
         model.save(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the usual permissions
+        digest = file_digest(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    write_json_atomic(sidecar_path(path), meta)
+    write_json_atomic(sidecar_path(path), {**meta, "sha256": {"keras": digest}})
     return path
 
 
@@ -490,8 +498,9 @@ def load_model(path: str | Path) -> tuple[keras.Model, dict]:
     disagrees with the model's input, or when its task does not fit the output
     (:func:`~pneumo_utils.io.check_output`: a sigmoid model with a three-class sidecar, a
     softmax model whose sidecar names no multi-class task or is missing, a softmax of the
-    wrong width). Without a sidecar, the metadata of a sigmoid model is inferred from the
-    model (task pneumonia, threshold 0.5).
+    wrong width), or when it records the SHA-256 of another ``.keras`` file
+    (:func:`~pneumo_utils.io.check_fingerprint`). Without a sidecar, the metadata of a
+    sigmoid model is inferred from the model (task pneumonia, threshold 0.5).
     """
     path = Path(path)
     if not path.is_file():
@@ -504,6 +513,7 @@ def load_model(path: str | Path) -> tuple[keras.Model, dict]:
     _check_archive_sizes(path)
     meta_file = sidecar_path(path)
     meta = read_sidecar(meta_file)
+    check_fingerprint(meta, path, f"sidecar {meta_file}")
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:
@@ -552,11 +562,18 @@ def _check_archive_sizes(path: Path) -> None:
 
 def _square_rgb_input_size(model: keras.Model, path: Path) -> int | None:
     """The side ``n`` of a model taking ``(batch, n, n, 3)`` (``None`` if not fixed), else
-    :class:`ModelFileError`: pneumo models take one square RGB image per example."""
+    :class:`ModelFileError`: pneumo models take one square RGB image per example, of
+    :data:`~pneumo_utils.io.MIN_IMAGE_SIZE` to :data:`~pneumo_utils.io.MAX_IMAGE_SIZE` px."""
     shapes = [tuple(t.shape) for t in model.inputs]
     if len(shapes) == 1 and len(shapes[0]) == 4:
         _, h, w, channels = shapes[0]
         if channels == 3 and h == w:
+            if h is not None and not MIN_IMAGE_SIZE <= int(h) <= MAX_IMAGE_SIZE:
+                raise ModelFileError(
+                    f"{path} takes {h}x{w} px input; pneumo models take {MIN_IMAGE_SIZE} to "
+                    f"{MAX_IMAGE_SIZE} px (a larger input multiplies the memory of every "
+                    "batch): rebuild the model at a size in that range"
+                )
             return None if h is None else int(h)
     shown = ", ".join(str(s) for s in shapes) or "none"
     raise ModelFileError(

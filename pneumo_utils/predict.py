@@ -62,7 +62,8 @@ def predict_images(
     over the batches (``tqdm``).
     """
     from pneumo_utils.images import ImageReadError
-    from pneumo_utils.io import ModelFileError, check_output, validate_metadata
+    from pneumo_utils.io import ModelFileError, check_output, check_probabilities, validate_metadata
+    from pneumo_utils.runtime import batch_size_for
 
     with warnings.catch_warnings():  # a kernel without ipywidgets: text bar, no warning
         warnings.simplefilter("ignore")
@@ -74,6 +75,7 @@ def predict_images(
         raise ModelFileError(
             f"metadata image_size {size} does not match the model's {expected} px input"
         )
+    batch_size = batch_size_for(size, batch_size)
     results: list[dict] = []
     starts = range(0, len(paths), batch_size)
     for start in tqdm(starts, desc="predict", unit="batch", disable=not verbose, leave=False):
@@ -94,6 +96,7 @@ def predict_images(
         images = np.stack(batch).astype(np.float32)
         raw = np.asarray(model.predict(images, verbose=0))
         check_output(meta, raw.shape[-1], "the model", "its metadata")
+        raw = check_probabilities(raw, getattr(model, "path", "the model"))
         for (slot, notes), image, value in zip(ready, images, raw, strict=True):
             results[slot] = {**_describe(value, meta), **notes, "image_array": image}
     return results

@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -59,6 +60,8 @@ IMAGE_FORMATS = ("jpeg", "png")
 JPEG_QUALITY = 95
 _SAMPLE_IMAGES = 16
 _FEATURES = ("image", "label", "patient", "split", "key", "row")
+_SAFE_SPLIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_SAFE_SHARD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}-\d{5}-of-\d{5}\.tfrecord$")
 
 
 class CorruptShardError(ValueError):
@@ -67,6 +70,37 @@ class CorruptShardError(ValueError):
 
 class ShardsMismatchError(ValueError):
     """An output folder holds shards of another index or other settings."""
+
+
+def check_manifest(manifest, where: str | Path) -> dict:
+    """``manifest`` when its shape is a pneumo manifest whose files stay in the shards folder,
+    else :class:`CorruptShardError` naming ``where``.
+
+    Shard names are plain ``SPLIT-NNNNN-of-MMMMM.tfrecord`` file names and split names (in
+    ``shards`` and ``plan``) letters, digits, ``_`` and ``-``: a manifest naming
+    ``../elsewhere/x.tfrecord`` or a plan split ``../../escape`` would make the reader open,
+    or the writer write, files outside the folder.
+    """
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict):
+        raise CorruptShardError(
+            f"{where} is not a shards manifest (expected a JSON object with a \"shards\" "
+            "object); rewrite the shards with python -m pneumo_utils.shards --data-root DIR --out DIR"
+        )
+    splits = list(manifest.get("plan") or {})
+    for name, entry in manifest["shards"].items():
+        if not _SAFE_SHARD.match(str(name)) or not isinstance(entry, dict):
+            raise CorruptShardError(
+                f"{where} names shard {str(name)[:80]!r}, not a SPLIT-NNNNN-of-MMMMM.tfrecord file "
+                "in the shards folder; refusing to read files outside it: rewrite the shards"
+            )
+        splits.append(entry.get("split"))
+    for split in splits:
+        if not isinstance(split, str) or not _SAFE_SPLIT.match(split):
+            raise CorruptShardError(
+                f"{where} names split {str(split)[:80]!r}; split names are letters, digits, _ "
+                "and - (a path would leave the shards folder): rewrite the shards"
+            )
+    return manifest
 
 
 # --------------------------------------------------------------------------------- index
@@ -212,6 +246,11 @@ def write_shards(
     missing = [c for c in ("path", "label", "patient", "split") if c not in index.columns]
     if missing:
         raise ValueError(f"index is missing column(s) {missing}; expected path, label, patient, split")
+    unsafe = sorted({str(s) for s in index["split"]} - {str(s) for s in index["split"]
+                                                      if _SAFE_SPLIT.match(str(s))})
+    if unsafe:
+        raise ValueError(f"index split name(s) {unsafe[:3]} are not letters, digits, _ and -; "
+                         "shard files are named after their split")
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     _remove_partial_files(out)
@@ -415,7 +454,11 @@ def _resume(out: Path, settings: dict) -> dict | None:
             raise ShardsMismatchError(f"{out} holds .tfrecord files but no {MANIFEST}; write to "
                                       "an empty folder or delete those files.")
         return None
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = check_manifest(json.loads(path.read_text()), path)
+    except json.JSONDecodeError as exc:
+        raise CorruptShardError(f"{path} is not valid JSON ({exc}); delete the folder and "
+                                "write the shards again") from None
     different = [k for k, v in settings.items() if manifest.get(k) != v]
     if different:
         raise ShardsMismatchError(
@@ -462,7 +505,10 @@ def read_manifest(folder: str | Path) -> dict:
         raise FileNotFoundError(f"{folder} is not a shards folder (no {MANIFEST}); write one with "
                                 "`python -m pneumo_utils.shards --data-root DIR --out DIR`.")
     with tf.io.gfile.GFile(path, "r") as handle:
-        manifest = json.loads(handle.read())
+        try:
+            manifest = check_manifest(json.loads(handle.read()), path)
+        except json.JSONDecodeError as exc:
+            raise CorruptShardError(f"{path} is not valid JSON ({exc}); rewrite the shards") from None
     if not manifest.get("complete"):
         raise CorruptShardError(f"the shards in {folder} are incomplete (the writer was "
                                 "interrupted); run the same command again to finish them.")
@@ -519,11 +565,39 @@ def shard_files(folder: str | Path, split: str, verify: str = "size") -> list[st
 
 
 def verify_shards(folder: str | Path) -> dict:
-    """Check every shard's size and sha256 against the manifest; raises
-    :class:`CorruptShardError` naming the bad files, else returns the manifest."""
+    """Check every shard's size and sha256 against the manifest, and the records of each
+    shard (row and key, in order) against the index, so that a shard swapped for another
+    of the same split, with its checksum edited to match, or an edited image count is
+    caught; raises :class:`CorruptShardError` naming the bad files, else returns the
+    manifest."""
+    import tensorflow as tf
+
     manifest = read_manifest(folder)
     for split in sorted({e["split"] for e in manifest["shards"].values()}):
         shard_files(folder, split, verify="sha256")
+    index = read_index(folder)
+    spec = {"row": tf.io.FixedLenFeature([], tf.int64), "key": tf.io.FixedLenFeature([], tf.string)}
+    problems = []
+    for name, entry in sorted(manifest["shards"].items()):
+        path = f"{str(folder).rstrip('/')}/{name}"
+        expected = index[index["shard"] == name].sort_values("row")
+        found = []
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                parsed = tf.io.parse_single_example(record, spec)
+                found.append((int(parsed["row"]), parsed["key"].numpy().decode()))
+        except tf.errors.OpError as exc:
+            problems.append(f"{path}: cannot be read ({exc.message.splitlines()[0]})")
+            continue
+        wanted = list(zip(expected["row"].astype(int), expected["key"].astype(str), strict=True))
+        if found != wanted or entry.get("images") != len(found):
+            problems.append(f"{path}: holds {len(found)} records that are not the {len(wanted)} "
+                            f"rows index.csv gives it (manifest: {entry.get('images')} images)")
+    if problems:
+        raise CorruptShardError(
+            f"{len(problems)} shard file(s) do not match the index:\n  " + "\n  ".join(problems)
+            + "\nRerun the writer on the same --out folder to rewrite them."
+        )
     return manifest
 
 
@@ -817,8 +891,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 shard_mb=args.shard_mb, min_shards=args.min_shards,
                                 split_rule=rule, workers=args.workers)
     except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 2
+    except Exception as exc:  # TensorFlow's OpError (DataLossError...) is not a ValueError
+        if type(exc).__module__.startswith("tensorflow"):
+            print(f"error: {args.out}: " + " ".join(str(exc).split()), file=sys.stderr)
+            return 2
+        raise
     for split, counts in manifest["counts"].items():
         print(f"  {split}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0

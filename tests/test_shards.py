@@ -140,7 +140,7 @@ def test_corrupt_shard_gives_an_error_naming_it(shard_dir, tmp_path):
         shards.read_shards(copy, "train", verify="sha256")
     with pytest.raises(shards.CorruptShardError, match=name):
         shards.verify_shards(copy)
-    assert shards.main(["--out", str(copy), "--verify"]) == 1
+    assert shards.main(["--out", str(copy), "--verify"]) == 2
     model = tf.keras.Sequential([tf.keras.Input((SIZE, SIZE, 3)), tf.keras.layers.GlobalAveragePooling2D()])
     with pytest.raises(shards.CorruptShardError, match=name):  # ...and reading finds it
         shards.predict_from_shards(model, copy, "train", verbose=False)
