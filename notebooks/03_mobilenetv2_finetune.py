@@ -44,7 +44,8 @@ if "google.colab" in sys.modules:
     # %pip install -q "pneumo @ git+$REPOSITORY"
 
 # %% tags=["parameters"]
-data_dir: str = "data/chest_xray"  # Kermany folder holding train/, val/ and test/
+data_dir = None  # type: str|None Kermany folder with train/, val/, test/ (None: found in data/ or ../shared/data/, else downloaded)
+external_dir = None  # type: str|None labelled external validation folder, NORMAL/ and PNEUMONIA/ (None: found if present)
 weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
 image_size: int = 128  # side of the square input image, in pixels
 batch_size: int = 32  # images per batch on each replica (device)
@@ -60,7 +61,7 @@ n_boot: int = 1000  # bootstrap resamples for the 95% confidence intervals
 remove_cues: bool = True  # centre crop + histogram equalisation in the model, frame-swapped training copies
 cue_images: int = 300  # validation images in the shortcut check (four forward passes each)
 seed: int = 42  # seeds the split, the initial weights, the shuffling and the augmentation
-reports_dir: str = "reports"  # where the metrics JSON is written
+reports_dir: str = "reports"  # where the metrics JSON is written (relative paths: to the project folder)
 models_dir: str = "saved_models"  # where the model, its sidecar and its model card are written
 cache_dir: str = ".cache/pneumo"  # where backbone features are cached
 
@@ -68,6 +69,7 @@ cache_dir: str = ".cache/pneumo"  # where backbone features are cached
 from pathlib import Path
 
 import keras
+from IPython.display import display
 
 from pneumo_utils import (
     augment,
@@ -76,6 +78,7 @@ from pneumo_utils import (
     distribute,
     evaluate,
     features,
+    fetch,
     gradcam,
     models,
     plots,
@@ -86,6 +89,10 @@ from pneumo_utils import (
 from pneumo_utils.train import EpochLine
 
 RUN_NAME = "03_mobilenetv2_finetune"
+data_dir = fetch.find("kermany", data_dir)  # the folder given, else data/ or ../shared/data/ of the project, else a download
+external_dir = fetch.find("external", external_dir, required=False)  # None when there is none
+reports_dir, models_dir, cache_dir = (fetch.in_project(p) for p in (reports_dir, models_dir, cache_dir))
+print(f"data: {data_dir}; external validation: {external_dir or 'none found'}")
 data.set_seed(seed)
 strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
 print(distribute.describe(strat))
@@ -250,6 +257,21 @@ evaluation = evaluate.evaluation_report(
     rule=threshold_rule, n_boot=n_boot, seed=seed, groups_test=datasets.patients_of(index, "test"),
 )
 evaluate.metrics_table(evaluation)
+
+# %% [markdown]
+# External validation (see notebook 01): the same model and threshold on a labelled set from
+# another collection, when one is found; nothing is fitted on it.
+
+# %%
+if external_dir is not None:
+    external = datasets.load_class_folder(external_dir, split="external")
+    p_external = models.predict_paths(model, external["path"].tolist(), batch_size)
+    evaluation["external"] = evaluate.external_report(
+        external["label"].to_numpy(), p_external, threshold=threshold, data=str(external_dir), n_boot=n_boot,
+        seed=seed, groups=external["patient"].to_numpy())
+    display(evaluate.metrics_table(evaluation))
+else:
+    print("No labelled external validation set was found: every figure in this report is same-source.")
 
 # %%
 evaluate.classification_table(labels["test"], p_test, threshold)

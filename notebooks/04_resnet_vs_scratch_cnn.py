@@ -47,7 +47,8 @@ if "google.colab" in sys.modules:
     # %pip install -q "pneumo @ git+$REPOSITORY"
 
 # %% tags=["parameters"]
-data_dir: str = "data/chest_xray"  # Kermany folder holding train/, val/ and test/
+data_dir = None  # type: str|None Kermany folder with train/, val/, test/ (None: found in data/ or ../shared/data/, else downloaded)
+external_dir = None  # type: str|None labelled external validation folder, NORMAL/ and PNEUMONIA/ (None: found if present)
 weights = "imagenet"  # type: str|None ResNet50: "imagenet", None (random initialisation) or the path of a weights file
 image_size: int = 224  # ResNet50's input side, in pixels
 scratch_image_size: int = 96  # the CNN from scratch's input side, in pixels
@@ -64,7 +65,7 @@ cue_images: int = 300  # validation images in the shortcut check (four forward p
 max_images_per_class = None  # type: int|None at most this many images per split and class, for quick runs (None: all)
 n_boot: int = 1000  # bootstrap resamples for the 95% confidence intervals
 seed: int = 42  # seeds the split, the initial weights, the shuffling and the augmentation
-reports_dir: str = "reports"  # where the metrics JSON is written
+reports_dir: str = "reports"  # where the metrics JSON is written (relative paths: to the project folder)
 models_dir: str = "saved_models"  # where the models, their sidecars and model cards are written
 cache_dir: str = ".cache/pneumo"  # where backbone features are cached
 
@@ -84,6 +85,7 @@ from pneumo_utils import (
     evaluate,
     explore,
     features,
+    fetch,
     gradcam,
     models,
     plots,
@@ -94,6 +96,10 @@ from pneumo_utils import (
 from pneumo_utils.train import EpochLine
 
 RUN_NAME = "04_resnet_vs_scratch_cnn"
+data_dir = fetch.find("kermany", data_dir)  # the folder given, else data/ or ../shared/data/ of the project, else a download
+external_dir = fetch.find("external", external_dir, required=False)  # None when there is none
+reports_dir, models_dir, cache_dir = (fetch.in_project(p) for p in (reports_dir, models_dir, cache_dir))
+print(f"data: {data_dir}; external validation: {external_dir or 'none found'}")
 data.set_seed(seed)
 strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
 print(distribute.describe(strat))
@@ -315,6 +321,22 @@ evaluations = {
     for name, p in proba.items()
 }
 report.comparison_table(evaluations)
+
+# %% [markdown]
+# External validation (see notebook 01): both models, each at its own threshold, on a labelled
+# set from another collection when one is found; nothing is fitted on it.
+
+# %%
+if external_dir is not None:
+    external = datasets.load_class_folder(external_dir, split="external")
+    for name, model in candidates.items():
+        p_external = models.predict_paths(model, external["path"].tolist(), batch_size)
+        evaluations[name]["external"] = evaluate.external_report(
+            external["label"].to_numpy(), p_external, threshold=thresholds[name], data=str(external_dir),
+            n_boot=n_boot, seed=seed, groups=external["patient"].to_numpy())
+    display(report.comparison_table(evaluations))
+else:
+    print("No labelled external validation set was found: every figure in this report is same-source.")
 
 # %%
 plots.roc_pr_curves({name: (labels["test"], p["test"]) for name, p in proba.items()})

@@ -561,23 +561,32 @@ def metrics_table(report: dict) -> pd.DataFrame:
 
     Binary: beside the same metrics at threshold 0.5 and on validation. Three classes: the
     metrics of :data:`MULTICLASS_CI_METRICS` and each class's one-vs-rest AUC, on test (with
-    CIs) and validation.
+    CIs) and validation. With ``report["external"]`` (:func:`external_report`), two more
+    columns: external validation at the same decision rule, and its CI.
     """
     if report.get("decision") == "argmax":
         return _multiclass_metrics_table(report)
+    external = report.get("external")
     rows = []
     for m in CI_METRICS:
         lo, hi = report["test"][f"{m}_ci"]
-        rows.append(
-            {
-                "metric": m,
-                "test (val-chosen threshold)": report["test"][m],
-                "95% CI": f"{lo:.3f} - {hi:.3f}",
-                "test @ 0.5": report["test_at_0.5"][m],
-                "validation": report["validation"][m],
-            }
-        )
+        row = {
+            "metric": m,
+            "test (val-chosen threshold)": report["test"][m],
+            "95% CI": f"{lo:.3f} - {hi:.3f}",
+            "test @ 0.5": report["test_at_0.5"][m],
+            "validation": report["validation"][m],
+        }
+        rows.append({**row, **_external_cells(external, m)})
     return pd.DataFrame(rows).set_index("metric").round(4)
+
+
+def _external_cells(external: dict | None, metric: str) -> dict:
+    """The external-validation value and CI of ``metric`` for a metrics table row."""
+    if not external or metric not in external:
+        return {}
+    lo, hi = external.get(f"{metric}_ci", (float("nan"), float("nan")))
+    return {"external validation": external[metric], "external 95% CI": f"{lo:.3f} - {hi:.3f}"}
 
 
 def _multiclass_metrics_table(report: dict) -> pd.DataFrame:
@@ -588,10 +597,13 @@ def _multiclass_metrics_table(report: dict) -> pd.DataFrame:
         lo, hi = test[f"{m}_ci"]
         name = "auc (macro one-vs-rest)" if m == "auc" else m
         rows.append({"metric": name, "test (argmax)": test[m], "95% CI": f"{lo:.3f} - {hi:.3f}",
-                     "validation": validation[m]})
+                     "validation": validation[m], **_external_cells(report.get("external"), m)})
     for name, auc in test["auc_per_class"].items():
+        external = report.get("external") or {}
         rows.append({"metric": f"auc {name} vs rest", "test (argmax)": auc, "95% CI": "",
-                     "validation": validation["auc_per_class"][name]})
+                     "validation": validation["auc_per_class"][name],
+                     **({"external validation": external["auc_per_class"][name], "external 95% CI": ""}
+                        if "auc_per_class" in external else {})})
     return pd.DataFrame(rows).set_index("metric").round(4)
 
 

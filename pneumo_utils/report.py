@@ -97,19 +97,25 @@ def prediction_captions(
 def comparison_table(evaluations: Mapping[str, dict]) -> pd.DataFrame:
     """Test metrics with 95% bootstrap CIs of several models, one column per model.
 
-    Each cell reads ``value (low - high)``; the last rows give the validation AUC and the
-    decision threshold each model chose on its own validation predictions.
+    Each cell reads ``value (low - high)``; then, for models scored on external validation
+    (``evaluation["external"]``), its AUC, accuracy, sensitivity and specificity; the last rows
+    give the validation AUC and the decision threshold each model chose on its own validation
+    predictions.
     """
     columns = {}
     for name, evaluation in evaluations.items():
         test = evaluation["test"]
         cells = {m: f"{test[m]:.3f} ({test[m + '_ci'][0]:.3f} - {test[m + '_ci'][1]:.3f})"
                  for m in CI_METRICS}
+        external = evaluation.get("external") or {}
+        cells.update({f"external {m}": f"{external[m]:.3f} ({external[m + '_ci'][0]:.3f} - "
+                                       f"{external[m + '_ci'][1]:.3f})"
+                      for m in ("auc", "accuracy", "sensitivity", "specificity") if m in external})
         cells["validation auc"] = f"{evaluation['validation']['auc']:.3f}"
         cells["threshold (from validation)"] = f"{evaluation['threshold']:.3f}"
         columns[name] = cells
     table = pd.DataFrame(columns)
-    table.index.name = "test metric (95% CI)"
+    table.index.name = "metric (95% CI)"
     return table
 
 
@@ -130,7 +136,8 @@ def save_with_card(model: keras.Model, path: str | Path, *, evaluation: dict, **
         model,
         **decision,
         temperature=evaluation.get("temperature", 1.0),
-        metrics={"validation": evaluation["validation"], "test": evaluation["test"]},
+        metrics={"validation": evaluation["validation"], "test": evaluation["test"],
+                 **({"external": evaluation["external"]} if evaluation.get("external") else {})},
         **info,
     )
     save_model(model, path, meta)
@@ -168,6 +175,7 @@ def model_entry(
         "validation": evaluation["validation"],
         "test": evaluation["test"],
         "test_at_0.5": evaluation.get("test_at_0.5"),
+        "external": evaluation.get("external"),
         "model_path": str(model_path),
         **extra,
     }
@@ -255,12 +263,34 @@ another class, or its frame blanked (`pneumo_utils.shortcuts`). Selection score
 | metric | value | 95% CI |
 |---|---|---|
 {rows}
-{per_class}{cue}
+{per_class}{_external_section(evaluation)}{cue}
 ## Limitations
 - Trained on one public data set; performance on images from other hospitals, scanners,
   populations (e.g. adults vs children) or acquisition protocols is unknown and usually lower.
-- The test split is a held-out part of the same collection, not an external validation.
+- The test split is a held-out part of the same collection, not an external validation{
+  "; the external validation above is one other collection, small, and says nothing of others"
+  if evaluation.get("external") else ""}.
 - Grad-CAM maps show what the model attends to, which may be shortcuts rather than pathology.
+"""
+
+
+def _external_section(evaluation: dict) -> str:
+    """The model card's external-validation section (empty without one)."""
+    external = evaluation.get("external")
+    if not external:
+        return "\n## External validation\nNone: no labelled external validation set was found for this run.\n"
+    shown = [m for m in ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "macro_f1")
+             if m in external and f"{m}_ci" in external]
+    rows = "\n".join(f"| {m} | {external[m]:.3f} | {external[m + '_ci'][0]:.3f} - {external[m + '_ci'][1]:.3f} |"
+                     for m in shown)
+    counts = ", ".join(f"{n} {name}" for name, n in external.get("counts", {}).items())
+    return f"""
+## External validation ({external.get('data', '?')}; {counts})
+{external.get('note', '')[:1].upper() + external.get('note', '')[1:]}. 95% CIs: {external.get('ci_method', '')}.
+
+| metric | value | 95% CI |
+|---|---|---|
+{rows}
 """
 
 

@@ -665,7 +665,8 @@ def model_tables(rows: Sequence[dict], best: dict[str, dict]) -> list[dict]:
             "title": task_title(task),
             "argmax": any(row["argmax"] for row in mine),
             "models": mine,
-            "best": chosen and {"rule": chosen["rule"], "pointer": chosen["pointer"]},
+            "best": chosen and {"rule": chosen["rule"], "pointer": chosen["pointer"],
+                                "data": chosen.get("rule_data", "")},
             "roc": roc_curves(mine),
         })
     return tables
