@@ -43,6 +43,7 @@ def augmentation(
     brightness: float = DEFAULTS["brightness"],
     contrast: float = DEFAULTS["contrast"],
     horizontal_flip: bool = False,
+    stretch: float = 0.0,
     seed: int = 0,
 ) -> keras.Sequential:
     """A ``keras.Sequential`` of random preprocessing layers for RGB X-rays in 0-255.
@@ -58,6 +59,11 @@ def augmentation(
         (``RandomContrast``).
     horizontal_flip : add ``RandomFlip("horizontal")``; off by default because chest X-rays
         are not left-right symmetric (see the module docstring).
+    stretch : largest horizontal stretch or squeeze as a fraction of the width
+        (``RandomZoom`` on the width only). On data sets whose originals differ in aspect
+        ratio by class, as Kermany's do (NORMAL images are wider), a square resize turns the
+        aspect ratio into a difference of shape; random stretching makes shape useless as a
+        label. Off by default.
     seed : seeds the layers (each gets its own seed derived from it). With
         :func:`pneumo_utils.data.set_seed` (TensorFlow op determinism, as in the notebooks)
         a seeded run draws the same transforms; without it the parallel map may hand the
@@ -69,13 +75,13 @@ def augmentation(
     collimated field, rather than mirroring anatomy into it.
     """
     for name, value in (("rotation", rotation), ("zoom", zoom), ("shift", shift),
-                        ("brightness", brightness), ("contrast", contrast)):
+                        ("brightness", brightness), ("contrast", contrast), ("stretch", stretch)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     if rotation > 180:
         raise ValueError(f"rotation is in degrees and must be <= 180, got {rotation}")
-    if zoom >= 1 or shift >= 1 or brightness >= 1 or contrast >= 1:
-        raise ValueError("zoom, shift, brightness and contrast are fractions below 1")
+    if zoom >= 1 or shift >= 1 or brightness >= 1 or contrast >= 1 or stretch >= 1:
+        raise ValueError("zoom, shift, brightness, contrast and stretch are fractions below 1")
     geometry = {"fill_mode": "constant", "fill_value": 0.0}
     layers = []
     if horizontal_flip:
@@ -84,6 +90,9 @@ def augmentation(
         layers.append(
             keras.layers.RandomRotation(rotation / 360.0, seed=seed + 1, name="rotation", **geometry)
         )
+    if stretch:
+        layers.append(keras.layers.RandomZoom((0.0, 0.0), (-stretch, stretch), seed=seed + 6,
+                                              name="stretch", **geometry))
     if zoom:
         layers.append(keras.layers.RandomZoom(zoom, zoom, seed=seed + 2, name="zoom", **geometry))
     if shift:
@@ -111,7 +120,7 @@ def describe(layers: keras.Sequential | None) -> str:
         if layer.name == "flip":
             parts.append(f"{config['mode']} flip")
             continue
-        key = "factor" if "factor" in config else "height_factor"
+        key = "factor" if "factor" in config else "width_factor" if layer.name == "stretch" else "height_factor"
         value = _largest(config[key])
         parts.append(f"{layer.name} +-{value * 360:.0f} deg" if layer.name == "rotation"
                      else f"{layer.name} +-{value:.0%}")
