@@ -53,12 +53,17 @@ def grad_cam(
     placed in the middle of a zero frame, so they line up with the uncropped image.
     :func:`pneumo_utils.plots.gradcam_grid` draws them with a colour bar.
     """
-    layer_name = layer_name or find_last_conv_layer(model)
     units = int(model.output.shape[-1])
     target = _check_target(target, units)
     if units == 1 and target == "predicted" and threshold is None:
         raise ValueError("a sigmoid model's predicted class needs its decision threshold; "
                          "pass threshold= (the one chosen on validation)")
+    from pneumo_utils.ensemble import members_of
+
+    members = members_of(model)
+    if members and layer_name is None:
+        return _ensemble_cam(model, members, np.asarray(images, dtype=np.float32), target, threshold)
+    layer_name = layer_name or find_last_conv_layer(model)
     grad_model = keras.Model(model.inputs, [model.get_layer(layer_name).output, model.output])
     x = tf.convert_to_tensor(np.asarray(images, dtype=np.float32))
     with tf.GradientTape() as tape:
@@ -69,6 +74,36 @@ def grad_cam(
     cam = tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1)).numpy()
     peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
     return _uncrop((cam / np.maximum(peak, 1e-12)).astype(np.float32), model)
+
+
+def _ensemble_cam(model: keras.Model, members: list[keras.Model], images: np.ndarray,
+                  target: str | int, threshold: float | None) -> np.ndarray:
+    """The mean of the members' Grad-CAM maps of the class the *ensemble* explains, each map
+    resized to the largest member map (an ensemble averages probabilities, so each member's
+    share of the decision is its own gradient-weighted feature map)."""
+    if target == "predicted":
+        proba = model.predict(images, verbose=0)
+        classes = ((proba[:, 0] >= threshold).astype(int) if proba.shape[-1] == 1
+                   else proba.argmax(axis=-1))
+    else:
+        classes = np.full(len(images), int(target))
+    maps = []
+    for member in members:
+        size = int(member.inputs[0].shape[1])
+        x = images if images.shape[1] == size else tf.image.resize(images, (size, size)).numpy()
+        cam = np.zeros((len(images), 0, 0), dtype=np.float32)
+        for k in np.unique(classes):
+            part = grad_cam(member, x, target=int(k), threshold=threshold)
+            if cam.size == 0:
+                cam = np.zeros_like(part)
+            cam[classes == k] = part[classes == k]
+        maps.append(cam)
+    h = max(m.shape[1] for m in maps)
+    w = max(m.shape[2] for m in maps)
+    resized = [np.stack([cv2.resize(c, (w, h), interpolation=cv2.INTER_LINEAR) for c in m]) for m in maps]
+    mean = np.mean(resized, axis=0)
+    peak = mean.reshape(len(mean), -1).max(axis=1).reshape(-1, 1, 1)
+    return (mean / np.maximum(peak, 1e-12)).astype(np.float32)
 
 
 def _check_target(target: str | int, units: int) -> str | int:

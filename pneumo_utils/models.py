@@ -392,6 +392,13 @@ def output_kind(model: keras.Model, path: str | Path | None = None) -> tuple[str
     shape = tuple(outputs[0].shape) if len(outputs) == 1 else None
     layer = getattr(outputs[0], "_keras_history", [None])[0] if outputs else None
     activation = getattr(getattr(layer, "activation", None), "__name__", None)
+    from pneumo_utils.ensemble import members_of
+
+    members = members_of(model) if isinstance(layer, keras.layers.Average) else []
+    if members:  # an ensemble's mean of probabilities is what its members output
+        kinds = {output_kind(member, path) for member in members}
+        if len(kinds) == 1:
+            return kinds.pop()
     if shape is not None and len(shape) == 2:
         if shape[-1] == 1 and activation == "sigmoid":
             return "sigmoid", 1

@@ -1,0 +1,58 @@
+"""Several trained classifiers as one Keras model that averages their probabilities.
+
+Why: models with different backbones (and seeds) make partly independent errors on a new
+site's images, so their mean ranks those images better than most members do alone
+(``RESULTS.md``). Built as one functional model with one image input, the ensemble is a
+``.keras`` file like any other: ``predict``, ``evaluate``, ``calibrate``, the exports and
+Grad-CAM (:func:`pneumo_utils.gradcam.grad_cam` averages the members' maps) take it unchanged.
+
+Each member keeps its own preprocessing (cue removal, backbone scaling) inside it; when its
+input size differs from the ensemble's, a ``Resizing`` layer in front of it resizes the
+image, as the prediction pipeline would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+
+MEAN_LAYER = "ensemble_mean"
+"""Name of the layer that averages the members' outputs; :func:`members_of` looks for it."""
+
+
+def average(members: Sequence[keras.Model], image_size: int, name: str = "ensemble") -> keras.Model:
+    """One model whose output is the mean of ``members``' outputs.
+
+    ``members`` are Keras classifiers with the same output (one sigmoid unit, or the same
+    softmax classes) and ``(n, s, s, 3)`` inputs in 0-255; ``image_size`` is the ensemble's
+    input side. Returns a model ``(n, image_size, image_size, 3) -> (n, units)``; the members'
+    weights are shared with (not copied from) the models given.
+    """
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
+    units = {int(m.output.shape[-1]) for m in members}
+    if len(units) != 1:
+        raise ValueError(f"members have different outputs ({sorted(units)} units); average models "
+                         "of one task only")
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise ValueError(f"member names must differ (they name the layers of the ensemble): {names}")
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    outputs = []
+    for member in members:
+        member.trainable = False
+        size = int(member.inputs[0].shape[1])
+        x = inputs if size == image_size else keras.layers.Resizing(size, size, name=f"{member.name}_resize")(inputs)
+        outputs.append(member(x))
+    mean = keras.layers.Average(name=MEAN_LAYER)(outputs)
+    return keras.Model(inputs, mean, name=name)
+
+
+def members_of(model: keras.Model) -> list[keras.Model]:
+    """The member models of an ensemble made by :func:`average` (empty for any other model)."""
+    try:
+        model.get_layer(MEAN_LAYER)
+    except ValueError:
+        return []
+    return [layer for layer in model.layers if isinstance(layer, keras.Model)]
