@@ -158,20 +158,6 @@ def num_workers(strategy) -> int:
     return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
 
 
-def is_chief() -> bool:
-    """Whether this process should write shared outputs (model files, reports).
-
-    True everywhere except on the non-chief workers of a multi-worker cluster: the chief is
-    task ``chief`` 0, or ``worker`` 0 when ``TF_CONFIG`` has no chief.
-    """
-    if tf_config_workers() <= 1:
-        return True
-    config = json.loads(os.environ["TF_CONFIG"])
-    task, cluster = config.get("task", {}), config.get("cluster", {})
-    chief_type = "chief" if cluster.get("chief") else "worker"
-    return task.get("type") == chief_type and int(task.get("index", 0)) == 0
-
-
 def global_batch_size(per_replica: int, strategy) -> int:
     """The batch a dataset must yield so that each replica sees ``per_replica`` images:
     ``per_replica * strategy.num_replicas_in_sync`` (``model.fit`` splits it)."""
@@ -252,24 +238,8 @@ def set_precision(setting: str = "auto", strategy=None) -> str:
     Call it before building a model: layers take the policy when they are created. A model
     built under a mixed policy must compute its output in float32 (a sigmoid in float16
     saturates and its loss loses precision): the classification layer is created with
-    ``dtype="float32"``; :func:`check_float32_output` verifies it.
+    ``dtype="float32"``.
     """
     name = precision_policy(setting, strategy)
     keras.mixed_precision.set_global_policy(name)
     return name
-
-
-def check_float32_output(model) -> None:
-    """Raise ``ValueError`` naming the layer when a model's output is not float32.
-
-    Under ``mixed_float16``/``mixed_bfloat16`` the last layer must be built with
-    ``dtype="float32"`` (e.g. ``keras.layers.Dense(1, activation="sigmoid",
-    dtype="float32")``) so probabilities and the loss keep full precision.
-    """
-    for output in model.outputs:
-        if str(output.dtype) != "float32":
-            layer = model.layers[-1].name
-            raise ValueError(
-                f"model {model.name} outputs {output.dtype} (layer {layer}); under a mixed "
-                "precision policy build its output layer with dtype='float32'."
-            )

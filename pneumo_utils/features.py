@@ -14,9 +14,9 @@ deleted and recomputed.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -26,6 +26,7 @@ import keras
 import numpy as np
 
 from pneumo_utils.data import image_dataset
+from pneumo_utils.io import write_bytes_atomic
 from pneumo_utils.models import ProgressBar, pooled_features_model
 
 DEFAULT_CACHE_DIR = ".cache/pneumo/features"
@@ -229,18 +230,12 @@ def _header_problem(candidate: Path, n_rows: int) -> str | None:
 
 
 def _save_atomic(cache_file: Path, features: np.ndarray) -> None:
-    """``np.save`` to ``STEM-SHA.npy`` through a temporary file and a rename; no partial
-    file survives a failure."""
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    target = cache_file.with_name(f"{cache_file.stem}-{_checksum(features)}.npy")
-    fd, tmp = tempfile.mkstemp(suffix=".npy", dir=cache_file.parent, prefix=".partial-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, features)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """``np.save`` to ``STEM-SHA.npy`` with :func:`pneumo_utils.io.write_bytes_atomic`, so no
+    partial file survives a failure (the array, a few MB, is serialised in memory first)."""
+    buffer = io.BytesIO()
+    np.save(buffer, features)
+    write_bytes_atomic(cache_file.with_name(f"{cache_file.stem}-{_checksum(features)}.npy"),
+                       buffer.getvalue())
 
 
 def extract_with_frame_swaps(

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import tempfile
+import time
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -313,23 +314,6 @@ def base_layers(model: keras.Model) -> list[keras.layers.Layer]:
     ]
 
 
-def unfreeze_top(model: keras.Model, n_layers: int, train_batchnorm: bool = False) -> int:
-    """Make the last ``n_layers`` backbone layers trainable, the rest frozen.
-
-    BatchNormalization layers stay frozen (so they run in inference mode and keep their
-    ImageNet statistics, the standard recipe for fine-tuning on a small data set) unless
-    ``train_batchnorm``. Returns the number of trainable backbone layers. Recompile after.
-    """
-    layers = base_layers(model)
-    cut = max(0, len(layers) - n_layers)
-    trainable = 0
-    for i, layer in enumerate(layers):
-        is_bn = isinstance(layer, keras.layers.BatchNormalization)
-        layer.trainable = i >= cut and (train_batchnorm or not is_bn)
-        trainable += layer.trainable
-    return trainable
-
-
 def model_metadata(model: keras.Model, task: str | None = None, **info: Any) -> dict:
     """Sidecar metadata for a model: what it is, how to feed it, and how to read its output.
 
@@ -424,23 +408,31 @@ def predict_paths(
     size = int(model.inputs[0].shape[1])
     dataset = image_dataset(paths, image_size=size, batch_size=batch_size, cache=False)
     callbacks = [ProgressBar(math.ceil(len(paths) / batch_size), "predict")] if verbose else []
+    start = time.perf_counter()
     proba = model.predict(dataset, verbose=0, callbacks=callbacks)
+    if verbose:
+        print(f"predict: {len(paths)} images in {time.perf_counter() - start:.0f} s")
     return proba.reshape(-1) if proba.shape[-1] == 1 else proba
 
 
 class ProgressBar(keras.callbacks.Callback):
-    """A ``tqdm.auto`` bar over the batches of ``model.predict`` (``total`` batches)."""
+    """A ``tqdm`` bar over the batches of ``model.predict`` (``total`` batches), drawn only
+    when stderr is a terminal.
+
+    In a Jupyter kernel (papermill included), a pipe or a log file every redraw of a text
+    bar stays behind as a line (one per batch in a notebook's HTML report), so there the
+    bar is off (``tqdm``'s ``disable=None``) and the caller prints one closing line.
+    """
 
     def __init__(self, total: int, description: str) -> None:
         super().__init__()
         self.total, self.description, self.bar = total, description, None
 
     def on_predict_begin(self, logs=None) -> None:
-        with warnings.catch_warnings():  # a kernel without ipywidgets: text bar, no warning
-            warnings.simplefilter("ignore")
-            from tqdm.auto import tqdm
+        from tqdm import tqdm
 
-        self.bar = tqdm(total=self.total, desc=self.description, unit="batch", leave=False)
+        self.bar = tqdm(total=self.total, desc=self.description, unit="batch", leave=False,
+                        disable=None)
 
     def on_predict_batch_end(self, batch, logs=None) -> None:
         self.bar.update(1)

@@ -29,8 +29,6 @@ import pandas as pd
 from pneumo_utils.datasets import DatasetLayoutError
 
 DEFAULT_TASK = "pneumonia"
-SUBTYPE_NAMES = {"normal": "NORMAL", "bacteria": "BACTERIAL PNEUMONIA", "virus": "VIRAL PNEUMONIA"}
-"""Class name of each value of the index's ``subtype`` column."""
 
 
 @dataclass(frozen=True)

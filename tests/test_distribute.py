@@ -14,8 +14,6 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-import keras  # noqa: E402
-
 from pneumo_utils import distribute  # noqa: E402
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -59,12 +57,10 @@ def test_names_tf_config_and_tpu_signs_choose_the_strategy(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps(cluster))
     assert distribute.tf_config_workers() == 2
     assert distribute.resolve_name("auto") == ("multiworker", "TF_CONFIG names 2 workers")
-    assert not distribute.is_chief()
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):
         distribute.resolve_name("auto")
     monkeypatch.delenv("TF_CONFIG")
-    assert distribute.is_chief()
     monkeypatch.setenv("COLAB_TPU_ADDR", "10.0.0.2:8470")
     assert distribute.resolve_name("auto") == ("tpu", "a TPU is attached")
 
@@ -83,19 +79,12 @@ def test_global_batch_and_precision_policy():
         assert distribute.precision_policy("on", strategy) == "mixed_bfloat16"
 
 
-def test_mixed_precision_output_must_be_float32():
+def test_set_precision_sets_the_policy_describe_reports():
     try:
         assert distribute.set_precision("mixed_bfloat16") == "mixed_bfloat16"
-        inputs = keras.Input((4,))
-        hidden = keras.layers.Dense(3)(inputs)
-        bad = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(hidden))
-        good = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", dtype="float32")(hidden))
         assert "mixed_bfloat16" in distribute.describe(tf.distribute.get_strategy())
     finally:
         distribute.set_precision("off")
-    with pytest.raises(ValueError, match="dtype='float32'"):
-        distribute.check_float32_output(bad)
-    distribute.check_float32_output(good)
 
 
 def test_mirrored_on_two_logical_cpus_predicts_as_the_default_strategy(tmp_path):

@@ -68,8 +68,10 @@ def test_fine_tuning_on_augmented_images_moves_only_the_unfrozen_layers(kermany_
     index = data.kermany_split(kermany_root, val_fraction=0.25, seed=0)
     paths, labels = data.split_files(index)
     model = models.build_scratch_cnn(32, filters=(4, 8), dense_units=8, seed=0)
-    n_trainable = models.unfreeze_top(model, 4)
     layers = models.base_layers(model)
+    for i, layer in enumerate(layers):  # the top 4 trainable, BatchNormalization frozen (notebook 03)
+        layer.trainable = i >= len(layers) - 4 and not isinstance(layer, keras.layers.BatchNormalization)
+    n_trainable = sum(layer.trainable for layer in layers)
     frozen = {layer.name: [w.copy() for w in layer.get_weights()] for layer in layers if not layer.trainable}
     tuned = {layer.name: [w.copy() for w in layer.get_weights()] for layer in layers if layer.trainable}
     assert len(tuned) == n_trainable and all(not isinstance(model.get_layer(n), keras.layers.BatchNormalization)
