@@ -157,12 +157,3 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.nd
     colour = cv2.applyColorMap(np.uint8(255 * np.clip(heat, 0, 1)), cv2.COLORMAP_JET)
     colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB)
     return cv2.addWeighted(colour, alpha, image, 1.0 - alpha, 0.0)
-
-
-def heat_in_box(heatmap: np.ndarray, box: tuple[float, float, float, float]) -> float:
-    """Share of a heat map's total mass inside ``box = (y0, x0, y1, x1)`` (image fractions)."""
-    heat = np.asarray(heatmap, dtype=np.float64)
-    h, w = heat.shape
-    y0, x0, y1, x1 = box
-    inside = heat[int(y0 * h) : int(np.ceil(y1 * h)), int(x0 * w) : int(np.ceil(x1 * w))].sum()
-    return float(inside / max(heat.sum(), 1e-12))

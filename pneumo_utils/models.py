@@ -403,7 +403,8 @@ def predict_paths(
     """Probabilities for image files, decoded in parallel and batched: ``(n,)`` P(positive
     class) for a one-unit sigmoid model, ``(n, K)`` for a ``K``-class softmax.
 
-    ``verbose`` shows a progress bar over the batches (``tqdm``).
+    ``verbose`` shows a progress bar over the batches on a terminal (:class:`ProgressBar`)
+    and prints one closing line.
     """
     size = int(model.inputs[0].shape[1])
     dataset = image_dataset(paths, image_size=size, batch_size=batch_size, cache=False)
