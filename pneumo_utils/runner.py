@@ -128,13 +128,72 @@ def load_profile(name: str) -> dict[str, dict[str, Any]]:
     path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILES / f"{name}.yaml"
     if not path.is_file():
         raise UsageError(f"profile {name!r} not found (looked for {path})")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        data = read_yaml(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(yaml_problem(exc, str(path))) from None
     if not isinstance(data, dict) or not all(isinstance(v, dict | None) for v in data.values()):
         raise UsageError(f"profile {path} must map 'default', notebook names and 'runs' to parameters")
     return {
         str(section): {str(k): literal(v, f"profile {path.name}: {section}.{k}") for k, v in (params or {}).items()}
         for section, params in data.items()
     }
+
+
+class ProfileLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors, aliases and duplicate keys.
+
+    An alias shares a node, so 382 bytes of nested aliases ("billion laughs") expand to
+    gigabytes once :func:`literal` copies them; a profile never needs one, so the first
+    anchor or alias is refused where the parser meets it, before anything is built. A key
+    given twice would silently keep the last value (two runs of one name: one never runs).
+    """
+
+    def compose_node(self, parent, index):
+        """Refuse an anchor (``&name``) or an alias (``*name``)."""
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, f"anchors and aliases (&{event.anchor}, *{event.anchor}) are not allowed; "
+                "write each value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        """The mapping of ``node``, refusing a key given twice."""
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in lines
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader refuses it below
+                if seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice (first on line {lines[key]}); keep one",
+                        key_node.start_mark)
+                lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str) -> Any:
+    """``text`` parsed by :class:`ProfileLoader`; a nesting too deep to parse is a YAML error."""
+    try:
+        return yaml.load(text, Loader=ProfileLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply; parameters are plain values a few levels deep") from None
+
+
+def yaml_problem(exc: yaml.YAMLError, where: str) -> str:
+    """``WHERE:LINE: problem`` in one line, for a YAML error in a profile or ``--set`` value."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line = f":{mark.line + 1}" if mark is not None and not where.startswith("--set") else ""
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    if "constructor for the tag" in problem:
+        problem += "; values are plain numbers, strings, true/false, null, lists and mappings"
+    elif isinstance(exc, yaml.scanner.ScannerError | yaml.parser.ParserError):
+        problem += "; fix the YAML there"
+    return f"{where}{line}: {problem}"
 
 
 def literal(value: Any, where: str) -> Any:
@@ -157,9 +216,11 @@ def parse_sets(items: Sequence[str]) -> list[tuple[str | None, str, Any]]:
         if not sep or not key.isidentifier():
             raise UsageError(f"--set {item!r}: expected KEY=VALUE or NB.KEY=VALUE with KEY a name")
         try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
+            value = read_yaml(raw) if raw else ""
+        except (yaml.scanner.ScannerError, yaml.parser.ParserError):
+            value = raw  # not YAML at all: the text itself, a string
+        except yaml.YAMLError as exc:
+            raise UsageError(yaml_problem(exc, f"--set {item!r}")) from None
         parsed.append((selector if dot else None, key, literal(value, f"--set {item!r}")))
     return parsed
 
@@ -584,9 +645,34 @@ def best_file(task: str) -> str:
     return "best.json" if task == BEST_TASK else f"best.{task.partition(':')[2]}.json"
 
 
+def calibrate_best(best: dict, external: Path) -> dict | None:
+    """Calibrate the chosen model to the external validation set (``python -m
+    pneumo_utils.calibrate``, in its own process: TensorFlow stays out of the runner).
+
+    Writes ``<stem>.calibrated.keras`` beside the model (threshold and temperature fitted on
+    ``external``, the weights unchanged) and returns the calibration record, or ``None``
+    (with one line on stderr) when calibration failed; the pointer then names the model as
+    trained.
+    """
+    model = Path(str(best["model_path"]))
+    out = model.with_name(f"{model.stem}.calibrated.keras")
+    done = subprocess.run([sys.executable, "-m", "pneumo_utils.calibrate", "--model", str(model), "--data",
+                           str(external), "--out", str(out), "--json"], capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        print(f"warning: {model.name} not calibrated to {external}: {reason}", file=sys.stderr)
+        return None
+    return {**json.loads(done.stdout), "model": str(out)}
+
+
 def write_best(best: dict, models_dir: Path) -> Path:
-    """``models_dir/`` :func:`best_file`: a small pointer to the chosen model (not a symlink)."""
-    model = Path(str(best["model_path"])).resolve()
+    """``models_dir/`` :func:`best_file`: a small pointer to the chosen model (not a symlink).
+
+    When ``best`` carries a ``calibration`` (:func:`calibrate_best`), the pointer names the
+    calibrated copy and says what it was calibrated on; ``trained_model`` names the original.
+    """
+    calibration = best.get("calibration")
+    model = Path(str(calibration["model"] if calibration else best["model_path"])).resolve()
     try:
         relative = model.relative_to(models_dir.resolve()).as_posix()
     except ValueError:
@@ -602,6 +688,10 @@ def write_best(best: dict, models_dir: Path) -> Path:
         "selection_rule": best["rule"],
         "selection_data": best["rule_data"],
         "selection_value": best["rule_value"],
+        **({"trained_model": Path(str(best["model_path"])).name,
+            "calibration": {k: calibration[k] for k in ("data", "counts", "rule", "threshold", "temperature",
+                                                          "after", "note", "warning") if k in calibration}}
+           if calibration else {}),
         "chosen": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "commit": git_commit(),
     }
@@ -876,6 +966,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
         best = choose_best_per_task(selected) if settings["record_best"] and len(models_dirs) == 1 else {}
         for chosen in best.values():
+            if "external" in data:
+                chosen["calibration"] = calibrate_best(chosen, data["external"])
             chosen["pointer"] = str(write_best(chosen, models_dirs[0]))
         if not settings["record_best"]:
             run["best_note"] = "best.json and best.<task>.json are only set by a full run"

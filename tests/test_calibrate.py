@@ -92,3 +92,19 @@ def test_bad_calibration_requests_are_one_line(brightness_model, tmp_path, capsy
                            "--out", str(tmp_path / "x.keras"), "--rule", "best"]) == 2
     assert "unknown threshold rule" in error_line()
     assert not (tmp_path / "x.keras").exists()
+
+
+def test_runner_points_best_at_the_copy_calibrated_on_external_validation(brightness_model, tmp_path):
+    from pneumo_utils import runner
+
+    site = _site(tmp_path / "site", normal_grey=130, pneumonia_grey=180, per_class=20)
+    best = {"model_path": str(brightness_model), "name": "bright", "task": "kermany", "notebook": "01_x",
+            "weights": "w", "rule": runner.EXTERNAL_RULE, "rule_data": str(site), "rule_value": 0.99}
+    best["calibration"] = runner.calibrate_best(best, site)
+    pointer = json.loads(runner.write_best(best, tmp_path).read_text())
+    assert pointer["model"] == "bright.calibrated.keras" and pointer["trained_model"] == "bright.keras"
+    assert pointer["calibration"]["counts"] == {"NORMAL": 20, "PNEUMONIA": 20}
+    assert pointer["calibration"]["after"]["specificity"] > 0.9 and "warning" in pointer["calibration"]
+    meta = json.loads((tmp_path / "bright.calibrated.json").read_text())
+    assert meta["threshold"] == pointer["calibration"]["threshold"]
+    assert runner.calibrate_best({"model_path": str(tmp_path / "missing.keras")}, site) is None
