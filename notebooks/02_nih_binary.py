@@ -22,7 +22,7 @@
 # adult patients, each labelled with any of 14 findings (text-mined from radiology reports, so
 # the labels are noisy) or `No Finding`. It comes without a train/test split, and many patients
 # have several images. This notebook turns it into a **binary** task (the finding `finding`
-# against `No Finding`), splits it **by patient**, and trains a DenseNet121 head with an L2
+# against `No Finding`), splits it **by patient**, and trains a frozen ImageNet backbone's head with an L2
 # penalty, class weights, a learning-rate schedule and early stopping.
 #
 # The class names follow the task: with `finding = "Effusion"` the model answers EFFUSION vs
@@ -43,8 +43,9 @@ if "google.colab" in sys.modules:
     # %pip install -q "pneumo @ git+$REPOSITORY"
 
 # %% tags=["parameters"]
-data_dir: str = "data/nih"  # NIH folder (images and Data_Entry_2017*.csv), or the path of a path,label CSV
+data_dir = None  # type: str|None NIH folder (images and Data_Entry_2017*.csv) or a path,label CSV (None: found in data/ or ../shared/data/, else the Kaggle sample)
 finding: str = "Pneumonia"  # the positive finding; its images against No Finding images
+backbone: str = "densenet121"  # densenet121 (CheXNet's), mobilenet_v2 or resnet50 (keras.applications)
 weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
 image_size: int = 224  # side of the square input image, in pixels
 batch_size: int = 32  # images per batch on each replica (device)
@@ -58,7 +59,7 @@ max_images_per_class = None  # type: int|None at most this many images per split
 threshold_rule: str = "youden"  # threshold rule on validation: youden, f1, sensitivity:0.95 or fixed:0.5
 n_boot: int = 1000  # bootstrap resamples (of test patients) for the 95% confidence intervals
 seed: int = 42  # seeds the balancing, the split, the initial weights and the shuffling
-reports_dir: str = "reports"  # where the metrics JSON is written
+reports_dir: str = "reports"  # where the metrics JSON is written (relative paths: to the project folder)
 models_dir: str = "saved_models"  # where the model, its sidecar and its model card are written
 cache_dir: str = ".cache/pneumo"  # where backbone features are cached
 
@@ -75,6 +76,7 @@ from pneumo_utils import (
     distribute,
     evaluate,
     features,
+    fetch,
     gradcam,
     models,
     plots,
@@ -83,6 +85,8 @@ from pneumo_utils import (
 from pneumo_utils.train import EpochLine
 
 RUN_NAME = "02_nih_binary"
+data_dir = fetch.find("nih", data_dir)  # the folder given, else data/ or ../shared/data/ of the project, else a download
+reports_dir, models_dir, cache_dir = (fetch.in_project(p) for p in (reports_dir, models_dir, cache_dir))
 data.set_seed(seed)
 strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
 print(distribute.describe(strat))
@@ -146,24 +150,29 @@ datasets.summarize(index)
 plots.index_samples(index, image_size, per_class=4)
 
 # %% [markdown]
-# ## 5. DenseNet121, frozen, with an L2-regularised head
-# DenseNet121 is the backbone of CheXNet (Rajpurkar et al. 2017). The head is the one of
-# notebook 01 with an **L2 penalty** on its dense layer, which keeps the weights small when only
-# a few hundred training images are available.
+# ## 5. A frozen ImageNet backbone with an L2-regularised head
+# DenseNet121 is the backbone of CheXNet (Rajpurkar et al. 2017); MobileNetV2 and ResNet50 are
+# the alternatives (`backbone`), loaded by layer name as in notebook 01. Features of a backbone
+# with random weights carry little signal, so use ImageNet weights wherever they can be had. The
+# head is the one of notebook 01 with an **L2 penalty** on its dense layer, which keeps the
+# weights small when only a few hundred training images are available.
 
 # %%
-weights_file = models.resolve_weights("densenet121", weights)
+spec = models.get_backbone(backbone)  # constructor name, scaling mode, weights file
+weights_file = models.resolve_weights(backbone, weights)
 with strat.scope():
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = models.preprocessing_layer(inputs, mode="torch")  # [0, 1], then ImageNet mean and std
-    base = keras.applications.DenseNet121(include_top=False, weights=weights_file, input_tensor=x)
+    x = models.preprocessing_layer(inputs, mode=spec.preprocessing)  # e.g. "torch" for DenseNet121
+    base = getattr(keras.applications, spec.constructor)(include_top=False, weights=None, input_tensor=x)
+    if weights_file:  # by layer name: the preprocessing layer is not in the weights file
+        base.load_weights(weights_file, by_name=True)
     base.trainable = False
     x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
     x = keras.layers.Dense(128, activation="relu", kernel_regularizer=keras.regularizers.L2(1e-4),
                            name="head_dense")(x)
     x = keras.layers.Dropout(0.5, name="head_dropout")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
-    model = keras.Model(inputs, outputs, name="densenet121")
+    model = keras.Model(inputs, outputs, name=spec.name)
 print(report.describe_weights(weights_file))
 
 # %% [markdown]
@@ -236,7 +245,7 @@ weights_used = report.describe_weights(weights_file)
 split_description = report.describe_split(index, class_names=CLASS_NAMES)
 data_line = f"{table_path}: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}, balanced, split by patient; {split_description}"
 meta = report.save_with_card(
-    model, model_path, evaluation=evaluation, distribution=distribute.strategy_info(strat), backbone="densenet121", weights=weights_used,
+    model, model_path, evaluation=evaluation, distribution=distribute.strategy_info(strat), backbone=backbone, weights=weights_used,
     class_names=list(CLASS_NAMES), data=data_line,
     training=f"frozen base; head with L2 1e-4 trained on cached features, Adam {learning_rate:g}, class "
              f"weights, ReduceLROnPlateau, early stopping on validation AUC (patience {patience})",
@@ -244,7 +253,7 @@ meta = report.save_with_card(
 
 # %%
 entry = report.model_entry(
-    name=f"DenseNet121: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}", backbone="densenet121", weights=weights_used,
+    name=f"{spec.constructor}: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}", backbone=backbone, weights=weights_used,
     positive_class=CLASS_NAMES[1], evaluation=evaluation, model_path=model_path,
 )
 _ = report.write_metrics(
