@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +30,17 @@ KERMANY_SPLITS = ("train", "val", "test")
 KERMANY_CLASSES = ("NORMAL", "PNEUMONIA")
 
 
+LAYOUT_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm", ".dicom")
+"""What the data set loaders index as an image (``images.IMAGE_EXTENSIONS``), named here so
+that finding data imports no image library."""
+
+
 class FetchError(RuntimeError):
     """A data set that is missing or could not be downloaded; the message says how to fix it."""
+
+
+class LayoutError(FetchError):
+    """A data set folder that is in place but that its loader would refuse (one line)."""
 
 
 def is_kermany_root(path: Path) -> bool:
@@ -153,8 +162,51 @@ def locate(need: str, explicit: str | Path | None = None, base: Path = Path()) -
             raise FetchError(
                 f"{path} is not a {spec.title} folder: expected {path}/{spec.layout}."
             )
-        return path
-    return next((p for p in candidates(need, base) if spec.is_root(p)), None)
+    else:
+        path = next((p for p in candidates(need, base) if spec.is_root(p)), None)
+    problem = layout_problem(path, need) if path is not None else None
+    if problem:
+        raise LayoutError(f"{problem} (the {need} data set, {spec.layout}); fix the folder or "
+                          f"give another one")
+    return path
+
+
+def has_image(folder: Path, suffixes: Sequence[str] = LAYOUT_SUFFIXES, nested: bool = True) -> bool:
+    """True when ``folder`` (and, if ``nested``, its sub-folders) holds a file named like an
+    image, hidden files aside; it stops at the first one."""
+    files = Path(folder).rglob("*") if nested else Path(folder).iterdir()
+    return any(p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file() for p in files)
+
+
+def layout_problem(root: Path, need: str) -> str | None:
+    """Why the loader of ``need`` (``"kermany"`` or ``"nih"``) would refuse ``root`` although
+    its folders are in place, or None: a class folder besides NORMAL and PNEUMONIA, a class
+    folder without images, an NIH table without images.
+
+    Notebooks meet these faults only inside their kernels, one after another; counting file
+    names (nothing is decoded, the first image found is enough) takes milliseconds, so the
+    runner and :func:`fetch` check before anything starts.
+    """
+    root = Path(root)
+    if need == "kermany":
+        for split in KERMANY_SPLITS:
+            extra = sorted(p.name for p in (root / split).iterdir()
+                           if p.is_dir() and p.name not in KERMANY_CLASSES and not p.name.startswith((".", "__")))
+            if extra:
+                return (f"{root / split} holds class folder(s) {', '.join(extra)} besides "
+                        f"{' and '.join(KERMANY_CLASSES)}; move them out of the data set")
+        empty = [f"{s}/{c}" for s in KERMANY_SPLITS for c in KERMANY_CLASSES if not has_image(root / s / c)]
+        if len(empty) == len(KERMANY_SPLITS) * len(KERMANY_CLASSES):
+            return f"{root} holds no images in any of {{{','.join(KERMANY_SPLITS)}}}/{{{','.join(KERMANY_CLASSES)}}}"
+        if empty:
+            return f"{root} holds no images in {', '.join(empty)}; every split needs both classes"
+    elif need == "nih":
+        candidates = [root / "images", *sorted(root.glob("images_*/images")), *sorted(root.glob("images_*"))]
+        folders = [p for p in candidates if p.is_dir()] or [root]
+        if not any(has_image(f, (".png",), nested=False) for f in folders):
+            return (f"{root} holds its label table but no images (*.png) in "
+                    f"{', '.join(str(f) for f in folders)}")
+    return None
 
 
 def find_dataset_root(base: Path, is_root: Callable[[Path], bool] = is_kermany_root) -> Path:
@@ -271,6 +323,9 @@ def fetch(key: str, dest: Path | str = "data", copy: bool = False) -> Path:
     dest = dest if dest.name == spec.folder else dest / spec.folder
     need = "kermany" if key == "kermany" else "nih"
     if spec.is_root(dest):
+        problem = layout_problem(dest, need)
+        if problem:
+            raise LayoutError(f"error: {problem}; delete {dest} and run this again to download it afresh")
         print(f"{key}: already in place at {dest}")
         return dest
     print(f"{key}: downloading {spec.handle} ({spec.title}, about {spec.size}) ...", flush=True)
@@ -312,6 +367,8 @@ def find_all(
             path = locate(need, roots.get(need))
             if path is None and not offline:
                 path = fetch(SEARCH_ORDER[need][-1])
+        except LayoutError:
+            raise
         except FetchError as exc:
             problems.append(str(exc).removeprefix("error: ").split("\nTo fix it")[0])
             continue

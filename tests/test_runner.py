@@ -475,8 +475,9 @@ def test_locate_prefers_data_then_shared(tmp_path: Path) -> None:
     assert fetch.locate("kermany", base=repo) == local
     with pytest.raises(fetch.FetchError, match="expected"):
         fetch.locate("kermany", explicit=tmp_path / "nowhere", base=repo)
-    (repo / "data" / "nih_sample").mkdir(parents=True)
+    (repo / "data" / "nih_sample" / "images").mkdir(parents=True)
     (repo / "data" / "nih_sample" / "sample_labels.csv").write_text("Image Index\n")
+    (repo / "data" / "nih_sample" / "images" / "00000001_000.png").write_bytes(b"x")
     assert fetch.locate("nih", base=repo) == repo / "data" / "nih_sample"
 
 
