@@ -34,16 +34,20 @@ import argparse
 import ast
 import contextlib
 import datetime as dt
+import fnmatch
+import functools
 import importlib.metadata
 import importlib.resources
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +75,8 @@ BEST_TASK = "kermany"
 """The metrics ``task`` of Kermany pneumonia vs normal; other Kermany tasks are ``kermany:<task>``."""
 RUN_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
 """A run's name becomes file names: letters, digits, ``_``, ``.`` and ``-``."""
+RUNNER_FILES = ("index.html", "summary.json", "best.json", "best.*.json")
+"""Files the runner writes beside the reports and models (:func:`run_files` must not match)."""
 RUNNER_KEYS = {"reports_dir": "reports", "record_best": False}
 """A profile's ``runner:`` section: where reports go, and whether the run sets ``best.json``."""
 DISCLAIMER = "Research use only: not for diagnostic use."
@@ -79,6 +85,10 @@ TEST_METRICS = ("auc", "sensitivity", "specificity", "accuracy", "balanced_accur
 (macro one-vs-rest), accuracy, balanced accuracy and macro F1."""
 LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "numpy", "scikit-learn", "papermill")
 COLOURS = ("#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#57606a")
+
+
+KERNELS: weakref.WeakSet = weakref.WeakSet()
+"""The kernel managers of the notebooks being run, so an interrupted run can stop its kernel."""
 
 
 class UsageError(ValueError):
@@ -260,13 +270,31 @@ def add_runs(notebooks: Sequence[Notebook], runs: dict[str, Any]) -> list[Notebo
         where = f"profile runs.{name}"
         if not RUN_NAME.fullmatch(name) or name in names:
             raise UsageError(f"{where}: a run needs a name of its own made of letters, digits, _ . -")
+        taken = [f for f in run_files(name) if any(fnmatch.fnmatch(f, p) for p in RUNNER_FILES)]
+        taken += [f"{other}'s {f}" for other in [*names, *runs] if other != name
+                  for f in set(run_files(name)) & set(run_files(other))]
+        if taken:
+            raise UsageError(f"{where}: its outputs would overwrite {', '.join(sorted(taken))}; "
+                             "give the run another name")
         target = keys.get("notebook") if isinstance(keys, dict) else None
+        if isinstance(target, str) and (os.sep in target or "/" in target):
+            folder = notebooks[0].path.parent.resolve()
+            if Path(target).expanduser().resolve().parent != folder:
+                raise UsageError(f"{where}: 'notebook:' {target} is not in the notebooks folder {folder}; "
+                                 f"name one of {', '.join(names)}")
         hits = [nb for nb in notebooks if isinstance(target, str) and matches(nb.name, target)]
         if len(hits) != 1:
             raise UsageError(f"{where}: 'notebook:' must name one notebook ({', '.join(names)}); got {target!r}")
         nb = hits[0]
         extra.setdefault(nb.name, []).append(Notebook(name, nb.path, nb.node, nb.declared, of=nb.name))
     return [x for nb in notebooks for x in (nb, *extra.get(nb.name, []))]
+
+
+def run_files(name: str) -> list[str]:
+    """The file names a run called ``name`` writes (reports, metrics, model, sidecar, card),
+    lower-cased since folders may not tell case apart."""
+    return [f"{name}{suffix}".lower()
+            for suffix in (".html", ".code.html", ".ipynb", ".metrics.json", ".keras", ".json", ".md")]
 
 
 def assign_parameters(
@@ -379,8 +407,39 @@ def write_atomic(path: Path, text: str) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)  # a full disk fails in write(), which names no file
+        raise
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+@functools.cache
+def _kernel_manager_class() -> type:
+    """nbclient's kernel manager, keeping each instance in :data:`KERNELS`."""
+    from jupyter_client import AsyncKernelManager
+
+    class TrackedKernelManager(AsyncKernelManager):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            KERNELS.add(self)
+
+    return TrackedKernelManager
+
+
+def kill_kernels() -> None:
+    """Kill the kernels of :data:`KERNELS` at once (their process groups): an interrupted
+    run needs nothing more from them, and a kernel killed says nothing on the console."""
+    for manager in list(KERNELS):
+        provisioner = getattr(manager, "provisioner", None)
+        process = getattr(provisioner, "process", None)
+        if process is None or process.poll() is not None:
+            continue
+        with contextlib.suppress(OSError):
+            if getattr(provisioner, "pgid", None) and hasattr(os, "killpg"):
+                os.killpg(provisioner.pgid, signal.SIGKILL)
+            else:
+                process.kill()
 
 
 def outputs(nb: Notebook, reports_dir: Path) -> dict[str, Path]:
@@ -409,6 +468,7 @@ def run_notebook(nb: Notebook, reports_dir: Path, kernel: str | None, engine: st
             engine_name=engine,
             cwd=str(Path.cwd()),
             progress_bar=sys.stderr.isatty(),
+            kernel_manager_class=_kernel_manager_class(),
         )
     except Exception as exc:  # a cell error, a dead or missing kernel, a full disk
         nb.error = describe_error(exc)
@@ -882,6 +942,101 @@ def locks(folders: Sequence[Path]) -> contextlib.ExitStack:
     return stack
 
 
+def raise_interrupt(signum: int, frame: Any) -> None:
+    """SIGINT and SIGTERM: kill the kernel (:func:`kill_kernels`), raise ``KeyboardInterrupt``.
+
+    The kernel goes first because nbclient, unwinding, asks a live kernel to shut down
+    while its cell still runs, and the kernel then prints ZMQ tracebacks to the console."""
+    kill_kernels()
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def mark_summary(reports_dir: Path, state: str, error: str) -> bool:
+    """Set ``state`` and ``error`` in ``reports_dir/summary.json``; False when that fails.
+
+    On a full disk a new file may not fit, so the last try rewrites the old one in place
+    with the compact record, which is never longer than the indented one it replaces.
+    """
+    path = reports_dir / "summary.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        record.update(state=state, error=error)
+        try:
+            write_atomic(path, json.dumps(record, indent=2, default=str))
+        except OSError:
+            compact = json.dumps(record, separators=(",", ":"), default=str).encode()
+            if len(compact) > path.stat().st_size:
+                return False
+            with path.open("r+b") as handle:
+                handle.write(compact)
+                handle.truncate()
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
+
+
+def interrupted(notebooks: Sequence[Notebook], reports_dir: Path, run: dict) -> None:
+    """After Ctrl-C or SIGTERM: kill the kernel, mark what did not finish, write the index.
+
+    Further signals are ignored meanwhile (they are restored by :class:`RunGuard`), so a
+    second Ctrl-C cannot leave the index half-written."""
+    with contextlib.suppress(ValueError):  # signals can only be set in the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    kill_kernels()
+    for nb in notebooks:
+        if nb.status in ("running", "pending"):
+            nb.status = "interrupted"
+    run.update(state="interrupted", finished=dt.datetime.now().astimezone().strftime("%H:%M"))
+    write_index(notebooks, reports_dir, run, {})
+    print(f"interrupted: {reports_dir / 'index.html'} says which notebooks finished", file=sys.stderr)
+
+
+class RunGuard(contextlib.AbstractContextManager):
+    """Around the notebooks' loop and the final records: SIGINT and SIGTERM interrupt
+    (:func:`raise_interrupt`, then :func:`interrupted`, status 130), and an ``OSError`` from
+    writing the index, ``summary.json`` or ``best.json`` (a full disk) is one line naming
+    the folder, status 1, and a last try at marking ``summary.json`` (:func:`mark_summary`),
+    instead of a traceback that leaves the run "running". ``status`` is None when neither
+    happened."""
+
+    def __init__(self, notebooks: Sequence[Notebook], reports_dir: Path, run: dict) -> None:
+        self.notebooks, self.reports_dir, self.run = notebooks, reports_dir, run
+        self.status: int | None = None
+        self.handlers: dict[int, Any] = {}
+
+    def __enter__(self) -> RunGuard:
+        with contextlib.suppress(ValueError):
+            self.handlers = {sig: signal.signal(sig, raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        try:
+            if isinstance(exc, KeyboardInterrupt):
+                self.status = 130
+                interrupted(self.notebooks, self.reports_dir, self.run)
+            elif isinstance(exc, OSError):
+                self.write_failed(exc)
+            return isinstance(exc, KeyboardInterrupt | OSError)
+        except OSError as error:
+            self.write_failed(error)
+            return True
+        finally:
+            for sig, handler in self.handlers.items():
+                signal.signal(sig, handler)
+
+    def write_failed(self, exc: OSError) -> None:
+        """One line naming the folder that could not be written; ``summary.json`` marked."""
+        folder = Path(exc.filename).parent if exc.filename else self.reports_dir
+        self.status = self.status or 1
+        state = "interrupted" if self.status == 130 else "failed"
+        marked = mark_summary(self.reports_dir, state, f"could not write the run's records: {describe_error(exc)}")
+        print(f"error: could not write the run's records in {folder} ({exc.strerror or exc}); free space "
+              "there or choose other folders, then run again"
+              + ("" if marked else f"; {self.reports_dir / 'summary.json'} may still say running"),
+              file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the selected notebooks; 0 when all ran, 1 when any failed, 2 on bad usage or data."""
     args = build_parser().parse_args(argv)
@@ -941,29 +1096,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             "models": ", ".join(map(str, models_dirs)) or "–",
         },
     }
+    if settings["record_best"] and len(models_dirs) > 1:
+        run["best_note"] = (f"its notebooks write models to {len(models_dirs)} folders "
+                            f"({', '.join(map(str, models_dirs))}); best.json needs one models_dir")
     engine = _section_engine()
-    with lock:
+    with lock, RunGuard(selected, reports_dir, run) as guard:
         for nb in selected:
             for path in outputs(nb, reports_dir).values():
                 path.unlink(missing_ok=True)
         write_index(selected, reports_dir, run, {})
-        try:
-            for i, nb in enumerate(selected, start=1):
-                nb.status = "running"
-                write_index(selected, reports_dir, run, {})
-                print(f"[{i}/{len(selected)}] {nb.name} ...", flush=True)
-                run_notebook(nb, reports_dir, args.kernel, engine)
-                verdict = "ok" if nb.status == "ok" else f"FAILED: {nb.error}"
-                print(f"[{i}/{len(selected)}] {nb.name} {verdict} ({nb.seconds:.0f} s)", flush=True)
-                write_index(selected, reports_dir, run, {})
-        except KeyboardInterrupt:
-            for nb in selected:
-                if nb.status in ("running", "pending"):
-                    nb.status = "interrupted"
-            run.update(state="interrupted", finished=dt.datetime.now().astimezone().strftime("%H:%M"))
+        for i, nb in enumerate(selected, start=1):
+            nb.status = "running"
             write_index(selected, reports_dir, run, {})
-            print("interrupted: reports/index.html says which notebooks finished", file=sys.stderr)
-            return 130
+            print(f"[{i}/{len(selected)}] {nb.name} ...", flush=True)
+            run_notebook(nb, reports_dir, args.kernel, engine)
+            verdict = "ok" if nb.status == "ok" else f"FAILED: {nb.error}"
+            print(f"[{i}/{len(selected)}] {nb.name} {verdict} ({nb.seconds:.0f} s)", flush=True)
+            write_index(selected, reports_dir, run, {})
         best = choose_best_per_task(selected) if settings["record_best"] and len(models_dirs) == 1 else {}
         for chosen in best.values():
             if "external" in data:
@@ -973,10 +1122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             run["best_note"] = "best.json and best.<task>.json are only set by a full run"
         run.update(state="finished", finished=dt.datetime.now().astimezone().strftime("%H:%M"))
         write_index(selected, reports_dir, run, best)
+    if guard.status is not None:
+        return guard.status
     failed = [nb.name for nb in selected if nb.status != "ok"]
     print(f"\nreports: {reports_dir / 'index.html'}")
     for task, chosen in best.items():
         print(f"best model ({task_title(task)}): {chosen['pointer']}")
+    if settings["record_best"] and len(models_dirs) > 1:
+        print(f"warning: no best.json written: {run['best_note']}", file=sys.stderr)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
