@@ -62,6 +62,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=".cache/pneumo/features")
     parser.add_argument("--out", default="build/external_validation.csv")
     parser.add_argument("--proba", default="build/external_validation.npz")
+    parser.add_argument("--extra", nargs="*", default=[], metavar="NAME=NPZ",
+                        help="probabilities of other models on the same split (val, test, external arrays, "
+                             "e.g. from finetune_external.py --save), scored and ensembled with the rest")
     return parser.parse_args()
 
 
@@ -156,7 +159,7 @@ def ensemble_rows(proba: dict, labels) -> list[dict]:
             candidates[" + ".join(combo) + " (all seeds)"] = [n for key in combo for n in groups[key]]
     rows = []
     for name, members in candidates.items():
-        mean = {split: np.mean([proba[m][split] for m in members], axis=0) for split in labels}
+        mean = {split: np.mean([proba[m][split] for m in members], axis=0) for split in ("val", "test", "external")}
         threshold = evaluate.choose_threshold(labels["val"], mean["val"], rule="youden")
         row = {"model": name, "recipe": "ensemble", "threshold": threshold,
                "val auc": roc_auc_score(labels["val"], mean["val"]),
@@ -179,6 +182,15 @@ def main() -> None:
     for item, recipe in itertools.product(args.models, args.recipes):
         backbone, size = item.split(":")
         rows += recipe_rows(backbone, int(size), recipe, args, paths, labels, proba)
+    for item in args.extra:
+        name, _, file = item.partition("=")
+        stored = np.load(file)
+        proba[f"{name}:0"] = {split: stored[split] for split in ("val", "test", "external")}
+        threshold = evaluate.choose_threshold(labels["val"], stored["val"], rule="youden")
+        rows.append({"model": f"{name}:0", "backbone": name, "recipe": "extra", "seed": 0, "threshold": threshold,
+                     "val auc": roc_auc_score(labels["val"], stored["val"]),
+                     "holdout auc": roc_auc_score(labels["test"], stored["test"]),
+                     **external_figures(labels["external"], stored["external"], threshold)})
     singles = pd.DataFrame(rows)
     table = pd.concat([singles, pd.DataFrame(ensemble_rows(proba, labels))], ignore_index=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -188,14 +200,15 @@ def main() -> None:
     columns = ["val auc", "selection score", "holdout auc", "ext auc", "ext accuracy", "ext sensitivity",
                "ext specificity", "ext best accuracy"]
     print("\nmean over head seeds")
-    print(singles.groupby(["backbone", "size", "recipe"])[columns].mean().round(4).to_string())
+    print(singles.groupby(["backbone", "size", "recipe"], dropna=False)[columns].mean().round(4).to_string())
     print("\nensembles (probability mean, threshold by Youden on validation)")
     print(table[table["recipe"] == "ensemble"].set_index("model")[columns[:1] + columns[2:]].round(4).to_string())
     if len(singles) >= 3:
         print("\nSpearman rank correlation with external AUC, over the single models")
         for column in ("val auc", "selection score", "holdout auc"):
-            rho = spearmanr(singles[column], singles["ext auc"]).statistic
-            print(f"  {column}: {rho:+.2f}")
+            scored = singles.dropna(subset=[column])
+            rho = spearmanr(scored[column], scored["ext auc"]).statistic
+            print(f"  {column}: {rho:+.2f} ({len(scored)} models)")
 
 
 if __name__ == "__main__":
