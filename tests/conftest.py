@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import resource
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,3 +44,24 @@ def error_line(capsys) -> Callable[[], str]:
         return lines[0]
 
     return read
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_models():
+    """Drops the Keras graphs and models a test module built once it is done: TensorFlow keeps
+    every model ever built reachable from its global state, and a whole test session would
+    otherwise hold them all at once."""
+    yield
+    import sys
+
+    if "keras" in sys.modules:
+        sys.modules["keras"].backend.clear_session(free_memory=True)
+    gc.collect()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Ends the run with the peak resident memory of the test process (and of its children,
+    e.g. notebook kernels): the suite should fit a 7 GB CI runner with room to spare."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    terminalreporter.write_line(f"peak resident memory: tests {own:,.0f} MB, largest child process {children:,.0f} MB")
