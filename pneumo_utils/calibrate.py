@@ -44,7 +44,7 @@ from pneumo_utils.evaluate import (
     multiclass_bootstrap_ci,
     multiclass_metrics,
 )
-from pneumo_utils.io import ModelFileError, write_json_atomic
+from pneumo_utils.io import ModelFileError, fail, write_json_atomic
 
 MIN_PER_CLASS = 50
 """Below this many images of a class, the calibration says its figures are uncertain."""
@@ -196,13 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the calibration record as JSON")
     args = parser.parse_args(argv)
     if args.n_boot < 1:
-        return _fail(f"--n-boot must be a positive integer, got {args.n_boot}")
+        return fail(f"--n-boot must be a positive integer, got {args.n_boot}")
     try:
         choose_threshold(np.array([0, 1]), np.array([0.2, 0.8]), args.rule)
         record = calibrate(args.model, args.data, args.out, rule=args.rule, n_boot=args.n_boot,
                            min_per_class=args.min_per_class)
     except (FileNotFoundError, ModelFileError, ValueError, OSError) as exc:
-        return _fail(exc)
+        return fail(exc)
     if args.json:
         print(json.dumps(record, indent=2))
     else:
@@ -217,12 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     if record.get("warning"):
         print(f"warning: {record['warning']}", file=sys.stderr)
     return 0
-
-
-def _fail(exc: Exception | str) -> int:
-    """Print ``error: <message>`` as one line on stderr (no traceback); exit status 2."""
-    print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from sklearn import metrics as skm
 
 from pneumo_utils import CLASS_NAMES
 from pneumo_utils.datasets import load_class_folder, load_kermany
+from pneumo_utils.io import fail
 from pneumo_utils.runtime import (
     apply_softmax_temperature,
     apply_temperature,
@@ -689,24 +690,24 @@ def main(argv: list[str] | None = None) -> int:
 
     for flag, value in (("--batch-size", args.batch_size), ("--n-boot", args.n_boot)):
         if value < 1:
-            return _fail(f"{flag} must be a positive integer, got {value}")
+            return fail(f"{flag} must be a positive integer, got {value}")
     if args.out and Path(args.out).is_dir():
-        return _fail(f"--out {args.out} is a folder; name a .json file to write")
+        return fail(f"--out {args.out} is a folder; name a .json file to write")
     if args.cue_test and is_exported(args.model):
-        return _fail(f"--cue-test needs the .keras model; {args.model} is an export")
+        return fail(f"--cue-test needs the .keras model; {args.model} is an export")
     try:
         task = task_of(read_sidecar(Path(args.model).with_suffix(".json")))
     except ModelFileError as exc:
-        return _fail(exc)
+        return fail(exc)
     if args.task is not None and args.task != task.name:
         asked = get_task(args.task)
-        return _fail(
+        return fail(
             f"{args.model} was trained for task {task.name} (classes {', '.join(task.class_names)}), "
             f"not {asked.name} ({', '.join(asked.class_names)}); drop --task to evaluate it for "
             f"{task.name}, or evaluate a model trained for {asked.name}"
         )
     if args.cue_test and not task.binary:
-        return _fail(f"--cue-test checks a threshold between two classes; task {task.name} has "
+        return fail(f"--cue-test checks a threshold between two classes; task {task.name} has "
                      f"{task.n_classes} classes and decides by argmax; drop --cue-test")
     try:
         model, meta = load_any(args.model)
@@ -716,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         proba = predict_paths(model, index["path"].tolist(), args.batch_size,
                               verbose=sys.stderr.isatty())
     except (FileNotFoundError, ModelFileError, ValueError) as exc:
-        return _fail(exc)
+        return fail(exc)
     if task.binary:
         result = _evaluate_binary(model, meta, index, labels, proba, args)
     else:
@@ -744,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             write_json_atomic(args.out, result)
         except OSError as exc:
-            return _fail(f"cannot write --out {args.out}: {exc}")
+            return fail(f"cannot write --out {args.out}: {exc}")
     return 0
 
 
@@ -799,12 +800,6 @@ def _evaluate_binary(model, meta: dict, index: pd.DataFrame, labels: np.ndarray,
         result["selection_rule"] = SELECTION_RULE
     result["threshold_rule"] = meta.get("threshold_rule", "default 0.5 (no sidecar)")
     return result
-
-
-def _fail(exc: Exception | str) -> int:
-    """Print ``error: <message>`` as one line on stderr (no traceback); exit status 2."""
-    print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

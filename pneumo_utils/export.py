@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_utils.io import ModelFileError, file_digest, write_json_atomic
+from pneumo_utils.io import ModelFileError, fail, file_digest, write_json_atomic
 
 FORMATS = ("tflite", "onnx", "savedmodel")
 QUANTIZATIONS = ("none", "fp16", "int8")
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.calibration is not None and not Path(args.calibration).is_dir():
-        return _fail(f"--calibration {args.calibration} is not a folder")
+        return fail(f"--calibration {args.calibration} is not a folder")
     fmt = args.format or (None if args.slim and args.quantize == "none" else "tflite")
     try:
         if fmt is not None:
@@ -477,14 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{Path(args.model).with_name(entry['file'])}: {fmt}, {args.quantize}, "
                   f"{_megabytes(entry['bytes'])}{check}")
     except (ExportError, ModelFileError, FileNotFoundError, ValueError, OSError) as exc:
-        return _fail(exc)
+        return fail(exc)
     return 0
-
-
-def _fail(exc: Exception | str) -> int:
-    """Print ``error: <message>`` as one line on stderr (no traceback); exit status 2."""
-    print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -413,3 +414,11 @@ def check_fingerprint(meta: dict, model: str | Path, source: str) -> None:
             f"{expected[:12]}...): the sidecar belongs to another model or the model file was "
             "replaced; put the model's own sidecar beside it, or save the model again"
         )
+
+
+def fail(exc: Exception | str) -> int:
+    """Print ``error: <message>`` as one line on stderr (no traceback) and return exit status 2:
+    how every command answers bad input (a file, a folder, an option), so a user reads what is
+    wrong and what to do, never a stack trace."""
+    print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+    return 2

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumo_utils.io import fail
+
 GRADCAM_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -238,20 +240,20 @@ def main(argv: list[str] | None = None) -> int:
     from pneumo_utils.runtime import is_exported, load_any
 
     if args.batch_size < 1:
-        return _fail(f"--batch-size must be a positive integer, got {args.batch_size}")
+        return fail(f"--batch-size must be a positive integer, got {args.batch_size}")
     inputs, problems = _inputs(args.images)
     if args.gradcam:
         if is_exported(args.model):
-            return _fail(f"--gradcam needs the .keras model (Grad-CAM reads the model's "
+            return fail(f"--gradcam needs the .keras model (Grad-CAM reads the model's "
                          f"gradients); {args.model} is an export")
         if len(inputs) != 1 or problems:
-            return _fail("--gradcam takes exactly one image")
+            return fail("--gradcam takes exactly one image")
         problem = _gradcam_target_problem(args.gradcam)
         if problem:
-            return _fail(problem)
+            return fail(problem)
     failed = bool(problems)
     for problem in problems:
-        _fail(problem)
+        fail(problem)
     readable, skipped = [], []
     for path, explicit in inputs:  # a bad image fails fast, before TensorFlow loads
         reason = check_image(path)
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             readable.append(path)
         elif explicit:
             failed = True
-            _fail(f"cannot read {path}: {reason}")
+            fail(f"cannot read {path}: {reason}")
         else:
             skipped.append({"image": path, "error": f"skipped: {reason}"})
             print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                                  verbose=len(readable) > args.batch_size and sys.stderr.isatty(),
                                  errors="raise" if len(inputs) == 1 else "record")
     except (ImageReadError, ModelFileError, FileNotFoundError, ValueError) as exc:
-        return _fail(exc)
+        return fail(exc)
     failed = failed or any("error" in r for r in results)
     if args.json:
         shown = [{k: v for k, v in r.items() if k != "image_array"} for r in results + skipped]
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _write_gradcam(model, results[0], args.gradcam)
         except OSError as exc:
-            return _fail(f"cannot write Grad-CAM overlay {args.gradcam}: {exc}")
+            return fail(f"cannot write Grad-CAM overlay {args.gradcam}: {exc}")
         if not args.json:
             print(f"Grad-CAM overlay written to {args.gradcam}")
     return 2 if failed else 0
@@ -303,7 +305,7 @@ def _print_single(result: dict, meta: dict) -> None:
 def _print_many(results: list[dict], meta: dict) -> None:
     for result in results:
         if "error" in result:
-            _fail(result["error"])
+            fail(result["error"])
             continue
         print(f"{result['image']}: {result['label']} ({result['confidence']:.2%} confidence, "
               f"{_probabilities(result)})")
@@ -334,12 +336,6 @@ def _print_notes(result: dict, indent: str) -> None:
               "(the image was turned upright before scoring)")
     for warning in result["warnings"]:
         print(f"{indent}warning: {warning}")
-
-
-def _fail(exc: Exception | str) -> int:
-    """Print ``error: <message>`` as one line on stderr (no traceback); exit status 2."""
-    print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":
