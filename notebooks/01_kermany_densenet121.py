@@ -78,6 +78,8 @@ cache_dir: str = ".cache/pneumo"  # where backbone features are cached
 from pathlib import Path
 
 import keras
+import numpy as np
+import tensorflow as tf
 from IPython.display import display
 
 from pneumo_utils import (
@@ -318,15 +320,31 @@ cue_test.round(3)
 
 # %% [markdown]
 # ## 7. Grad-CAM: where does the model look?
-# For two correct and two wrong test predictions, the gradient of the output with respect to the
-# last convolutional feature map weights that map into a heat map. Heat over the lungs is what we
-# hope for; heat on text markers, borders or outside the body points to a shortcut.
+# For two correct and two wrong test predictions, Grad-CAM (Selvaraju et al. 2017) asks which
+# regions of the last convolutional feature map raised the score of the predicted class: the
+# gradient of that score with respect to each channel of the map, averaged over the map, says
+# how much the channel matters; the channels weighted by it and summed (negative parts dropped)
+# give the heat map. Heat over the lungs is what we hope for; heat on text markers, borders or
+# outside the body points to a shortcut.
 
 # %%
 rows, captions = report.pick_examples(labels=labels["test"], proba=p_test, threshold=threshold, seed=seed,
                                      class_names=CLASS_NAMES)
 images = data.load_images([paths["test"][i] for i in rows], image_size)
-heatmaps = gradcam.grad_cam(model, images, threshold=threshold)  # explains each image's predicted class
+
+last_conv = gradcam.find_last_conv_layer(model)  # the last 4-D feature map before the head
+grad_model = keras.Model(model.inputs, [model.get_layer(last_conv).output, model.output])
+with tf.GradientTape() as tape:
+    feature_map, proba = grad_model(images, training=False)
+    if task_spec.binary:  # the score of the predicted class: p, or 1 - p below the threshold
+        score = tf.where(proba[:, 0] >= threshold, proba[:, 0], 1.0 - proba[:, 0])
+    else:  # the probability of the most probable class
+        score = tf.reduce_max(proba, axis=-1)
+grads = tape.gradient(score, feature_map)
+channel_weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # one weight per channel
+heatmaps = tf.nn.relu(tf.reduce_sum(channel_weights * feature_map, axis=-1)).numpy()
+heatmaps /= np.maximum(heatmaps.max(axis=(1, 2), keepdims=True), 1e-12)  # each map to its own peak
+heatmaps = gradcam.place_on_input(heatmaps, model)  # the cropped centre's map, placed on the whole image
 plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions, threshold=threshold,
                    class_names=CLASS_NAMES)
 

@@ -73,7 +73,7 @@ def grad_cam(
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1)).numpy()
     peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
-    return _uncrop((cam / np.maximum(peak, 1e-12)).astype(np.float32), model)
+    return place_on_input((cam / np.maximum(peak, 1e-12)).astype(np.float32), model)
 
 
 def _ensemble_cam(model: keras.Model, members: list[keras.Model], images: np.ndarray,
@@ -131,8 +131,10 @@ def _class_score(proba: tf.Tensor, target: str | int, threshold: float | None) -
     return proba[:, target]
 
 
-def _uncrop(cam: np.ndarray, model: keras.Model) -> np.ndarray:
-    """Maps of a model that centre-crops its input, placed where the crop came from."""
+def place_on_input(cam: np.ndarray, model: keras.Model) -> np.ndarray:
+    """Maps ``(n, h, w)`` of a model that centre-crops its input (a ``CenterCrop`` layer),
+    placed in a zero frame where the crop came from, so they line up with the whole input
+    image; maps of any other model are returned as they are."""
     crops = [layer for layer in model.layers if isinstance(layer, keras.layers.CenterCrop)]
     if not crops:
         return cam
