@@ -59,9 +59,26 @@ def release_models():
     gc.collect()
 
 
+_PEAK_GROWTH: dict[str, float] = {}
+"""MB by which each test raised the test process's peak resident memory (only tests that did)."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Records how much a test (set-up and tear-down included) raised the peak resident memory."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    yield
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    if grown > 0:
+        _PEAK_GROWTH[item.nodeid] = grown
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
-    """Ends the run with the peak resident memory of the test process (and of its children,
-    e.g. notebook kernels): the suite should fit a 7 GB CI runner with room to spare."""
+    """Ends the run with the peak resident memory of the test process and the tests that raised
+    it most: the suite should fit a 7 GB CI runner with room to spare, and a test that needs
+    gigabytes should be easy to find."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    terminalreporter.write_line(f"peak resident memory: tests {own:,.0f} MB, largest child process {children:,.0f} MB")
+    top = sorted(_PEAK_GROWTH.items(), key=lambda kv: -kv[1])[:3]
+    raised = "; ".join(f"{name} +{mb:,.0f} MB" for name, mb in top)
+    terminalreporter.write_line(f"peak resident memory of the test process: {own:,.0f} MB"
+                                + (f" (raised most by {raised})" if raised else ""))
