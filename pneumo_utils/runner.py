@@ -380,6 +380,9 @@ def _section_engine() -> str:
                 return cell_start(cell, cell_index, **kw)
 
             nb_man.cell_start = announce
+            # The kernel listens on localhost only; its start-up warning about unencrypted
+            # TCP says nothing a user of a report can act on, so the kernel logs errors only.
+            kwargs.setdefault("extra_arguments", ["--IPKernelApp.log_level=ERROR"])
             return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
 
     papermill_engines.register("pneumo-sections", SectionEngine)
