@@ -114,6 +114,7 @@ batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> p
 index = data.kermany_split(data_dir, seed=seed, max_images_per_class=max_images_per_class)
 paths, labels = data.split_files(index)
 datasets.summarize(index)
+external = datasets.load_class_folder(external_dir, split="external") if external_dir else None  # another collection
 
 # %% [markdown]
 # PNEUMONIA outnumbers NORMAL about three to one, so accuracy alone says little: the reports lead
@@ -261,13 +262,16 @@ resnet_history = head.fit(
 
 # %% [markdown]
 # Optionally (`fine_tune_epochs > 0`), the last residual block (`conv5_block3`) is fine-tuned on
-# augmented images as in notebook 03, BatchNorm frozen, and kept only if it raises the validation
-# AUC.
+# augmented images as in notebook 03, BatchNorm frozen, and kept by notebook 03's rule: only if it
+# ranks the external validation images better (their AUC), or, without an external set, only if
+# it raises the validation AUC.
 
 # %%
 kept = "frozen base"
 if fine_tune_epochs:
-    p_val_frozen = head.predict(feats["val"], verbose=0).ravel()
+    judge = ((external["path"].tolist(), external["label"], "external validation AUC") if external is not None
+             else (paths["val"], labels["val"], "validation AUC"))  # the images that choose the phase
+    auc_frozen = roc_auc_score(judge[1], models.predict_paths(resnet, judge[0], batch_size))
     frozen_weights = resnet.get_weights()
     for layer in base.layers[-10:]:  # conv5_block3
         layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
@@ -281,12 +285,11 @@ if fine_tune_epochs:
                class_weight=data.class_weights(labels["train"]), verbose=0, callbacks=[
                    keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=2, restore_best_weights=True),
                    EpochLine()])
-    auc_frozen = roc_auc_score(labels["val"], p_val_frozen)
-    auc_tuned = roc_auc_score(labels["val"], models.predict_paths(resnet, paths["val"], batch_size))
+    auc_tuned = roc_auc_score(judge[1], models.predict_paths(resnet, judge[0], batch_size))
     kept = "fine-tuned" if auc_tuned > auc_frozen else "frozen base"
     if kept == "frozen base":
         resnet.set_weights(frozen_weights)
-    print(f"validation AUC: frozen base {auc_frozen:.4f}, fine-tuned {auc_tuned:.4f}; kept: {kept}")
+    print(f"{judge[2]}: frozen base {auc_frozen:.4f}, fine-tuned {auc_tuned:.4f}; kept: {kept}")
 
 # %% [markdown]
 # Training curves. The CNN from scratch starts from nothing and its BatchNorm statistics need
@@ -327,8 +330,7 @@ report.comparison_table(evaluations)
 # set from another collection when one is found; nothing is fitted on it.
 
 # %%
-if external_dir is not None:
-    external = datasets.load_class_folder(external_dir, split="external")
+if external is not None:
     for name, model in candidates.items():
         p_external = models.predict_paths(model, external["path"].tolist(), batch_size)
         evaluations[name]["external"] = evaluate.external_report(
