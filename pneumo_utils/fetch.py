@@ -141,12 +141,24 @@ SEARCH_ORDER = {"kermany": ("kermany",), "nih": ("nih", "nih-sample"),
 """Which data sets satisfy a need, in order of preference; the last one is downloaded."""
 
 
+SEARCH_ROOTS = (Path("data"), Path("..") / "shared" / "data")
+"""Where data sets are looked for, relative to the project folder, after an explicit option:
+the project's own ``data/``, then a read-only ``shared/data/`` beside the project (a class, a lab
+or a build machine may provide one); then the public sets are downloaded (README, docs/data.md)."""
+WEIGHTS_ROOTS = (Path("weights"), Path("..") / "shared" / "weights")
+"""Where ImageNet weight files are looked for when neither ``--weights-dir`` nor
+``PNEUMO_WEIGHTS_DIR`` names a folder; else Keras downloads them."""
+
+
+def weights_dir(base: Path = Path()) -> Path | None:
+    """The first folder of :data:`WEIGHTS_ROOTS` under ``base`` that exists, or ``None``."""
+    return next((base / root for root in WEIGHTS_ROOTS if (base / root).is_dir()), None)
+
+
 def candidates(need: str, base: Path = Path()) -> list[Path]:
     """The folders :func:`locate` looks in for ``need`` (``"kermany"`` or ``"nih"``), in order."""
     specs = [{**DATASETS, **EXTERNAL}[key] for key in SEARCH_ORDER[need]]
-    return [base / "data" / s.folder for s in specs] + [
-        base / ".." / "shared" / "data" / s.folder for s in specs
-    ]
+    return [base / root / s.folder for root in SEARCH_ROOTS for s in specs]
 
 
 def locate(need: str, explicit: str | Path | None = None, base: Path = Path()) -> Path | None:

@@ -1078,7 +1078,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {str(exc).removeprefix('error: ')}", file=sys.stderr)
         return 2
 
-    weights_dir = args.weights_dir or (str(Path("../shared/weights")) if Path("../shared/weights").is_dir() else None)
+    weights_dir = args.weights_dir or fetch.weights_dir()
     if weights_dir:
         os.environ["PNEUMO_WEIGHTS_DIR"] = str(Path(weights_dir).resolve())
     for key, value in KERNEL_ENV.items():
