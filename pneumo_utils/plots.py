@@ -23,7 +23,7 @@ from pneumo_utils.data import load_images
 from pneumo_utils.evaluate import expected_calibration_error
 from pneumo_utils.tasks import predicted_labels
 
-JPEG_QUALITY = 75
+JPEG_QUALITY = 65
 """JPEG quality of image figures in notebooks: no visible loss on X-rays at this size, and
 every report stays under 1 MB."""
 
