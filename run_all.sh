@@ -24,6 +24,9 @@ installs the project (a few minutes); set PNEUMO_VENV to use another folder.
   --data-root DIR     Kermany folder with {train,val,test}/{NORMAL,PNEUMONIA} (env PNEUMO_DATA_ROOT)
   --nih-root DIR      NIH ChestX-ray14 folder: label table + images (env PNEUMO_NIH_ROOT)
   --weights-dir DIR   ImageNet .h5 files under Keras' names (env PNEUMO_WEIGHTS_DIR)
+  --external-dir DIR  labelled external validation set, {NORMAL,PNEUMONIA}/ (env
+                      PNEUMO_EXTERNAL_DIR; default data/chest_xray_external, then
+                      ../shared/data/chest_xray_official_test_a; never trained on)
   --reports-dir DIR   where reports go (default reports/, reports/smoke/ with --smoke)
   --offline           never download; fail at once if data is missing (env PNEUMO_OFFLINE=1)
   -h, --help          this help
