@@ -819,7 +819,9 @@ def model_tables(rows: Sequence[dict], best: dict[str, dict]) -> list[dict]:
             "argmax": any(row["argmax"] for row in mine),
             "models": mine,
             "best": chosen and {"rule": chosen["rule"], "pointer": chosen["pointer"],
-                                "data": chosen.get("rule_data", "")},
+                                "data": chosen.get("rule_data", ""),
+                                "calibrated": Path(chosen["calibration"]["model"]).name
+                                if chosen.get("calibration") else None},
             "roc": roc_curves(mine),
         })
     return tables

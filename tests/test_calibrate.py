@@ -108,3 +108,6 @@ def test_runner_points_best_at_the_copy_calibrated_on_external_validation(bright
     meta = json.loads((tmp_path / "bright.calibrated.json").read_text())
     assert meta["threshold"] == pointer["calibration"]["threshold"]
     assert runner.calibrate_best({"model_path": str(tmp_path / "missing.keras")}, site) is None
+    table = runner.model_tables([{**best, "best": False, "argmax": False, "roc": None}],
+                                {"kermany": {**best, "pointer": "best.json"}})[0]
+    assert table["best"]["calibrated"] == "bright.calibrated.keras"
