@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.n_boot < 1:
         return fail(f"--n-boot must be a positive integer, got {args.n_boot}")
     try:
-        choose_threshold(np.array([0, 1]), np.array([0.2, 0.8]), args.rule)
+        choose_threshold(np.array([0, 1]), np.array([0.2, 0.8]), args.rule)  # an unknown rule fails here, before the model loads
         record = calibrate(args.model, args.data, args.out, rule=args.rule, n_boot=args.n_boot,
                            min_per_class=args.min_per_class)
     except (FileNotFoundError, ModelFileError, ValueError, OSError) as exc:
