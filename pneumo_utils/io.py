@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumo_utils import CLASS_NAMES
+from pneumo_utils import CLASS_NAMES, TASK_CLASS_NAMES
 
 __all__ = [
     "TASK_CLASS_NAMES",
@@ -40,15 +40,6 @@ __all__ = [
     "write_bytes_atomic",
     "write_json_atomic",
 ]
-
-TASK_CLASS_NAMES: dict[str, tuple[str, ...]] = {
-    "pneumonia": ("NORMAL", "PNEUMONIA"),
-    "bacterial_vs_viral": ("BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"),
-    "three_class": ("NORMAL", "BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"),
-}
-"""Class names (label order) of each task of :data:`pneumo_utils.tasks.TASKS`, kept here so
-that reading a sidecar imports neither pandas nor the data set loaders (a test checks that
-both agree)."""
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 512
 """Smallest and largest model input side (pixels) a sidecar or a model may declare: the

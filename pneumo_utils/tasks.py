@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from pneumo_utils import TASK_CLASS_NAMES
 from pneumo_utils.datasets import DatasetLayoutError
 
 DEFAULT_TASK = "pneumonia"
@@ -78,16 +79,16 @@ class Task:
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("pneumonia", ("NORMAL", "PNEUMONIA"), None, "pneumonia vs normal"),
+        Task("pneumonia", TASK_CLASS_NAMES["pneumonia"], None, "pneumonia vs normal"),
         Task(
             "bacterial_vs_viral",
-            ("BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"),
+            TASK_CLASS_NAMES["bacterial_vs_viral"],
             (("bacteria",), ("virus",)),
             "bacterial vs viral pneumonia (PNEUMONIA images only)",
         ),
         Task(
             "three_class",
-            ("NORMAL", "BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"),
+            TASK_CLASS_NAMES["three_class"],
             (("normal",), ("bacteria",), ("virus",)),
             "normal vs bacterial vs viral pneumonia",
         ),
