@@ -41,6 +41,7 @@ from pneumo_utils.evaluate import (
     describe_rule,
     fit_softmax_temperature,
     fit_temperature,
+    folder_index,
     multiclass_bootstrap_ci,
     multiclass_metrics,
 )
@@ -67,7 +68,6 @@ def calibrate(
     ``FileNotFoundError``/``ValueError``/:class:`~pneumo_utils.io.ModelFileError` with a
     message that names the problem.
     """
-    from pneumo_utils.evaluate import _folder_index
     from pneumo_utils.models import load_model, predict_paths, sidecar_path
     from pneumo_utils.tasks import task_of
 
@@ -81,7 +81,7 @@ def calibrate(
         raise ValueError(f"--out {out} is the model itself; name a new file so the original is kept")
     model, meta = load_model(model_path)
     task = task_of(meta)
-    index = _folder_index(str(data), task)
+    index = folder_index(str(data), task)
     labels = index["label"].to_numpy()
     counts = {name: int((labels == k).sum()) for k, name in enumerate(task.class_names)}
     empty = [name for name, n in counts.items() if n == 0]

@@ -640,9 +640,10 @@ def classification_table(
     return pd.DataFrame(report).T.round(4)
 
 
-def _folder_index(data: str, task) -> pd.DataFrame:
+def folder_index(data: str, task) -> pd.DataFrame:
     """Index of a ``{NORMAL,PNEUMONIA}`` folder, or of a data root's ``test/`` split (the
-    other splits need not exist), with the labels of ``task``
+    other splits need not exist), with the labels of ``task``: what the ``evaluate`` and
+    ``calibrate`` commands read
     (:func:`pneumo_utils.tasks.task_index`; ``attrs`` kept)."""
     path = Path(data)
     index = load_kermany(path, splits=("test",)) if (path / "test").is_dir() else load_class_folder(path)
@@ -711,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{task.n_classes} classes and decides by argmax; drop --cue-test")
     try:
         model, meta = load_any(args.model)
-        index = _folder_index(args.data, task)
+        index = folder_index(args.data, task)
         labels = index["label"].to_numpy()
         _check_every_class(labels, task, args.data)
         proba = predict_paths(model, index["path"].tolist(), args.batch_size,

@@ -657,8 +657,8 @@ def report_summary(nb: Notebook) -> dict[str, Any]:
     }
 
 
-EXTERNAL_RULE = ("highest AUC on the labelled external validation set (scored zero-shot: neither "
-                 "weights nor thresholds were fitted on it)")
+EXTERNAL_RULE = ("highest AUC on the labelled external validation set (no weights or thresholds were "
+                 "fitted on it; a notebook may have used it to choose between its own phases)")
 """How the best model is chosen when the models were scored on external validation. The
 training-side selection score did not rank models the way a new site does (``RESULTS.md``),
 so a labelled sample of the new site decides; the threshold is then calibrated on it."""
