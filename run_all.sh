@@ -12,7 +12,7 @@ Runs notebooks/NN_*.py with papermill (what runs is the .py you edited) and writ
 reports/index.html plus one HTML report per notebook. The first run creates .venv and
 installs the project (a few minutes); set PNEUMO_VENV to use another folder.
 
-  --smoke             quick plumbing run (pneumo_utils/profiles/smoke.yaml): writes to reports/smoke/ and
+  --smoke             quick plumbing run (pneumo_utils/runner/profiles/smoke.yaml): writes to reports/smoke/ and
                       saved_models/smoke/, never to the full run's results or best.json
   --full              the full profile (default); sets saved_models/best.json and
                       best.<task>.json for the other Kermany tasks
@@ -20,7 +20,7 @@ installs the project (a few minutes); set PNEUMO_VENV to use another folder.
                       or names); a run's name selects that run alone
   --set [NB.]KEY=VAL  override a notebook parameter (YAML literal: 3, 1e-3, null, [16, 32]);
                       KEY must be declared in the notebook's parameters cell; NB may also
-                      be a profile run's name (runs: in pneumo_utils/profiles/*.yaml)
+                      be a profile run's name (runs: in pneumo_utils/runner/profiles/*.yaml)
   --data-root DIR     Kermany folder with {train,val,test}/{NORMAL,PNEUMONIA} (env PNEUMO_DATA_ROOT)
   --nih-root DIR      NIH ChestX-ray14 folder: label table + images (env PNEUMO_NIH_ROOT)
   --weights-dir DIR   ImageNet .h5 files under Keras' names (env PNEUMO_WEIGHTS_DIR)

@@ -42,7 +42,8 @@ import numpy as np
 import psutil
 from sklearn.metrics import roc_auc_score
 
-from pneumo_utils import data, datasets, features, models
+from pneumo_utils.data import datasets, pipelines, splits
+from pneumo_utils.model import backbones, features, saving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,9 +171,9 @@ def machine() -> dict[str, Any]:
 def load_split(data_root: str, max_per_class: int | None, seed: int) -> tuple[dict, dict]:
     """Paths and labels per split; validation carved from train by patient, as in notebook 01."""
     index = datasets.load_kermany(data_root)
-    index = data.grouped_split(index, 0.15, seed)
-    index = data.subsample(index, max_per_class, seed)
-    data.assert_no_patient_leak(index)
+    index = splits.grouped_split(index, 0.15, seed)
+    index = splits.subsample(index, max_per_class, seed)
+    splits.assert_no_patient_leak(index)
     pairs = {split: datasets.paths_and_labels(index, split) for split in SPLITS}
     return {s: p for s, (p, _) in pairs.items()}, {s: y for s, (_, y) in pairs.items()}
 
@@ -196,20 +197,20 @@ def fit_timed(model: keras.Model, x, y, validation_data, epochs: int, class_weig
 
 def bench_head_training(args, paths: dict, labels: dict, figures: Figures) -> keras.Model:
     """(a) One frozen-base classifier; the same initial head trained over images, then on features."""
-    weights = None if args.weights == "none" else models.resolve_weights(args.backbone, "imagenet", fallback="random")
-    model = models.build_classifier(args.backbone, args.image_size, weights, seed=args.seed)
-    head = [layer for layer in model.layers if layer.name.startswith(models.HEAD_PREFIX)]
+    weights = None if args.weights == "none" else backbones.resolve_weights(args.backbone, "imagenet", fallback="random")
+    model = backbones.build_classifier(args.backbone, args.image_size, weights, seed=args.seed)
+    head = [layer for layer in model.layers if layer.name.startswith(backbones.HEAD_PREFIX)]
     initial = [layer.get_weights() for layer in head]
-    weight_of = data.class_weights(labels["train"])
+    weight_of = pipelines.class_weights(labels["train"])
     size, batch = args.image_size, args.batch_size
 
     progress(f"(a) {args.backbone} at {size} px, weights {weights or 'random'}: head over images")
     keras.utils.set_random_seed(args.seed)
-    train_ds = data.image_dataset(paths["train"], labels["train"], image_size=size,
+    train_ds = pipelines.image_dataset(paths["train"], labels["train"], image_size=size,
                                   batch_size=batch, shuffle=True, seed=args.seed)
-    val_ds = data.image_dataset(paths["val"], labels["val"], image_size=size, batch_size=batch)
+    val_ds = pipelines.image_dataset(paths["val"], labels["val"], image_size=size, batch_size=batch)
     images_epochs = fit_timed(model, train_ds, None, val_ds, args.epochs, weight_of)
-    auc_images = roc_auc_score(labels["test"], models.predict_paths(model, paths["test"], batch))
+    auc_images = roc_auc_score(labels["test"], saving.predict_paths(model, paths["test"], batch))
 
     progress("(a) features once, then the same initial head on them")
     for layer, values in zip(head, initial, strict=True):
@@ -218,7 +219,7 @@ def bench_head_training(args, paths: dict, labels: dict, figures: Figures) -> ke
     feats = features.extract_split_features(model, paths, batch, cache_dir=None, verbose=False)
     extraction = time.perf_counter() - start
     keras.utils.set_random_seed(args.seed)
-    head_model = models.head_on_features(model)
+    head_model = backbones.head_on_features(model)
     feature_epochs = fit_timed(head_model, feats["train"], labels["train"].astype("float32"),
                                (feats["val"], labels["val"].astype("float32")), args.epochs,
                                weight_of, batch_size=batch)
@@ -282,7 +283,7 @@ def bench_prediction(args, model: keras.Model | None, paths: dict, workdir: Path
     if args.model:
         model_path = Path(args.model)
     elif model is not None:
-        model_path = models.save_model(model, workdir / "bench.keras", models.model_metadata(model))
+        model_path = saving.save_model(model, workdir / "bench.keras", saving.model_metadata(model))
     else:
         raise RuntimeError("no model to measure: (a) failed and no --model was given")
     image = paths["test"][0]
@@ -295,16 +296,16 @@ def bench_prediction(args, model: keras.Model | None, paths: dict, workdir: Path
             raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
         return time.perf_counter() - start
 
-    cli = [timed([sys.executable, "-m", "pneumo_utils.predict", image, "--model", str(model_path)])
+    cli = [timed([sys.executable, "-m", "pneumo_utils.deploy.predict", image, "--model", str(model_path)])
            for _ in range(args.cli_runs)]
     tf_import = [timed([sys.executable, "-c", "import tensorflow"]) for _ in range(args.cli_runs)]
-    model, _ = models.load_model(model_path)
+    model, _ = saving.load_model(model_path)
     test = paths["test"][: args.throughput_images]
     size, batch, n = int(model.inputs[0].shape[1]), args.batch_size, len(test)
     start = time.perf_counter()
-    pixels = data.load_images(test, size)
+    pixels = pipelines.load_images(test, size)
     decode = time.perf_counter() - start
-    project = median_seconds(lambda: models.predict_paths(model, test, batch), args.repeats)
+    project = median_seconds(lambda: saving.predict_paths(model, test, batch), args.repeats)
     bare = median_seconds(lambda: model.predict(pixels, batch_size=batch, verbose=0), args.repeats)
 
     figures.add("c_predict_cli_s", statistics.median(cli), "s",
@@ -326,14 +327,14 @@ def bench_bf16(args, paths: dict, figures: Figures) -> None:
     """
     size = args.bf16_image_size or args.image_size
     pool = paths["test"] + paths["val"] + paths["train"]
-    pixels = data.load_images((pool * (args.bf16_images // len(pool) + 1))[: args.bf16_images], size)
-    weights = None if args.weights == "none" else models.resolve_weights(args.bf16_backbone, "imagenet", fallback="random")
+    pixels = pipelines.load_images((pool * (args.bf16_images // len(pool) + 1))[: args.bf16_images], size)
+    weights = None if args.weights == "none" else backbones.resolve_weights(args.bf16_backbone, "imagenet", fallback="random")
     progress(f"(e) float32 vs mixed_bfloat16, {args.bf16_backbone} at {size} px, {len(pixels)} images")
     extractors = {}
     for policy in ("float32", "mixed_bfloat16"):
         keras.mixed_precision.set_global_policy(policy)
-        classifier = models.build_classifier(args.bf16_backbone, size, weights, seed=0)
-        extractors[policy] = models.pooled_features_model(classifier)
+        classifier = backbones.build_classifier(args.bf16_backbone, size, weights, seed=0)
+        extractors[policy] = backbones.pooled_features_model(classifier)
     keras.mixed_precision.set_global_policy("float32")
     outputs = {p: np.asarray(e.predict(pixels, batch_size=args.batch_size, verbose=0), np.float32)
                for p, e in extractors.items()}

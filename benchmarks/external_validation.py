@@ -5,7 +5,7 @@ patient-grouped training split carved from Kermany's train folder (seed 42), exa
 notebooks do; the threshold is chosen on validation (Youden's J). Nothing is fitted on the
 external images: they are scored zero-shot. Per recipe and head seed the script prints
 validation AUC, the selection score (shortcut check on validation,
-:mod:`pneumo_utils.shortcuts`), the same-source hold-out AUC (``test/``), and on external
+:mod:`pneumo_utils.evaluation.shortcuts`), the same-source hold-out AUC (``test/``), and on external
 validation the AUC, accuracy, sensitivity and specificity at the validation threshold, plus the
 accuracy a threshold chosen on the external set itself would give (an upper bound, not a
 result). Then it scores probability-averaged ensembles of the recipes' models and the rank
@@ -37,7 +37,9 @@ import pandas as pd
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from pneumo_utils import data, datasets, evaluate, features, models, shortcuts, train
+from pneumo_utils.data import datasets, pipelines, splits
+from pneumo_utils.evaluation import metrics, shortcuts
+from pneumo_utils.model import backbones, features, train
 
 RECIPES = {
     "raw": {"remove_cues": False, "frame_swap": False, "stretch": False},
@@ -73,7 +75,7 @@ def stretched_features(model, paths: list[str], cache_dir: str, seed: int = 0) -
     import keras
     import tensorflow as tf
 
-    extractor = models.pooled_features_model(model)
+    extractor = backbones.pooled_features_model(model)
     size = int(extractor.inputs[0].shape[1])
     key = hashlib.sha256("|".join([features.weights_fingerprint(extractor), features.files_fingerprint(paths),
                                    str(size), f"stretch={STRETCH}", str(seed)]).encode()).hexdigest()[:24]
@@ -82,7 +84,7 @@ def stretched_features(model, paths: list[str], cache_dir: str, seed: int = 0) -
         return np.load(cache)
     zoom = keras.layers.RandomZoom(height_factor=(0.0, 0.0), width_factor=(-STRETCH, STRETCH),
                                    fill_mode="reflect", seed=seed)
-    dataset = data.image_dataset(paths, image_size=size, batch_size=32, cache=False)
+    dataset = pipelines.image_dataset(paths, image_size=size, batch_size=32, cache=False)
     dataset = dataset.map(lambda x: zoom(x, training=True), num_parallel_calls=tf.data.AUTOTUNE)
     out = extractor.predict(dataset, verbose=0).astype(np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -98,26 +100,26 @@ def cue_features(model, paths, labels, n_images: int) -> tuple[np.ndarray, dict[
                                random_state=0)
     refs = shortcuts.other_class_references(labels["val"][rows], labels["train"], seed=0)
     size = int(model.inputs[0].shape[1])
-    sets = shortcuts.counterfactuals(data.load_images([paths["val"][i] for i in rows], size),
-                                     data.load_images([paths["train"][j] for j in refs], size))
-    extractor = models.pooled_features_model(model)
+    sets = shortcuts.counterfactuals(pipelines.load_images([paths["val"][i] for i in rows], size),
+                                     pipelines.load_images([paths["train"][j] for j in refs], size))
+    extractor = backbones.pooled_features_model(model)
     return rows, {name: extractor.predict(images, batch_size=32, verbose=0) for name, images in sets.items()}
 
 
 def external_figures(y: np.ndarray, proba: np.ndarray, threshold: float) -> dict:
     """AUC, accuracy, sensitivity, specificity at ``threshold``; best accuracy over thresholds."""
-    metrics = evaluate.binary_metrics(y, proba, threshold)
+    figures = metrics.binary_metrics(y, proba, threshold)
     best = max(float(np.mean((proba >= t) == y)) for t in np.unique(proba))
-    return {"ext auc": metrics["auc"], "ext accuracy": metrics["accuracy"],
-            "ext sensitivity": metrics["sensitivity"], "ext specificity": metrics["specificity"],
+    return {"ext auc": figures["auc"], "ext accuracy": figures["accuracy"],
+            "ext sensitivity": figures["sensitivity"], "ext specificity": figures["specificity"],
             "ext best accuracy": best}
 
 
 def recipe_rows(backbone: str, size: int, recipe: str, args, paths, labels, proba_out: dict) -> list[dict]:
     """Train one head per seed for ``backbone`` at ``size`` under ``recipe`` and score it."""
     spec = RECIPES[recipe]
-    weights = models.resolve_weights(backbone, "imagenet")
-    model = models.build_classifier(backbone, size, weights, seed=0, remove_cues=spec["remove_cues"])
+    weights = backbones.resolve_weights(backbone, "imagenet")
+    model = backbones.build_classifier(backbone, size, weights, seed=0, remove_cues=spec["remove_cues"])
     feats, x_train, y_train = features.extract_with_frame_swaps(
         model, paths, labels, frame_swap=spec["frame_swap"], seed=42, cache_dir=args.cache_dir)
     if spec["stretch"]:
@@ -126,12 +128,12 @@ def recipe_rows(backbone: str, size: int, recipe: str, args, paths, labels, prob
     cue_rows, cue_sets = cue_features(model, paths, labels, args.cue_images)
     rows = []
     for seed in args.seeds:
-        model = models.build_classifier(backbone, size, weights, seed=seed, remove_cues=spec["remove_cues"])
+        model = backbones.build_classifier(backbone, size, weights, seed=seed, remove_cues=spec["remove_cues"])
         train.fit_head_on_features(model, x_train, y_train, feats["val"], labels["val"], epochs=40,
-                                   class_weight=data.class_weights(y_train), patience=8, seed=seed)
-        head = models.head_on_features(model)
+                                   class_weight=pipelines.class_weights(y_train), patience=8, seed=seed)
+        head = backbones.head_on_features(model)
         proba = {split: head.predict(feats[split], verbose=0).ravel() for split in paths}
-        threshold = evaluate.choose_threshold(labels["val"], proba["val"], rule="youden")
+        threshold = metrics.choose_threshold(labels["val"], proba["val"], rule="youden")
         cue = shortcuts.cue_test(lambda f, head=head: head.predict(f, verbose=0).ravel(), cue_sets,
                                  labels["val"][cue_rows], threshold)
         name = f"{backbone}:{size}:{recipe}:{seed}"
@@ -160,7 +162,7 @@ def ensemble_rows(proba: dict, labels) -> list[dict]:
     rows = []
     for name, members in candidates.items():
         mean = {split: np.mean([proba[m][split] for m in members], axis=0) for split in ("val", "test", "external")}
-        threshold = evaluate.choose_threshold(labels["val"], mean["val"], rule="youden")
+        threshold = metrics.choose_threshold(labels["val"], mean["val"], rule="youden")
         row = {"model": name, "recipe": "ensemble", "threshold": threshold,
                "val auc": roc_auc_score(labels["val"], mean["val"]),
                "holdout auc": roc_auc_score(labels["test"], mean["test"]),
@@ -173,9 +175,9 @@ def main() -> None:
     args = parse_args()
     if args.weights_dir:
         os.environ["PNEUMO_WEIGHTS_DIR"] = args.weights_dir
-    index = data.kermany_split(args.data_root, seed=42)
+    index = splits.kermany_split(args.data_root, seed=42)
     external = datasets.load_class_folder(args.external_dir, split="external")
-    paths, labels = data.split_files(pd.concat([index, external], ignore_index=True),
+    paths, labels = splits.split_files(pd.concat([index, external], ignore_index=True),
                                      splits=("train", "val", "test", "external"))
     proba: dict[str, dict[str, np.ndarray]] = {}
     rows = []
@@ -186,7 +188,7 @@ def main() -> None:
         name, _, file = item.partition("=")
         stored = np.load(file)
         proba[f"{name}:0"] = {split: stored[split] for split in ("val", "test", "external")}
-        threshold = evaluate.choose_threshold(labels["val"], stored["val"], rule="youden")
+        threshold = metrics.choose_threshold(labels["val"], stored["val"], rule="youden")
         rows.append({"model": f"{name}:0", "backbone": name, "recipe": "extra", "seed": 0, "threshold": threshold,
                      "val auc": roc_auc_score(labels["val"], stored["val"]),
                      "holdout auc": roc_auc_score(labels["test"], stored["test"]),
@@ -195,7 +197,7 @@ def main() -> None:
     table = pd.concat([singles, pd.DataFrame(ensemble_rows(proba, labels))], ignore_index=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     table.to_csv(args.out, index=False)
-    np.savez(args.proba, **{f"{name}|{split}": p for name, splits in proba.items() for split, p in splits.items()},
+    np.savez(args.proba, **{f"{name}|{split}": p for name, by_split in proba.items() for split, p in by_split.items()},
              **{f"labels|{split}": y for split, y in labels.items()})
     columns = ["val auc", "selection score", "holdout auc", "ext auc", "ext accuracy", "ext sensitivity",
                "ext specificity", "ext best accuracy"]

@@ -28,7 +28,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from pneumo_utils import augment, data, datasets, evaluate, models
+from pneumo_utils.data import augment, datasets, pipelines, splits
+from pneumo_utils.evaluation import metrics
+from pneumo_utils.model import backbones, saving
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,15 +51,15 @@ def parse_args() -> argparse.Namespace:
 
 def build(backbone: str, size: int, crop: float, seed: int) -> keras.Model:
     """Input (0-255) -> optional centre crop -> backbone scaling -> backbone -> GAP -> sigmoid."""
-    from pneumo_utils.preprocessing import cue_removal
+    from pneumo_utils.model.preprocessing import cue_removal
 
-    spec = models.get_backbone(backbone)
+    spec = backbones.get_backbone(backbone)
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((size, size, 3), name="image")
     x = cue_removal(inputs, crop_fraction=crop, equalize=False) if crop < 1 else inputs
-    x = models.preprocessing_layer(x, spec.preprocessing)
+    x = backbones.preprocessing_layer(x, spec.preprocessing)
     base = getattr(keras.applications, spec.constructor)(include_top=False, weights=None, input_tensor=x)
-    base.load_weights(models.resolve_weights(backbone, "imagenet"), by_name=True)
+    base.load_weights(backbones.resolve_weights(backbone, "imagenet"), by_name=True)
     for layer in base.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
@@ -80,7 +82,7 @@ class ExternalRecord(keras.callbacks.Callback):
         row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self.start),
                "loss": logs.get("loss"), "val auc": logs.get("val_auc")}
         for split in ("external",):
-            proba = models.predict_paths(self.model, self.paths[split], self.batch_size)
+            proba = saving.predict_paths(self.model, self.paths[split], self.batch_size)
             row[f"{split} auc"] = roc_auc_score(self.labels[split], proba)
         self.rows.append(row)
         print(pd.Series(row).to_frame().T.round(4).to_string(index=False), flush=True)
@@ -90,10 +92,10 @@ def main() -> None:
     args = parse_args()
     if args.weights_dir:
         os.environ["PNEUMO_WEIGHTS_DIR"] = args.weights_dir
-    data.set_seed(args.seed)
-    index = data.kermany_split(args.data_root, seed=42)
+    pipelines.set_seed(args.seed)
+    index = splits.kermany_split(args.data_root, seed=42)
     external = datasets.load_class_folder(args.external_dir, split="external")
-    paths, labels = data.split_files(pd.concat([index, external], ignore_index=True),
+    paths, labels = splits.split_files(pd.concat([index, external], ignore_index=True),
                                      splits=("train", "val", "test", "external"))
     layers = keras.Sequential([
         keras.layers.RandomZoom(height_factor=(0.0, 0.0), width_factor=(-args.stretch, args.stretch),
@@ -103,25 +105,25 @@ def main() -> None:
     ], name="augmentation")
     train_ds, steps = augment.training_dataset(paths["train"], labels["train"], args.image_size, batch_size=32,
                                                layers=layers, seed=args.seed)
-    val_ds = data.image_dataset(paths["val"], labels["val"], args.image_size, batch_size=64)
+    val_ds = pipelines.image_dataset(paths["val"], labels["val"], args.image_size, batch_size=64)
     model = build(args.backbone, args.image_size, args.crop, args.seed)
     schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate, decay_steps=args.epochs * len(train_ds))
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss="binary_crossentropy",
                   metrics=[keras.metrics.AUC(name="auc")])
     record = ExternalRecord(paths, labels)
-    model.fit(train_ds, validation_data=val_ds, epochs=args.epochs, class_weight=data.class_weights(labels["train"]),
+    model.fit(train_ds, validation_data=val_ds, epochs=args.epochs, class_weight=pipelines.class_weights(labels["train"]),
               callbacks=[keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=3,
                                                        restore_best_weights=True), record], verbose=0)
-    proba = {split: models.predict_paths(model, paths[split], 64) for split in ("val", "test", "external")}
-    threshold = evaluate.choose_threshold(labels["val"], proba["val"], rule="youden")
-    ext = evaluate.binary_metrics(labels["external"], proba["external"], threshold)
+    proba = {split: saving.predict_paths(model, paths[split], 64) for split in ("val", "test", "external")}
+    threshold = metrics.choose_threshold(labels["val"], proba["val"], rule="youden")
+    ext = metrics.binary_metrics(labels["external"], proba["external"], threshold)
     best = max(float(np.mean((proba["external"] >= t) == labels["external"])) for t in np.unique(proba["external"]))
     print(f"\nkept epoch by validation AUC: val AUC {roc_auc_score(labels['val'], proba['val']):.4f}, "
           f"hold-out AUC {roc_auc_score(labels['test'], proba['test']):.4f}; external (zero-shot, threshold "
           f"{threshold:.3f} from validation): AUC {ext['auc']:.4f}, accuracy {ext['accuracy']:.4f}, sensitivity "
           f"{ext['sensitivity']:.4f}, specificity {ext['specificity']:.4f}; best accuracy over thresholds {best:.4f}")
     if args.save:
-        models.save_model(model, args.save, models.model_metadata(model, threshold=threshold,
+        saving.save_model(model, args.save, saving.model_metadata(model, threshold=threshold,
                                                                   threshold_rule="youden on validation"))
         np.savez(os.path.splitext(args.save)[0] + ".proba.npz", **proba,
                  **{f"labels_{k}": v for k, v in labels.items()})

@@ -3,7 +3,7 @@
 For each frozen ImageNet backbone and each recipe, a head is trained on cached features of the
 patient-grouped training split (as in the notebooks) for a few seeds, and scored on the
 validation split: clean, and with each image's grey-level histogram or outer frame taken from a
-training image of the other class, or its frame blanked (:mod:`pneumo_utils.shortcuts`). The
+training image of the other class, or its frame blanked (:mod:`pneumo_utils.evaluation.shortcuts`). The
 recipes:
 
 * ``raw``: the backbone on the raw pixels;
@@ -18,7 +18,7 @@ recipes:
 Prints one row per backbone, recipe and seed: the threshold (Youden's J on clean validation),
 clean validation AUC, the selection score, and AUC / specificity per counterfactual set. Also
 prints the trivial-statistics audit of the training images (``--audit-only``: that alone, in
-about a minute). ``--task`` picks a binary task of :mod:`pneumo_utils.tasks` (the split is the
+about a minute). ``--task`` picks a binary task of :mod:`pneumo_utils.data.tasks` (the split is the
 notebooks': patient-grouped, stratified by the task's classes, seed 42). ResNet50 features at
 224 px cost about 5 minutes per recipe on 2 CPU cores; cached features make reruns take seconds.
 """
@@ -30,8 +30,10 @@ import os
 
 import pandas as pd
 
-from pneumo_utils import data, datasets, features, models, shortcuts, tasks, train
-from pneumo_utils.evaluate import choose_threshold
+from pneumo_utils.data import datasets, pipelines, splits, tasks
+from pneumo_utils.evaluation import shortcuts
+from pneumo_utils.evaluation.metrics import choose_threshold
+from pneumo_utils.model import backbones, features, train
 
 RECIPES = {"raw": (False, False), "cue removal": (True, False), "cue removal + frame swap": (True, True)}
 
@@ -54,18 +56,18 @@ def parse_args() -> argparse.Namespace:
 def recipe_rows(backbone, recipe, args, paths, labels, val_sets) -> list[dict]:
     """Train one head per seed for ``backbone`` under ``recipe`` and score it."""
     remove_cues, frame_swap = RECIPES[recipe]
-    model = models.build_classifier(backbone, args.image_size, models.resolve_weights(backbone, "imagenet"),
+    model = backbones.build_classifier(backbone, args.image_size, backbones.resolve_weights(backbone, "imagenet"),
                                     seed=0, remove_cues=remove_cues)
     feats, x_train, y_train = features.extract_with_frame_swaps(
         model, {"train": paths["train"], "val": paths["val"]}, labels, frame_swap=frame_swap, seed=1,
         cache_dir=args.cache_dir)
-    extractor = models.pooled_features_model(model)
+    extractor = backbones.pooled_features_model(model)
     set_feats = {name: extractor.predict(images, batch_size=32, verbose=0) for name, images in val_sets.items()}
     rows = []
     for seed in args.seeds:
         train.fit_head_on_features(model, x_train, y_train, feats["val"], labels["val"], epochs=40,
-                                   class_weight=data.class_weights(y_train), patience=8, seed=seed)
-        head = models.head_on_features(model)
+                                   class_weight=pipelines.class_weights(y_train), patience=8, seed=seed)
+        head = backbones.head_on_features(model)
         p_val = head.predict(feats["val"], verbose=0).ravel()
         threshold = choose_threshold(labels["val"], p_val, rule="youden")
         table = shortcuts.cue_test(lambda f, head=head: head.predict(f, verbose=0).ravel(), set_feats,
@@ -85,16 +87,16 @@ def main() -> None:
     if args.weights_dir:
         os.environ["PNEUMO_WEIGHTS_DIR"] = args.weights_dir
     index = tasks.task_index(datasets.load_kermany(args.data_root), args.task)
-    index = data.grouped_split(index, seed=42)
-    paths, labels = data.split_files(index, splits=("train", "val"))
-    audit = shortcuts.audit(shortcuts.image_statistics(data.load_images(paths["train"], 128)), labels["train"],
-                            shortcuts.image_statistics(data.load_images(paths["val"], 128)), labels["val"])
+    index = splits.grouped_split(index, seed=42)
+    paths, labels = splits.split_files(index, splits=("train", "val"))
+    audit = shortcuts.audit(shortcuts.image_statistics(pipelines.load_images(paths["train"], 128)), labels["train"],
+                            shortcuts.image_statistics(pipelines.load_images(paths["val"], 128)), labels["val"])
     print(f"task {args.task}: trivial statistics, logistic regression fitted on train, validation AUC")
     print(audit.round(3).to_string(), flush=True)
     if args.audit_only:
         return
-    val_images = data.load_images(paths["val"], args.image_size)
-    references = data.load_images(
+    val_images = pipelines.load_images(paths["val"], args.image_size)
+    references = pipelines.load_images(
         [paths["train"][j] for j in shortcuts.other_class_references(labels["val"], labels["train"], seed=0)],
         args.image_size)
     val_sets = shortcuts.counterfactuals(val_images, references)

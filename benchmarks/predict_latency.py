@@ -10,7 +10,7 @@ cached features of ``--train-images`` training images, so that AUCs mean somethi
   ``python -m pneumo_utils.predict IMAGE --model FILE``), for ``.keras``, ``.tflite``,
   ``.onnx`` and the quantised exports;
 - batch throughput on ``--images`` hold-out images: the project's path from files
-  (``models.predict_paths`` for Keras, ``runtime.predict_paths`` for exports) against a bare
+  (``saving.predict_paths`` for Keras, ``runtime.predict_paths`` for exports) against a bare
   ``predict`` on the same images decoded beforehand;
 - file sizes per format and quantisation, the ``.keras`` file with and without optimizer
   state (``export.slim``);
@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from pneumo_utils.model import backbones, saving
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = (("keras", None, "none"), ("tflite", "tflite", "none"), ("tflite-fp16", "tflite", "fp16"),
@@ -55,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PNEUMO_WEIGHTS_DIR"] = str(Path(args.weights_dir).resolve())
     import keras
 
-    from pneumo_utils import export, features, models, runtime, train
-    from pneumo_utils.datasets import load_kermany, paths_and_labels
-    from pneumo_utils.images import read_resized
+    from pneumo_utils.data.datasets import load_kermany, paths_and_labels
+    from pneumo_utils.data.images import read_resized
+    from pneumo_utils.deploy import export, runtime
+    from pneumo_utils.model import features, train
 
     index = load_kermany(args.data_root, splits=("train", "test"))
     rng = np.random.default_rng(0)
@@ -68,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {"load_average_at_start": os.getloadavg()[0]}
     for backbone in args.backbones:
         print(f"[{backbone}] building and training the head", file=sys.stderr)
-        model = models.build_classifier(backbone, 224, weights=models.resolve_weights(backbone), seed=0)
+        model = backbones.build_classifier(backbone, 224, weights=backbones.resolve_weights(backbone), seed=0)
         cached = features.extract_features(model, train_paths, cache_dir=work / "cache", verbose=False)
-        head = models.head_on_features(model)
+        head = backbones.head_on_features(model)
         train.compile_binary(head, 1e-3)
         head.fit(cached, train_labels, epochs=15, batch_size=32, verbose=0)
         path = work / f"{backbone}.keras"
-        models.save_model(model, path, models.model_metadata(model, backbone=backbone))
+        saving.save_model(model, path, saving.model_metadata(model, backbone=backbone))
         sizes = {"keras": path.stat().st_size}
         heavy = work / f"{backbone}-with-optimizer.keras"
         for layer in model.layers:
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         train.compile_binary(model, 1e-4)
         x = np.stack([read_resized(p, 224) for p in train_paths[:4]]).astype(np.float32)
         model.train_on_batch(x, train_labels[:4].astype(np.float32))
-        models.save_model(model, heavy, models.model_metadata(model, backbone=backbone))
+        saving.save_model(model, heavy, saving.model_metadata(model, backbone=backbone))
         sizes["keras_with_adam_state_all_layers_trainable"] = heavy.stat().st_size
         sizes["keras_slimmed"] = export.slim(heavy).stat().st_size
         model = keras.models.load_model(path)
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         decoded = np.stack([read_resized(p, 224) for p in batch_paths]).astype(np.float32)
         throughput = {}
         start = time.perf_counter()
-        models.predict_paths(model, batch_paths)
+        saving.predict_paths(model, batch_paths)
         path_s = time.perf_counter() - start
         start = time.perf_counter()
         model.predict(decoded, batch_size=32, verbose=0)
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{backbone}] hold-out AUCs", file=sys.stderr)
         from sklearn.metrics import roc_auc_score
 
-        aucs = {"keras": float(roc_auc_score(test_labels, models.predict_paths(model, test_paths)))}
+        aucs = {"keras": float(roc_auc_score(test_labels, saving.predict_paths(model, test_paths)))}
         for name in files:
             if name != "keras":
                 proba = runtime.predict_paths(runtime.ExportedModel(files[name]), test_paths)
@@ -153,7 +156,7 @@ def _command_seconds(image: str, model: Path, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "pneumo_utils.predict", image, "--model", str(model)],
+        done = subprocess.run([sys.executable, "-m", "pneumo_utils.deploy.predict", image, "--model", str(model)],
                               capture_output=True, text=True, cwd=ROOT)
         times.append(time.perf_counter() - start)
         if done.returncode != 0:

@@ -5,7 +5,7 @@ prints
 
 * shard writing speed (images/s) for the data set at ``--image-size`` (JPEG shards);
 * tf.data read throughput (images/s, decoded to the same size) from those shards and from
-  the image folders through :func:`pneumo_utils.data.image_dataset`, one pass each over
+  the image folders through :func:`pneumo_utils.data.pipelines.image_dataset`, one pass each over
   ``--read-images`` training images (the same images: the shards in row order), no cache,
   timed from the second batch on;
 * training throughput of a small CNN (images/s) under the default strategy on one device
@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def write_speed(data_root: str, out: str, image_size: int, max_images: int | None) -> dict:
-    from pneumo_utils import shards
+    from pneumo_utils.scale import shards
 
     index, rule = shards.load_index(data_root)
     if max_images:
@@ -47,8 +47,8 @@ def write_speed(data_root: str, out: str, image_size: int, max_images: int | Non
 
 
 def read_speed(out: str, image_size: int, n: int, batch_size: int = 32) -> dict:
-    from pneumo_utils import shards
-    from pneumo_utils.data import image_dataset
+    from pneumo_utils.data.pipelines import image_dataset
+    from pneumo_utils.scale import shards
 
     listed = shards.read_index(out)
     train = listed[listed["split"] == "train"]
@@ -84,9 +84,9 @@ def train_speed(devices: int, steps: int, image_size: int = 64, per_replica: int
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
     import numpy as np
 
-    from pneumo_utils import distribute
-    from pneumo_utils.models import build_scratch_cnn
-    from pneumo_utils.train import compile_binary
+    from pneumo_utils.model.backbones import build_scratch_cnn
+    from pneumo_utils.model.train import compile_binary
+    from pneumo_utils.scale import distribute
 
     strategy = distribute.strategy("mirrored" if devices > 1 else "default")
     batch = distribute.global_batch_size(per_replica * 2 // devices, strategy)

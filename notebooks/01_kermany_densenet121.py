@@ -52,7 +52,7 @@ if "google.colab" in sys.modules:
 # %% tags=["parameters"]
 data_dir = None  # type: str|None Kermany folder with train/, val/, test/ (None: found in data/ or ../shared/data/, else downloaded)
 external_dir = None  # type: str|None labelled external validation folder, NORMAL/ and PNEUMONIA/ (None: found if present)
-task: str = "pneumonia"  # pneumonia, bacterial_vs_viral or three_class (pneumo_utils.tasks)
+task: str = "pneumonia"  # pneumonia, bacterial_vs_viral or three_class (pneumo_utils.data.tasks)
 backbone: str = "densenet121"  # densenet121, mobilenet_v2 or resnet50 (keras.applications)
 run_name: str = "01_kermany_densenet121"  # file name of the saved model and the metrics JSON
 weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
@@ -82,23 +82,13 @@ import numpy as np
 import tensorflow as tf
 from IPython.display import display
 
-from pneumo_utils import (
-    data,
-    datasets,
-    distribute,
-    evaluate,
-    features,
-    fetch,
-    gradcam,
-    models,
-    plots,
-    preprocessing,
-    report,
-    shortcuts,
-    tasks,
-)
-from pneumo_utils.predict import predict_image
-from pneumo_utils.train import EpochLine
+from pneumo_utils.data import datasets, fetch, pipelines, splits, tasks
+from pneumo_utils.deploy.predict import predict_image
+from pneumo_utils.evaluation import metrics, shortcuts
+from pneumo_utils.explain import gradcam, plots, report
+from pneumo_utils.model import backbones, features, preprocessing, saving
+from pneumo_utils.model.train import EpochLine
+from pneumo_utils.scale import distribute
 
 task_spec = tasks.get_task(task)
 CLASS_NAMES = task_spec.class_names  # label order: label k is CLASS_NAMES[k]
@@ -107,7 +97,7 @@ data_dir = fetch.find("kermany", data_dir)  # the folder given, else data/ or ..
 external_dir = fetch.find("external", external_dir, required=False)  # None when there is none
 reports_dir, models_dir, cache_dir = (fetch.in_project(p) for p in (reports_dir, models_dir, cache_dir))
 print(f"data: {data_dir}; external validation: {external_dir or 'none found'}")
-data.set_seed(seed)
+pipelines.set_seed(seed)
 strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
 print(distribute.describe(strat))
 batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> per step
@@ -130,9 +120,9 @@ batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> p
 # %%
 index = datasets.load_kermany(data_dir)
 index = tasks.task_index(index, task)  # the task's images, label = class number
-index = data.grouped_split(index, val_fraction=val_fraction, seed=seed)
-index = data.subsample(index, max_images_per_class, seed=seed)
-data.assert_no_patient_leak(index)
+index = splits.grouped_split(index, val_fraction=val_fraction, seed=seed)
+index = splits.subsample(index, max_images_per_class, seed=seed)
+splits.assert_no_patient_leak(index)
 datasets.summarize(index, CLASS_NAMES)
 
 # %%
@@ -146,7 +136,7 @@ plots.index_samples(index, image_size, per_class=4, class_names=CLASS_NAMES)
 # The input is raw RGB pixels (0-255). With `remove_cues`, the first layers keep the central 80%
 # of the image (borders, side markers and collimation edges go) and equalise its grey-level
 # histogram, so exposure and background darkness no longer tell the classes apart
-# (`pneumo_utils.preprocessing`). The next layer applies the backbone's own scaling (for
+# (`pneumo_utils.model.preprocessing`). The next layer applies the backbone's own scaling (for
 # DenseNet121: [0, 1], then ImageNet mean and std), so the saved model needs no preprocessing
 # outside it. The backbone comes from `keras.applications` without its ImageNet classifier
 # (`include_top=False`), built on that layer's output, and frozen. The head is attached to the
@@ -158,12 +148,12 @@ plots.index_samples(index, image_size, per_class=4, class_names=CLASS_NAMES)
 # `three_class`.
 
 # %%
-spec = models.get_backbone(backbone)  # constructor name, scaling mode, weights file
-weights_file = models.resolve_weights(backbone, weights, fallback=weights_fallback)
+spec = backbones.get_backbone(backbone)  # constructor name, scaling mode, weights file
+weights_file = backbones.resolve_weights(backbone, weights, fallback=weights_fallback)
 with strat.scope():
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = preprocessing.cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs  # centre 80%, equalised
-    x = models.preprocessing_layer(x, mode=spec.preprocessing)  # e.g. "torch" for DenseNet121
+    x = backbones.preprocessing_layer(x, mode=spec.preprocessing)  # e.g. "torch" for DenseNet121
     application = getattr(keras.applications, spec.constructor)  # e.g. keras.applications.DenseNet121
     base = application(include_top=False, weights=None, input_tensor=x)
     if weights_file:  # by layer name: the preprocessing layers are not in the weights file
@@ -195,11 +185,11 @@ print(f"{report.describe_weights(weights_file)}; {model.count_params():,} parame
 # frame says nothing about the label, so the head has to use the centre.
 
 # %%
-paths, labels = data.split_files(index)
+paths, labels = splits.split_files(index)
 feats, x_train, y_train = features.extract_with_frame_swaps(
     model, paths, labels, frame_swap=remove_cues, seed=seed, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
 with strat.scope():
-    head = models.head_on_features(model)
+    head = backbones.head_on_features(model)
 
 # %%
 if task_spec.binary:
@@ -217,7 +207,7 @@ history = head.fit(
     x_train, y_fit,
     validation_data=(feats["val"], y_val_fit),
     epochs=epochs, batch_size=batch_size,
-    class_weight=data.class_weights(y_train),
+    class_weight=pipelines.class_weights(y_train),
     callbacks=[
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-6),
@@ -241,8 +231,8 @@ p_val = head.predict(feats["val"], verbose=0)
 p_test = head.predict(feats["test"], verbose=0)
 if task_spec.binary:
     p_val, p_test = p_val.ravel(), p_test.ravel()  # (n, 1) -> (n,)
-    threshold = evaluate.choose_threshold(labels["val"], p_val, rule=threshold_rule)
-    print(f"threshold {threshold:.3f}: {evaluate.describe_rule(threshold_rule)}")
+    threshold = metrics.choose_threshold(labels["val"], p_val, rule=threshold_rule)
+    print(f"threshold {threshold:.3f}: {metrics.describe_rule(threshold_rule)}")
 else:
     threshold = None
     print("decision: the most probable of", CLASS_NAMES)
@@ -255,12 +245,12 @@ else:
 # AUC, and the per-class table below says how each class fares.
 
 # %%
-evaluation = evaluate.evaluation_report(
+evaluation = metrics.evaluation_report(
     y_test=labels["test"], proba_test=p_test, y_val=labels["val"], proba_val=p_val,
     rule=threshold_rule, n_boot=n_boot, seed=seed, groups_test=datasets.patients_of(index, "test"),
     class_names=CLASS_NAMES,
 )
-evaluate.metrics_table(evaluation)
+metrics.metrics_table(evaluation)
 
 # %% [markdown]
 # ### External validation: images from another collection
@@ -269,21 +259,21 @@ evaluate.metrics_table(evaluation)
 # validation set** can (by default half A of Kermany's *official* test split, collected apart from
 # the training images). It is scored **zero-shot**: the same weights and the same
 # validation-chosen threshold (or argmax); nothing is fitted on it. `python -m
-# pneumo_utils.calibrate` can later set a site's own threshold from such images.
+# pneumo_utils.evaluation.calibrate` can later set a site's own threshold from such images.
 
 # %%
 if external_dir is not None:
     external = tasks.task_index(datasets.load_class_folder(external_dir, split="external"), task)
-    p_external = models.predict_paths(model, external["path"].tolist(), batch_size)
-    evaluation["external"] = evaluate.external_report(
+    p_external = saving.predict_paths(model, external["path"].tolist(), batch_size)
+    evaluation["external"] = metrics.external_report(
         external["label"].to_numpy(), p_external, threshold=threshold, data=str(external_dir), n_boot=n_boot,
         seed=seed, groups=external["patient"].to_numpy(), class_names=CLASS_NAMES)
-    display(evaluate.metrics_table(evaluation))
+    display(metrics.metrics_table(evaluation))
 else:
     print("No labelled external validation set was found: every figure in this report is same-source.")
 
 # %%
-evaluate.classification_table(labels["test"], p_test, threshold, class_names=CLASS_NAMES)
+metrics.classification_table(labels["test"], p_test, threshold, class_names=CLASS_NAMES)
 
 # %%
 plots.confusion_matrix(labels["test"], p_test, threshold, class_names=CLASS_NAMES)
@@ -297,7 +287,7 @@ plots.roc_pr_curves({"test": (labels["test"], p_test), "validation": (labels["va
 
 # %%
 temperature = evaluation["temperature"]
-rescale = evaluate.apply_temperature if task_spec.binary else evaluate.apply_softmax_temperature
+rescale = metrics.apply_temperature if task_spec.binary else metrics.apply_softmax_temperature
 plots.reliability_diagram({
     "test": (labels["test"], p_test),
     f"test, temperature {temperature:.2f}": (labels["test"], rescale(p_test, temperature)),
@@ -330,7 +320,7 @@ cue_test.round(3)
 # %%
 rows, captions = report.pick_examples(labels=labels["test"], proba=p_test, threshold=threshold, seed=seed,
                                      class_names=CLASS_NAMES)
-images = data.load_images([paths["test"][i] for i in rows], image_size)
+images = pipelines.load_images([paths["test"][i] for i in rows], image_size)
 
 last_conv = gradcam.find_last_conv_layer(model)  # the last 4-D feature map before the head
 grad_model = keras.Model(model.inputs, [model.get_layer(last_conv).output, model.output])

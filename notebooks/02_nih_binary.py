@@ -70,24 +70,17 @@ import keras
 from IPython.display import display
 
 import pneumo_utils
-from pneumo_utils import (
-    data,
-    datasets,
-    distribute,
-    evaluate,
-    features,
-    fetch,
-    gradcam,
-    models,
-    plots,
-    report,
-)
-from pneumo_utils.train import EpochLine
+from pneumo_utils.data import datasets, fetch, pipelines, splits
+from pneumo_utils.evaluation import metrics
+from pneumo_utils.explain import gradcam, plots, report
+from pneumo_utils.model import backbones, features
+from pneumo_utils.model.train import EpochLine
+from pneumo_utils.scale import distribute
 
 RUN_NAME = "02_nih_binary"
 data_dir = fetch.find("nih", data_dir)  # the folder given, else data/ or ../shared/data/ of the project, else a download
 reports_dir, models_dir, cache_dir = (fetch.in_project(p) for p in (reports_dir, models_dir, cache_dir))
-data.set_seed(seed)
+pipelines.set_seed(seed)
 strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
 print(distribute.describe(strat))
 batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> per step
@@ -140,10 +133,10 @@ display(datasets.load_steps(index).T)
 # test score.
 
 # %%
-index = data.patient_split(index, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
-index = data.subsample(index, max_images_per_class, seed=seed)
-data.assert_no_patient_leak(index)
-paths, labels = data.split_files(index)
+index = splits.patient_split(index, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+index = splits.subsample(index, max_images_per_class, seed=seed)
+splits.assert_no_patient_leak(index)
+paths, labels = splits.split_files(index)
 datasets.summarize(index)
 
 # %%
@@ -158,11 +151,11 @@ plots.index_samples(index, image_size, per_class=4)
 # weights small when only a few hundred training images are available.
 
 # %%
-spec = models.get_backbone(backbone)  # constructor name, scaling mode, weights file
-weights_file = models.resolve_weights(backbone, weights)
+spec = backbones.get_backbone(backbone)  # constructor name, scaling mode, weights file
+weights_file = backbones.resolve_weights(backbone, weights)
 with strat.scope():
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = models.preprocessing_layer(inputs, mode=spec.preprocessing)  # e.g. "torch" for DenseNet121
+    x = backbones.preprocessing_layer(inputs, mode=spec.preprocessing)  # e.g. "torch" for DenseNet121
     base = getattr(keras.applications, spec.constructor)(include_top=False, weights=None, input_tensor=x)
     if weights_file:  # by layer name: the preprocessing layer is not in the weights file
         base.load_weights(weights_file, by_name=True)
@@ -184,12 +177,12 @@ print(report.describe_weights(weights_file))
 # %%
 feats = features.extract_split_features(model, paths, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
 with strat.scope():
-    head = models.head_on_features(model)
+    head = backbones.head_on_features(model)
 head.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
              metrics=[keras.metrics.AUC(name="auc")])
 history = head.fit(
     feats["train"], labels["train"], validation_data=(feats["val"], labels["val"]),
-    epochs=epochs, batch_size=batch_size, class_weight=data.class_weights(labels["train"]),
+    epochs=epochs, batch_size=batch_size, class_weight=pipelines.class_weights(labels["train"]),
     callbacks=[
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-6),
@@ -208,15 +201,15 @@ plots.training_curves(history.history)
 # %%
 p_val = head.predict(feats["val"], verbose=0).ravel()
 p_test = head.predict(feats["test"], verbose=0).ravel()
-threshold = evaluate.choose_threshold(labels["val"], p_val, rule=threshold_rule)
-print(f"threshold {threshold:.3f}: {evaluate.describe_rule(threshold_rule)}")
+threshold = metrics.choose_threshold(labels["val"], p_val, rule=threshold_rule)
+print(f"threshold {threshold:.3f}: {metrics.describe_rule(threshold_rule)}")
 
 # %%
-evaluation = evaluate.evaluation_report(
+evaluation = metrics.evaluation_report(
     y_test=labels["test"], proba_test=p_test, y_val=labels["val"], proba_val=p_val,
     rule=threshold_rule, n_boot=n_boot, seed=seed, groups_test=datasets.patients_of(index, "test"),
 )
-evaluate.metrics_table(evaluation)
+metrics.metrics_table(evaluation)
 
 # %%
 plots.confusion_matrix(labels["test"], p_test, threshold, class_names=CLASS_NAMES)
@@ -232,7 +225,7 @@ plots.roc_pr_curves({"test": (labels["test"], p_test), "validation": (labels["va
 # %%
 rows, captions = report.pick_examples(labels=labels["test"], proba=p_test, threshold=threshold, seed=seed,
                                       class_names=CLASS_NAMES)
-images = data.load_images([paths["test"][i] for i in rows], image_size)
+images = pipelines.load_images([paths["test"][i] for i in rows], image_size)
 heatmaps = gradcam.grad_cam(model, images)
 plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions, class_names=CLASS_NAMES)
 

@@ -76,29 +76,19 @@ import pandas as pd
 from IPython.display import display
 from sklearn.metrics import roc_auc_score
 
-from pneumo_utils import (
-    augment,
-    data,
-    datasets,
-    distribute,
-    evaluate,
-    features,
-    fetch,
-    gradcam,
-    models,
-    plots,
-    preprocessing,
-    report,
-    shortcuts,
-)
-from pneumo_utils.train import EpochLine
+from pneumo_utils.data import augment, datasets, fetch, pipelines, splits
+from pneumo_utils.evaluation import metrics, shortcuts
+from pneumo_utils.explain import gradcam, plots, report
+from pneumo_utils.model import backbones, features, preprocessing, saving
+from pneumo_utils.model.train import EpochLine
+from pneumo_utils.scale import distribute
 
 RUN_NAME = "03_mobilenetv2_finetune"
 data_dir = fetch.find("kermany", data_dir)  # the folder given, else data/ or ../shared/data/ of the project, else a download
 external_dir = fetch.find("external", external_dir, required=False)  # None when there is none
 reports_dir, models_dir, cache_dir = (fetch.in_project(p) for p in (reports_dir, models_dir, cache_dir))
 print(f"data: {data_dir}; external validation: {external_dir or 'none found'}")
-data.set_seed(seed)
+pipelines.set_seed(seed)
 strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
 print(distribute.describe(strat))
 batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> per step
@@ -109,8 +99,8 @@ batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> p
 # published.
 
 # %%
-index = data.kermany_split(data_dir, seed=seed, max_images_per_class=max_images_per_class)
-paths, labels = data.split_files(index)
+index = splits.kermany_split(data_dir, seed=seed, max_images_per_class=max_images_per_class)
+paths, labels = splits.split_files(index)
 datasets.summarize(index)
 
 # %% [markdown]
@@ -133,11 +123,11 @@ print(f"external validation: {len(external)} images from {external_dir}" if exte
 # `remove_cues` is off by default here.
 
 # %%
-weights_file = models.resolve_weights("mobilenet_v2", weights)
+weights_file = backbones.resolve_weights("mobilenet_v2", weights)
 with strat.scope():
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = preprocessing.cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs  # centre 80%, equalised
-    x = models.preprocessing_layer(x, mode="tf")  # pixels to [-1, 1]
+    x = backbones.preprocessing_layer(x, mode="tf")  # pixels to [-1, 1]
     base = keras.applications.MobileNetV2(include_top=False, weights=weights_file, input_tensor=x)
     base.trainable = False
     x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
@@ -156,12 +146,12 @@ with strat.scope():
 feats, x_train, y_train = features.extract_with_frame_swaps(
     model, paths, labels, frame_swap=remove_cues, seed=seed, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
 with strat.scope():
-    head = models.head_on_features(model)
+    head = backbones.head_on_features(model)
 head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
              metrics=[keras.metrics.AUC(name="auc")])
 history1 = head.fit(
     x_train, y_train, validation_data=(feats["val"], labels["val"]),
-    epochs=epochs, batch_size=batch_size, class_weight=data.class_weights(y_train),
+    epochs=epochs, batch_size=batch_size, class_weight=pipelines.class_weights(y_train),
     callbacks=[
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=5, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-6),
@@ -172,7 +162,7 @@ history1 = head.fit(
 frozen_weights = model.get_weights()  # the phase-1 model, kept should fine-tuning not help
 p_external = {}  # each phase's external-validation predictions, when there is a set
 if external is not None:
-    p_external["frozen base"] = models.predict_paths(model, external["path"].tolist(), batch_size)
+    p_external["frozen base"] = saving.predict_paths(model, external["path"].tolist(), batch_size)
 
 # %% [markdown]
 # Before fine-tuning, the phase-1 model goes through the shortcut check of notebook 01: validation
@@ -181,7 +171,7 @@ if external is not None:
 
 # %%
 p_val_frozen = head.predict(feats["val"], verbose=0).ravel()
-threshold_frozen = evaluate.choose_threshold(labels["val"], p_val_frozen, rule=threshold_rule)
+threshold_frozen = metrics.choose_threshold(labels["val"], p_val_frozen, rule=threshold_rule)
 cue_frozen = shortcuts.validation_cue_test(model, paths["val"], labels["val"], paths["train"], labels["train"],
                                            threshold=threshold_frozen, max_images=cue_images, seed=seed)
 cue_frozen.round(3)
@@ -200,7 +190,7 @@ cue_frozen.round(3)
 # %%
 augmentation = augment.augmentation(rotation=7, zoom=0.1, shift=0.05, brightness=0.2, contrast=0.2,
                                      horizontal_flip=False, stretch=stretch, seed=seed)
-example = data.load_images(paths["train"][:1], image_size)[0]
+example = pipelines.load_images(paths["train"][:1], image_size)[0]
 plots.sample_grid(augment.preview(augmentation, example, 8), ["original"] + ["augmented"] * 7)
 
 # %% [markdown]
@@ -228,7 +218,7 @@ print(sum(layer.trainable for layer in base.layers), "of", len(base.layers), "ba
 # %%
 train_ds, steps = augment.training_dataset(paths["train"], labels["train"], image_size, batch_size=batch_size,
                                            layers=augmentation, seed=seed, images_per_epoch=images_per_epoch)
-val_ds = data.image_dataset(paths["val"], labels["val"], image_size, batch_size=batch_size)
+val_ds = pipelines.image_dataset(paths["val"], labels["val"], image_size, batch_size=batch_size)
 schedule = keras.optimizers.schedules.CosineDecay(fine_tune_learning_rate,
                                                   decay_steps=fine_tune_epochs * (steps or len(train_ds)))
 model.compile(optimizer=keras.optimizers.Adam(schedule), loss="binary_crossentropy",
@@ -236,7 +226,7 @@ model.compile(optimizer=keras.optimizers.Adam(schedule), loss="binary_crossentro
 history2 = model.fit(
     train_ds, validation_data=val_ds, steps_per_epoch=steps, shuffle=False,  # the pipeline shuffles
     initial_epoch=len(history1.epoch), epochs=len(history1.epoch) + fine_tune_epochs,
-    class_weight=data.class_weights(labels["train"]),
+    class_weight=pipelines.class_weights(labels["train"]),
     callbacks=[
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=2, restore_best_weights=True),
         EpochLine(),
@@ -258,13 +248,13 @@ plots.training_curves(curves)
 # shortcut check. The test split plays no part in this.
 
 # %%
-p_val_tuned = models.predict_paths(model, paths["val"], batch_size)
-threshold_tuned = evaluate.choose_threshold(labels["val"], p_val_tuned, rule=threshold_rule)
+p_val_tuned = saving.predict_paths(model, paths["val"], batch_size)
+threshold_tuned = metrics.choose_threshold(labels["val"], p_val_tuned, rule=threshold_rule)
 cue_tuned = shortcuts.validation_cue_test(model, paths["val"], labels["val"], paths["train"], labels["train"],
                                           threshold=threshold_tuned, max_images=cue_images, seed=seed)
 scores = {"frozen base": shortcuts.selection_score(cue_frozen), "fine-tuned": shortcuts.selection_score(cue_tuned)}
 if external is not None:
-    p_external["fine-tuned"] = models.predict_paths(model, external["path"].tolist(), batch_size)
+    p_external["fine-tuned"] = saving.predict_paths(model, external["path"].tolist(), batch_size)
     external_auc = {phase: roc_auc_score(external["label"], p) for phase, p in p_external.items()}
     phase_rule, ranking = "higher AUC on external validation", external_auc
 else:
@@ -280,17 +270,17 @@ print(f"kept: {kept} ({phase_rule})")
 # ## 7. Threshold on validation, metrics on test
 
 # %%
-p_val = models.predict_paths(model, paths["val"], batch_size)
-p_test = models.predict_paths(model, paths["test"], batch_size)
-threshold = evaluate.choose_threshold(labels["val"], p_val, rule=threshold_rule)
-print(f"threshold {threshold:.3f}: {evaluate.describe_rule(threshold_rule)}")
+p_val = saving.predict_paths(model, paths["val"], batch_size)
+p_test = saving.predict_paths(model, paths["test"], batch_size)
+threshold = metrics.choose_threshold(labels["val"], p_val, rule=threshold_rule)
+print(f"threshold {threshold:.3f}: {metrics.describe_rule(threshold_rule)}")
 
 # %%
-evaluation = evaluate.evaluation_report(
+evaluation = metrics.evaluation_report(
     y_test=labels["test"], proba_test=p_test, y_val=labels["val"], proba_val=p_val,
     rule=threshold_rule, n_boot=n_boot, seed=seed, groups_test=datasets.patients_of(index, "test"),
 )
-evaluate.metrics_table(evaluation)
+metrics.metrics_table(evaluation)
 
 # %% [markdown]
 # External validation (see notebook 01): the kept model at the threshold chosen on validation,
@@ -299,15 +289,15 @@ evaluate.metrics_table(evaluation)
 
 # %%
 if external is not None:
-    evaluation["external"] = evaluate.external_report(
+    evaluation["external"] = metrics.external_report(
         external["label"].to_numpy(), p_external[kept], threshold=threshold, data=str(external_dir),
         n_boot=n_boot, seed=seed, groups=external["patient"].to_numpy())
-    display(evaluate.metrics_table(evaluation))
+    display(metrics.metrics_table(evaluation))
 else:
     print("No labelled external validation set was found: every figure in this report is same-source.")
 
 # %%
-evaluate.classification_table(labels["test"], p_test, threshold)
+metrics.classification_table(labels["test"], p_test, threshold)
 
 # %%
 plots.confusion_matrix(labels["test"], p_test, threshold)
@@ -320,7 +310,7 @@ plots.roc_pr_curves({"test": (labels["test"], p_test), "validation": (labels["va
 
 # %%
 rows, captions = report.pick_examples(labels=labels["test"], proba=p_test, threshold=threshold, seed=seed)
-images = data.load_images([paths["test"][i] for i in rows], image_size)
+images = pipelines.load_images([paths["test"][i] for i in rows], image_size)
 heatmaps = gradcam.grad_cam(model, images)
 plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions)
 

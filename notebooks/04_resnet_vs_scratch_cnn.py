@@ -77,30 +77,19 @@ import pandas as pd
 from IPython.display import display
 from sklearn.metrics import roc_auc_score
 
-from pneumo_utils import (
-    augment,
-    data,
-    datasets,
-    distribute,
-    evaluate,
-    explore,
-    features,
-    fetch,
-    gradcam,
-    models,
-    plots,
-    preprocessing,
-    report,
-    shortcuts,
-)
-from pneumo_utils.train import EpochLine
+from pneumo_utils.data import augment, datasets, explore, fetch, pipelines, splits
+from pneumo_utils.evaluation import metrics, shortcuts
+from pneumo_utils.explain import gradcam, plots, report
+from pneumo_utils.model import backbones, features, preprocessing, saving
+from pneumo_utils.model.train import EpochLine
+from pneumo_utils.scale import distribute
 
 RUN_NAME = "04_resnet_vs_scratch_cnn"
 data_dir = fetch.find("kermany", data_dir)  # the folder given, else data/ or ../shared/data/ of the project, else a download
 external_dir = fetch.find("external", external_dir, required=False)  # None when there is none
 reports_dir, models_dir, cache_dir = (fetch.in_project(p) for p in (reports_dir, models_dir, cache_dir))
 print(f"data: {data_dir}; external validation: {external_dir or 'none found'}")
-data.set_seed(seed)
+pipelines.set_seed(seed)
 strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
 print(distribute.describe(strat))
 batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> per step
@@ -111,8 +100,8 @@ batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> p
 # images, and `test/` is used only for the final numbers.
 
 # %%
-index = data.kermany_split(data_dir, seed=seed, max_images_per_class=max_images_per_class)
-paths, labels = data.split_files(index)
+index = splits.kermany_split(data_dir, seed=seed, max_images_per_class=max_images_per_class)
+paths, labels = splits.split_files(index)
 datasets.summarize(index)
 external = datasets.load_class_folder(external_dir, split="external") if external_dir else None  # another collection
 
@@ -148,8 +137,8 @@ plots.image_size_histogram(sizes)
 # %%
 audit_train = index[index["split"] == "train"].sample(n=min(1000, int((index["split"] == "train").sum())),
                                                       random_state=seed)
-stats_train = shortcuts.image_statistics(data.load_images(audit_train["path"].tolist(), scratch_image_size))
-stats_val = shortcuts.image_statistics(data.load_images(paths["val"], scratch_image_size))
+stats_train = shortcuts.image_statistics(pipelines.load_images(audit_train["path"].tolist(), scratch_image_size))
+stats_val = shortcuts.image_statistics(pipelines.load_images(paths["val"], scratch_image_size))
 audit = shortcuts.audit(stats_train, audit_train["label"].to_numpy(), stats_val, labels["val"])
 display(audit)
 
@@ -164,7 +153,7 @@ display(audit)
 # %%
 augmentation = augment.augmentation(rotation=7, zoom=0.1, shift=0.05, brightness=0.1, contrast=0.1,
                                      horizontal_flip=False, seed=seed)
-example = data.load_images(paths["train"][:1], scratch_image_size)[0]
+example = pipelines.load_images(paths["train"][:1], scratch_image_size)[0]
 plots.sample_grid(augment.preview(augmentation, example, 8), ["original"] + ["augmented"] * 7)
 
 # %% [markdown]
@@ -202,12 +191,12 @@ print(f"{scratch.count_params():,} parameters, all trained from random initialis
 train_ds, steps = augment.training_dataset(paths["train"], labels["train"], scratch_image_size,
                                            batch_size=batch_size, layers=augmentation, seed=seed,
                                            images_per_epoch=images_per_epoch)
-val_ds = data.image_dataset(paths["val"], labels["val"], scratch_image_size, batch_size=batch_size)
+val_ds = pipelines.image_dataset(paths["val"], labels["val"], scratch_image_size, batch_size=batch_size)
 scratch.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
                 metrics=[keras.metrics.AUC(name="auc")])
 scratch_history = scratch.fit(
     train_ds, validation_data=val_ds, epochs=scratch_epochs, steps_per_epoch=steps, shuffle=False,
-    class_weight=data.class_weights(labels["train"]),
+    class_weight=pipelines.class_weights(labels["train"]),
     callbacks=[
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=8, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-6),
@@ -225,11 +214,11 @@ scratch_history = scratch.fit(
 # `label_smoothing` pulls the targets in from 0 and 1.
 
 # %%
-weights_file = models.resolve_weights("resnet50", weights)
+weights_file = backbones.resolve_weights("resnet50", weights)
 with strat.scope():
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = preprocessing.cue_removal(inputs, crop_fraction=0.8) if remove_cues else inputs  # centre 80%, equalised
-    x = models.preprocessing_layer(x, mode="caffe")  # RGB to BGR, minus the ImageNet mean
+    x = backbones.preprocessing_layer(x, mode="caffe")  # RGB to BGR, minus the ImageNet mean
     base = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=x)
     if weights_file:
         base.load_weights(weights_file, by_name=True)
@@ -245,13 +234,13 @@ print(report.describe_weights(weights_file))
 feats, x_train, y_train = features.extract_with_frame_swaps(
     resnet, paths, labels, frame_swap=remove_cues, seed=seed, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
 with strat.scope():
-    head = models.head_on_features(resnet)
+    head = backbones.head_on_features(resnet)
 head.compile(optimizer=keras.optimizers.Adam(1e-3),
              loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
              metrics=[keras.metrics.AUC(name="auc")])
 resnet_history = head.fit(
     x_train, y_train, validation_data=(feats["val"], labels["val"]),
-    epochs=epochs, batch_size=batch_size, class_weight=data.class_weights(y_train),
+    epochs=epochs, batch_size=batch_size, class_weight=pipelines.class_weights(y_train),
     callbacks=[
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=8, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-6),
@@ -271,7 +260,7 @@ kept = "frozen base"
 if fine_tune_epochs:
     judge = ((external["path"].tolist(), external["label"], "external validation AUC") if external is not None
              else (paths["val"], labels["val"], "validation AUC"))  # the images that choose the phase
-    auc_frozen = roc_auc_score(judge[1], models.predict_paths(resnet, judge[0], batch_size))
+    auc_frozen = roc_auc_score(judge[1], saving.predict_paths(resnet, judge[0], batch_size))
     frozen_weights = resnet.get_weights()
     for layer in base.layers[-10:]:  # conv5_block3
         layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
@@ -280,12 +269,12 @@ if fine_tune_epochs:
                    metrics=[keras.metrics.AUC(name="auc")])
     train_ds, steps = augment.training_dataset(paths["train"], labels["train"], image_size, batch_size=batch_size,
                                                layers=augmentation, seed=seed, images_per_epoch=images_per_epoch)
-    val_ds = data.image_dataset(paths["val"], labels["val"], image_size, batch_size=batch_size)
+    val_ds = pipelines.image_dataset(paths["val"], labels["val"], image_size, batch_size=batch_size)
     resnet.fit(train_ds, validation_data=val_ds, epochs=fine_tune_epochs, steps_per_epoch=steps, shuffle=False,
-               class_weight=data.class_weights(labels["train"]), verbose=0, callbacks=[
+               class_weight=pipelines.class_weights(labels["train"]), verbose=0, callbacks=[
                    keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=2, restore_best_weights=True),
                    EpochLine()])
-    auc_tuned = roc_auc_score(judge[1], models.predict_paths(resnet, judge[0], batch_size))
+    auc_tuned = roc_auc_score(judge[1], saving.predict_paths(resnet, judge[0], batch_size))
     kept = "fine-tuned" if auc_tuned > auc_frozen else "frozen base"
     if kept == "frozen base":
         resnet.set_weights(frozen_weights)
@@ -310,14 +299,14 @@ plots.training_curves(resnet_history.history)
 # %%
 candidates = {"CNN from scratch": scratch, "ResNet50 transfer": resnet}
 rules = {"CNN from scratch": threshold_rule, "ResNet50 transfer": threshold_rule}
-proba = {name: {split: models.predict_paths(model, paths[split], batch_size) for split in ("val", "test")}
+proba = {name: {split: saving.predict_paths(model, paths[split], batch_size) for split in ("val", "test")}
          for name, model in candidates.items()}
-thresholds = {name: evaluate.choose_threshold(labels["val"], p["val"], rule=rules[name]) for name, p in proba.items()}
+thresholds = {name: metrics.choose_threshold(labels["val"], p["val"], rule=rules[name]) for name, p in proba.items()}
 print({name: round(t, 3) for name, t in thresholds.items()})
 
 # %%
 evaluations = {
-    name: evaluate.evaluation_report(
+    name: metrics.evaluation_report(
         y_test=labels["test"], proba_test=p["test"], y_val=labels["val"], proba_val=p["val"],
         rule=rules[name], n_boot=n_boot, seed=seed, groups_test=datasets.patients_of(index, "test"),
     )
@@ -332,8 +321,8 @@ report.comparison_table(evaluations)
 # %%
 if external is not None:
     for name, model in candidates.items():
-        p_external = models.predict_paths(model, external["path"].tolist(), batch_size)
-        evaluations[name]["external"] = evaluate.external_report(
+        p_external = saving.predict_paths(model, external["path"].tolist(), batch_size)
+        evaluations[name]["external"] = metrics.external_report(
             external["label"].to_numpy(), p_external, threshold=thresholds[name], data=str(external_dir),
             n_boot=n_boot, seed=seed, groups=external["patient"].to_numpy())
     display(report.comparison_table(evaluations))
@@ -379,7 +368,7 @@ rows, _ = report.pick_examples(labels=labels["test"], proba=proba[best]["test"],
 captions = report.prediction_captions(labels=labels["test"], rows=rows,
                                       predictions={name: (p["test"], thresholds[name]) for name, p in proba.items()})
 for name, model in candidates.items():
-    images = data.load_images([paths["test"][i] for i in rows], int(model.inputs[0].shape[1]))
+    images = pipelines.load_images([paths["test"][i] for i in rows], int(model.inputs[0].shape[1]))
     heatmaps = gradcam.grad_cam(model, images)
     display(plots.gradcam_grid(images, heatmaps, probabilities=proba[name]["test"][rows], titles=captions))
 

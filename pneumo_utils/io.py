@@ -47,7 +47,7 @@ project's models take 64-224 px (tests 32 px); a larger input multiplies the mem
 batch (a 4096 px image is 200 MB as float32) and is refused."""
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
-"""Range of a sidecar's ``temperature``: the bounds :func:`pneumo_utils.evaluate.fit_temperature`
+"""Range of a sidecar's ``temperature``: the bounds :func:`pneumo_utils.evaluation.metrics.fit_temperature`
 searches. A temperature near 0 would turn any output into a 0% or 100% "confidence"."""
 
 MAX_SIDECAR_BYTES = 2**20
@@ -86,10 +86,18 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = 
             os.fsync(handle.fileno())
         os.chmod(tmp, mode if mode is not None else 0o666 & ~current_umask())
         os.replace(tmp, path)
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)  # a full disk fails in write(), which names no file
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` as UTF-8, atomically (see :func:`write_bytes_atomic`)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
@@ -98,8 +106,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     NumPy scalars and arrays are written as plain numbers and lists; anything else that JSON
     cannot hold is written as its ``str``.
     """
-    text = json.dumps(obj, indent=2, default=_json_default)
-    return write_bytes_atomic(path, text.encode())
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default))
 
 
 def current_umask() -> int:
@@ -263,7 +270,7 @@ def check_output(meta: dict, units: int, model: str | Path, source: str) -> None
     if not meta:
         raise ModelFileError(
             f"{model} ends in {output} and has no {source} naming its task and "
-            "classes; save it with pneumo_utils.models.save_model and "
+            "classes; save it with pneumo_utils.model.saving.save_model and "
             "model_metadata(model, task='three_class')"
         )
     said = (f"task {meta['task']} with {len(names)} classes ({', '.join(names)})" if meta.get("task")

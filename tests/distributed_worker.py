@@ -29,8 +29,8 @@ def mirrored(out: Path) -> None:
     import keras
     import numpy as np
 
-    from pneumo_utils import distribute
-    from pneumo_utils.train import compile_binary
+    from pneumo_utils.model.train import compile_binary
+    from pneumo_utils.scale import distribute
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 16)).astype(np.float32)
@@ -58,14 +58,15 @@ def mirrored(out: Path) -> None:
 
 
 def worker(shard_dir: Path, out_dir: Path) -> None:
-    from pneumo_utils import distribute  # creates nothing yet
+    from pneumo_utils.scale import distribute  # creates nothing yet
 
     strategy = distribute.strategy("auto")  # before any other TensorFlow operation
     import keras
 
-    from pneumo_utils.models import build_scratch_cnn, model_metadata, save_model
-    from pneumo_utils.shards import predict_from_shards, read_shards
-    from pneumo_utils.train import compile_binary
+    from pneumo_utils.model.backbones import build_scratch_cnn
+    from pneumo_utils.model.saving import model_metadata, save_model
+    from pneumo_utils.model.train import compile_binary
+    from pneumo_utils.scale.shards import predict_from_shards, read_shards
 
     keras.utils.set_random_seed(0)
     data = read_shards(shard_dir, "train", batch_size=distribute.global_batch_size(4, strategy),

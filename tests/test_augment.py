@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pneumo_utils import augment
+from pneumo_utils.data import augment
 
 
 def _gradient_images(n: int = 8, size: int = 32) -> np.ndarray:
@@ -81,7 +81,7 @@ def test_images_only_dataset_passes_through_the_map():
 
 def test_same_seed_same_augmentation():
     """Reproducible under ``data.set_seed`` (TensorFlow op determinism), as in the notebooks."""
-    from pneumo_utils.data import set_seed
+    from pneumo_utils.data.pipelines import set_seed
 
     set_seed(0)
     images = _gradient_images(6)

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo_utils import calibrate, models, predict
+from pneumo_utils.deploy import predict
+from pneumo_utils.evaluation import calibrate
+from pneumo_utils.model import saving
+from pneumo_utils.runner import index_page, selection
 
 SIZE = 64
 
@@ -41,7 +44,7 @@ def brightness_model(tmp_path: Path) -> Path:
     model = keras.Model(inputs, outputs)
     model.get_layer("head_output").set_weights([np.full((3, 1), 40.0 / 3), np.array([-16.0])])
     path = tmp_path / "bright.keras"
-    models.save_model(model, path, models.model_metadata(model, threshold=0.5, threshold_rule="fixed 0.5"))
+    saving.save_model(model, path, saving.model_metadata(model, threshold=0.5, threshold_rule="fixed 0.5"))
     return path
 
 
@@ -64,7 +67,7 @@ def test_calibrated_copy_moves_the_threshold_and_keeps_the_weights(brightness_mo
     assert out.read_bytes() == brightness_model.read_bytes()  # same weights, byte for byte
     assert json.loads(brightness_model.with_suffix(".json").read_text())["threshold"] == 0.5
     assert "## Site calibration" in out.with_suffix(".md").read_text()
-    model, loaded = models.load_model(out)
+    model, loaded = saving.load_model(out)
     normal = sorted((site / "NORMAL").iterdir())[0]
     assert predict.predict_image(model, loaded, normal)["label"] == "NORMAL"
 
@@ -95,19 +98,19 @@ def test_bad_calibration_requests_are_one_line(brightness_model, tmp_path, capsy
 
 
 def test_runner_points_best_at_the_copy_calibrated_on_external_validation(brightness_model, tmp_path):
-    from pneumo_utils import runner
+
 
     site = _site(tmp_path / "site", normal_grey=130, pneumonia_grey=180, per_class=20)
     best = {"model_path": str(brightness_model), "name": "bright", "task": "kermany", "notebook": "01_x",
-            "weights": "w", "rule": runner.EXTERNAL_RULE, "rule_data": str(site), "rule_value": 0.99}
-    best["calibration"] = runner.calibrate_best(best, site)
-    pointer = json.loads(runner.write_best(best, tmp_path).read_text())
+            "weights": "w", "rule": selection.EXTERNAL_RULE, "rule_data": str(site), "rule_value": 0.99}
+    best["calibration"] = selection.calibrate_best(best, site)
+    pointer = json.loads(selection.write_best(best, tmp_path).read_text())
     assert pointer["model"] == "bright.calibrated.keras" and pointer["trained_model"] == "bright.keras"
     assert pointer["calibration"]["counts"] == {"NORMAL": 20, "PNEUMONIA": 20}
     assert pointer["calibration"]["after"]["specificity"] > 0.9 and "warning" in pointer["calibration"]
     meta = json.loads((tmp_path / "bright.calibrated.json").read_text())
     assert meta["threshold"] == pointer["calibration"]["threshold"]
-    assert runner.calibrate_best({"model_path": str(tmp_path / "missing.keras")}, site) is None
-    table = runner.model_tables([{**best, "best": False, "argmax": False, "roc": None}],
+    assert selection.calibrate_best({"model_path": str(tmp_path / "missing.keras")}, site) is None
+    table = index_page.model_tables([{**best, "best": False, "argmax": False, "roc": None}],
                                 {"kermany": {**best, "pointer": "best.json"}})[0]
     assert table["best"]["calibrated"] == "bright.calibrated.keras"

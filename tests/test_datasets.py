@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from pneumo_utils.datasets import (
+from pneumo_utils.data.datasets import (
     BadImagesWarning,
     DatasetLayoutError,
     find_kermany_root,
@@ -109,7 +109,7 @@ def test_require_columns_lists_expected_and_found():
 
 
 def test_patients_of_follows_paths_and_labels_order(kermany_root):
-    from pneumo_utils.datasets import paths_and_labels, patients_of
+    from pneumo_utils.data.datasets import paths_and_labels, patients_of
 
     index = load_kermany(kermany_root)
     paths, _ = paths_and_labels(index, "test")

@@ -14,7 +14,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from pneumo_utils import distribute  # noqa: E402
+from pneumo_utils.scale import distribute  # noqa: E402
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,8 +107,8 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_workers_train_on_shards_and_the_chief_saves(kermany_root, tmp_path):
-    from pneumo_utils import shards
-    from pneumo_utils.models import load_model
+    from pneumo_utils.model.saving import load_model
+    from pneumo_utils.scale import shards
 
     index, rule = shards.load_index(kermany_root, seed=0)
     shard_dir = tmp_path / "shards"

@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pneumo_utils import ensemble, evaluate, gradcam, models, predict
+from pneumo_utils.deploy import predict
+from pneumo_utils.evaluation import evaluate
+from pneumo_utils.explain import gradcam
+from pneumo_utils.model import backbones, ensemble, saving
 
 
 def _member(size: int, seed: int, name: str) -> keras.Model:
-    model = models.build_scratch_cnn(size, filters=(4, 8), dense_units=8, seed=seed)
+    model = backbones.build_scratch_cnn(size, filters=(4, 8), dense_units=8, seed=seed)
     model.name = name
     return model
 
@@ -37,12 +40,12 @@ def test_ensemble_output_is_the_mean_of_its_members(members):
 def test_saved_ensemble_predicts_evaluates_and_explains(members, kermany_root, tmp_path, capsys):
     model = ensemble.average(members, image_size=64)
     path = tmp_path / "ensemble.keras"
-    models.save_model(model, path, models.model_metadata(model, threshold=0.5, threshold_rule="fixed 0.5",
+    saving.save_model(model, path, saving.model_metadata(model, threshold=0.5, threshold_rule="fixed 0.5",
                                                         backbone="ensemble of a, b"))
-    loaded, meta = models.load_model(path)
+    loaded, meta = saving.load_model(path)
     image = sorted((kermany_root / "test" / "NORMAL").iterdir())[0]
-    x = models.predict_paths(loaded, [str(image)])
-    np.testing.assert_allclose(x, models.predict_paths(model, [str(image)]), rtol=1e-5)
+    x = saving.predict_paths(loaded, [str(image)])
+    np.testing.assert_allclose(x, saving.predict_paths(model, [str(image)]), rtol=1e-5)
     assert predict.main([str(image), "--model", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["probability"] == pytest.approx(float(x[0]), abs=1e-4)
     assert evaluate.main(["--model", str(path), "--data", str(kermany_root), "--n-boot", "20"]) == 0
@@ -55,7 +58,7 @@ def test_saved_ensemble_predicts_evaluates_and_explains(members, kermany_root, t
 def test_members_that_cannot_be_averaged_are_refused(members):
     with pytest.raises(ValueError, match="at least two members"):
         ensemble.average(members[:1], image_size=64)
-    three = models.build_scratch_cnn(64, filters=(4,), dense_units=4, seed=0, n_classes=3)
+    three = backbones.build_scratch_cnn(64, filters=(4,), dense_units=4, seed=0, n_classes=3)
     with pytest.raises(ValueError, match="different outputs"):
         ensemble.average([members[0], three], image_size=64)
     with pytest.raises(ValueError, match="names must differ"):

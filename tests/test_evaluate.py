@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from pneumo_utils import evaluate
+from pneumo_utils.evaluation import metrics
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def predictions():
 
 def test_binary_metrics_match_sklearn(predictions):
     y, p = predictions
-    m = evaluate.binary_metrics(y, p, threshold=0.5)
+    m = metrics.binary_metrics(y, p, threshold=0.5)
     pred = (p >= 0.5).astype(int)
     tn, fp, fn, tp = skm.confusion_matrix(y, pred).ravel()
     assert m["auc"] == pytest.approx(skm.roc_auc_score(y, p))
@@ -35,56 +35,56 @@ def test_binary_metrics_match_sklearn(predictions):
 
 def test_youden_threshold_maximises_j(predictions):
     y, p = predictions
-    t = evaluate.choose_threshold(y, p, "youden")
-    j = lambda thr: evaluate.binary_metrics(y, p, thr)["sensitivity"] + evaluate.binary_metrics(y, p, thr)["specificity"]  # noqa: E731
+    t = metrics.choose_threshold(y, p, "youden")
+    j = lambda thr: metrics.binary_metrics(y, p, thr)["sensitivity"] + metrics.binary_metrics(y, p, thr)["specificity"]  # noqa: E731
     assert all(j(t) >= j(other) - 1e-9 for other in np.linspace(0.05, 0.95, 37))
 
 
 def test_threshold_rules():
     y = np.array([0, 0, 0, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.6, 0.55, 0.8, 0.9])
-    assert evaluate.choose_threshold(y, p, "fixed:0.3") == 0.3
-    t95 = evaluate.choose_threshold(y, p, "sensitivity:1.0")
-    assert evaluate.binary_metrics(y, p, t95)["sensitivity"] == 1.0
-    assert evaluate.binary_metrics(y, p, evaluate.choose_threshold(y, p, "f1"))["f1"] >= 0.85
+    assert metrics.choose_threshold(y, p, "fixed:0.3") == 0.3
+    t95 = metrics.choose_threshold(y, p, "sensitivity:1.0")
+    assert metrics.binary_metrics(y, p, t95)["sensitivity"] == 1.0
+    assert metrics.binary_metrics(y, p, metrics.choose_threshold(y, p, "f1"))["f1"] >= 0.85
     with pytest.raises(ValueError, match="unknown threshold rule"):
-        evaluate.choose_threshold(y, p, "magic")
+        metrics.choose_threshold(y, p, "magic")
     with pytest.raises(ValueError, match="both classes"):
-        evaluate.choose_threshold(np.ones(4), np.linspace(0, 1, 4))
+        metrics.choose_threshold(np.ones(4), np.linspace(0, 1, 4))
 
 
 def test_bootstrap_ci_brackets_the_estimate_and_shrinks_with_n(predictions):
     y, p = predictions
-    ci = evaluate.bootstrap_ci(y, p, 0.5, n_boot=300, seed=0)
-    point = evaluate.binary_metrics(y, p, 0.5)
+    ci = metrics.bootstrap_ci(y, p, 0.5, n_boot=300, seed=0)
+    point = metrics.binary_metrics(y, p, 0.5)
     for metric, (lo, hi) in ci.items():
         assert lo <= point[metric] <= hi, metric
-    small = evaluate.bootstrap_ci(y[:60], p[:60], 0.5, n_boot=300, seed=0)
+    small = metrics.bootstrap_ci(y[:60], p[:60], 0.5, n_boot=300, seed=0)
     assert (ci["auc"][1] - ci["auc"][0]) < (small["auc"][1] - small["auc"][0])
-    assert ci == evaluate.bootstrap_ci(y, p, 0.5, n_boot=300, seed=0)
+    assert ci == metrics.bootstrap_ci(y, p, 0.5, n_boot=300, seed=0)
 
 
 def test_calibration_and_temperature():
     rng = np.random.default_rng(1)
     true_p = rng.uniform(0.02, 0.98, 4000)
     y = (rng.uniform(size=4000) < true_p).astype(int)
-    assert evaluate.expected_calibration_error(y, true_p) < 0.03
+    assert metrics.expected_calibration_error(y, true_p) < 0.03
     logits = np.log(true_p / (1 - true_p))
     overconfident = 1 / (1 + np.exp(-3 * logits))
-    assert evaluate.expected_calibration_error(y, overconfident) > 0.08
-    t = evaluate.fit_temperature(y, overconfident)
+    assert metrics.expected_calibration_error(y, overconfident) > 0.08
+    t = metrics.fit_temperature(y, overconfident)
     assert t == pytest.approx(3.0, rel=0.15)
-    fixed = evaluate.apply_temperature(overconfident, t)
-    assert evaluate.expected_calibration_error(y, fixed) < 0.03
+    fixed = metrics.apply_temperature(overconfident, t)
+    assert metrics.expected_calibration_error(y, fixed) < 0.03
     assert skm.roc_auc_score(y, fixed) == pytest.approx(skm.roc_auc_score(y, overconfident))
 
 
 def test_evaluation_report_uses_validation_threshold(predictions):
     y, p = predictions
-    rep = evaluate.evaluation_report(y[200:], p[200:], y[:200], p[:200], "youden", n_boot=50)
-    assert rep["threshold"] == evaluate.choose_threshold(y[:200], p[:200], "youden")
+    rep = metrics.evaluation_report(y[200:], p[200:], y[:200], p[:200], "youden", n_boot=50)
+    assert rep["threshold"] == metrics.choose_threshold(y[:200], p[:200], "youden")
     assert rep["test"]["threshold"] == rep["threshold"] and rep["test_at_0.5"]["threshold"] == 0.5
-    table = evaluate.metrics_table(rep)
+    table = metrics.metrics_table(rep)
     assert {"auc", "accuracy", "sensitivity", "specificity", "f1"} <= set(table.index)
 
 
@@ -93,11 +93,11 @@ def test_patient_bootstrap_is_wider_when_images_of_a_patient_agree():
     patients = np.repeat(np.arange(40), 10)
     y = np.repeat(rng.integers(0, 2, 40), 10)
     p = np.clip(np.repeat(0.3 * y[::10] + rng.normal(0.35, 0.2, 40), 10), 0, 1)
-    by_image = evaluate.bootstrap_ci(y, p, 0.5, n_boot=300, seed=0)
-    by_patient = evaluate.bootstrap_ci(y, p, 0.5, n_boot=300, seed=0, groups=patients)
+    by_image = metrics.bootstrap_ci(y, p, 0.5, n_boot=300, seed=0)
+    by_patient = metrics.bootstrap_ci(y, p, 0.5, n_boot=300, seed=0, groups=patients)
     width = lambda ci: ci["auc"][1] - ci["auc"][0]  # noqa: E731
     assert width(by_patient) > 1.8 * width(by_image)
-    point = evaluate.binary_metrics(y, p, 0.5)["auc"]
+    point = metrics.binary_metrics(y, p, 0.5)["auc"]
     assert by_patient["auc"][0] <= point <= by_patient["auc"][1]
 
 
@@ -106,10 +106,10 @@ def test_bootstrap_resample_metrics_equal_binary_metrics(threshold):
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 60)
     p = np.clip(0.3 * y + rng.uniform(0, 0.7, 60), 0, 1)
-    full = evaluate.binary_metrics(y, p, threshold)
-    fast = evaluate._ci_metrics(y, p, threshold)
-    assert set(fast) == set(evaluate.CI_METRICS)
-    for name in evaluate.CI_METRICS:
+    full = metrics.binary_metrics(y, p, threshold)
+    fast = metrics._ci_metrics(y, p, threshold)
+    assert set(fast) == set(metrics.CI_METRICS)
+    for name in metrics.CI_METRICS:
         assert fast[name] == pytest.approx(full[name], abs=1e-12), name
 
 
@@ -128,7 +128,7 @@ HAND_P = np.array([
 
 
 def test_multiclass_metrics_equal_hand_computed_values():
-    m = evaluate.multiclass_metrics(HAND_Y, HAND_P, NAMES)
+    m = metrics.multiclass_metrics(HAND_Y, HAND_P, NAMES)
     assert m["n"] == 6 and m["class_counts"] == dict.fromkeys(NAMES, 2)
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 1, 1], [0, 0, 2]]
     assert m["accuracy"] == pytest.approx(4 / 6)
@@ -155,12 +155,12 @@ def test_multiclass_metrics_equal_hand_computed_values():
 
 def test_multiclass_metrics_refuse_what_is_not_softmax_output():
     with pytest.raises(ValueError, match="summing to 1"):
-        evaluate.multiclass_metrics(HAND_Y, HAND_P * 2, NAMES)
+        metrics.multiclass_metrics(HAND_Y, HAND_P * 2, NAMES)
     with pytest.raises(ValueError, match=r"\(6, 3\)"):
-        evaluate.multiclass_metrics(HAND_Y, HAND_P[:, :2], NAMES)
+        metrics.multiclass_metrics(HAND_Y, HAND_P[:, :2], NAMES)
     with pytest.raises(ValueError, match="labels must be 0..2"):
-        evaluate.multiclass_metrics(HAND_Y + 1, HAND_P, NAMES)
-    missing = evaluate.multiclass_metrics(HAND_Y[:4], HAND_P[:4], NAMES)
+        metrics.multiclass_metrics(HAND_Y + 1, HAND_P, NAMES)
+    missing = metrics.multiclass_metrics(HAND_Y[:4], HAND_P[:4], NAMES)
     assert np.isnan(missing["auc"]) and np.isnan(missing["auc_per_class"]["VIRAL PNEUMONIA"])
     assert missing["auc_per_class"]["NORMAL"] == pytest.approx(1.0)
 
@@ -180,70 +180,70 @@ def softmax_predictions():
 def test_bootstrap_resample_metrics_equal_multiclass_metrics(softmax_predictions):
     y, p = softmax_predictions
     for rows in (slice(None), slice(0, 40)):
-        full = evaluate.multiclass_metrics(y[rows], p[rows], NAMES)
-        fast = evaluate._multiclass_ci_metrics(*evaluate._check_multiclass(y[rows], p[rows], NAMES), 3)
-        assert set(fast) == set(evaluate.MULTICLASS_CI_METRICS)
-        for name in evaluate.MULTICLASS_CI_METRICS:
+        full = metrics.multiclass_metrics(y[rows], p[rows], NAMES)
+        fast = metrics._multiclass_ci_metrics(*metrics._check_multiclass(y[rows], p[rows], NAMES), 3)
+        assert set(fast) == set(metrics.MULTICLASS_CI_METRICS)
+        for name in metrics.MULTICLASS_CI_METRICS:
             assert fast[name] == pytest.approx(full[name], abs=1e-12), name
 
 
 def test_multiclass_bootstrap_brackets_the_estimate_and_widens_with_patients(softmax_predictions):
     y, p = softmax_predictions
-    ci = evaluate.multiclass_bootstrap_ci(y, p, n_boot=300, seed=0)
-    point = evaluate.multiclass_metrics(y, p, NAMES)
-    assert set(ci) == set(evaluate.MULTICLASS_CI_METRICS)
+    ci = metrics.multiclass_bootstrap_ci(y, p, n_boot=300, seed=0)
+    point = metrics.multiclass_metrics(y, p, NAMES)
+    assert set(ci) == set(metrics.MULTICLASS_CI_METRICS)
     for metric, (lo, hi) in ci.items():
         assert lo < point[metric] < hi, metric
-    assert ci == evaluate.multiclass_bootstrap_ci(y, p, n_boot=300, seed=0)
-    small = evaluate.multiclass_bootstrap_ci(y[:60], p[:60], n_boot=300, seed=0)
+    assert ci == metrics.multiclass_bootstrap_ci(y, p, n_boot=300, seed=0)
+    small = metrics.multiclass_bootstrap_ci(y[:60], p[:60], n_boot=300, seed=0)
     assert ci["auc"][1] - ci["auc"][0] < small["auc"][1] - small["auc"][0]
     # 60 patients of 10 images each, all alike: resampling images would be far too sure
     patients = np.repeat(np.arange(60), 10)
     y_p, p_p = np.repeat(y[:60], 10), np.repeat(p[:60], 10, axis=0)
-    by_image = evaluate.multiclass_bootstrap_ci(y_p, p_p, n_boot=300, seed=0)
-    by_patient = evaluate.multiclass_bootstrap_ci(y_p, p_p, n_boot=300, seed=0, groups=patients)
+    by_image = metrics.multiclass_bootstrap_ci(y_p, p_p, n_boot=300, seed=0)
+    by_patient = metrics.multiclass_bootstrap_ci(y_p, p_p, n_boot=300, seed=0, groups=patients)
     width = lambda c: c["macro_f1"][1] - c["macro_f1"][0]  # noqa: E731
     assert width(by_patient) > 2 * width(by_image)
 
 
 def test_multiclass_evaluation_report_decides_by_argmax(softmax_predictions):
     y, p = softmax_predictions
-    overconfident = evaluate.softmax(3 * np.log(p))
-    rep = evaluate.evaluation_report(y[300:], overconfident[300:], y[:300], overconfident[:300], n_boot=50)
+    overconfident = metrics.softmax(3 * np.log(p))
+    rep = metrics.evaluation_report(y[300:], overconfident[300:], y[:300], overconfident[:300], n_boot=50)
     assert rep["class_names"] == list(NAMES) and rep["decision"] == "argmax"
     assert rep["threshold"] is None and "argmax" in rep["threshold_rule"]
     assert rep["temperature"] == pytest.approx(3.0, rel=0.25)
     assert rep["test_calibrated"]["ece"] < rep["test"]["ece"]
     assert np.array(rep["test"]["confusion_matrix"]).shape == (3, 3)
-    for m in evaluate.MULTICLASS_CI_METRICS:
+    for m in metrics.MULTICLASS_CI_METRICS:
         lo, hi = rep["test"][f"{m}_ci"]
         assert lo <= rep["test"][m] <= hi, m
-    table = evaluate.metrics_table(rep)
+    table = metrics.metrics_table(rep)
     assert {"accuracy", "macro_f1", "auc VIRAL PNEUMONIA vs rest"} <= set(table.index)
-    report = evaluate.classification_table(y, p)
+    report = metrics.classification_table(y, p)
     assert list(report.index[:3]) == list(NAMES)
     assert report.loc["VIRAL PNEUMONIA", "recall"] == pytest.approx(
-        evaluate.multiclass_metrics(y, p, NAMES)["per_class"]["VIRAL PNEUMONIA"]["recall"], abs=1e-4)
+        metrics.multiclass_metrics(y, p, NAMES)["per_class"]["VIRAL PNEUMONIA"]["recall"], abs=1e-4)
     with pytest.raises(ValueError, match=r"shape \(600, 2\)"):
-        evaluate.evaluation_report(y, p[:, :2], y, p[:, :2])
+        metrics.evaluation_report(y, p[:, :2], y, p[:, :2])
 
 
 def test_binary_report_names_its_classes_and_decision(predictions):
     y, p = predictions
-    rep = evaluate.evaluation_report(y[200:], p[200:], y[:200], p[:200], n_boot=20,
+    rep = metrics.evaluation_report(y[200:], p[200:], y[:200], p[:200], n_boot=20,
                                      class_names=["BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"])
     assert rep["decision"] == "threshold" and rep["class_names"] == ["BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"]
-    table = evaluate.classification_table(y, p, rep["threshold"], class_names=rep["class_names"])
+    table = metrics.classification_table(y, p, rep["threshold"], class_names=rep["class_names"])
     assert "VIRAL PNEUMONIA" in table.index
     with pytest.raises(ValueError, match="threshold"):
-        evaluate.classification_table(y, p)
+        metrics.classification_table(y, p)
 
 
 def test_softmax_temperature_keeps_the_decision():
     rng = np.random.default_rng(0)
-    p = evaluate.softmax(rng.normal(0, 2, (50, 3)))
-    np.testing.assert_allclose(evaluate.apply_softmax_temperature(p, 1.0), p, atol=1e-9)
-    softer = evaluate.apply_softmax_temperature(p, 2.5)
+    p = metrics.softmax(rng.normal(0, 2, (50, 3)))
+    np.testing.assert_allclose(metrics.apply_softmax_temperature(p, 1.0), p, atol=1e-9)
+    softer = metrics.apply_softmax_temperature(p, 2.5)
     assert np.array_equal(softer.argmax(axis=1), p.argmax(axis=1))
     assert np.all(softer.max(axis=1) <= p.max(axis=1) + 1e-12)
     np.testing.assert_allclose(softer.sum(axis=1), 1.0)

@@ -18,9 +18,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from synthetic import synthetic_xray
 
-from pneumo_utils import export, models, predict, runtime
+from pneumo_utils.deploy import export, predict, runtime
 from pneumo_utils.io import file_digest
-from pneumo_utils.preprocessing import _histogram, cue_removal
+from pneumo_utils.model import backbones, saving
+from pneumo_utils.model.preprocessing import _histogram, cue_removal
 
 pytest.importorskip("ai_edge_litert", reason="the export extra is not installed")
 pytest.importorskip("onnxruntime", reason="the export extra is not installed")
@@ -39,9 +40,9 @@ side of an equalisation bin edge (32 px models: none does), i.e. from float roun
 def _with_cue_removal(backbone: str, size: int = 32, crop_fraction: float = 0.8) -> keras.Model:
     """``backbone``'s classifier (random weights) behind the crop and histogram equalisation."""
     if backbone == "scratch_cnn":
-        inner = models.build_scratch_cnn(size, filters=(8, 16), seed=0)
+        inner = backbones.build_scratch_cnn(size, filters=(8, 16), seed=0)
     else:
-        inner = models.build_classifier(backbone, image_size=size, weights=None, seed=0)
+        inner = backbones.build_classifier(backbone, image_size=size, weights=None, seed=0)
     inputs = keras.Input((size, size, 3), name="image")
     return keras.Model(inputs, inner(cue_removal(inputs, crop_fraction=crop_fraction)))
 
@@ -73,12 +74,12 @@ def saved(tmp_path_factory):
     .tflite and .onnx through the command line; and a folder of generated X-rays."""
     folder = tmp_path_factory.mktemp("export")
     keras.utils.set_random_seed(0)
-    model = models.build_scratch_cnn(64, filters=(8, 16), seed=0)
+    model = backbones.build_scratch_cnn(64, filters=(8, 16), seed=0)
     model.compile(keras.optimizers.Adam(3e-3), "binary_crossentropy")
     x, y = _xrays(64, 64, seed=1)
     model.fit(x, y, epochs=6, batch_size=16, verbose=0)
     path = folder / "scratch.keras"
-    models.save_model(model, path, models.model_metadata(
+    saving.save_model(model, path, saving.model_metadata(
         model, backbone="scratch_cnn", threshold=0.4, threshold_rule="youden on validation",
         temperature=1.5))
     path.with_suffix(".md").write_text("# Model card: scratch\n\n## Limitations\n- generated data\n")
@@ -192,7 +193,7 @@ def test_export_records_files_in_sidecar_and_card(saved):
     card = path.with_suffix(".md").read_text()
     assert card.count("## Exports") == 1 and "`scratch.onnx` | onnx | none" in card
     assert card.index("## Limitations") < card.index("## Exports")
-    models.load_model(path)  # the sidecar with exports still passes validation
+    saving.load_model(path)  # the sidecar with exports still passes validation
 
 
 def test_int8_export_writes_its_own_sidecar(saved, tmp_path):
@@ -250,11 +251,11 @@ def test_predict_and_evaluate_with_an_export_never_import_tensorflow(saved, suff
     exported = str(path.with_suffix(suffix))
     image = str(images / "1.png")
     env = _no_tensorflow_env(tmp_path)
-    done = _run(["-m", "pneumo_utils.predict", image, "--model", exported, "--json"], env)
+    done = _run(["-m", "pneumo_utils.deploy.predict", image, "--model", exported, "--json"], env)
     assert done.returncode == 0, done.stderr
     assert "XNNPACK" not in done.stderr, "LiteRT's C++ INFO line stays off the console"
     (result,) = json.loads(done.stdout)
-    keras_result = predict.predict_image(model, models.load_model(path)[1], image)
+    keras_result = predict.predict_image(model, saving.load_model(path)[1], image)
     assert result["raw_output"] == pytest.approx(keras_result["raw_output"], abs=1e-4)
     assert result["probability"] == pytest.approx(keras_result["probability"], abs=1e-4)
     assert result["label"] == keras_result["label"] and result["threshold"] == 0.4
@@ -290,7 +291,7 @@ def test_bad_inputs_with_an_export_exit_2_in_one_line(saved, tmp_path):
                                    "--gradcam", str(tmp_path / "cam.png")],
     }
     for expected, args in cases.items():
-        done = _run(["-m", "pneumo_utils.predict", *args], env)
+        done = _run(["-m", "pneumo_utils.deploy.predict", *args], env)
         assert done.returncode == 2, (expected, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0] and "Traceback" not in done.stderr, done.stderr
@@ -315,7 +316,7 @@ def test_slim_drops_the_optimizer_and_keeps_the_answers(saved, tmp_path):
     model, path, _ = saved
     out = export.slim(path, tmp_path / "slim.keras")
     assert out.stat().st_size < 0.75 * path.stat().st_size
-    slim_model, meta = models.load_model(out)
+    slim_model, meta = saving.load_model(out)
     original = json.loads(path.with_suffix(".json").read_text())
     assert {k: v for k, v in meta.items() if k != "sha256"} == {
         k: v for k, v in original.items() if k != "sha256"}

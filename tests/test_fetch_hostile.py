@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumo_utils import fetch
+from pneumo_utils.data import fetch
 
 
 def kermany(root: Path, empty: tuple[str, ...] = ()) -> Path:
@@ -116,6 +116,6 @@ def test_fetch_still_accepts_a_complete_folder(tmp_path: Path, no_download, caps
 
 
 def test_layout_suffixes_are_the_loaders_image_extensions() -> None:
-    from pneumo_utils.images import IMAGE_EXTENSIONS
+    from pneumo_utils.data.images import IMAGE_EXTENSIONS
 
     assert set(fetch.LAYOUT_SUFFIXES) == set(IMAGE_EXTENSIONS)

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from pneumo_utils import gradcam
+from pneumo_utils.explain import gradcam
 
 
 def _tiny_model() -> keras.Model:

@@ -22,16 +22,19 @@ import pytest
 from PIL import Image
 from synthetic import synthetic_xray
 
-from pneumo_utils import datasets, evaluate, features, images, models, predict
-from pneumo_utils.datasets import (
+from pneumo_utils.data import datasets, images
+from pneumo_utils.data.datasets import (
     BadImagesWarning,
     DatasetLayoutError,
     MissingImagesError,
     NestedImagesWarning,
     load_class_folder,
 )
-from pneumo_utils.images import ImageReadError, read_image, read_resized
+from pneumo_utils.data.images import ImageReadError, read_image, read_resized
+from pneumo_utils.deploy import predict
+from pneumo_utils.evaluation import evaluate, metrics
 from pneumo_utils.io import ModelFileError, write_json_atomic
+from pneumo_utils.model import backbones, features, saving
 
 SIZE = 64
 
@@ -64,7 +67,7 @@ def _class_folder(root: Path, n: int = 3) -> Path:
 
 def _model(size: int = SIZE, activation: str = "sigmoid", units: int = 1) -> keras.Model:
     inputs = keras.Input((size, size, 3), name="image")
-    x = models.preprocessing_layer(inputs, "unit")
+    x = backbones.preprocessing_layer(inputs, "unit")
     x = keras.layers.AveragePooling2D(size // 4)(x)
     x = keras.layers.Flatten()(x)
     out = keras.layers.Dense(units, activation=activation, name="head_output")(x)
@@ -78,7 +81,7 @@ def _model(size: int = SIZE, activation: str = "sigmoid", units: int = 1) -> ker
 def saved_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "tiny.keras"
     model = _model()
-    models.save_model(model, path, models.model_metadata(model, threshold=0.5))
+    saving.save_model(model, path, saving.model_metadata(model, threshold=0.5))
     return path
 
 
@@ -99,7 +102,7 @@ def test_keras_archive_unpacking_to_too_much_is_refused_before_loading(tmp_path,
 
     monkeypatch.setattr(keras.saving, "load_model", never)
     with pytest.raises(ModelFileError, match=r"config.json unpacks to 65 MiB \(limit 64 MiB\)"):
-        models.load_model(path)
+        saving.load_model(path)
 
 
 @pytest.mark.parametrize("outside", ["../secret.png", "/etc/hostname", "~/x.png", "a/../../b.png"])
@@ -149,10 +152,10 @@ def test_bad_sidecar_values_are_refused_naming_file_and_field(saved_model, tmp_p
                                                               field, value, shown, error_line):
     copy = tmp_path / "m.keras"
     copy.write_bytes(saved_model.read_bytes())
-    meta = json.loads(models.sidecar_path(saved_model).read_text())
-    models.sidecar_path(copy).write_text(json.dumps({**meta, field: value}))  # NaN as JSON NaN
+    meta = json.loads(saving.sidecar_path(saved_model).read_text())
+    saving.sidecar_path(copy).write_text(json.dumps({**meta, field: value}))  # NaN as JSON NaN
     with pytest.raises(ModelFileError, match=rf"sidecar {copy.with_suffix('.json')}: field {field} is") as err:
-        models.load_model(copy)
+        saving.load_model(copy)
     assert shown in str(err.value) and "\n" not in str(err.value)
     picture = tmp_path / "x.png"
     Image.fromarray(_xray(1, SIZE)).save(picture)
@@ -163,9 +166,9 @@ def test_bad_sidecar_values_are_refused_naming_file_and_field(saved_model, tmp_p
 def test_sidecar_that_is_not_an_object_is_refused(saved_model, tmp_path):
     copy = tmp_path / "m.keras"
     copy.write_bytes(saved_model.read_bytes())
-    models.sidecar_path(copy).write_text("[0.5, 224]")
+    saving.sidecar_path(copy).write_text("[0.5, 224]")
     with pytest.raises(ModelFileError, match=r"field \(top level\) is \[0.5, 224\], expected a JSON object"):
-        models.load_model(copy)
+        saving.load_model(copy)
 
 
 @pytest.mark.parametrize(("activation", "units"), [("softmax", 2), ("linear", 1)])
@@ -173,11 +176,11 @@ def test_model_without_one_sigmoid_output_is_refused(tmp_path, activation, units
     path = tmp_path / "odd.keras"
     _model(activation=activation, units=units).save(path)
     with pytest.raises(ModelFileError, match=rf"one sigmoid unit.*activation {activation}"):
-        models.load_model(path)
+        saving.load_model(path)
 
 
 def test_labels_follow_the_sidecars_class_names(saved_model, tmp_path):
-    model, meta = models.load_model(saved_model)
+    model, meta = saving.load_model(saved_model)
     picture = tmp_path / "x.png"
     Image.fromarray(_xray(1, SIZE)).save(picture)
     nih = {**{k: v for k, v in meta.items() if k != "task"}, "class_names": ["No Finding", "Effusion"]}
@@ -368,7 +371,7 @@ def test_evaluate_reports_nested_images_and_validates_flags(saved_model, tmp_pat
         assert evaluate.main(["--model", str(saved_model), "--data", str(folder), flag, "0"]) == 2
         assert f"{flag} must be a positive integer" in error_line()
     with pytest.raises(ValueError, match="n_boot must be a positive"):
-        evaluate.bootstrap_ci(np.array([0, 1]), np.array([0.2, 0.8]), n_boot=0)
+        metrics.bootstrap_ci(np.array([0, 1]), np.array([0.2, 0.8]), n_boot=0)
 
 
 def test_evaluate_on_a_root_with_only_test(saved_model, tmp_path, capsys):
@@ -435,7 +438,7 @@ def test_empty_labels_csv_names_the_file(tmp_path, content, message):
 def test_damaged_feature_cache_is_detected_deleted_and_recomputed(tmp_path, damage):
     folder = _class_folder(tmp_path / "images", n=2)
     paths = sorted(str(p) for p in folder.rglob("*.jpeg"))
-    model = models.build_scratch_cnn(SIZE, filters=(4,), dense_units=4, seed=0)
+    model = backbones.build_scratch_cnn(SIZE, filters=(4,), dense_units=4, seed=0)
     cache = tmp_path / "cache"
     first = features.extract_features(model, paths, cache_dir=cache, verbose=False)
     (cached,) = cache.glob("*.npy")
@@ -466,8 +469,8 @@ def test_gradcam_target_is_checked_before_predicting(saved_model, tmp_path, caps
 def test_gradcam_write_is_checked(tmp_path, capsys, monkeypatch, error_line):
     picture = tmp_path / "x.png"
     Image.fromarray(_xray(1, SIZE)).save(picture)
-    cnn = models.build_scratch_cnn(SIZE, filters=(4, 8), dense_units=4, seed=0)
-    saved_model = models.save_model(cnn, tmp_path / "cnn.keras")
+    cnn = backbones.build_scratch_cnn(SIZE, filters=(4, 8), dense_units=4, seed=0)
+    saved_model = saving.save_model(cnn, tmp_path / "cnn.keras")
     target = tmp_path / "out" / "cam.png"
     assert predict.main([str(picture), "--model", str(saved_model), "--gradcam", str(target)]) == 0
     assert "written" in capsys.readouterr().out
@@ -523,7 +526,7 @@ def test_temporary_file_of_a_killed_save_is_removed_by_the_next_save(tmp_path):
     alive = folder / f".tiny.{os.getppid()}.abcd.keras"  # a save still running elsewhere
     for path in (dead, alive):
         path.write_bytes(b"PK\3\4 half a zip")
-    models.save_model(model, folder / "tiny.keras")
+    saving.save_model(model, folder / "tiny.keras")
     assert not dead.exists() and alive.exists()
 
 
@@ -558,6 +561,6 @@ def test_safe_mode_refusal_quotes_keras_instead_of_guessing(saved_model, monkeyp
 
     monkeypatch.setattr(keras.saving, "load_model", refuse)
     with pytest.raises(ModelFileError, match="safe mode found Python code inside it") as err:
-        models.load_model(saved_model)
+        saving.load_model(saved_model)
     assert "TorchModuleWrapper" in str(err.value) and "Lambda" not in str(err.value)
     assert "safe_mode=False" not in str(err.value)

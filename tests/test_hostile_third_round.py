@@ -15,12 +15,15 @@ import pytest
 from PIL import Image
 
 from pneumo_utils import io as pio
-from pneumo_utils import models, predict, runtime
+from pneumo_utils.deploy import predict, runtime
 from pneumo_utils.io import ModelFileError, read_sidecar, validate_metadata, write_json_atomic
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime", reason="the export extra is not installed")
 from onnx import TensorProto, helper  # noqa: E402
+
+from pneumo_utils.evaluation import evaluate  # noqa: E402
+from pneumo_utils.model import backbones, saving  # noqa: E402
 
 SIZE = 32
 
@@ -166,7 +169,7 @@ def test_keras_model_with_a_huge_input_is_refused(tmp_path):
     path = tmp_path / "big.keras"
     keras.Model(inputs, out).save(path)
     with pytest.raises(ModelFileError, match="1024x1024 px input; pneumo models take 32 to 512"):
-        models.load_model(path)
+        saving.load_model(path)
 
 
 def test_batches_fit_the_memory_budget():
@@ -178,10 +181,10 @@ def test_batches_fit_the_memory_budget():
 def test_exports_the_exporter_writes_pass_the_op_check(tmp_path):
     """The small models' real export (scratch CNN behind the cue-removal layers) passes."""
     pytest.importorskip("tf2onnx")
-    from pneumo_utils import export
-    from pneumo_utils.preprocessing import cue_removal
+    from pneumo_utils.deploy import export
+    from pneumo_utils.model.preprocessing import cue_removal
 
-    inner = models.build_scratch_cnn(SIZE, filters=(4,), dense_units=4, seed=0)
+    inner = backbones.build_scratch_cnn(SIZE, filters=(4,), dense_units=4, seed=0)
     inputs = keras.Input((SIZE, SIZE, 3), name="image")
     model = keras.Model(inputs, inner(cue_removal(inputs, crop_fraction=0.8)))
     target = export.convert(model, tmp_path / "m.onnx", "onnx")
@@ -209,7 +212,7 @@ def test_softmax_rows_must_sum_to_one():
 
 
 def test_evaluate_refuses_outputs_that_are_not_probabilities(tmp_path, image, error_line):
-    from pneumo_utils import evaluate
+
 
     data = tmp_path / "data"
     for cls in ("NORMAL", "PNEUMONIA"):
@@ -263,22 +266,22 @@ def test_sidecar_records_the_model_digest_and_refuses_another_models(tmp_path, e
     message; rewriting only the sidecar keeps it valid; an older sidecar without a
     fingerprint is accepted."""
     first, second = tmp_path / "a.keras", tmp_path / "b.keras"
-    models.save_model(_tiny(0), first, {"threshold": 0.7})
-    models.save_model(_tiny(1), second, {"threshold": 0.2})
-    meta = json.loads(models.sidecar_path(first).read_text())
+    saving.save_model(_tiny(0), first, {"threshold": 0.7})
+    saving.save_model(_tiny(1), second, {"threshold": 0.2})
+    meta = json.loads(saving.sidecar_path(first).read_text())
     assert meta["sha256"] == {"keras": pio.file_digest(first)}
-    write_json_atomic(models.sidecar_path(first), {**meta, "notes": "edited later"})
-    assert models.load_model(first)[1]["threshold"] == 0.7
+    write_json_atomic(saving.sidecar_path(first), {**meta, "notes": "edited later"})
+    assert saving.load_model(first)[1]["threshold"] == 0.7
 
-    swapped = json.loads(models.sidecar_path(second).read_text())
-    write_json_atomic(models.sidecar_path(first), swapped)
+    swapped = json.loads(saving.sidecar_path(second).read_text())
+    write_json_atomic(saving.sidecar_path(first), swapped)
     with pytest.raises(ModelFileError, match="does not match sidecar .*a.json.*another model"):
-        models.load_model(first)
+        saving.load_model(first)
     assert predict.main([str(image), "--model", str(first)]) == 2
     assert "another model" in error_line()
 
-    write_json_atomic(models.sidecar_path(first), {"threshold": 0.7})
-    assert models.load_model(first)[1]["threshold"] == 0.7
+    write_json_atomic(saving.sidecar_path(first), {"threshold": 0.7})
+    assert saving.load_model(first)[1]["threshold"] == 0.7
 
 
 def test_export_sidecar_fingerprint_is_checked(tmp_path, image, error_line):
@@ -300,7 +303,7 @@ def test_export_sidecar_fingerprint_is_checked(tmp_path, image, error_line):
 
 def test_evaluate_refuses_an_empty_subtype_class(tmp_path, error_line):
     """bacterial_vs_viral on data without a viral image wrote bare NaN and recall 0.0."""
-    from pneumo_utils import evaluate
+
 
     data = tmp_path / "data"
     rng = np.random.default_rng(0)
@@ -317,7 +320,7 @@ def test_evaluate_refuses_an_empty_subtype_class(tmp_path, error_line):
 
 
 def test_evaluate_json_is_strict():
-    from pneumo_utils.evaluate import strict_json
+    from pneumo_utils.evaluation.evaluate import strict_json
 
     value = {"auc": float("nan"), "ci": [np.float32("inf"), 0.5], "n": np.int64(3)}
     assert json.dumps(strict_json(value), allow_nan=False) == '{"auc": null, "ci": [null, 0.5], "n": 3}'

@@ -8,8 +8,8 @@ import pytest
 from dicom_files import write_dicom
 from PIL import Image, PngImagePlugin
 
-from pneumo_utils import images
-from pneumo_utils.images import ImageReadError
+from pneumo_utils.data import images
+from pneumo_utils.data.images import ImageReadError
 
 # --------------------------------------------------------------------------- images
 
@@ -65,7 +65,7 @@ def test_deflated_dicom_inflating_past_the_budget_is_refused(tmp_path, monkeypat
 def test_feature_cache_declaring_an_enormous_shape_is_a_damaged_file(tmp_path):
     """A .npy header declaring (2e9, 1024) float32 made np.load raise MemoryError
     ("Unable to allocate 7.45 TiB"); it is deleted and recomputed like any damaged file."""
-    from pneumo_utils import features
+    from pneumo_utils.model import features
 
     cached = tmp_path / "key-0123456789abcdef.npy"
     with open(cached, "wb") as handle:
@@ -85,7 +85,7 @@ def shard_folder(tmp_path):
     """Eight 32 px images in train and val, four shards each."""
     import pandas as pd
 
-    from pneumo_utils import shards
+    from pneumo_utils.scale import shards
 
     rows = []
     for i in range(8):
@@ -110,7 +110,7 @@ def _edit_manifest(folder, change) -> None:
 
 @pytest.mark.parametrize("name", ["../elsewhere/x.tfrecord", "/etc/passwd", "..-00000-of-00001.tfrecord"])
 def test_manifest_paths_outside_the_folder_are_refused(shard_folder, name, error_line):
-    from pneumo_utils import shards
+    from pneumo_utils.scale import shards
 
     def escape(manifest):
         entry = next(iter(manifest["shards"].values()))
@@ -127,7 +127,7 @@ def test_manifest_paths_outside_the_folder_are_refused(shard_folder, name, error
 def test_resumed_plan_with_a_split_outside_the_folder_is_refused(shard_folder):
     import pandas as pd
 
-    from pneumo_utils import shards
+    from pneumo_utils.scale import shards
 
     def escape(manifest):
         manifest["plan"]["../../escape"] = [[0, 1]]
@@ -146,7 +146,7 @@ def test_resumed_plan_with_a_split_outside_the_folder_is_refused(shard_folder):
 
 @pytest.mark.parametrize("content", ["[]", '{"complete": true}', "{not json"])
 def test_manifest_of_the_wrong_shape_is_one_line(shard_folder, content, error_line):
-    from pneumo_utils import shards
+    from pneumo_utils.scale import shards
 
     (shard_folder / "manifest.json").write_text(content)
     assert shards.main(["--out", str(shard_folder), "--verify"]) == 2
@@ -156,7 +156,7 @@ def test_manifest_of_the_wrong_shape_is_one_line(shard_folder, content, error_li
 def test_verify_catches_a_shard_swapped_for_another_of_its_split(shard_folder, error_line):
     """Copying train-00001 over train-00000 and editing the checksum passed --verify."""
     from pneumo_utils import io as pio
-    from pneumo_utils import shards
+    from pneumo_utils.scale import shards
 
     first, second = (shard_folder / f"train-0000{i}-of-00004.tfrecord" for i in (0, 1))
     first.write_bytes(second.read_bytes())

@@ -1,4 +1,4 @@
-"""Tests for pneumo_utils.images: every file kind we expect in the wild, and broken ones."""
+"""Tests for pneumo_utils.data.images: every file kind we expect in the wild, and broken ones."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from dicom_files import write_dicom
 from PIL import Image, ImageFile
 
-from pneumo_utils.images import (
+from pneumo_utils.data.images import (
     IMAGE_EXTENSIONS,
     ImageReadError,
     check_image,
@@ -109,7 +109,7 @@ def test_16bit_png_holding_12bit_data_is_stretched(tmp_path):
 
 def test_16bit_big_endian_and_float_modes(tmp_path):
     # modes that PNG files do not produce but other Pillow plugins (TIFF) do
-    from pneumo_utils.images import _pil_to_array
+    from pneumo_utils.data.images import _pil_to_array
 
     big = Image.fromarray(_gradient(hi=65535, dtype=np.uint16).astype(">u2"))
     assert big.mode == "I;16B"
@@ -207,7 +207,7 @@ def test_huge_jpeg_peak_memory_is_bounded(huge_jpeg):
     code = textwrap.dedent(
         """
         import resource, sys
-        from pneumo_utils.images import read_resized
+        from pneumo_utils.data.images import read_resized
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         assert read_resized(sys.argv[1], 224).shape == (224, 224, 3)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
@@ -224,7 +224,7 @@ def test_huge_jpeg_peak_memory_is_bounded(huge_jpeg):
 
 def test_pixel_limit(tmp_path, monkeypatch):
     """Images above Pillow's decompression-bomb limit open up to images.MAX_PIXELS."""
-    from pneumo_utils import images
+    from pneumo_utils.data import images
 
     path = tmp_path / "big.png"
     Image.new("L", (300, 200)).save(path)

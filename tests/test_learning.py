@@ -10,8 +10,12 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from synthetic import SIGNAL_BOX, make_kermany_like
 
-from pneumo_utils import data, evaluate, features, gradcam, models, predict, train
-from pneumo_utils.datasets import load_kermany, paths_and_labels
+from pneumo_utils.data import pipelines, splits
+from pneumo_utils.data.datasets import load_kermany, paths_and_labels
+from pneumo_utils.deploy import predict
+from pneumo_utils.evaluation import evaluate, metrics
+from pneumo_utils.explain import gradcam
+from pneumo_utils.model import backbones, features, saving, train
 
 pytestmark = pytest.mark.slow
 
@@ -24,18 +28,18 @@ def learn_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(learn_root, tmp_path_factory):
-    data.set_seed(0)
+    pipelines.set_seed(0)
     index = load_kermany(learn_root)
     split = {s: paths_and_labels(index, s) for s in ("train", "val", "test")}
-    model = models.build_scratch_cnn(64, filters=(16, 32, 64), seed=0)
+    model = backbones.build_scratch_cnn(64, filters=(16, 32, 64), seed=0)
     train.compile_binary(model, 3e-3)
-    ds = {s: data.image_dataset(p, y, 64, 16, shuffle=(s == "train")) for s, (p, y) in split.items()}
-    train.fit(model, ds["train"], ds["val"], epochs=25, class_weight=data.class_weights(split["train"][1]),
+    ds = {s: pipelines.image_dataset(p, y, 64, 16, shuffle=(s == "train")) for s, (p, y) in split.items()}
+    train.fit(model, ds["train"], ds["val"], epochs=25, class_weight=pipelines.class_weights(split["train"][1]),
               patience=8)
     path = tmp_path_factory.mktemp("models") / "scratch.keras"
-    proba_val = models.predict_paths(model, split["val"][0])
-    threshold = evaluate.choose_threshold(split["val"][1], proba_val)
-    models.save_model(model, path, models.model_metadata(model, backbone="scratch_cnn", threshold=threshold,
+    proba_val = saving.predict_paths(model, split["val"][0])
+    threshold = metrics.choose_threshold(split["val"][1], proba_val)
+    saving.save_model(model, path, saving.model_metadata(model, backbone="scratch_cnn", threshold=threshold,
                                                          threshold_rule="youden on validation"))
     return model, split, path
 
@@ -43,7 +47,7 @@ def trained(learn_root, tmp_path_factory):
 def test_model_learns_the_planted_signal(trained):
     model, split, _ = trained
     paths, labels = split["test"]
-    auc = roc_auc_score(labels, models.predict_paths(model, paths))
+    auc = roc_auc_score(labels, saving.predict_paths(model, paths))
     assert auc > 0.9, f"test AUC {auc:.3f} on separable synthetic data"
 
 
@@ -59,21 +63,21 @@ def test_gradcam_heat_concentrates_on_the_signal(trained):
     model, split, _ = trained
     paths, labels = split["test"]
     positives = [p for p, y in zip(paths, labels, strict=True) if y == 1][:10]
-    heat = gradcam.grad_cam(model, data.load_images(positives, 64), target="pneumonia")
+    heat = gradcam.grad_cam(model, pipelines.load_images(positives, 64), target="pneumonia")
     box_area = (SIGNAL_BOX[2] - SIGNAL_BOX[0]) * (SIGNAL_BOX[3] - SIGNAL_BOX[1])
     shares = [_share_in_box(h, SIGNAL_BOX) for h in heat]
     assert heat.shape[1:] == (16, 16) and heat.min() >= 0 and heat.max() <= 1
     assert np.median(shares) > 2 * box_area, f"heat share in box {np.median(shares):.2f} vs area {box_area:.2f}"
-    picture = gradcam.overlay(data.load_images(positives[:1], 64)[0], heat[0])
+    picture = gradcam.overlay(pipelines.load_images(positives[:1], 64)[0], heat[0])
     assert picture.shape == (64, 64, 3) and picture.dtype == np.uint8
 
 
 def test_gradcam_finds_last_conv_layer_of_each_backbone():
     expected = {"densenet121": "relu", "resnet50": "conv5_block3_out", "mobilenet_v2": "out_relu"}
     for backbone, layer in expected.items():
-        model = models.build_classifier(backbone, 32 if backbone != "resnet50" else 64, None)
+        model = backbones.build_classifier(backbone, 32 if backbone != "resnet50" else 64, None)
         assert gradcam.find_last_conv_layer(model) == layer
-        assert models.get_backbone(backbone).last_conv == layer
+        assert backbones.get_backbone(backbone).last_conv == layer
         heat = gradcam.grad_cam(model, np.full((1, *model.inputs[0].shape[1:]), 128.0, "float32"))
         assert heat.ndim == 3
 
@@ -82,22 +86,22 @@ def test_feature_cache_trains_the_same_head(learn_root, tmp_path):
     """Head on cached backbone features, or model.fit over images with the base frozen
     inside: the same trained model, up to float noise."""
     index = load_kermany(learn_root)
-    paths, labels = data.split_files(index)
-    weights = data.class_weights(labels["train"])
+    paths, labels = splits.split_files(index)
+    weights = pipelines.class_weights(labels["train"])
     results = {}
     for cached in (True, False):
-        data.set_seed(0)
-        model = models.build_classifier("mobilenet_v2", 32, None, seed=0)
+        pipelines.set_seed(0)
+        model = backbones.build_classifier("mobilenet_v2", 32, None, seed=0)
         if cached:
             feats = features.extract_split_features(model, paths, 16, cache_dir=tmp_path / "cache", verbose=False)
             train.fit_head_on_features(model, feats["train"], labels["train"], feats["val"], labels["val"],
                                        epochs=3, class_weight=weights, batch_size=16)
-            head_proba = models.head_on_features(model).predict(feats["test"], verbose=0).reshape(-1)
+            head_proba = backbones.head_on_features(model).predict(feats["test"], verbose=0).reshape(-1)
         else:
             train.compile_binary(model)
-            train.fit(model, data.image_dataset(paths["train"], labels["train"], 32, 16, shuffle=True),
-                      data.image_dataset(paths["val"], labels["val"], 32, 16), epochs=3, class_weight=weights)
-        results[cached] = models.predict_paths(model, paths["test"])
+            train.fit(model, pipelines.image_dataset(paths["train"], labels["train"], 32, 16, shuffle=True),
+                      pipelines.image_dataset(paths["val"], labels["val"], 32, 16), epochs=3, class_weight=weights)
+        results[cached] = saving.predict_paths(model, paths["test"])
         if cached:
             np.testing.assert_allclose(head_proba, results[cached], atol=1e-4)
     np.testing.assert_allclose(results[True], results[False], atol=2e-3)
@@ -111,9 +115,9 @@ def test_label_smoothing_keeps_the_head_away_from_certainty():
     x = (rng.normal(0, 1, (200, 8)) + 4.0 * y[:, None]).astype("float32")
     extremes = {}
     for smoothing in (0.0, 0.2):
-        data.set_seed(0)
-        model = models.build_classifier("mobilenet_v2", 32, None, seed=0)
-        head = models.head_on_features(model)  # takes 1280 features: x padded with zeros
+        pipelines.set_seed(0)
+        model = backbones.build_classifier("mobilenet_v2", 32, None, seed=0)
+        head = backbones.head_on_features(model)  # takes 1280 features: x padded with zeros
         padded = np.zeros((len(x), int(head.inputs[0].shape[-1])), "float32")
         padded[:, : x.shape[1]] = x
         train.fit_head_on_features(model, padded, y, padded, y, epochs=60, learning_rate=1e-2,
@@ -127,14 +131,14 @@ def test_label_smoothing_keeps_the_head_away_from_certainty():
 def test_feature_cache_is_reused_and_keyed_by_content(learn_root, tmp_path):
     index = load_kermany(learn_root)
     paths = index["path"].tolist()[:12]
-    model = models.build_classifier("mobilenet_v2", 32, None, seed=0)
+    model = backbones.build_classifier("mobilenet_v2", 32, None, seed=0)
     first = features.extract_features(model, paths, cache_dir=tmp_path, verbose=False)
     files = sorted(tmp_path.glob("*.npy"))
     assert len(files) == 1 and first.shape == (12, 1280)
     np.testing.assert_array_equal(features.extract_features(model, paths, cache_dir=tmp_path, verbose=False), first)
     assert sorted(tmp_path.glob("*.npy")) == files
     features.extract_features(model, paths[:-1], cache_dir=tmp_path, verbose=False)
-    other = models.build_classifier("mobilenet_v2", 32, None, seed=1)
+    other = backbones.build_classifier("mobilenet_v2", 32, None, seed=1)
     features.extract_features(other, paths, cache_dir=tmp_path, verbose=False)
     assert len(list(tmp_path.glob("*.npy"))) == 3
     assert not list(tmp_path.glob(".*")), "no temporary file is left"

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo_utils import models
+from pneumo_utils.model import backbones, saving
 
 
 @pytest.fixture(scope="module")
 def small_model():
-    return models.build_classifier("mobilenet_v2", image_size=48, weights=None, seed=0)
+    return backbones.build_classifier("mobilenet_v2", image_size=48, weights=None, seed=0)
 
 
 def test_flat_classifier_has_head_and_frozen_base(small_model):
@@ -27,7 +27,7 @@ def test_flat_classifier_has_head_and_frozen_base(small_model):
     assert names[-4:] == ["head_gap", "head_dense", "head_dropout", "head_output"]
     assert small_model.get_layer("head_dense").units == 128
     assert small_model.get_layer("head_dropout").rate == 0.5
-    assert not any(layer.trainable for layer in models.base_layers(small_model))
+    assert not any(layer.trainable for layer in backbones.base_layers(small_model))
     assert small_model.output.shape[-1] == 1
 
 
@@ -41,7 +41,7 @@ def test_flat_classifier_has_head_and_frozen_base(small_model):
 )
 def test_preprocess_layer_matches_keras_applications(mode, reference):
     inputs = keras.Input((8, 8, 3))
-    layer_model = keras.Model(inputs, models.preprocessing_layer(inputs, mode))
+    layer_model = keras.Model(inputs, backbones.preprocessing_layer(inputs, mode))
     x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     ours = layer_model.predict(x, verbose=0)
     np.testing.assert_allclose(ours, reference(x.copy()), rtol=1e-5, atol=1e-4)
@@ -52,8 +52,8 @@ def test_saved_model_loads_with_plain_keras(tmp_path):
     """A saved classifier (caffe preprocessing: the channel flip) loads in a fresh
     interpreter with keras.models.load_model alone, pneumo_utils never imported, and
     predicts what the original predicts."""
-    model = models.build_classifier("resnet50", image_size=32, weights=None, seed=0)
-    path = models.save_model(model, tmp_path / "resnet.keras")
+    model = backbones.build_classifier("resnet50", image_size=32, weights=None, seed=0)
+    path = saving.save_model(model, tmp_path / "resnet.keras")
     code = (
         "import sys, keras, numpy as np; model = keras.models.load_model(sys.argv[1]);"
         "x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype('float32');"
@@ -68,17 +68,17 @@ def test_saved_model_loads_with_plain_keras(tmp_path):
 
 
 def test_resolve_weights_from_folder(tmp_path, monkeypatch):
-    spec = models.get_backbone("resnet50")
+    spec = backbones.get_backbone("resnet50")
     (tmp_path / spec.weights_file).write_bytes(b"weights")
     monkeypatch.setenv("PNEUMO_WEIGHTS_DIR", str(tmp_path))
-    assert models.resolve_weights("resnet50", "imagenet") == str(tmp_path / spec.weights_file)
-    assert models.resolve_weights("resnet50", None) is None
-    assert models.resolve_weights("resnet50", "none") is None
-    assert models.resolve_weights("ResNet-50".replace("-", ""), str(tmp_path / spec.weights_file))
+    assert backbones.resolve_weights("resnet50", "imagenet") == str(tmp_path / spec.weights_file)
+    assert backbones.resolve_weights("resnet50", None) is None
+    assert backbones.resolve_weights("resnet50", "none") is None
+    assert backbones.resolve_weights("ResNet-50".replace("-", ""), str(tmp_path / spec.weights_file))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        models.resolve_weights("resnet50", tmp_path / "missing.h5")
+        backbones.resolve_weights("resnet50", tmp_path / "missing.h5")
     with pytest.raises(ValueError, match="unknown backbone"):
-        models.resolve_weights("vgg16", "imagenet")
+        backbones.resolve_weights("vgg16", "imagenet")
 
 
 def test_offline_without_weights_says_how_to_fix(tmp_path, monkeypatch):
@@ -89,31 +89,31 @@ def test_offline_without_weights_says_how_to_fix(tmp_path, monkeypatch):
         raise OSError("Temporary failure in name resolution")
 
     monkeypatch.setattr(keras.utils, "get_file", offline)
-    with pytest.raises(models.WeightsNotFoundError, match="PNEUMO_WEIGHTS_DIR"):
-        models.resolve_weights("densenet121", "imagenet")
+    with pytest.raises(backbones.WeightsNotFoundError, match="PNEUMO_WEIGHTS_DIR"):
+        backbones.resolve_weights("densenet121", "imagenet")
     with pytest.warns(UserWarning, match="RANDOM weights"):
-        assert models.resolve_weights("densenet121", "imagenet", fallback="random") is None
+        assert backbones.resolve_weights("densenet121", "imagenet", fallback="random") is None
 
 
 def test_shared_imagenet_weights_load_into_the_flat_model(shared_dir):
-    weights = shared_dir / "weights" / models.get_backbone("mobilenet_v2").weights_file
-    model = models.build_classifier("mobilenet_v2", 96, str(weights))
+    weights = shared_dir / "weights" / backbones.get_backbone("mobilenet_v2").weights_file
+    model = backbones.build_classifier("mobilenet_v2", 96, str(weights))
     reference = keras.applications.MobileNetV2(include_top=False, weights=str(weights),
                                                input_shape=(96, 96, 3), pooling="avg")
     x = np.random.default_rng(0).uniform(0, 255, (2, 96, 96, 3)).astype("float32")
-    ours = models.pooled_features_model(model).predict(x, verbose=0)
+    ours = backbones.pooled_features_model(model).predict(x, verbose=0)
     ref = reference.predict(keras.applications.mobilenet_v2.preprocess_input(x.copy()), verbose=0)
     np.testing.assert_allclose(ours, ref, atol=1e-4)
 
 
 def test_save_and_load_round_trip_with_sidecar(small_model, tmp_path):
     path = tmp_path / "m.keras"
-    meta = models.model_metadata(small_model, backbone="mobilenet_v2", threshold=0.37)
-    models.save_model(small_model, path, meta)
+    meta = saving.model_metadata(small_model, backbone="mobilenet_v2", threshold=0.37)
+    saving.save_model(small_model, path, meta)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left"
-    loaded, loaded_meta = models.load_model(path)
+    loaded, loaded_meta = saving.load_model(path)
     assert loaded_meta["threshold"] == 0.37 and loaded_meta["image_size"] == 48
-    assert json.loads(models.sidecar_path(path).read_text())["backbone"] == "mobilenet_v2"
+    assert json.loads(saving.sidecar_path(path).read_text())["backbone"] == "mobilenet_v2"
     x = np.random.default_rng(0).uniform(0, 255, (2, 48, 48, 3)).astype("float32")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), small_model.predict(x, verbose=0), atol=1e-6)
 
@@ -121,19 +121,19 @@ def test_save_and_load_round_trip_with_sidecar(small_model, tmp_path):
 def test_not_a_model_file_is_a_clear_error(tmp_path):
     text = tmp_path / "notes.keras"
     text.write_text("hello")
-    with pytest.raises(models.ModelFileError, match="not a Keras .keras model"):
-        models.load_model(text)
+    with pytest.raises(saving.ModelFileError, match="not a Keras .keras model"):
+        saving.load_model(text)
     pickle_like = tmp_path / "model.pkl"
     pickle_like.write_bytes(b"\x80\x04")
-    with pytest.raises(models.ModelFileError):
-        models.load_model(pickle_like)
+    with pytest.raises(saving.ModelFileError):
+        saving.load_model(pickle_like)
     broken = tmp_path / "broken.keras"
     with zipfile.ZipFile(broken, "w") as archive:
         archive.writestr("config.json", "{not json")
-    with pytest.raises(models.ModelFileError, match="cannot load"):
-        models.load_model(broken)
+    with pytest.raises(saving.ModelFileError, match="cannot load"):
+        saving.load_model(broken)
     with pytest.raises(FileNotFoundError):
-        models.load_model(tmp_path / "absent.keras")
+        saving.load_model(tmp_path / "absent.keras")
 
 
 class _Terminal(io.StringIO):
@@ -147,20 +147,20 @@ def test_progress_bars_only_on_a_terminal(tmp_path, capsys, monkeypatch):
     """With verbose=True, batch prediction and feature extraction draw a tqdm bar when stderr
     is a terminal, and elsewhere (a Jupyter kernel, papermill, a pipe) print one closing line
     however many batches run; with verbose=False they print nothing."""
-    from pneumo_utils import features
+    from pneumo_utils.model import features
 
     paths = []
     for i in range(5):
         path = tmp_path / f"{i}.png"
         Image.fromarray(np.full((40, 40), 40 * i, np.uint8)).save(path)
         paths.append(str(path))
-    model = models.build_scratch_cnn(32, filters=(4,), dense_units=4, seed=0)
-    models.predict_paths(model, paths, batch_size=2)
+    model = backbones.build_scratch_cnn(32, filters=(4,), dense_units=4, seed=0)
+    saving.predict_paths(model, paths, batch_size=2)
     features.extract_features(model, paths, batch_size=2, cache_dir=None, verbose=False)
     quiet = capsys.readouterr()  # stderr may hold TensorFlow's own log lines, never a bar
     assert not quiet.out and "it/s" not in quiet.err and "%|" not in quiet.err
 
-    models.predict_paths(model, paths, batch_size=1, verbose=True)  # 5 batches each
+    saving.predict_paths(model, paths, batch_size=1, verbose=True)  # 5 batches each
     features.extract_features(model, paths, batch_size=1, cache_dir=None, verbose=True)
     captured = capsys.readouterr()  # stderr is a capture here, not a terminal
     assert [line.split(":")[0] for line in captured.out.splitlines()] == ["predict", "features"]
@@ -168,7 +168,7 @@ def test_progress_bars_only_on_a_terminal(tmp_path, capsys, monkeypatch):
 
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    models.predict_paths(model, paths, batch_size=2, verbose=True)
+    saving.predict_paths(model, paths, batch_size=2, verbose=True)
     features.extract_features(model, paths, batch_size=2, cache_dir=None, verbose=True)
     assert terminal.getvalue().count("/3 [") >= 2  # 3 batches of 2 images, both bars drawn
 
@@ -176,21 +176,21 @@ def test_progress_bars_only_on_a_terminal(tmp_path, capsys, monkeypatch):
 def test_builders_end_in_a_softmax_for_three_classes():
     """n_classes=3 gives a three-unit softmax head (head_on_features included), 2 today's
     sigmoid unit; the sidecar metadata follows the output."""
-    three = models.build_classifier("mobilenet_v2", image_size=32, weights=None, seed=0, n_classes=3)
-    assert three.output.shape[-1] == 3 and models.output_kind(three) == ("softmax", 3)
-    head = models.head_on_features(three)
+    three = backbones.build_classifier("mobilenet_v2", image_size=32, weights=None, seed=0, n_classes=3)
+    assert three.output.shape[-1] == 3 and saving.output_kind(three) == ("softmax", 3)
+    head = backbones.head_on_features(three)
     proba = head.predict(np.random.default_rng(0).normal(size=(4, head.inputs[0].shape[-1])), verbose=0)
     assert proba.shape == (4, 3) and np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
-    meta = models.model_metadata(three, threshold=None, threshold_rule="argmax")
+    meta = saving.model_metadata(three, threshold=None, threshold_rule="argmax")
     assert (meta["task"], meta["output"], meta["decision"]) == ("three_class", "softmax", "argmax")
     assert "threshold" not in meta and len(meta["class_names"]) == 3
-    scratch = models.build_scratch_cnn(32, filters=(4,), dense_units=4, seed=0, n_classes=2)
-    assert models.output_kind(scratch) == ("sigmoid", 1)
-    binary = models.model_metadata(scratch)
+    scratch = backbones.build_scratch_cnn(32, filters=(4,), dense_units=4, seed=0, n_classes=2)
+    assert saving.output_kind(scratch) == ("sigmoid", 1)
+    binary = saving.model_metadata(scratch)
     assert (binary["task"], binary["output"], binary["decision"], binary["threshold"]) == (
         "pneumonia", "sigmoid", "threshold", 0.5)
-    subtypes = models.model_metadata(scratch, class_names=["BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"])
+    subtypes = saving.model_metadata(scratch, class_names=["BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"])
     assert subtypes["task"] == "bacterial_vs_viral"
-    assert "task" not in models.model_metadata(scratch, class_names=["No Finding", "Effusion"])
+    assert "task" not in saving.model_metadata(scratch, class_names=["No Finding", "Effusion"])
     with pytest.raises(ValueError, match="n_classes must be 2 or more"):
-        models.build_scratch_cnn(32, filters=(4,), n_classes=1)
+        backbones.build_scratch_cnn(32, filters=(4,), n_classes=1)

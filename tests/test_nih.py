@@ -12,8 +12,8 @@ import pytest
 import synthetic
 from PIL import Image
 
-from pneumo_utils import data, datasets
-from pneumo_utils.datasets import DatasetLayoutError, MissingImagesError, MissingImagesWarning
+from pneumo_utils.data import datasets, splits
+from pneumo_utils.data.datasets import DatasetLayoutError, MissingImagesError, MissingImagesWarning
 
 NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID"]
 
@@ -237,35 +237,35 @@ def _toy_index(n_patients: int, positive_every: int = 3, per_patient: int = 3) -
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_patient_split_is_leak_free_stratified_and_seeded(seed):
     index = _toy_index(300)
-    split = data.patient_split(index, test_fraction=0.2, val_fraction=0.15, seed=seed)
-    data.assert_no_patient_leak(split)
+    split = splits.patient_split(index, test_fraction=0.2, val_fraction=0.15, seed=seed)
+    splits.assert_no_patient_leak(split)
     assert set(split["split"]) == {"train", "val", "test"}
     patients = split.groupby("split")["patient"].nunique() / 300
     assert patients["test"] == pytest.approx(0.2, abs=0.02) and patients["val"] == pytest.approx(0.15, abs=0.02)
     positive_share = split.groupby("split")["label"].mean()
     assert (abs(positive_share - index["label"].mean()) < 0.05).all()
-    pd.testing.assert_frame_equal(split, data.patient_split(index, 0.2, 0.15, seed=seed))
+    pd.testing.assert_frame_equal(split, splits.patient_split(index, 0.2, 0.15, seed=seed))
 
 
 def test_patient_split_on_synthetic_nih(nih_root):
-    split = data.patient_split(_quiet_load(nih_root, seed=0), 0.2, 0.2, seed=0)
-    data.assert_no_patient_leak(split)
+    split = splits.patient_split(_quiet_load(nih_root, seed=0), 0.2, 0.2, seed=0)
+    splits.assert_no_patient_leak(split)
     counts = split.groupby(["split", "label"]).size()
     assert (counts >= 2).all() and len(counts) == 6
 
 
 def test_too_few_positives_is_a_clear_error():
     index = _toy_index(40, positive_every=10)  # 4 positive patients, 8 positive images
-    with pytest.raises(data.TooFewPositivesError) as info:
-        data.patient_split(index, 0.2, 0.15, seed=0)
+    with pytest.raises(splits.TooFewPositivesError) as info:
+        splits.patient_split(index, 0.2, 0.15, seed=0)
     message = str(info.value)
     assert "only 8 positive image(s) from 4 patient(s)" in message
     assert "at least 10 positive patients" in message and "Effusion" in message
     index = _toy_index(40, positive_every=3)
-    with pytest.raises(data.TooFewPositivesError, match=r"too few images of a class \(.*positive"):
-        data.patient_split(index, 0.2, 0.15, seed=0, min_per_split=10)
+    with pytest.raises(splits.TooFewPositivesError, match=r"too few images of a class \(.*positive"):
+        splits.patient_split(index, 0.2, 0.15, seed=0, min_per_split=10)
     with pytest.raises(ValueError, match="sum to less than 1"):
-        data.patient_split(index, 0.6, 0.5)
+        splits.patient_split(index, 0.6, 0.5)
 
 
 # --------------------------------------------------------------------------- synthetic data
@@ -326,8 +326,8 @@ def test_full_table_counts_match_pandas(nih_table):
     rule = datasets.label_rule_counts(nih_table, ["Pneumonia"]).loc["Pneumonia"]
     assert rule["positive images"] == 1_431 and rule["No Finding images"] == 60_361
 
-    split = data.patient_split(index, test_fraction=0.2, val_fraction=0.15, seed=0)
-    data.assert_no_patient_leak(split)
+    split = splits.patient_split(index, test_fraction=0.2, val_fraction=0.15, seed=0)
+    splits.assert_no_patient_leak(split)
     assert split.groupby("patient")["split"].nunique().max() == 1
     share = split.groupby("split")["patient"].nunique() / index["patient"].nunique()
     assert share["test"] == pytest.approx(0.2, abs=0.01)
@@ -338,8 +338,8 @@ def test_real_images_too_few_pneumonia_but_enough_effusion(nih_table):
     with pytest.warns(MissingImagesWarning, match="not on disk"):
         pneumonia = datasets.load_nih(root, seed=0, check_images=False)
     assert (pneumonia["label"] == 1).sum() == 11
-    with pytest.raises(data.TooFewPositivesError, match="only 11 positive image"):
-        data.patient_split(pneumonia, 0.2, 0.15, seed=42)
+    with pytest.raises(splits.TooFewPositivesError, match="only 11 positive image"):
+        splits.patient_split(pneumonia, 0.2, 0.15, seed=42)
     effusion = _quiet_load(root, finding="Effusion", seed=42, check_images=False)
     assert (effusion["label"] == 1).sum() == (effusion["label"] == 0).sum() == 170
-    data.assert_no_patient_leak(data.patient_split(effusion, 0.2, 0.15, seed=42))
+    splits.assert_no_patient_leak(splits.patient_split(effusion, 0.2, 0.15, seed=42))

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from pneumo_utils import runner
+from pneumo_utils.runner import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pneumo_utils"
 
 
 def test_profiles_are_read_from_the_package():
-    assert Path(str(runner.PROFILES)).parent == PACKAGE
-    assert runner.load_profile("smoke")["runner"]["reports_dir"] == "reports/smoke"
+    assert Path(str(plan.PROFILES)).parent == PACKAGE / "runner"
+    assert plan.load_profile("smoke")["runner"]["reports_dir"] == "reports/smoke"
 
 
 @pytest.mark.slow
@@ -39,6 +39,7 @@ def test_wheel_holds_the_profiles_and_templates(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("pneumo-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     needed = {path.relative_to(ROOT).as_posix() for folder in ("profiles", "templates")
-              for path in (PACKAGE / folder).rglob("*") if path.is_file()}
-    assert {"pneumo_utils/profiles/full.yaml", "pneumo_utils/profiles/smoke.yaml"} <= needed
+              for path in (PACKAGE / "runner" / folder).rglob("*") if path.is_file()}
+    needed |= {path.relative_to(ROOT).as_posix() for path in PACKAGE.rglob("*.py")}
+    assert {"pneumo_utils/runner/profiles/full.yaml", "pneumo_utils/runner/profiles/smoke.yaml"} <= needed
     assert needed <= names, sorted(needed - names)

@@ -13,7 +13,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, roc_auc_score
 from synthetic import synthetic_xray
 
-from pneumo_utils import plots
+from pneumo_utils.explain import plots
 
 
 @pytest.fixture()

@@ -42,15 +42,18 @@ from dicom_files import write_dicom
 from PIL import Image
 from synthetic import synthetic_xray
 
-from pneumo_utils import data, evaluate, features, images, models, predict
-from pneumo_utils.datasets import (
+from pneumo_utils.data import images, pipelines
+from pneumo_utils.data.datasets import (
     BadImagesWarning,
     DatasetLayoutError,
     load_class_folder,
     load_kermany,
 )
-from pneumo_utils.images import ImageReadError, read_resized
+from pneumo_utils.data.images import ImageReadError, read_resized
+from pneumo_utils.deploy import predict
+from pneumo_utils.evaluation import evaluate
 from pneumo_utils.io import write_json_atomic
+from pneumo_utils.model import backbones, features, saving
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 224  # input side of the prediction model used here
@@ -82,7 +85,7 @@ def _content_model(size: int = SIZE, seed: int = 0) -> keras.Model:
     """A tiny deterministic model whose output depends on the image layout: mean of each
     28x28 block (0-1), then a seeded linear map and a sigmoid. No training needed."""
     inputs = keras.Input((size, size, 3), name="image")
-    x = models.preprocessing_layer(inputs, "unit")
+    x = backbones.preprocessing_layer(inputs, "unit")
     x = keras.layers.AveragePooling2D(size // 8, name="blocks")(x)
     x = keras.layers.Flatten(name="flat")(x)
     out = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
@@ -103,13 +106,13 @@ def saved_model(tmp_path_factory) -> Path:
     kernel, _ = model.get_layer("head_output").get_weights()
     bias = np.array([1.0 - block_means @ kernel[:, 0]], "float32")  # logit 1 for the picture
     model.get_layer("head_output").set_weights([kernel, bias])
-    models.save_model(model, path, models.model_metadata(model, threshold=0.5))
+    saving.save_model(model, path, saving.model_metadata(model, threshold=0.5))
     return path
 
 
 @pytest.fixture(scope="module")
 def loaded(saved_model):
-    return models.load_model(saved_model)
+    return saving.load_model(saved_model)
 
 
 def _bad_files(folder: Path) -> dict[str, Path]:
@@ -201,7 +204,7 @@ def test_predict_cli_process_exit_code_and_stderr(saved_model, tmp_path):
     """The real command line: exit status 2, one stderr line, no traceback."""
     path = _bad_files(tmp_path)["truncated_png"]
     out = subprocess.run(
-        [sys.executable, "-m", "pneumo_utils.predict", str(path), "--model", str(saved_model)],
+        [sys.executable, "-m", "pneumo_utils.deploy.predict", str(path), "--model", str(saved_model)],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert out.returncode == 2, out.stderr
@@ -297,7 +300,7 @@ def test_every_image_mode_through_the_pipeline(tmp_path):
         index = load_class_folder(folder)
     assert len(index) == 9
     paths, labels = index["path"].tolist(), index["label"].to_numpy()
-    batch, _ = next(iter(data.image_dataset(paths, labels, image_size=64, batch_size=16, cache=False)))
+    batch, _ = next(iter(pipelines.image_dataset(paths, labels, image_size=64, batch_size=16, cache=False)))
     reference = read_resized(folder / "PNEUMONIA" / "person1_virus_1.png", 64).astype(float)
     for path, image in zip(paths, batch.numpy(), strict=True):
         assert image.shape == (64, 64, 3)
@@ -352,8 +355,8 @@ _MEMORY_PROBE = textwrap.dedent(
     """
     import json, resource, sys
     import numpy as np
-    from pneumo_utils import predict
-    from pneumo_utils.images import ImageReadError
+    from pneumo_utils.deploy import predict
+    from pneumo_utils.data.images import ImageReadError
 
     class Model:  # stands in for Keras: its memory does not depend on the image file
         inputs = [type("T", (), {"shape": (None, 224, 224, 3)})]
@@ -469,7 +472,7 @@ def test_dicom_folder_through_index_and_pipeline(tmp_path):
     index = load_class_folder(folder)
     assert sorted(Path(p).suffix for p in index["path"]) == [".dcm", ".dcm", ".png"]
     paths, labels = index["path"].tolist(), index["label"].to_numpy()
-    batch, _ = next(iter(data.image_dataset(paths, labels, image_size=80, batch_size=8, cache=False)))
+    batch, _ = next(iter(pipelines.image_dataset(paths, labels, image_size=80, batch_size=8, cache=False)))
     decoded = dict(zip(paths, batch.numpy(), strict=True))
     png = decoded[str(folder / "NORMAL" / "IM-0002-0001.png")]
     # MONOCHROME1 stored inverted: after inversion it shows the original picture (bone bright)
@@ -501,8 +504,8 @@ def test_lambda_layer_is_refused_by_safe_mode(tmp_path, capsys):
         keras.layers.Flatten()(keras.layers.Lambda(lambda x: x / 255.0)(inputs)))
     path = tmp_path / "lambda.keras"
     keras.Model(inputs, outputs).save(path)
-    with pytest.raises(models.ModelFileError, match="refusing to load .*Lambda") as err:
-        models.load_model(path)
+    with pytest.raises(saving.ModelFileError, match="refusing to load .*Lambda") as err:
+        saving.load_model(path)
     assert "safe_mode=False" not in str(err.value)  # we do not suggest turning safety off
     image = _save(_picture(32), tmp_path / "x.png")
     assert predict.main([str(image), "--model", str(path)]) == 2
@@ -522,7 +525,7 @@ def test_models_are_loaded_in_safe_mode_never_unpickled(saved_model, monkeypatch
 
     monkeypatch.setattr(pickle, "load", no_pickle)
     monkeypatch.setattr(pickle, "loads", no_pickle)
-    models.load_model(saved_model)
+    saving.load_model(saved_model)
     assert calls and all(k.get("safe_mode") is True for k in calls)
 
 
@@ -531,13 +534,13 @@ def test_pickle_disguised_as_keras_is_refused(tmp_path):
 
     path = tmp_path / "model.keras"
     path.write_bytes(pickle.dumps({"not": "a model"}))
-    with pytest.raises(models.ModelFileError, match="not a Keras .keras model file"):
-        models.load_model(path)
+    with pytest.raises(saving.ModelFileError, match="not a Keras .keras model file"):
+        saving.load_model(path)
     fake = tmp_path / "fake.keras"  # a zip, but holding a pickle instead of a Keras config
     with zipfile.ZipFile(fake, "w") as archive:
         archive.writestr("model.pkl", pickle.dumps(object))
-    with pytest.raises(models.ModelFileError, match="cannot load"):
-        models.load_model(fake)
+    with pytest.raises(saving.ModelFileError, match="cannot load"):
+        saving.load_model(fake)
 
 
 @pytest.mark.parametrize("shape", [(64, 64, 1), (64, 48, 3), (64, 64, 4)])
@@ -546,24 +549,24 @@ def test_model_without_square_rgb_input_is_a_clear_error(tmp_path, shape):
     outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(inputs))
     path = tmp_path / "odd.keras"
     keras.Model(inputs, outputs).save(path)
-    with pytest.raises(models.ModelFileError, match=r"expects \(h, w, 3\) RGB input") as err:
-        models.load_model(path)
+    with pytest.raises(saving.ModelFileError, match=r"expects \(h, w, 3\) RGB input") as err:
+        saving.load_model(path)
     assert str(shape[:2])[1:-1].replace(" ", "") in str(err.value).replace(" ", "")
 
 
 def test_sidecar_image_size_disagreeing_with_the_model(saved_model, tmp_path, capsys):
     copy = tmp_path / "copy.keras"
     copy.write_bytes(saved_model.read_bytes())
-    meta = json.loads(models.sidecar_path(saved_model).read_text())
-    write_json_atomic(models.sidecar_path(copy), {**meta, "image_size": 128})
-    with pytest.raises(models.ModelFileError, match=r"image_size 128 but .*takes 224x224"):
-        models.load_model(copy)
+    meta = json.loads(saving.sidecar_path(saved_model).read_text())
+    write_json_atomic(saving.sidecar_path(copy), {**meta, "image_size": 128})
+    with pytest.raises(saving.ModelFileError, match=r"image_size 128 but .*takes 224x224"):
+        saving.load_model(copy)
     image = _save(_picture(64), tmp_path / "x.png")
     assert predict.main([str(image), "--model", str(copy)]) == 2
     assert "image_size 128" in capsys.readouterr().err
-    models.sidecar_path(copy).write_text("{not json")
-    with pytest.raises(models.ModelFileError, match="not valid JSON"):
-        models.load_model(copy)
+    saving.sidecar_path(copy).write_text("{not json")
+    with pytest.raises(saving.ModelFileError, match="not valid JSON"):
+        saving.load_model(copy)
 
 
 def test_images_of_another_size_are_resized_to_the_model(loaded, tmp_path):
@@ -574,7 +577,7 @@ def test_images_of_another_size_are_resized_to_the_model(loaded, tmp_path):
         path = _save(np.asarray(Image.fromarray(_picture(256)).resize(shape[::-1])), tmp_path / f"{shape}.png")
         result = predict.predict_image(model, meta, path)
         assert result["image_array"].shape == (SIZE, SIZE, 3) and 0 <= result["probability"] <= 1
-    with pytest.raises(models.ModelFileError, match="image_size 64 does not match"):
+    with pytest.raises(saving.ModelFileError, match="image_size 64 does not match"):
         predict.predict_image(model, {**meta, "image_size": 64}, path)
 
 
@@ -590,7 +593,7 @@ def test_evaluate_on_images_of_another_size(saved_model, tmp_path, capsys):
 def test_interrupted_model_save_keeps_the_previous_model(tmp_path, monkeypatch):
     model = _content_model(32)
     path = tmp_path / "saved_models" / "x.keras"
-    models.save_model(model, path, models.model_metadata(model, threshold=0.3))
+    saving.save_model(model, path, saving.model_metadata(model, threshold=0.3))
     before = {p.name: p.read_bytes() for p in path.parent.iterdir()}
     assert set(before) == {"x.keras", "x.json"}
 
@@ -600,11 +603,11 @@ def test_interrupted_model_save_keeps_the_previous_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(keras.Model, "save", crash)
     with pytest.raises(OSError, match="No space left"):
-        models.save_model(model, path, models.model_metadata(model, threshold=0.9))
+        saving.save_model(model, path, saving.model_metadata(model, threshold=0.9))
     after = {p.name: p.read_bytes() for p in path.parent.iterdir()}
     assert after == before, "the old model or sidecar changed, or a temporary file was left"
     monkeypatch.undo()
-    assert models.load_model(path)[1]["threshold"] == 0.3
+    assert saving.load_model(path)[1]["threshold"] == 0.3
 
 
 def test_interrupted_json_write_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -625,7 +628,7 @@ def test_interrupted_json_write_keeps_the_previous_file(tmp_path, monkeypatch):
 def test_interrupted_feature_cache_write_leaves_no_partial_file(tmp_path, monkeypatch):
     folder = _class_folder(tmp_path / "images", n=2, side=32)
     paths = sorted(str(p) for p in folder.rglob("*.jpeg"))
-    model = models.build_scratch_cnn(32, filters=(4,), dense_units=4, seed=0)
+    model = backbones.build_scratch_cnn(32, filters=(4,), dense_units=4, seed=0)
     cache = tmp_path / "cache"
     first = features.extract_features(model, paths[:2], cache_dir=cache, verbose=False)
     cached = {p.name: p.read_bytes() for p in cache.iterdir()}

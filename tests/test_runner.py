@@ -18,7 +18,8 @@ import nbformat
 import pytest
 from filelock import FileLock
 
-from pneumo_utils import fetch, runner
+from pneumo_utils.data import fetch
+from pneumo_utils.runner import engine, index_page, plan, selection
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "notebooks"
@@ -48,22 +49,22 @@ def run(tmp: Path, *args: str, notebooks: Path = FIXTURES, env: dict | None = No
 
 
 def test_set_values_are_literals_and_null_is_none() -> None:
-    sets = runner.parse_sets(["01.epochs=3", "max_images_per_class=null", "flag=true", "name=abc",
+    sets = plan.parse_sets(["01.epochs=3", "max_images_per_class=null", "flag=true", "name=abc",
                               "filters=[16, 32]", "x="])
     assert sets == [("01", "epochs", 3), (None, "max_images_per_class", None), (None, "flag", True),
                     (None, "name", "abc"), (None, "filters", [16, 32]), (None, "x", "")]
     for bad in ("no_equals_sign", "x y=1", "y\nimport os; os.system('id')\nx=1", "01.=3"):
-        with pytest.raises(runner.UsageError):
-            runner.parse_sets([bad])
-    with pytest.raises(runner.UsageError, match="not a number, string"):
-        runner.parse_sets(["when=2020-01-01"])  # YAML date: not a literal papermill writes
+        with pytest.raises(plan.UsageError):
+            plan.parse_sets([bad])
+    with pytest.raises(plan.UsageError, match="not a number, string"):
+        plan.parse_sets(["when=2020-01-01"])  # YAML date: not a literal papermill writes
 
 
 def test_shipped_profiles_only_set_declared_parameters() -> None:
-    notebooks = runner.read_notebooks(ROOT / "notebooks")
-    full, smoke = runner.load_profile("full"), runner.load_profile("smoke")
+    notebooks = plan.read_notebooks(ROOT / "notebooks")
+    full, smoke = plan.load_profile("full"), plan.load_profile("smoke")
     for profile in (full, smoke):
-        runner.assign_parameters(runner.add_runs(notebooks, profile.get("runs") or {}), profile, [], {})
+        plan.assign_parameters(plan.add_runs(notebooks, profile.get("runs") or {}), profile, [], {})
     assert full["runner"]["record_best"] is True and "record_best" not in smoke["runner"]
     assert smoke["runner"]["reports_dir"] != "reports"
     assert smoke["default"]["models_dir"] != "saved_models"
@@ -189,10 +190,10 @@ def test_selection_score_wins_over_validation_auc(tmp_path: Path) -> None:
         entries.append({"name": name, "weights": "w.h5", "validation": {"auc": val_auc},
                         "selection_score": score, "selection_rule": "mean AUC under shift",
                         "model_path": str(tmp_path / f"{name}.keras")})
-    nb = runner.Notebook("04_x", tmp_path, None, {}, metrics={"models": entries})
-    nih = runner.Notebook("02_nih", tmp_path, None, {}, metrics={
+    nb = plan.Notebook("04_x", tmp_path, None, {}, metrics={"models": entries})
+    nih = plan.Notebook("02_nih", tmp_path, None, {}, metrics={
         "task": "nih:Effusion", "models": [{**entries[0], "name": "n", "selection_score": 5.0}]})
-    best = runner.choose_best([nb, nih])
+    best = selection.choose_best([nb, nih])
     assert best["name"] == "b" and best["rule"] == "mean AUC under shift"
 
 
@@ -204,14 +205,14 @@ def test_external_validation_auc_wins_over_the_selection_score(tmp_path: Path) -
         entries.append({"name": name, "weights": "w.h5", "validation": {"auc": 0.99},
                         "selection_score": score, "selection_rule": "worst balanced accuracy",
                         "external": external, "model_path": str(tmp_path / f"{name}.keras")})
-    nb = runner.Notebook("04_x", tmp_path, None, {}, metrics={"models": entries})
-    best = runner.choose_best([nb])
-    assert best["name"] == "b" and best["rule"] == runner.EXTERNAL_RULE
+    nb = plan.Notebook("04_x", tmp_path, None, {}, metrics={"models": entries})
+    best = selection.choose_best([nb])
+    assert best["name"] == "b" and best["rule"] == selection.EXTERNAL_RULE
     assert best["rule_data"] == "site A" and best["rule_value"] == 0.96
-    pointer = json.loads(runner.write_best({**best, "pointer": None}, tmp_path).read_text())
+    pointer = json.loads(selection.write_best({**best, "pointer": None}, tmp_path).read_text())
     assert pointer["selection_data"] == "site A" and pointer["selection_value"] == 0.96
-    row = runner.model_row(nb, entries[1])
-    assert row["external"]["auc"] == "0.960" and runner.model_row(nb, entries[2])["external"] is None
+    row = index_page.model_row(nb, entries[1])
+    assert row["external"]["auc"] == "0.960" and index_page.model_row(nb, entries[2])["external"] is None
 
 
 def test_edited_py_is_what_runs_and_index_says_running(tmp_path: Path) -> None:
@@ -249,7 +250,7 @@ def test_render_failure_is_a_notebook_failure(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(nbconvert.HTMLExporter, "from_notebook_node", disk_full)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PNEUMO_WEIGHTS_DIR", str(tmp_path))
-    rc = runner.main(["--profile", "none", "--notebooks-dir", str(FIXTURES), "--notebooks", "03",
+    rc = engine.main(["--profile", "none", "--notebooks-dir", str(FIXTURES), "--notebooks", "03",
                       "--data-root", str(make_kermany(tmp_path / "d"))])
     assert rc == 1
     assert sorted(p.name for p in (tmp_path / "reports").glob("*.html")) == ["index.html"]
@@ -398,7 +399,7 @@ def test_runs_are_selected_and_prepared_by_name(tmp_path: Path) -> None:
 def test_bad_runs_are_usage_errors(tmp_path: Path, monkeypatch, capsys, runs: str, message: str) -> None:
     (tmp_path / "profile.yaml").write_text(f"runs:\n  {runs}\n")
     monkeypatch.chdir(tmp_path)
-    rc = runner.main(["--profile", "profile.yaml", "--notebooks-dir", str(FIXTURES),
+    rc = engine.main(["--profile", "profile.yaml", "--notebooks-dir", str(FIXTURES),
                       "--data-root", str(make_kermany(tmp_path / "d"))])
     err = capsys.readouterr().err
     assert rc == 2 and message in err, err
@@ -411,23 +412,23 @@ def test_run_of_a_notebook_without_run_name_is_refused(tmp_path: Path, monkeypat
     (notebooks / "03_ok2.py").write_text((FIXTURES / "03_ok2.py").read_text().replace('run_name = "03_ok2"', ""))
     (tmp_path / "profile.yaml").write_text("runs:\n  r1: {notebook: '03'}\n")
     monkeypatch.chdir(tmp_path)
-    assert runner.main(["--profile", "profile.yaml", "--notebooks-dir", str(notebooks)]) == 2
+    assert engine.main(["--profile", "profile.yaml", "--notebooks-dir", str(notebooks)]) == 2
     err = capsys.readouterr().err
     assert "profile runs.r1 (a run's outputs are named by run_name): 03_ok2 declares no 'run_name'" in err
 
 
 def test_old_metrics_without_task_still_render(tmp_path: Path) -> None:
-    old = runner.Notebook("03_old", tmp_path, None, {}, status="ok",
+    old = plan.Notebook("03_old", tmp_path, None, {}, status="ok",
                           metrics={"val_auc": 0.9, "test": {"auc": 0.8}, "threshold": 0.5})
-    odd = runner.Notebook("04_odd", tmp_path, None, {}, status="ok",
+    odd = plan.Notebook("04_odd", tmp_path, None, {}, status="ok",
                           metrics={"task": "nih:Effusion", "models": [{"name": "n", "test": "garbage"}, 3]})
     run_info = {"state": "finished", "profile": "none", "commit": "x", "started": "now", "settings": {}}
-    runner.write_index([old, odd], tmp_path, run_info, {})
+    index_page.write_index([old, odd], tmp_path, run_info, {})
     page = (tmp_path / "index.html").read_text(encoding="utf-8")
     assert "<h3>Kermany: pneumonia vs normal</h3>" in page and "<h3>NIH ChestX-ray14: Effusion vs no Effusion</h3>" in page
     assert "0.800" in page and "–" in page and "argmax" not in page.split("<h2>Models</h2>")[1].split("<h3>")[1]
-    assert runner.task_key("bacterial_vs_viral") == "kermany:bacterial_vs_viral"
-    assert runner.task_key("kermany:pneumonia") == runner.task_key(None) == "kermany"
+    assert index_page.task_key("bacterial_vs_viral") == "kermany:bacterial_vs_viral"
+    assert index_page.task_key("kermany:pneumonia") == index_page.task_key(None) == "kermany"
 
 
 # --------------------------------------------------------------------------- run_all.sh
@@ -538,5 +539,5 @@ def test_reports_leave_out_tensorflow_native_log_lines() -> None:
     cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text=noise),
                     nbformat.v4.new_output("stream", name="stdout", text=noise + "epoch 1: auc 0.91\n")]
     notebook = nbformat.v4.new_notebook(cells=[cell])
-    runner.drop_native_log_lines(notebook)
+    engine.drop_native_log_lines(notebook)
     assert [o["text"] for o in notebook.cells[0].outputs] == ["epoch 1: auc 0.91\n"]

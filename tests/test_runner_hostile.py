@@ -1,6 +1,6 @@
 """Hostile profiles, run names, signals and full disks for the notebook runner (issue 22).
 
-Most tests call :func:`pneumo_utils.runner.main` in this process with ``run_notebook``
+Most tests call :func:`pneumo_utils.runner.engine.main` in this process with ``run_notebook``
 replaced by a stand-in, so no kernel starts; one test interrupts a real kernel, since what a
 kernel prints when its run is stopped is the point there.
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pneumo_utils import runner
+from pneumo_utils import io
+from pneumo_utils.runner import engine, index_page, plan
 
 FIXTURES = Path(__file__).parent / "fixtures" / "notebooks"
 LAUGHS = """\
@@ -43,10 +44,10 @@ def make_kermany(root: Path) -> Path:
 
 
 def main(tmp: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    """``runner.main`` in ``tmp`` on the fixture notebooks."""
+    """``engine.main`` in ``tmp`` on the fixture notebooks."""
     monkeypatch.chdir(tmp)
     monkeypatch.setenv("PNEUMO_WEIGHTS_DIR", str(tmp))
-    return runner.main(["--notebooks-dir", str(FIXTURES), *args])
+    return engine.main(["--notebooks-dir", str(FIXTURES), *args])
 
 
 def fake_run(effect=None):
@@ -74,8 +75,8 @@ def test_alias_bomb_profile_is_refused_before_expanding(tmp_path: Path, monkeypa
 
 def test_alias_bomb_set_value_is_refused_before_expanding() -> None:
     bomb = "x=[&a [1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], [*b,*b,*b,*b,*b,*b,*b,*b,*b]]"
-    with pytest.raises(runner.UsageError, match=r"^--set 'x=\[&a .*: anchors and aliases"):
-        runner.parse_sets([bomb])
+    with pytest.raises(plan.UsageError, match=r"^--set 'x=\[&a .*: anchors and aliases"):
+        plan.parse_sets([bomb])
 
 
 @pytest.mark.parametrize(("text", "line", "message"), [
@@ -95,11 +96,11 @@ def test_bad_yaml_is_one_line_with_file_and_line(tmp_path: Path, monkeypatch, er
 
 
 def test_set_values_with_tags_or_repeated_keys_are_refused() -> None:
-    with pytest.raises(runner.UsageError, match="constructor for the tag"):
-        runner.parse_sets(["x=!!python/object/apply:os.system [id]"])
-    with pytest.raises(runner.UsageError, match="'a' is given twice"):
-        runner.parse_sets(["x={a: 1, a: 2}"])
-    assert runner.parse_sets(["x=[1, 2", "y=a: b: c"]) == [(None, "x", "[1, 2"), (None, "y", "a: b: c")]
+    with pytest.raises(plan.UsageError, match="constructor for the tag"):
+        plan.parse_sets(["x=!!python/object/apply:os.system [id]"])
+    with pytest.raises(plan.UsageError, match="'a' is given twice"):
+        plan.parse_sets(["x={a: 1, a: 2}"])
+    assert plan.parse_sets(["x=[1, 2", "y=a: b: c"]) == [(None, "x", "[1, 2"), (None, "y", "a: b: c")]
 
 
 # --------------------------------------------------------------------------- runs
@@ -122,24 +123,24 @@ def test_run_names_that_overwrite_other_files_are_refused(tmp_path: Path, monkey
 
 
 def test_runs_whose_outputs_collide_are_refused() -> None:
-    notebooks = runner.read_notebooks(FIXTURES)
-    with pytest.raises(runner.UsageError, match=r"runs\.r1: .*r1\.code's r1\.code\.html"):
-        runner.add_runs(notebooks, {"r1": {"notebook": "01"}, "r1.code": {"notebook": "03"}})
+    notebooks = plan.read_notebooks(FIXTURES)
+    with pytest.raises(plan.UsageError, match=r"runs\.r1: .*r1\.code's r1\.code\.html"):
+        plan.add_runs(notebooks, {"r1": {"notebook": "01"}, "r1.code": {"notebook": "03"}})
 
 
 def test_notebook_outside_the_notebooks_folder_is_refused(tmp_path: Path) -> None:
-    notebooks = runner.read_notebooks(FIXTURES)
+    notebooks = plan.read_notebooks(FIXTURES)
     elsewhere = tmp_path / "01_ok.py"
     elsewhere.write_text((FIXTURES / "01_ok.py").read_text())
     for target in (str(elsewhere), str(FIXTURES / ".." / "01_ok.py")):
-        with pytest.raises(runner.UsageError, match=r"runs\.r1: 'notebook:' .* is not in the notebooks folder"):
-            runner.add_runs(notebooks, {"r1": {"notebook": target}})
-    runs = runner.add_runs(notebooks, {"r1": {"notebook": str(FIXTURES / "01_ok.py")}})
+        with pytest.raises(plan.UsageError, match=r"runs\.r1: 'notebook:' .* is not in the notebooks folder"):
+            plan.add_runs(notebooks, {"r1": {"notebook": target}})
+    runs = plan.add_runs(notebooks, {"r1": {"notebook": str(FIXTURES / "01_ok.py")}})
     assert [nb.of for nb in runs if nb.name == "r1"] == ["01_ok"]
 
 
 def test_record_best_with_two_models_folders_says_so(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(runner, "run_notebook", fake_run())
+    monkeypatch.setattr(engine, "run_notebook", fake_run())
     (tmp_path / "p.yaml").write_text("runner: {record_best: true}\n03_ok2: {models_dir: other_models}\n")
     assert main(tmp_path, monkeypatch, "--profile", "p.yaml", "--data-root", str(make_kermany(tmp_path / "d"))) == 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -156,7 +157,7 @@ def test_data_faults_are_refused_before_any_kernel(tmp_path: Path, monkeypatch, 
     def started(nb) -> None:
         raise AssertionError("a notebook started")
 
-    monkeypatch.setattr(runner, "run_notebook", fake_run(started))
+    monkeypatch.setattr(engine, "run_notebook", fake_run(started))
     root = make_kermany(tmp_path / "d")
     (root / "train" / "COVID").mkdir()
     assert main(tmp_path, monkeypatch, "--profile", "none", "--data-root", str(root)) == 2
@@ -176,7 +177,7 @@ def test_sigterm_leaves_the_index_interrupted(tmp_path: Path, monkeypatch, capsy
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
 
-    monkeypatch.setattr(runner, "run_notebook", fake_run(terminated))
+    monkeypatch.setattr(engine, "run_notebook", fake_run(terminated))
     previous = signal.signal(signal.SIGTERM, unhandled)
     try:
         rc = main(tmp_path, monkeypatch, "--profile", "none", "--data-root", str(make_kermany(tmp_path / "d")))
@@ -193,8 +194,9 @@ def test_sigterm_leaves_the_index_interrupted(tmp_path: Path, monkeypatch, capsy
 
 
 def disk_full_once_finished(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``write_atomic`` raises ENOSPC from the moment the run is finished, as a full disk does."""
-    write_atomic, write_index = runner.write_atomic, runner.write_index
+    """``io.write_text_atomic`` raises ENOSPC from the moment the run is finished, as a full disk
+    does."""
+    write_atomic, write_index = io.write_text_atomic, index_page.write_index
     full = []
 
     def index(notebooks, reports_dir, run, best) -> None:
@@ -207,12 +209,12 @@ def disk_full_once_finished(monkeypatch: pytest.MonkeyPatch) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         write_atomic(path, text)
 
-    monkeypatch.setattr(runner, "write_index", index)
-    monkeypatch.setattr(runner, "write_atomic", atomic)
+    monkeypatch.setattr(engine, "write_index", index)
+    monkeypatch.setattr(io, "write_text_atomic", atomic)
 
 
 def test_disk_full_at_the_end_is_one_line_and_not_running(tmp_path: Path, monkeypatch, error_line) -> None:
-    monkeypatch.setattr(runner, "run_notebook", fake_run())
+    monkeypatch.setattr(engine, "run_notebook", fake_run())
     disk_full_once_finished(monkeypatch)
     assert main(tmp_path, monkeypatch, "--profile", "none", "--data-root", str(make_kermany(tmp_path / "d"))) == 1
     line = error_line()
@@ -226,9 +228,9 @@ def test_write_atomic_names_the_file_a_full_disk_refused(tmp_path: Path, monkeyp
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(runner.os, "replace", full)
+    monkeypatch.setattr(io.os, "replace", full)
     with pytest.raises(OSError) as caught:
-        runner.write_atomic(tmp_path / "index.html", "x")
+        io.write_text_atomic(tmp_path / "index.html", "x")
     assert caught.value.filename == str(tmp_path / "index.html")
     assert not list(tmp_path.iterdir())
 

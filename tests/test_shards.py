@@ -12,9 +12,9 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from pneumo_utils import shards  # noqa: E402
-from pneumo_utils.data import image_dataset  # noqa: E402
-from pneumo_utils.datasets import BadImagesWarning, MissingImagesWarning  # noqa: E402
+from pneumo_utils.data.datasets import BadImagesWarning, MissingImagesWarning  # noqa: E402
+from pneumo_utils.data.pipelines import image_dataset  # noqa: E402
+from pneumo_utils.scale import shards  # noqa: E402
 
 SIZE = 32
 
@@ -222,8 +222,8 @@ def test_command_line_writes_kermany_and_nih(kermany_root, tmp_path, capsys):
 
 
 def test_features_from_shards_match_the_folder_cache(shard_dir, tmp_path):
-    from pneumo_utils.features import extract_features
-    from pneumo_utils.models import build_scratch_cnn
+    from pneumo_utils.model.backbones import build_scratch_cnn
+    from pneumo_utils.model.features import extract_features
 
     model = build_scratch_cnn(image_size=SIZE, filters=(4, 8), dense_units=4, seed=0)
     got = shards.extract_features_from_shards(model, shard_dir, "val", cache_dir=tmp_path, verbose=False)

@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from pneumo_utils import shortcuts
-from pneumo_utils.preprocessing import HistogramEqualization, cue_removal
+from pneumo_utils.evaluation import shortcuts
+from pneumo_utils.model.preprocessing import HistogramEqualization, cue_removal
 
 
 def _images(labels: np.ndarray, cue: bool, seed: int = 0, side: int = 48) -> np.ndarray:
@@ -118,7 +118,7 @@ def test_cue_removal_saves_and_loads_inside_a_model(tmp_path):
 def test_frame_swapped_views_keep_the_centre_and_take_the_frame(tmp_path):
     from PIL import Image
 
-    from pneumo_utils import features
+    from pneumo_utils.model import features
 
     rng = np.random.default_rng(0)
     paths = []
@@ -175,7 +175,7 @@ def test_validation_cue_test_runs_a_keras_model_on_image_files(tmp_path):
 def test_training_set_with_frame_swaps_doubles_the_training_images(tmp_path):
     from PIL import Image
 
-    from pneumo_utils import features
+    from pneumo_utils.model import features
 
     rng = np.random.default_rng(2)
     paths = {"train": [], "val": []}

@@ -15,7 +15,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from synthetic import SIGNAL_BOX, main, make_kermany_like, synthetic_xray
 
-from pneumo_utils.images import read_image
+from pneumo_utils.data.images import read_image
 
 SPLITS = ("train", "val", "test")
 CLASSES = ("NORMAL", "PNEUMONIA")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from synthetic import make_kermany_like
 
-from pneumo_utils import data, datasets, tasks
-from pneumo_utils.datasets import DatasetLayoutError, kermany_subtype
+from pneumo_utils.data import datasets, pipelines, splits, tasks
+from pneumo_utils.data.datasets import DatasetLayoutError, kermany_subtype
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,8 @@ def test_three_class_labels_follow_class_names(kermany_root):
 
 def test_split_is_patient_grouped_and_stratified_by_task_classes(kermany_root):
     index = tasks.task_index(datasets.load_kermany(kermany_root), "three_class")
-    split = data.grouped_split(index, val_fraction=0.25, seed=0)
-    data.assert_no_patient_leak(split)
+    split = splits.grouped_split(index, val_fraction=0.25, seed=0)
+    splits.assert_no_patient_leak(split)
     val = split[split["split"] == "val"]
     assert set(val["label"]) == {0, 1, 2}
     table = datasets.summarize(split, tasks.get_task("three_class").class_names)
@@ -106,7 +106,7 @@ def test_task_of_a_sidecar_defaults_to_pneumonia():
 
 def test_class_weights_balance_three_classes():
     labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
-    weights = data.class_weights(labels)
+    weights = pipelines.class_weights(labels)
     assert sorted(weights) == [0, 1, 2]
     per_class_total = [weights[c] * np.sum(labels == c) for c in (0, 1, 2)]
     assert np.allclose(per_class_total, per_class_total[0])
@@ -128,9 +128,9 @@ def test_viral_pattern_is_bilateral_and_bacterial_focal():
 
 
 def test_split_sentence_names_every_class_of_three(kermany_root):
-    from pneumo_utils import report
+    from pneumo_utils.explain import report
 
-    index = data.grouped_split(tasks.task_index(datasets.load_kermany(kermany_root), "three_class"),
+    index = splits.grouped_split(tasks.task_index(datasets.load_kermany(kermany_root), "three_class"),
                                val_fraction=0.25, seed=0)
     sentence = report.describe_split(index, class_names=tasks.get_task("three_class").class_names)
     test = index[index["split"] == "test"]

@@ -13,9 +13,14 @@ import numpy as np
 import pytest
 from synthetic import make_kermany_like
 
-from pneumo_utils import data, evaluate, export, gradcam, io, models, predict, runtime, tasks
-from pneumo_utils.datasets import load_kermany
+from pneumo_utils import io
+from pneumo_utils.data import pipelines, tasks
+from pneumo_utils.data.datasets import load_kermany
+from pneumo_utils.deploy import export, predict, runtime
+from pneumo_utils.evaluation import evaluate, metrics
+from pneumo_utils.explain import gradcam
 from pneumo_utils.io import ModelFileError
+from pneumo_utils.model import backbones, saving
 
 NAMES = tasks.TASKS["three_class"].class_names
 SIZE = 48
@@ -35,25 +40,25 @@ def trained(root, tmp_path_factory):
     evaluation, and the model saved with a three_class sidecar as the notebooks save it."""
     index = tasks.task_index(load_kermany(root), "three_class")
     split = {s: index[index["split"] == s] for s in ("train", "val", "test")}
-    x = {s: data.load_images(part["path"].tolist(), SIZE) for s, part in split.items()}
+    x = {s: pipelines.load_images(part["path"].tolist(), SIZE) for s, part in split.items()}
     y = {s: part["label"].to_numpy() for s, part in split.items()}
-    model = models.build_scratch_cnn(SIZE, filters=(8, 16, 32), dense_units=32, dropout=0.2,
+    model = backbones.build_scratch_cnn(SIZE, filters=(8, 16, 32), dense_units=32, dropout=0.2,
                                      conv_dropout=0.0, seed=0, n_classes=3)
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
     model.fit(x["train"], y["train"], epochs=15, batch_size=16, shuffle=True, verbose=0,
-              class_weight=data.class_weights(y["train"]))
+              class_weight=pipelines.class_weights(y["train"]))
     proba = {s: model.predict(x[s], verbose=0) for s in ("val", "test")}
-    evaluation = evaluate.evaluation_report(y["test"], proba["test"], y["val"], proba["val"], n_boot=100,
+    evaluation = metrics.evaluation_report(y["test"], proba["test"], y["val"], proba["val"], n_boot=100,
                                             class_names=NAMES)
     path = tmp_path_factory.mktemp("models") / "three.keras"
-    models.save_model(model, path, models.model_metadata(
+    saving.save_model(model, path, saving.model_metadata(
         model, task="three_class", threshold=evaluation["threshold"],
         threshold_rule=evaluation["threshold_rule"], temperature=evaluation["temperature"]))
     return model, split, x, evaluation, path
 
 
 def _tiny(n_classes: int) -> keras.Model:
-    return models.build_scratch_cnn(32, filters=(4,), dense_units=4, seed=0, n_classes=n_classes)
+    return backbones.build_scratch_cnn(32, filters=(4,), dense_units=4, seed=0, n_classes=n_classes)
 
 
 def test_io_knows_the_class_names_of_every_task():
@@ -80,8 +85,8 @@ def test_three_class_sidecar_round_trip(trained):
     assert (meta["task"], meta["class_names"], meta["output"], meta["decision"]) == (
         "three_class", list(NAMES), "softmax", "argmax")
     assert "threshold" not in meta and meta["temperature"] == evaluation["temperature"]
-    loaded, loaded_meta = models.load_model(path)
-    proba = models.predict_paths(loaded, split["test"]["path"].tolist())
+    loaded, loaded_meta = saving.load_model(path)
+    proba = saving.predict_paths(loaded, split["test"]["path"].tolist())
     assert proba.shape == (len(split["test"]), 3)
     np.testing.assert_allclose(proba, model.predict(x["test"], verbose=0), atol=1e-4)
 
@@ -113,7 +118,7 @@ def test_evaluate_cli_gives_a_three_by_three_confusion_matrix(trained, root, cap
     matrix = np.array(result["confusion_matrix"])
     assert matrix.shape == (3, 3) and matrix.sum() == len(split["test"]) == result["n"]
     assert result["auc"] == pytest.approx(evaluation["test"]["auc"], abs=1e-3)
-    assert set(result["ci"]) == set(evaluate.MULTICLASS_CI_METRICS)
+    assert set(result["ci"]) == set(metrics.MULTICLASS_CI_METRICS)
     assert result["calibrated"]["temperature"] == evaluation["temperature"]
     capsys.readouterr()
     assert evaluate.main(["--model", str(path), "--data", str(root), "--cue-test"]) == 2
@@ -137,7 +142,7 @@ def test_gradcam_explains_the_most_probable_class(trained):
 
 
 def test_binary_model_asked_for_three_classes_exits_2(root, tmp_path, capsys, error_line):
-    path = models.save_model(_tiny(2), tmp_path / "binary.keras")
+    path = saving.save_model(_tiny(2), tmp_path / "binary.keras")
     assert evaluate.main(["--model", str(path), "--data", str(root), "--task", "three_class"]) == 2
     line = error_line()
     assert "trained for task pneumonia (classes NORMAL, PNEUMONIA)" in line
@@ -146,10 +151,10 @@ def test_binary_model_asked_for_three_classes_exits_2(root, tmp_path, capsys, er
 
 def test_sidecars_that_do_not_fit_the_model_are_refused(tmp_path, capsys, error_line):
     softmax, sigmoid = _tiny(3), _tiny(2)
-    path = models.save_model(softmax, tmp_path / "three.keras")
+    path = saving.save_model(softmax, tmp_path / "three.keras")
     sidecar = path.with_suffix(".json")
     good = json.loads(sidecar.read_text())
-    assert good["task"] == "three_class" and models.load_model(path)[1]["class_names"] == list(NAMES)
+    assert good["task"] == "three_class" and saving.load_model(path)[1]["class_names"] == list(NAMES)
     cases = {
         "wrong names": ({**good, "class_names": ["NORMAL", "BACTERIA", "VIRUS"]},
                         r'field class_names is \["NORMAL", "BACTERIA", "VIRUS"\], expected \["NORMAL", '
@@ -169,19 +174,19 @@ def test_sidecars_that_do_not_fit_the_model_are_refused(tmp_path, capsys, error_
     for case, (meta, message) in cases.items():
         sidecar.write_text(json.dumps(meta))
         with pytest.raises(ModelFileError, match=message):
-            models.load_model(path)
+            saving.load_model(path)
         assert predict.main([str(picture), "--model", str(path)]) == 2, case
         error_line()
     sidecar.unlink()
     with pytest.raises(ModelFileError, match="ends in 3 softmax units and has no sidecar"):
-        models.load_model(path)
-    binary = models.save_model(sigmoid, tmp_path / "binary.keras")
+        saving.load_model(path)
+    binary = saving.save_model(sigmoid, tmp_path / "binary.keras")
     unsigned = {k: v for k, v in good.items() if k != "sha256"}  # no fingerprint: the task check speaks
     binary.with_suffix(".json").write_text(json.dumps(unsigned))
     with pytest.raises(ModelFileError, match="ends in one sigmoid unit .* says task three_class with 3 classes"):
-        models.load_model(binary)
+        saving.load_model(binary)
     with pytest.raises(ModelFileError, match='field output is "sigmoid", expected "softmax" for task three_class'):
-        models.model_metadata(sigmoid, task="three_class")
+        saving.model_metadata(sigmoid, task="three_class")
 
 
 @pytest.mark.parametrize(("fmt", "packages"), [("tflite", ("ai_edge_litert",)),
@@ -206,8 +211,8 @@ def test_exported_softmax_model_predicts_three_probabilities(trained, root, tmp_
 
 def test_bacterial_vs_viral_model_is_evaluated_on_pneumonia_images_only(root, tmp_path, capsys):
     model = _tiny(2)
-    path = models.save_model(model, tmp_path / "subtypes.keras",
-                             models.model_metadata(model, task="bacterial_vs_viral", threshold=0.5))
+    path = saving.save_model(model, tmp_path / "subtypes.keras",
+                             saving.model_metadata(model, task="bacterial_vs_viral", threshold=0.5))
     assert evaluate.main(["--model", str(path), "--data", str(root), "--n-boot", "20"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert (result["task"], result["decision"]) == ("bacterial_vs_viral", "threshold")

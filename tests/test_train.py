@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pneumo_utils import augment, data, models, report, train
-from pneumo_utils.evaluate import evaluation_report
+from pneumo_utils.data import augment, pipelines, splits
+from pneumo_utils.evaluation.metrics import evaluation_report
+from pneumo_utils.explain import report
+from pneumo_utils.model import backbones, saving, train
 
 
 def _separable(n: int = 200, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -51,13 +53,13 @@ def test_fit_stops_early_and_ends_at_the_best_validation_epoch():
 
 def test_fit_head_on_features_learns_and_trains_the_full_models_head():
     x, y = _separable()
-    model = models.build_classifier("mobilenet_v2", 32, None, seed=0)
-    head = models.head_on_features(model)  # 1280 features in: x padded with zeros
+    model = backbones.build_classifier("mobilenet_v2", 32, None, seed=0)
+    head = backbones.head_on_features(model)  # 1280 features in: x padded with zeros
     padded = np.zeros((len(x), int(head.inputs[0].shape[-1])), "float32")
     padded[:, : x.shape[1]] = x
     before = model.get_layer("head_output").get_weights()[0].copy()
     history = train.fit_head_on_features(model, padded, y, padded, y, epochs=20, learning_rate=1e-2,
-                                         class_weight=data.class_weights(y), seed=0)
+                                         class_weight=pipelines.class_weights(y), seed=0)
     assert max(history["val_auc"]) > 0.95
     assert not np.allclose(model.get_layer("head_output").get_weights()[0], before)
     assert roc_auc_score(y, head.predict(padded, verbose=0).reshape(-1)) > 0.95
@@ -65,10 +67,10 @@ def test_fit_head_on_features_learns_and_trains_the_full_models_head():
 
 @pytest.mark.slow
 def test_fine_tuning_on_augmented_images_moves_only_the_unfrozen_layers(kermany_root):
-    index = data.kermany_split(kermany_root, val_fraction=0.25, seed=0)
-    paths, labels = data.split_files(index)
-    model = models.build_scratch_cnn(32, filters=(4, 8), dense_units=8, seed=0)
-    layers = models.base_layers(model)
+    index = splits.kermany_split(kermany_root, val_fraction=0.25, seed=0)
+    paths, labels = splits.split_files(index)
+    model = backbones.build_scratch_cnn(32, filters=(4, 8), dense_units=8, seed=0)
+    layers = backbones.base_layers(model)
     for i, layer in enumerate(layers):  # the top 4 trainable, BatchNormalization frozen (notebook 03)
         layer.trainable = i >= len(layers) - 4 and not isinstance(layer, keras.layers.BatchNormalization)
     n_trainable = sum(layer.trainable for layer in layers)
@@ -78,10 +80,10 @@ def test_fine_tuning_on_augmented_images_moves_only_the_unfrozen_layers(kermany_
                                              for n in tuned)
     train_ds, steps = augment.training_dataset(paths["train"], labels["train"], 32, batch_size=8,
                                                layers=augment.augmentation(seed=0), images_per_epoch=16)
-    val_ds = data.image_dataset(paths["val"], labels["val"], 32, batch_size=8)
+    val_ds = pipelines.image_dataset(paths["val"], labels["val"], 32, batch_size=8)
     train.compile_binary(model, learning_rate=1e-2)
     history = train.fit(model, train_ds, val_ds, epochs=2, patience=2, steps_per_epoch=steps,
-                        class_weight=data.class_weights(labels["train"]))
+                        class_weight=pipelines.class_weights(labels["train"]))
     assert len(history["val_auc"]) == 2
     for name, weights in frozen.items():  # BatchNorm moving statistics included
         for now, before in zip(model.get_layer(name).get_weights(), weights, strict=True):
@@ -99,12 +101,12 @@ def _evaluation(seed: int = 0) -> dict:
 
 def test_save_with_card_writes_model_sidecar_and_card_with_the_tasks_class_names(tmp_path):
     evaluation = _evaluation()
-    model = models.build_scratch_cnn(32, filters=(4, 8), dense_units=8, seed=0)
+    model = backbones.build_scratch_cnn(32, filters=(4, 8), dense_units=8, seed=0)
     path = tmp_path / "m.keras"
     meta = report.save_with_card(model, path, evaluation=evaluation, backbone="scratch_cnn",
                                  weights=report.describe_weights(None), training="test run",
                                  class_names=["NO FINDING", "EFFUSION"])
-    _, sidecar = models.load_model(path)
+    _, sidecar = saving.load_model(path)
     assert sidecar["threshold"] == pytest.approx(evaluation["threshold"])
     assert sidecar["class_names"] == ["NO FINDING", "EFFUSION"] and meta["weights"] == "random initialisation"
     assert sidecar["metrics"]["test"]["auc"] == pytest.approx(evaluation["test"]["auc"])
@@ -149,7 +151,7 @@ def test_tables_and_captions_for_the_report():
 
 
 def test_describe_split_counts_images_positives_and_patients(kermany_root):
-    index = data.kermany_split(kermany_root, val_fraction=0.25, seed=0)
+    index = splits.kermany_split(kermany_root, val_fraction=0.25, seed=0)
     sentence = report.describe_split(index, class_names=("NO FINDING", "EFFUSION"))
     train_part = index[index["split"] == "train"]
     assert sentence.startswith(f"train: {len(train_part)} images ({int(train_part['label'].sum())} EFFUSION) "

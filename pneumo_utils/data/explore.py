@@ -1,6 +1,6 @@
 """Cheap looks at a data set before training: original image sizes and colour modes.
 
-Sizes come from file headers (:func:`pneumo_utils.images.read_header`: Pillow reads only
+Sizes come from file headers (:func:`pneumo_utils.data.images.read_header`: Pillow reads only
 the header, DICOM is read without pixel data), so a few thousand files take a second or two.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from pneumo_utils import CLASS_NAMES
-from pneumo_utils.images import read_header
+from pneumo_utils.data.images import read_header
 
 
 def image_size_table(paths: Sequence[str], labels: Sequence[int] | None = None) -> pd.DataFrame:
@@ -21,7 +21,7 @@ def image_size_table(paths: Sequence[str], labels: Sequence[int] | None = None) 
     DICOM files report ``mode`` as their photometric interpretation (e.g. ``MONOCHROME2``).
     Unreadable files get NaN sizes and mode ``"error"``.
 
-    The input of :func:`pneumo_utils.plots.image_size_histogram` and :func:`size_summary`.
+    The input of :func:`pneumo_utils.explain.plots.image_size_histogram` and :func:`size_summary`.
     """
     rows = []
     for path in paths:

@@ -4,7 +4,7 @@ Why: models with different backbones (and seeds) make partly independent errors 
 site's images, so their mean ranks those images better than most members do alone
 (``RESULTS.md``). Built as one functional model with one image input, the ensemble is a
 ``.keras`` file like any other: ``predict``, ``evaluate``, ``calibrate``, the exports and
-Grad-CAM (:func:`pneumo_utils.gradcam.grad_cam` averages the members' maps) take it unchanged.
+Grad-CAM (:func:`pneumo_utils.explain.gradcam.grad_cam` averages the members' maps) take it unchanged.
 
 Each member keeps its own preprocessing (cue removal, backbone scaling) inside it; when its
 input size differs from the ensemble's, a ``Resizing`` layer in front of it resizes the

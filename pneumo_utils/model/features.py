@@ -25,9 +25,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pneumo_utils.data import image_dataset
+from pneumo_utils.data.pipelines import image_dataset
 from pneumo_utils.io import write_bytes_atomic
-from pneumo_utils.models import ProgressBar, pooled_features_model
+from pneumo_utils.model.backbones import pooled_features_model
+from pneumo_utils.model.saving import ProgressBar
 
 DEFAULT_CACHE_DIR = ".cache/pneumo/features"
 
@@ -105,7 +106,7 @@ def extract_split_features(
     interrupted run leaves no half-written cache; a cache file that fails its checksum is
     deleted and recomputed (with a warning naming it).
 
-    ``frame_from`` makes *frame-swapped views* (see :mod:`pneumo_utils.shortcuts`): for a split
+    ``frame_from`` makes *frame-swapped views* (see :mod:`pneumo_utils.evaluation.shortcuts`): for a split
     named in it, image ``i`` keeps its centre but its outer frame (``border`` of each side) is
     taken from ``frame_from[split][i]``, e.g. an image of the other class. Training a head on
     such views as well as on the clean images makes the frame useless for telling the
@@ -252,12 +253,12 @@ def extract_with_frame_swaps(
 
     With ``frame_swap``, every training image gets a second copy whose outer frame comes from
     a random training image of the other class (``seed``; see :func:`extract_split_features`
-    and :mod:`pneumo_utils.shortcuts`), so the frame says nothing about the label across the
+    and :mod:`pneumo_utils.evaluation.shortcuts`), so the frame says nothing about the label across the
     two copies. Returns ``(features, x_train, y_train)``: ``features`` maps each split of
     ``paths`` to ``(n, channels)``; ``x_train``/``y_train`` stack the clean training features
     and, with ``frame_swap``, their swapped copies (labels repeated).
     """
-    from pneumo_utils.shortcuts import other_class_references
+    from pneumo_utils.evaluation.shortcuts import other_class_references
 
     views = {}
     if frame_swap:

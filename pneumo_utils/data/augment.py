@@ -30,7 +30,7 @@ import math
 import keras
 import numpy as np
 
-from pneumo_utils.data import image_dataset
+from pneumo_utils.data.pipelines import image_dataset
 
 DEFAULTS = {"rotation": 7.0, "zoom": 0.1, "shift": 0.05, "brightness": 0.1, "contrast": 0.1}
 """Modest defaults: +-7 degrees, +-10% zoom, +-5% shift, +-10% brightness and contrast."""
@@ -65,7 +65,7 @@ def augmentation(
         aspect ratio into a difference of shape; random stretching makes shape useless as a
         label. Off by default.
     seed : seeds the layers (each gets its own seed derived from it). With
-        :func:`pneumo_utils.data.set_seed` (TensorFlow op determinism, as in the notebooks)
+        :func:`pneumo_utils.data.pipelines.set_seed` (TensorFlow op determinism, as in the notebooks)
         a seeded run draws the same transforms; without it the parallel map may hand the
         random draws to batches in a different order.
 

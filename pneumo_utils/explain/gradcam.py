@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pneumo_utils.models import HEAD_PREFIX
+from pneumo_utils.model.backbones import HEAD_PREFIX
 
 
 def find_last_conv_layer(model: keras.Model) -> str:
@@ -49,16 +49,16 @@ def grad_cam(
 
     Returns ``(n, h', w')`` float32 maps in [0, 1] at the layer's resolution, each scaled to its
     own peak, covering the whole input image: when the model crops its input first (a
-    ``CenterCrop`` layer, see :func:`pneumo_utils.preprocessing.cue_removal`), the maps are
+    ``CenterCrop`` layer, see :func:`pneumo_utils.model.preprocessing.cue_removal`), the maps are
     placed in the middle of a zero frame, so they line up with the uncropped image.
-    :func:`pneumo_utils.plots.gradcam_grid` draws them with a colour bar.
+    :func:`pneumo_utils.explain.plots.gradcam_grid` draws them with a colour bar.
     """
     units = int(model.output.shape[-1])
     target = _check_target(target, units)
     if units == 1 and target == "predicted" and threshold is None:
         raise ValueError("a sigmoid model's predicted class needs its decision threshold; "
                          "pass threshold= (the one chosen on validation)")
-    from pneumo_utils.ensemble import members_of
+    from pneumo_utils.model.ensemble import members_of
 
     members = members_of(model)
     if members and layer_name is None:

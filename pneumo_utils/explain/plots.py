@@ -19,9 +19,9 @@ from sklearn.calibration import CalibrationDisplay
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
 from pneumo_utils import CLASS_NAMES
-from pneumo_utils.data import load_images
-from pneumo_utils.evaluate import expected_calibration_error
-from pneumo_utils.tasks import predicted_labels
+from pneumo_utils.data.pipelines import load_images
+from pneumo_utils.data.tasks import predicted_labels
+from pneumo_utils.evaluation.metrics import expected_calibration_error
 
 JPEG_QUALITY = 70
 """JPEG quality of image figures in notebooks: little visible loss on X-ray grids."""
@@ -246,7 +246,7 @@ def gradcam_grid(
     """Each image beside its Grad-CAM heat map, one row per image, with one colour bar.
 
     ``images`` are ``(n, h, w, 3)`` in 0-255, ``heatmaps`` the ``(n, h', w')`` maps in [0, 1]
-    from :func:`pneumo_utils.gradcam.grad_cam` (any resolution; drawn stretched over the
+    from :func:`pneumo_utils.explain.gradcam.grad_cam` (any resolution; drawn stretched over the
     image) and ``probabilities`` the model's output for class 1 on each image ``(n,)``, or
     one probability per class ``(n, K)``, shown in each caption below the optional
     ``titles``. ``target`` and ``threshold`` are the ones passed to ``grad_cam``: with

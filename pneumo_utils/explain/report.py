@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 
 from pneumo_utils import CLASS_NAMES
-from pneumo_utils.evaluate import CI_METRICS
+from pneumo_utils.data.tasks import predicted_labels
+from pneumo_utils.evaluation.metrics import CI_METRICS
 from pneumo_utils.io import write_json_atomic
-from pneumo_utils.models import model_metadata, save_model
-from pneumo_utils.tasks import predicted_labels
+from pneumo_utils.model.saving import model_metadata, save_model
 
 
 def describe_weights(weights_file: str | None) -> str:
@@ -189,7 +189,7 @@ def write_metrics(
 
     ``models`` are :func:`model_entry` records. ``task`` names what they were trained and
     tested on (``"kermany"`` for pneumonia vs normal, ``"kermany:<task>"`` for the other
-    tasks of :mod:`pneumo_utils.tasks`, or ``"nih:<finding>"``); the best model is chosen
+    tasks of :mod:`pneumo_utils.data.tasks`, or ``"nih:<finding>"``); the best model is chosen
     among one task's models only, since scores of different tasks do not compare. The top
     level repeats the entry with the highest validation AUC.
     """
@@ -217,7 +217,7 @@ def model_card(meta: dict, evaluation: dict) -> str:
     rows = "\n".join(f"| {label.get(m, m)} | {t[m]:.3f} | {t[m + '_ci'][0]:.3f} - {t[m + '_ci'][1]:.3f} |"
                       for m in shown)
     calibrated = evaluation.get("test_calibrated", t)
-    loading = ("`import pneumo_utils.preprocessing` first (it registers the `pneumo>HistogramEqualization` layer), "
+    loading = ("`import pneumo_utils.model.preprocessing` first (it registers the `pneumo>HistogramEqualization` layer), "
                "then `keras.models.load_model(path)`" if meta.get("custom_layers")
                else "`keras.models.load_model(path)`; nothing to import")
     if binary:
@@ -241,7 +241,7 @@ def model_card(meta: dict, evaluation: dict) -> str:
         cue = f"""
 ## Shortcut check (validation images, decision rule above)
 Each validation image with its grey-level histogram or its outer frame taken from an image of
-another class, or its frame blanked (`pneumo_utils.shortcuts`). Selection score
+another class, or its frame blanked (`pneumo_utils.evaluation.shortcuts`). Selection score
 {meta.get('selection_score', float('nan')):.3f}: {meta.get('selection_rule', '')}.
 
 | images | {' | '.join(columns)} |

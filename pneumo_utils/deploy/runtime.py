@@ -1,6 +1,6 @@
 """Running an exported model (``.tflite`` or ``.onnx``) without TensorFlow.
 
-An export written by :mod:`pneumo_utils.export` keeps the ``.keras`` model's input contract:
+An export written by :mod:`pneumo_utils.deploy.export` keeps the ``.keras`` model's input contract:
 one ``(batch, n, n, 3)`` float32 array of RGB pixels in 0-255, preprocessing inside; and its
 output: one sigmoid unit per image for a binary task, one softmax unit per class for
 ``three_class``. It travels with its own JSON sidecar (same stem), so a laptop or
@@ -9,7 +9,7 @@ workstation with only ``ai-edge-litert`` (for ``.tflite``) or ``onnxruntime`` (f
 TensorFlow or Keras, and the runtimes are imported only when a model of their kind is loaded.
 
 :class:`ExportedModel` answers ``predict(images)`` and ``input_shape`` like a Keras model,
-so :func:`pneumo_utils.predict.predict_images` takes either.
+so :func:`pneumo_utils.deploy.predict.predict_images` takes either.
 """
 
 from __future__ import annotations
@@ -411,7 +411,7 @@ def batch_size_for(image_size: int, batch_size: int) -> int:
 
 def load_exported(path: str | os.PathLike, threads: int | None = None) -> tuple[ExportedModel, dict]:
     """An exported model and its sidecar metadata (the analogue of
-    :func:`pneumo_utils.models.load_model`, without TensorFlow).
+    :func:`pneumo_utils.model.saving.load_model`, without TensorFlow).
 
     Raises ``FileNotFoundError`` for a missing file and :class:`ModelFileError` for a file
     the runtime cannot load, a missing runtime package, a sidecar that fails validation,
@@ -440,7 +440,7 @@ def load_exported(path: str | os.PathLike, threads: int | None = None) -> tuple[
 
 def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
     """Rescale probabilities with a temperature from
-    :func:`pneumo_utils.evaluate.fit_temperature`: ``sigmoid(logit(p) / T)``, with
+    :func:`pneumo_utils.evaluation.metrics.fit_temperature`: ``sigmoid(logit(p) / T)``, with
     ``scipy.special`` (imported when called, so that prediction reads calibrated
     probabilities without loading scikit-learn)."""
     return sigmoid(logit(np.asarray(proba, dtype=float)) / temperature)
@@ -448,7 +448,7 @@ def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
 
 def apply_softmax_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
     """Rescale softmax probabilities ``(n, K)`` with a temperature from
-    :func:`pneumo_utils.evaluate.fit_softmax_temperature`: ``softmax(log(p) / T)``.
+    :func:`pneumo_utils.evaluation.metrics.fit_softmax_temperature`: ``softmax(log(p) / T)``.
 
     ``log(p)`` differs from the model's logits by a constant per row, which softmax ignores,
     so this equals dividing the logits by ``T``; the most probable class never changes."""
@@ -480,11 +480,11 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 def load_any(path: str | os.PathLike):
     """``(model, meta)`` for a ``.tflite``/``.onnx`` export (:func:`load_exported`, no
-    TensorFlow) or a ``.keras`` model (:func:`pneumo_utils.models.load_model`, which
+    TensorFlow) or a ``.keras`` model (:func:`pneumo_utils.model.saving.load_model`, which
     imports TensorFlow)."""
     if is_exported(path):
         return load_exported(path)
-    from pneumo_utils.models import load_model
+    from pneumo_utils.model.saving import load_model
 
     return load_model(path)
 
@@ -494,13 +494,13 @@ def predict_paths(model, paths: list[str], batch_size: int = 32, verbose: bool =
     """Probabilities for image files, with an export or a Keras model: ``(n,)`` (P(positive
     class)) for a one-unit model, ``(n, K)`` for a ``K``-class softmax.
 
-    A Keras model goes to :func:`pneumo_utils.models.predict_paths` (tf.data). For an
+    A Keras model goes to :func:`pneumo_utils.model.saving.predict_paths` (tf.data). For an
     :class:`ExportedModel`, images are decoded with
-    :func:`pneumo_utils.images.read_resized` in ``workers`` threads (default one per CPU;
+    :func:`pneumo_utils.data.images.read_resized` in ``workers`` threads (default one per CPU;
     the decoders release the GIL), the next batch decoding while the current one runs
     through the model; ``verbose`` shows a progress bar over the batches. ``batch_size`` is
     lowered to fit :data:`BATCH_BYTES`. Raises
-    :class:`~pneumo_utils.images.ImageReadError` for an unreadable file and
+    :class:`~pneumo_utils.data.images.ImageReadError` for an unreadable file and
     :class:`~pneumo_utils.io.ModelFileError` for outputs that are not probabilities
     (:func:`~pneumo_utils.io.check_probabilities`).
     """
@@ -509,13 +509,13 @@ def predict_paths(model, paths: list[str], batch_size: int = 32, verbose: bool =
     size = int(model.input_shape[1])
     batch_size = batch_size_for(size, batch_size)
     if not isinstance(model, ExportedModel):
-        from pneumo_utils.models import predict_paths as predict_with_keras
+        from pneumo_utils.model.saving import predict_paths as predict_with_keras
 
         proba = predict_with_keras(model, paths, batch_size=batch_size, verbose=verbose)
         return check_probabilities(proba, "the model").astype(np.float32)
     from tqdm.auto import tqdm
 
-    from pneumo_utils.images import read_resized
+    from pneumo_utils.data.images import read_resized
 
     batches = [paths[i: i + batch_size] for i in range(0, len(paths), batch_size)]
     units = model.output_units

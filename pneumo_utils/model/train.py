@@ -15,7 +15,7 @@ import time
 import keras
 import numpy as np
 
-from pneumo_utils.models import head_on_features
+from pneumo_utils.model.backbones import head_on_features
 
 
 class EpochLine(keras.callbacks.Callback):
@@ -135,7 +135,7 @@ def fit_head_on_features(
 
     The head, loss, class weights, callbacks and optimiser are those of training over images
     with a frozen base; only the backbone's forward pass is skipped
-    (:func:`pneumo_utils.models.head_on_features` shares the head's layers). Afterwards
+    (:func:`pneumo_utils.model.backbones.head_on_features` shares the head's layers). Afterwards
     ``model`` (base and trained head) predicts as a model trained over images would.
     ``seed``, when given, seeds Keras (head initialisation aside: it exists already) so the
     shuffling of the feature rows is reproducible.

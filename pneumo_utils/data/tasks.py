@@ -2,7 +2,7 @@
 
 Kermany et al. (2018) report two tasks on their paediatric chest X-rays: pneumonia vs normal,
 and bacterial vs viral pneumonia. The subtype is in every PNEUMONIA file name
-(``person1_bacteria_1.jpeg``, ``person3_virus_7.jpeg``); :func:`pneumo_utils.datasets.load_kermany`
+(``person1_bacteria_1.jpeg``, ``person3_virus_7.jpeg``); :func:`pneumo_utils.data.datasets.load_kermany`
 records it in the index's ``subtype`` column (``normal``, ``bacteria``, ``virus``, or missing
 when a PNEUMONIA file name carries neither). A task turns that index into labels:
 
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from pneumo_utils import TASK_CLASS_NAMES
-from pneumo_utils.datasets import DatasetLayoutError
+from pneumo_utils.data.datasets import DatasetLayoutError
 
 DEFAULT_TASK = "pneumonia"
 
@@ -118,10 +118,10 @@ def task_index(index: pd.DataFrame, task: str | Task = DEFAULT_TASK) -> pd.DataF
     ``subtype`` belongs to one of their classes (``bacterial_vs_viral`` drops NORMAL images)
     and number the classes in :attr:`Task.class_names` order; the folder label stays in
     ``pneumonia_label``. The split is not touched: call this before
-    :func:`pneumo_utils.data.grouped_split`, so that the split is stratified by the task's
+    :func:`pneumo_utils.data.splits.grouped_split`, so that the split is stratified by the task's
     classes.
 
-    Raises :class:`~pneumo_utils.datasets.DatasetLayoutError` naming the files when a
+    Raises :class:`~pneumo_utils.data.datasets.DatasetLayoutError` naming the files when a
     PNEUMONIA image has no subtype in its name (the task cannot label it), or when the index
     has no ``subtype`` column (it did not come from a Kermany-layout folder).
     """
@@ -132,7 +132,7 @@ def task_index(index: pd.DataFrame, task: str | Task = DEFAULT_TASK) -> pd.DataF
         raise DatasetLayoutError(
             f"task {task.name!r} needs the subtype of each image, read from Kermany file names "
             "(personN_bacteria_K.jpeg, personN_virus_K.jpeg); this index has no subtype column. "
-            "Load the folder with pneumo_utils.datasets.load_kermany or load_class_folder."
+            "Load the folder with pneumo_utils.data.datasets.load_kermany or load_class_folder."
         )
     unknown = index[index["subtype"].isna()]
     if len(unknown):

@@ -32,7 +32,7 @@ class HistogramEqualization(keras.layers.Layer):
     or gamma applied to an image leaves the output unchanged (up to merged grey levels). No
     weights; not differentiable with respect to the input (nothing trains before it).
 
-    Loading a model that contains it needs ``import pneumo_utils.preprocessing`` first (the layer is
+    Loading a model that contains it needs ``import pneumo_utils.model.preprocessing`` first (the layer is
     registered as ``pneumo>HistogramEqualization``).
     """
 

@@ -5,7 +5,7 @@ image and the columns ``path`` (str), ``label`` (0 NORMAL, 1 PNEUMONIA), ``patie
 ``split`` (``train``/``val``/``test``) and ``source`` (data set name). Splits, pipelines,
 feature caches and reports read only this table, so a new data set needs only a new loader.
 Kermany-layout folders add ``subtype`` (``normal``, ``bacteria``, ``virus``; missing for a
-PNEUMONIA file whose name carries neither), which :mod:`pneumo_utils.tasks` turns into the
+PNEUMONIA file whose name carries neither), which :mod:`pneumo_utils.data.tasks` turns into the
 labels of the bacterial-vs-viral and three-class tasks.
 """
 
@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from pneumo_utils import CLASS_NAMES
-from pneumo_utils.images import check_images as _check_files
-from pneumo_utils.images import is_image_file
+from pneumo_utils.data.images import check_images as _check_files
+from pneumo_utils.data.images import is_image_file
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 INDEX_COLUMNS: list[str] = ["path", "label", "patient", "split", "source"]
@@ -72,7 +72,7 @@ def kermany_subtype(filename: str, label: int) -> str | None:
     NORMAL images (label 0) are ``"normal"``; a PNEUMONIA image is ``"bacteria"`` or
     ``"virus"`` when its name says so (``person1946_bacteria_4874.jpeg``,
     ``person1_virus_6.jpeg``), else ``None``: the image can still serve the pneumonia task,
-    and :func:`pneumo_utils.tasks.task_index` names it when a task needs its subtype.
+    and :func:`pneumo_utils.data.tasks.task_index` names it when a task needs its subtype.
     """
     if int(label) == 0:
         return "normal"
@@ -178,7 +178,7 @@ def load_class_folder(
     and ``index.attrs["nested"]`` record both (see :func:`load_kermany` for the other
     parameters and errors). With ``check_images`` every image is decoded once (verdicts
     are cached by file size and modification time, see
-    :func:`pneumo_utils.images.check_images`).
+    :func:`pneumo_utils.data.images.check_images`).
     """
     if on_bad_image not in ("warn", "error"):
         raise ValueError(f"on_bad_image must be 'warn' or 'error', got {on_bad_image!r}")
@@ -305,7 +305,7 @@ SIMPLE_COLUMNS: tuple[str, str] = ("path", "label")
 
 NO_FINDING = "No Finding"
 UNASSIGNED = "unassigned"
-"""``split`` of every row :func:`load_nih` returns; :func:`pneumo_utils.data.patient_split`
+"""``split`` of every row :func:`load_nih` returns; :func:`pneumo_utils.data.splits.patient_split`
 assigns train/val/test."""
 
 _PATIENT_COLUMNS = ("patient", "patient_id", "Patient ID", "patientid")

@@ -30,7 +30,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pneumo_utils.tasks import predicted_labels
+from pneumo_utils.data.tasks import predicted_labels
 
 STATISTIC_GROUPS: dict[str, list[str]] = {
     "border intensity": ["border_left", "border_right", "border_top", "border_bottom", "border_p5"],
@@ -223,7 +223,7 @@ def validation_cue_test(
     image (each costs four forward passes). ``threshold`` is a binary model's own, chosen on
     clean validation predictions; ``None`` for a softmax model (argmax).
     """
-    from pneumo_utils.data import load_images
+    from pneumo_utils.data.pipelines import load_images
 
     labels = np.asarray(labels)
     rows = np.arange(len(paths))

@@ -1,0 +1,278 @@
+"""``index.html``: one models table per task, ROC curves, the run's facts; kept true after
+each notebook.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import importlib.resources
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pneumo_utils import io
+from pneumo_utils.runner.plan import Notebook, outputs
+
+BEST_TASK = "kermany"
+"""The metrics ``task`` of Kermany pneumonia vs normal; other Kermany tasks are ``kermany:<task>``."""
+TEMPLATES = Path(__file__).with_name("templates")
+
+
+DISCLAIMER = "Research use only: not for diagnostic use."
+
+
+TEST_METRICS = ("auc", "sensitivity", "specificity", "accuracy", "balanced_accuracy", "macro_f1")
+"""Test metrics on the index: binary tables show the first four; three-class tables the AUC
+(macro one-vs-rest), accuracy, balanced accuracy and macro F1."""
+
+
+LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "numpy", "scikit-learn", "papermill")
+
+
+COLOURS = ("#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#57606a")
+
+
+def number(value: Any) -> float | None:
+    """``value`` as a finite float, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def fmt(value: Any, ci: Any = None) -> str:
+    """``0.900 (0.850-0.940)`` for a metric with its CI; a dash when missing."""
+    x = number(value)
+    if x is None:
+        return "–" if value is None else str(value)
+    text = f"{x:.3f}"
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(number(c) is not None for c in ci):
+        text += f" ({ci[0]:.3f}–{ci[1]:.3f})"
+    return text
+
+
+def model_entries(metrics: dict | None) -> list[dict]:
+    """The model entries of a metrics JSON (its ``models`` list, else the record itself)."""
+    if not isinstance(metrics, dict):
+        return []
+    models = metrics.get("models")
+    if isinstance(models, list):
+        return [m for m in models if isinstance(m, dict)]
+    return [metrics]
+
+
+def task_key(value: Any) -> str:
+    """A metrics ``task`` as the index groups it: ``kermany`` (pneumonia vs normal),
+    ``kermany:<task>``, or as written (``nih:<finding>``); a bare Kermany task name, as a
+    sidecar writes it, counts as that Kermany task."""
+    from pneumo_utils.data.tasks import DEFAULT_TASK, TASKS
+
+    text = str(value or BEST_TASK)
+    name = text.removeprefix(f"{BEST_TASK}:")
+    if name in TASKS:
+        return BEST_TASK if name == DEFAULT_TASK else f"{BEST_TASK}:{name}"
+    return text
+
+
+def task_title(task: str) -> str:
+    """A task key in words, the title of its table on the index."""
+    from pneumo_utils.data.tasks import DEFAULT_TASK, TASKS
+
+    source, _, name = task.partition(":")
+    if source == BEST_TASK and (name or DEFAULT_TASK) in TASKS:
+        return f"Kermany: {TASKS[name or DEFAULT_TASK].description}"
+    if source == "nih" and name:
+        return f"NIH ChestX-ray14: {name} vs no {name}"
+    return task
+
+
+def weights_label(weights: Any) -> str:
+    """How a model entry's ``weights`` reads on the index: random, ImageNet (file) or as given."""
+    text = str(weights).strip()
+    if weights is None or text.lower().startswith(("random", "none")):
+        return "random initialisation"
+    return f"ImageNet ({Path(text).name})" if text.endswith(".h5") else text
+
+
+def model_row(nb: Notebook, entry: dict) -> dict[str, Any]:
+    """One model entry, formatted for the index and the report summary."""
+    metrics = nb.metrics or {}
+    test = entry.get("test") if isinstance(entry.get("test"), dict) else {}
+    validation = entry.get("validation") if isinstance(entry.get("validation"), dict) else {}
+    external = entry.get("external") if isinstance(entry.get("external"), dict) else {}
+    classes = entry.get("class_names") or metrics.get("class_names")
+    positive = entry.get("positive_class") or (" / ".join(map(str, classes)) if classes else "–")
+    weights = weights_label(entry["weights"]) if "weights" in entry else "not recorded"
+    return {
+        "notebook": nb.name,
+        "name": str(entry.get("name") or entry.get("title") or entry.get("backbone") or nb.name),
+        "backbone": str(entry.get("backbone") or metrics.get("backbone") or ""),
+        "weights": weights,
+        "random_weights": weights == "random initialisation",
+        "positive_class": str(positive),
+        "task": task_key(entry.get("task") or metrics.get("task")),
+        "argmax": (entry.get("decision") or metrics.get("decision")) == "argmax",
+        "test": {m: fmt(test.get(m), test.get(f"{m}_ci")) for m in TEST_METRICS},
+        "external": {m: fmt(external.get(m), external.get(f"{m}_ci")) for m in TEST_METRICS} if external else None,
+        "external_auc": number(external.get("auc")),
+        "external_data": str(external.get("data") or ""),
+        "threshold": fmt(entry.get("threshold")),
+        "threshold_rule": str(entry.get("threshold_rule") or metrics.get("threshold_rule") or ""),
+        "val_auc": fmt(validation.get("auc", entry.get("val_auc"))),
+        "score": number(entry.get("selection_score")),
+        "selection_score": fmt(entry.get("selection_score")) if number(entry.get("selection_score")) is not None else "",
+        "selection_rule": str(entry.get("selection_rule") or ""),
+        "val_auc_value": number(validation.get("auc", entry.get("val_auc"))),
+        "model_path": entry.get("model_path"),
+        "roc": test.get("roc") or entry.get("roc"),
+        "best": False,
+    }
+
+
+def model_rows(notebooks: Sequence[Notebook]) -> list[dict[str, Any]]:
+    """Every model entry of the notebooks' metrics, as :func:`model_row` rows."""
+    return [model_row(nb, e) for nb in notebooks for e in model_entries(nb.metrics)]
+
+
+def report_summary(nb: Notebook) -> dict[str, Any]:
+    """What a notebook report opens with: title, data split, each model's headline numbers."""
+    metrics = nb.metrics or {}
+    return {
+        "title": str(metrics.get("title") or nb.name),
+        "data": str(metrics.get("data") or ""),
+        "models": model_rows([nb]),
+        "error": nb.error,
+        "index_href": "index.html",
+        "disclaimer": DISCLAIMER,
+    }
+
+
+def git_commit() -> str:
+    """The repository's commit (``+`` when the tree has changes), or ``unknown``."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+" if dirty else "")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape the results."""
+    versions = {"python": sys.version.split()[0]}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def roc_curves(rows: Sequence[dict]) -> list[dict]:
+    """SVG polylines (300 px square) for rows whose metrics carry ROC points."""
+    curves = []
+    for row in rows:
+        roc = row["roc"]
+        if not isinstance(roc, dict) or not isinstance(roc.get("fpr"), list) or not isinstance(roc.get("tpr"), list):
+            continue
+        pairs = [(f, t) for f, t in zip(roc["fpr"], roc["tpr"], strict=False) if number(f) is not None and number(t) is not None]
+        step = max(1, len(pairs) // 200)
+        points = " ".join(f"{300 * f:.1f},{300 * (1 - t):.1f}" for f, t in pairs[::step] + pairs[-1:])
+        if points:
+            colour = COLOURS[len(curves) % len(COLOURS)]
+            curves.append({"label": f"{row['name']} (AUC {row['test']['auc'].split(' ')[0]})", "points": points, "colour": colour})
+    return curves
+
+
+def model_tables(rows: Sequence[dict], best: dict[str, dict]) -> list[dict]:
+    """The index's models tables: one per task, ordered by task key (Kermany's first), the
+    best row of each marked; a table is three-class when any of its models decides by argmax."""
+    tables = []
+    for task in sorted({row["task"] for row in rows}):
+        mine = [row for row in rows if row["task"] == task]
+        chosen = best.get(task)
+        for row in mine:
+            row["best"] = chosen is not None and (row["notebook"], row["name"]) == (chosen["notebook"], chosen["name"])
+        tables.append({
+            "title": task_title(task),
+            "argmax": any(row["argmax"] for row in mine),
+            "models": mine,
+            "best": chosen and {"rule": chosen["rule"], "pointer": chosen["pointer"],
+                                "data": chosen.get("rule_data", ""),
+                                "calibrated": Path(chosen["calibration"]["model"]).name
+                                if chosen.get("calibration") else None},
+            "roc": roc_curves(mine),
+        })
+    return tables
+
+
+def write_index(notebooks: Sequence[Notebook], reports_dir: Path, run: dict, best: dict[str, dict]) -> None:
+    """Write ``index.html`` and ``summary.json`` from what is on disk now (atomically).
+
+    ``best`` maps task keys to the rows :func:`write_best` recorded (with their ``pointer``).
+    """
+    import jinja2
+
+    rows = model_rows(notebooks)
+    listing = []
+    for nb in notebooks:
+        files = outputs(nb, reports_dir)
+        listing.append({
+            "name": nb.name,
+            "of": nb.of,
+            "status": nb.status,
+            "seconds": f"{nb.seconds:.0f}" if nb.status in ("ok", "failed") else "",
+            "error": nb.error or "",
+            "parameters": {k: json.dumps(v) for k, v in nb.parameters.items()},
+            **{k: files[k].name if files[k].is_file() else None for k in ("html", "code_html", "ipynb")},
+        })
+    done = [nb for nb in notebooks if nb.status in ("ok", "failed")]
+    runs = sum(nb.of is not None for nb in notebooks)
+    summary = (
+        f"{len(notebooks) - runs} notebook(s) and {runs} profile run(s) of them: "
+        f"{sum(nb.status == 'ok' for nb in notebooks)} ran, "
+        f"{sum(nb.status == 'failed' for nb in notebooks)} failed, {len(notebooks) - len(done)} not finished. "
+        f"They trained {len(rows)} model(s) "
+        f"({sum(r['random_weights'] for r in rows)} of them from random weights) "
+        "and tested each once on a held-out split, deciding at a threshold chosen on validation data "
+        "(binary tasks) or by the most probable class (three classes)."
+    )
+    rules = {chosen["rule"] for chosen in best.values()}
+    picks = [
+        f"{task_title(task)}: {chosen['name']} (test {'macro AUC' if chosen['argmax'] else 'AUC'} "
+        f"{chosen['test']['auc']}" + (f"; by {chosen['rule']})" if len(rules) > 1 else ")")
+        for task, chosen in best.items()
+    ]
+    if picks:
+        summary += (" Best per task" + (f", by {rules.pop()}" if len(rules) == 1 else "") + ": "
+                    + "; ".join(picks) + ".")
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True)
+    page = env.get_template("index.html.j2").render(
+        run={**run, "summary": summary},
+        notebooks=listing,
+        tables=model_tables(rows, best),
+        best_note=run.get("best_note"),
+        settings=run["settings"],
+        versions=library_versions(),
+        disclaimer=DISCLAIMER,
+    )
+    io.write_text_atomic(reports_dir / "index.html", page)
+    record = {
+        "state": run["state"],
+        "generated": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "profile": run["profile"],
+        "commit": run["commit"],
+        "settings": run["settings"],
+        "best": {task: {k: b[k] for k in ("notebook", "name", "rule", "model_path", "pointer")}
+                 for task, b in best.items()},
+        "notebooks": {
+            nb.name: {"of": nb.of, "status": nb.status, "seconds": round(nb.seconds, 2), "error": nb.error,
+                      "parameters": nb.parameters, "metrics": nb.metrics}
+            for nb in notebooks
+        },
+    }
+    io.write_text_atomic(reports_dir / "summary.json", json.dumps(record, indent=2, default=str))
