@@ -340,8 +340,9 @@ plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions
 
 # %% [markdown]
 # ## 8. Save the model and predict one image
-# The `.keras` file (written atomically) travels with a JSON sidecar (task and class names,
-# threshold and rule, data split, weights, metrics) and a markdown model card;
+# One call saves the `.keras` file (atomically) with a JSON sidecar (task and class names,
+# threshold and rule, data split, weights, metrics) and a markdown model card, and writes the
+# run's metrics JSON, which the index page of `run_all.sh` reads;
 # `python -m pneumo_utils.predict IMAGE --model saved_models/01_kermany_densenet121.keras` needs
 # nothing else.
 
@@ -349,29 +350,20 @@ plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions
 model_path = Path(models_dir) / f"{run_name}.keras"
 weights_used = report.describe_weights(weights_file)
 split_description = report.describe_split(index, class_names=CLASS_NAMES)
-meta = report.save_with_card(
-    model, model_path, evaluation=evaluation, distribution=distribute.strategy_info(strat), backbone=backbone,
-    weights=weights_used, task=task, class_names=list(CLASS_NAMES),
-    data=f"Kermany chest_xray at {data_dir}, task {task}; {split_description}",
-    training=f"frozen base; head trained on cached features, Adam {learning_rate:g}, class weights, "
-             f"early stopping on validation AUC (patience {patience}); cue removal: {remove_cues}",
-    cue_test=cue_test.round(4).to_dict(orient="index"), selection_score=selection_score,
-    selection_rule=shortcuts.SELECTION_RULE,
+(meta,) = report.save_run(
+    [report.TrainedModel(
+        model, model_path, name=f"{spec.constructor}, frozen base", backbone=backbone, weights=weights_used,
+        positive_class=task_spec.positive_class or " / ".join(CLASS_NAMES), evaluation=evaluation,
+        facts={"training": f"frozen base; head trained on cached features, Adam {learning_rate:g}, class "
+                           f"weights, early stopping on validation AUC (patience {patience}); cue removal: {remove_cues}",
+               "cue_test": cue_test.round(4).to_dict(orient="index"), "selection_score": selection_score,
+               "selection_rule": shortcuts.SELECTION_RULE},
+    )],
+    metrics_path=Path(reports_dir) / f"{run_name}.metrics.json", run_name=run_name,
+    title=f"Kermany, {task_spec.description}: {spec.constructor} transfer learning",
+    data=f"Kermany chest_xray at {data_dir}; {split_description}", task=task, class_names=CLASS_NAMES,
+    distribution=distribute.strategy_info(strat),
 )
 result = predict_image(model, meta, paths["test"][0])
 print(f"{paths['test'][0]} (true {meta['class_names'][labels['test'][0]]}): "
       f"{result['label']}, {result['confidence']:.1%} confidence")
-
-# %%
-entry = report.model_entry(
-    name=f"{spec.constructor}, frozen base", backbone=backbone, weights=weights_used,
-    positive_class=task_spec.positive_class or " / ".join(CLASS_NAMES), evaluation=evaluation,
-    model_path=model_path, task=task, class_names=list(CLASS_NAMES),
-    selection_score=selection_score, selection_rule=shortcuts.SELECTION_RULE,
-    cue_test=cue_test.round(4).to_dict(orient="index"),
-)
-_ = report.write_metrics(
-    Path(reports_dir) / f"{run_name}.metrics.json", run_name=run_name,
-    title=f"Kermany, {task_spec.description}: {spec.constructor} transfer learning", data=split_description,
-    models=[entry], task="kermany" if task == "pneumonia" else f"kermany:{task}", class_names=list(CLASS_NAMES),
-)

@@ -237,21 +237,15 @@ model_path = Path(models_dir) / f"{RUN_NAME}.keras"
 weights_used = report.describe_weights(weights_file)
 split_description = report.describe_split(index, class_names=CLASS_NAMES)
 data_line = f"{table_path}: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}, balanced, split by patient; {split_description}"
-meta = report.save_with_card(
-    model, model_path, evaluation=evaluation, distribution=distribute.strategy_info(strat), backbone=backbone, weights=weights_used,
-    class_names=list(CLASS_NAMES), data=data_line,
-    training=f"frozen base; head with L2 1e-4 trained on cached features, Adam {learning_rate:g}, class "
-             f"weights, ReduceLROnPlateau, early stopping on validation AUC (patience {patience})",
-)
-
-# %%
-entry = report.model_entry(
-    name=f"{spec.constructor}: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}", backbone=backbone, weights=weights_used,
-    positive_class=CLASS_NAMES[1], evaluation=evaluation, model_path=model_path,
-)
-_ = report.write_metrics(
-    Path(reports_dir) / f"{RUN_NAME}.metrics.json", run_name=RUN_NAME,
-    title=f"NIH ChestX-ray14: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}", data=data_line, models=[entry],
-    task=f"nih:{CLASS_NAMES[1]}", class_names=list(CLASS_NAMES),
+_ = report.save_run(
+    [report.TrainedModel(
+        model, model_path, name=f"{spec.constructor}: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}", backbone=backbone,
+        weights=weights_used, positive_class=CLASS_NAMES[1], evaluation=evaluation,
+        facts={"training": f"frozen base; head with L2 1e-4 trained on cached features, Adam {learning_rate:g}, "
+                           f"class weights, ReduceLROnPlateau, early stopping on validation AUC (patience {patience})"},
+    )],
+    metrics_path=Path(reports_dir) / f"{RUN_NAME}.metrics.json", run_name=RUN_NAME,
+    title=f"NIH ChestX-ray14: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}", data=data_line, task=None,
+    class_names=CLASS_NAMES, data_set=f"nih:{CLASS_NAMES[1]}", distribution=distribute.strategy_info(strat),
     missing_images=n_missing,
 )

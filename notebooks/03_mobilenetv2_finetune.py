@@ -325,24 +325,19 @@ split_description = report.describe_split(index)
 training = (f"phase 1: head on the frozen base, Adam 1e-3; phase 2: top {unfreeze_layers} layers "
             f"(BatchNorm frozen), Adam {fine_tune_learning_rate:g}, {augment.describe(augmentation)}; "
             f"kept: {kept} ({phase_rule}); cue removal: {remove_cues}")
-meta = report.save_with_card(model, model_path, evaluation=evaluation, distribution=distribute.strategy_info(strat), backbone="mobilenet_v2",
-                             weights=weights_used, training=training,
-                             data=f"Kermany chest_xray at {data_dir}; {split_description}",
-                             cue_test=cue_test.round(4).to_dict(orient="index"),
-                             selection_score=selection_score, selection_rule=shortcuts.SELECTION_RULE)
+_ = report.save_run(
+    [report.TrainedModel(
+        model, model_path, name=f"MobileNetV2, {kept}", backbone="mobilenet_v2", weights=weights_used,
+        positive_class="PNEUMONIA", evaluation=evaluation,
+        facts={"training": training, "cue_test": cue_test.round(4).to_dict(orient="index"),
+               "selection_score": selection_score, "selection_rule": shortcuts.SELECTION_RULE,
+               "selection_score_by_phase": scores},
+    )],
+    metrics_path=Path(reports_dir) / f"{RUN_NAME}.metrics.json", run_name=RUN_NAME,
+    title="Kermany: MobileNetV2 fine-tuning", data=f"Kermany chest_xray at {data_dir}; {split_description}",
+    distribution=distribute.strategy_info(strat),
+)
 image_path = paths["test"][0]
 
 # %%
 # !{sys.executable} -m pneumo_utils.predict {image_path} --model {model_path}
-
-# %%
-entry = report.model_entry(
-    name=f"MobileNetV2, {kept}", backbone="mobilenet_v2", weights=weights_used, positive_class="PNEUMONIA",
-    evaluation=evaluation, model_path=model_path, training=training,
-    selection_score=selection_score, selection_rule=shortcuts.SELECTION_RULE,
-    selection_score_by_phase=scores, cue_test=cue_test.round(4).to_dict(orient="index"),
-)
-_ = report.write_metrics(
-    Path(reports_dir) / f"{RUN_NAME}.metrics.json", run_name=RUN_NAME,
-    title="Kermany: MobileNetV2 fine-tuning", data=split_description, models=[entry],
-)

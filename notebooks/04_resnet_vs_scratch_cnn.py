@@ -386,19 +386,17 @@ recipes = {
                           f"cue removal: {remove_cues}"),
 }
 split_description = report.describe_split(index)
-entries = []
+trained = []
 for name, model in candidates.items():
     backbone, weights_used, training = recipes[name]
-    model_path = Path(models_dir) / f"{RUN_NAME}.{backbone}.keras"
-    robustness = {"cue_test": cue_tests[name].round(4).to_dict(orient="index"), "selection_score": selection[name],
-                  "selection_rule": shortcuts.SELECTION_RULE}
-    report.save_with_card(model, model_path, evaluation=evaluations[name], distribution=distribute.strategy_info(strat), backbone=backbone, weights=weights_used,
-                          training=training, data=f"Kermany chest_xray at {data_dir}; {split_description}",
-                          **robustness)
-    entries.append(report.model_entry(name=name, backbone=backbone, weights=weights_used, positive_class="PNEUMONIA",
-                                      evaluation=evaluations[name], model_path=model_path, training=training,
-                                      **robustness))
-_ = report.write_metrics(
-    Path(reports_dir) / f"{RUN_NAME}.metrics.json", run_name=RUN_NAME,
-    title="Kermany: ResNet50 transfer vs CNN from scratch", data=split_description, models=entries,
+    trained.append(report.TrainedModel(
+        model, Path(models_dir) / f"{RUN_NAME}.{backbone}.keras", name=name, backbone=backbone,
+        weights=weights_used, positive_class="PNEUMONIA", evaluation=evaluations[name],
+        facts={"training": training, "cue_test": cue_tests[name].round(4).to_dict(orient="index"),
+               "selection_score": selection[name], "selection_rule": shortcuts.SELECTION_RULE},
+    ))
+_ = report.save_run(
+    trained, metrics_path=Path(reports_dir) / f"{RUN_NAME}.metrics.json", run_name=RUN_NAME,
+    title="Kermany: ResNet50 transfer vs CNN from scratch",
+    data=f"Kermany chest_xray at {data_dir}; {split_description}", distribution=distribute.strategy_info(strat),
 )

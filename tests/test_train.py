@@ -99,38 +99,50 @@ def _evaluation(seed: int = 0) -> dict:
     return evaluation_report(y_test=y, proba_test=proba, y_val=y, proba_val=proba, n_boot=20)
 
 
-def test_save_with_card_writes_model_sidecar_and_card_with_the_tasks_class_names(tmp_path):
+def test_save_run_writes_model_sidecar_card_and_metrics_with_the_tasks_class_names(tmp_path):
     evaluation = _evaluation()
     model = backbones.build_scratch_cnn(32, filters=(4, 8), dense_units=8, seed=0)
     path = tmp_path / "m.keras"
-    meta = report.save_with_card(model, path, evaluation=evaluation, backbone="scratch_cnn",
-                                 weights=report.describe_weights(None), training="test run",
-                                 class_names=["NO FINDING", "EFFUSION"])
+    (meta,) = report.save_run(
+        [report.TrainedModel(model, path, name="cnn", backbone="scratch_cnn", weights=report.describe_weights(None),
+                             positive_class="EFFUSION", evaluation=evaluation, facts={"training": "test run"})],
+        metrics_path=tmp_path / "run.metrics.json", run_name="run", title="t", data="d", task=None,
+        class_names=["NO FINDING", "EFFUSION"], data_set="nih:EFFUSION", distribution={"strategy": "default"},
+    )
     _, sidecar = saving.load_model(path)
-    assert sidecar["threshold"] == pytest.approx(evaluation["threshold"])
+    assert sidecar == {k: v for k, v in json.loads(path.with_suffix(".json").read_text()).items()}
+    assert sidecar["threshold"] == pytest.approx(evaluation["threshold"]) and "task" not in sidecar
     assert sidecar["class_names"] == ["NO FINDING", "EFFUSION"] and meta["weights"] == "random initialisation"
     assert sidecar["metrics"]["test"]["auc"] == pytest.approx(evaluation["test"]["auc"])
+    assert sidecar["training"] == "test run" and sidecar["distribution"] == {"strategy": "default"}
     card = path.with_suffix(".md").read_text()
     assert "P(EFFUSION)" in card and "NO FINDING" in card and "test run" in card
     assert "Not for diagnostic use" in card
+    record = json.loads((tmp_path / "run.metrics.json").read_text())
+    assert record["task"] == "nih:EFFUSION" and record["class_names"] == ["NO FINDING", "EFFUSION"]
+    (entry,) = record["models"]
+    assert entry["training"] == "test run" and entry["model_path"] == str(path) and "task" not in entry
 
 
-def test_model_entries_and_metrics_json_carry_what_the_index_shows(tmp_path):
-    entries = [
-        report.model_entry(name=f"model {i}", backbone="resnet50", weights=report.describe_weights(w),
-                           positive_class="PNEUMONIA", evaluation=_evaluation(seed=i), model_path=f"m{i}.keras")
+def test_save_run_metrics_carry_what_the_index_shows_for_several_models(tmp_path):
+    trained = [
+        report.TrainedModel(backbones.build_scratch_cnn(32, filters=(4,), dense_units=4, seed=i), tmp_path / f"m{i}.keras",
+                            name=f"model {i}", backbone="resnet50", weights=report.describe_weights(w),
+                            positive_class="PNEUMONIA", evaluation=_evaluation(seed=i), facts={"selection_score": i})
         for i, w in ((0, None), (1, "/w/resnet50_notop.h5"))
     ]
+    metas = report.save_run(trained, metrics_path=tmp_path / "run.metrics.json", run_name="run", title="t", data="d")
+    assert [m["task"] for m in metas] == ["pneumonia", "pneumonia"]
+    record = json.loads((tmp_path / "run.metrics.json").read_text())
+    entries = record["models"]
     for entry in entries:
         assert {"name", "backbone", "weights", "positive_class", "threshold", "threshold_rule",
-                "validation", "test", "model_path", "val_auc"} <= set(entry)
+                "validation", "test", "model_path", "val_auc", "selection_score"} <= set(entry)
     assert entries[1]["weights"] == "ImageNet (resnet50_notop.h5)"
-    path = tmp_path / "run.metrics.json"
-    record = report.write_metrics(path, run_name="run", title="t", data="d", models=entries)
     best = max(entries, key=lambda e: e["val_auc"])
-    assert json.loads(path.read_text()) == json.loads(json.dumps(record))
     assert record["task"] == "kermany" and record["model_path"] == best["model_path"]
-    assert record["weights"] == best["weights"] and len(record["models"]) == 2
+    assert record["weights"] == best["weights"] and len(entries) == 2
+    assert all(saving.load_model(t.path)[1]["selection_score"] == i for i, t in enumerate(trained))
 
 
 def test_tables_and_captions_for_the_report():

@@ -1,12 +1,4 @@
-"""Metrics, threshold rules, bootstrap confidence intervals and calibration.
-
-Every metric comes from scikit-learn. A binary task's model gives P(positive class) per
-image and decides with a threshold that is always chosen on *validation* predictions and then
-applied unchanged to test predictions; reports show it beside the default 0.5 so a reader can
-see what the choice did. A three-class model gives softmax probabilities ``(n, K)`` and
-decides by the most probable class (argmax, no threshold): :func:`multiclass_metrics` reports
-per-class precision, recall and F1, their macro and weighted averages, one-vs-rest ROC AUCs
-and the confusion matrix.
+"""The ``evaluate`` command: a saved model scored on a folder of labelled images.
 
 Command line: ``python -m pneumo_utils.evaluate --model MODEL.keras --data DIR [--task T]
 [--out F]`` evaluates a saved model on a Kermany-layout folder (``{NORMAL,PNEUMONIA}``, or a

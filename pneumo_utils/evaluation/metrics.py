@@ -8,15 +8,7 @@ decides by the most probable class (argmax, no threshold): :func:`multiclass_met
 per-class precision, recall and F1, their macro and weighted averages, one-vs-rest ROC AUCs
 and the confusion matrix.
 
-Command line: ``python -m pneumo_utils.evaluate --model MODEL.keras --data DIR [--task T]
-[--out F]`` evaluates a saved model on a Kermany-layout folder (``{NORMAL,PNEUMONIA}``, or a
-data root's ``test/``; the subtype tasks read bacteria/virus from the file names) for the task
-it was trained for (its sidecar's), and prints one JSON object: binary tasks at the threshold
-stored beside the model, three classes by argmax. ``--cue-test`` (binary tasks) adds the
-shortcut check of :mod:`pneumo_utils.evaluation.shortcuts` (each image with the histogram or the frame of
-an image of the other class from the same folder) and its selection score. Files left out
-(unreadable or not images) are counted and named in the JSON (``skipped``), and so are images
-found in sub-folders of a class folder (``nested_images``), which are scored with that class.
+The ``evaluate`` command (:mod:`pneumo_utils.evaluation.evaluate`) applies them to a saved model.
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """What a notebook run leaves behind, and the small tables its report shows.
 
-The saved model with its JSON sidecar and markdown model card, the per-model entries of the
-metrics JSON the index page is built from, the one-sentence split summary, the choice of
-test images for Grad-CAM, and the side-by-side table of several models' test metrics.
+One call (:func:`save_run`) saves a run's models, each with its JSON sidecar and markdown
+model card, and the run's metrics JSON the index page is built from. Also the one-sentence
+split summary, the choice of test images for Grad-CAM, and the side-by-side table of several
+models' test metrics.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -15,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pneumo_utils import CLASS_NAMES
-from pneumo_utils.data.tasks import predicted_labels
+from pneumo_utils.data.tasks import DEFAULT_TASK, predicted_labels
 from pneumo_utils.evaluation.metrics import CI_METRICS
 from pneumo_utils.io import write_json_atomic
 from pneumo_utils.model.saving import model_metadata, save_model
@@ -119,89 +121,93 @@ def comparison_table(evaluations: Mapping[str, dict]) -> pd.DataFrame:
     return table
 
 
-def save_with_card(model: keras.Model, path: str | Path, *, evaluation: dict, **info) -> dict:
-    """Save ``model`` (``.keras``, atomically) with its JSON sidecar and a markdown model card.
+@dataclass
+class TrainedModel:
+    """One trained model of a notebook run and the facts its files state about it.
 
-    The sidecar holds how outputs become decisions (a binary model's validation-chosen
-    threshold and its rule; argmax for more classes), the temperature fitted on validation,
-    the validation and test metrics, and ``info`` (backbone, weights, data, training, ``task``
-    and ``class_names`` when they are not NORMAL/PNEUMONIA, ...). The card goes to ``path``
-    with suffix ``.md``. Returns the sidecar's metadata.
+    ``name`` is its row on the index page; ``weights`` a human description
+    (:func:`describe_weights`), so a backbone trained from random weights is never read as
+    transfer learning; ``positive_class`` what label 1 means for a binary model (a model of
+    more classes lists them); ``evaluation`` the dict of
+    :func:`pneumo_utils.evaluation.metrics.evaluation_report` (decision rule, validation,
+    test and external figures); ``facts`` anything else the sidecar and the index row carry
+    (``training``, ``cue_test``, ``selection_score``, ``selection_rule``, ...).
     """
-    path = Path(path)
-    decision = {"threshold_rule": evaluation["threshold_rule"]}
-    if evaluation.get("threshold") is not None:
-        decision["threshold"] = evaluation["threshold"]
-    meta = model_metadata(
-        model,
-        **decision,
-        temperature=evaluation.get("temperature", 1.0),
-        metrics={"validation": evaluation["validation"], "test": evaluation["test"],
-                 **({"external": evaluation["external"]} if evaluation.get("external") else {})},
-        **info,
-    )
-    save_model(model, path, meta)
-    path.with_suffix(".md").write_text(model_card(meta, evaluation))
-    return meta
+
+    model: keras.Model
+    path: Path
+    name: str
+    backbone: str
+    weights: str
+    positive_class: str
+    evaluation: dict
+    facts: dict = field(default_factory=dict)
 
 
-def model_entry(
+def save_run(
+    models: Sequence[TrainedModel],
     *,
-    name: str,
-    backbone: str,
-    weights: str,
-    positive_class: str,
-    evaluation: dict,
-    model_path: str | Path,
-    **extra,
-) -> dict:
-    """The per-model record of ``<run>.metrics.json``, one row of the index page.
+    metrics_path: str | Path,
+    run_name: str,
+    title: str,
+    data: str,
+    task: str | None = DEFAULT_TASK,
+    class_names: Sequence[str] = CLASS_NAMES,
+    data_set: str = "kermany",
+    **sidecar,
+) -> list[dict]:
+    """Save a run's models and its metrics: for each model its ``.keras`` file (atomically),
+    JSON sidecar and markdown model card (``.md``), then ``metrics_path``, the run's metrics
+    JSON that the runner builds ``index.html`` from.
 
-    ``weights`` is a human description (:func:`describe_weights`), so a backbone trained from
-    random weights is never read as transfer learning; ``positive_class`` names what label 1
-    means for a binary model (a model of more classes lists them). ``val_auc`` is the
-    validation ROC AUC (macro one-vs-rest for more than two classes); ``threshold`` is
-    ``None`` when decisions are argmax.
+    Each sidecar holds how outputs become decisions (a binary model's validation-chosen
+    threshold and its rule; argmax for more classes), the temperature fitted on validation,
+    the validation, test and external figures, ``backbone``, ``weights``, ``data``, ``task``
+    (None for a finding outside the Kermany tasks, such as an NIH one), ``class_names``, the
+    model's ``facts`` and ``sidecar`` (e.g. ``distribution``). The metrics JSON's ``task`` is
+    ``data_set`` for the default task (``"kermany"``; ``"nih:<finding>"`` for NIH) and
+    ``"<data_set>:<task>"`` for the others: the best model is chosen among one task's models
+    only, since scores of different tasks do not compare. Its top level repeats the entry with
+    the highest validation AUC. Returns the sidecars, in the order of ``models``.
     """
-    return {
-        "name": name,
-        "backbone": backbone,
-        "weights": weights,
-        "positive_class": positive_class,
-        "threshold": evaluation.get("threshold"),
-        "threshold_rule": evaluation["threshold_rule"],
-        "decision": evaluation.get("decision", "threshold"),
-        "val_auc": evaluation["validation"]["auc"],
-        "validation": evaluation["validation"],
-        "test": evaluation["test"],
-        "test_at_0.5": evaluation.get("test_at_0.5"),
-        "external": evaluation.get("external"),
-        "model_path": str(model_path),
-        **extra,
-    }
-
-
-def write_metrics(
-    path: str | Path, *, run_name: str, title: str, data: str, models: list[dict],
-    task: str = "kermany", **extra,
-) -> dict:
-    """Write the run's metrics JSON (read by the runner for ``reports/index.html``).
-
-    ``models`` are :func:`model_entry` records. ``task`` names what they were trained and
-    tested on (``"kermany"`` for pneumonia vs normal, ``"kermany:<task>"`` for the other
-    tasks of :mod:`pneumo_utils.data.tasks`, or ``"nih:<finding>"``); the best model is chosen
-    among one task's models only, since scores of different tasks do not compare. The top
-    level repeats the entry with the highest validation AUC.
-    """
-    best = max(models, key=lambda m: m["val_auc"])
-    record = {
-        "run_name": run_name, "title": title, "data": data, "task": task, **extra,
+    class_names = list(class_names)
+    described = {"task": task} if task is not None else {}
+    metas, entries = [], []
+    for trained in models:
+        path, evaluation = Path(trained.path), trained.evaluation
+        decision = {"threshold_rule": evaluation["threshold_rule"]}
+        if evaluation.get("threshold") is not None:
+            decision["threshold"] = evaluation["threshold"]
+        meta = model_metadata(
+            trained.model, **decision, temperature=evaluation.get("temperature", 1.0),
+            metrics={"validation": evaluation["validation"], "test": evaluation["test"],
+                     **({"external": evaluation["external"]} if evaluation.get("external") else {})},
+            backbone=trained.backbone, weights=trained.weights, data=data, class_names=class_names,
+            **described, **trained.facts, **sidecar,
+        )
+        save_model(trained.model, path, meta)
+        path.with_suffix(".md").write_text(model_card(meta, evaluation))
+        metas.append(meta)
+        entries.append({
+            "name": trained.name, "backbone": trained.backbone, "weights": trained.weights,
+            "positive_class": trained.positive_class,
+            "threshold": evaluation.get("threshold"), "threshold_rule": evaluation["threshold_rule"],
+            "decision": evaluation.get("decision", "threshold"),
+            "val_auc": evaluation["validation"]["auc"], "validation": evaluation["validation"],
+            "test": evaluation["test"], "test_at_0.5": evaluation.get("test_at_0.5"),
+            "external": evaluation.get("external"), "model_path": str(path),
+            **described, "class_names": class_names, **trained.facts,
+        })
+    best = max(entries, key=lambda m: m["val_auc"])
+    write_json_atomic(metrics_path, {
+        "run_name": run_name, "title": title, "data": data,
+        "task": data_set if task in (None, DEFAULT_TASK) else f"{data_set}:{task}",
+        "class_names": class_names,
         **{k: best[k] for k in ("threshold", "threshold_rule", "decision", "val_auc", "test", "model_path",
                                 "weights", "positive_class")},
-        "models": models,
-    }
-    write_json_atomic(path, record)
-    return record
+        "models": entries,
+    })
+    return metas
 
 
 def model_card(meta: dict, evaluation: dict) -> str:

@@ -1,17 +1,13 @@
-"""Backbones, weights resolution, the classification head, and the saved-model contract.
+"""Backbones, weights resolution and the classification head.
 
 Every classifier here is built *flat* with the functional API: input -> preprocessing layer
 -> backbone layers -> head. Flat models keep ``model.get_layer(last_conv).output`` connected
 for Grad-CAM (a backbone nested as one layer breaks it) and take raw 0-255 RGB pixels, so the
 preprocessing travels inside the saved ``.keras`` file. It is made of standard Keras layers
 (``Rescaling``, or a fixed 1x1 ``Conv2D`` for the channel flip), so a saved model loads with
-plain ``keras.models.load_model`` without importing this package.
-
-A trained model travels as ``NAME.keras`` plus a JSON sidecar ``NAME.json`` holding the
-backbone, image size, task and class names, output and decision (a threshold and how it was
-chosen, or argmax), and the data and metrics summary. A binary task's model ends in one
-sigmoid unit, P(second class); a three-class model in a softmax with one unit per class.
-:func:`load_model` returns both; prediction and evaluation need nothing else.
+plain ``keras.models.load_model`` without importing this package. A binary task's model ends
+in one sigmoid unit, P(second class); a three-class model in a softmax with one unit per class.
+Saving and loading with the sidecar is :mod:`pneumo_utils.model.saving`.
 """
 
 from __future__ import annotations
