@@ -26,7 +26,8 @@
 # penalty, class weights, a learning-rate schedule and early stopping.
 #
 # The class names follow the task: with `finding = "Effusion"` the model answers EFFUSION vs
-# NO FINDING, and its saved sidecar, model card and metrics say so.
+# NO FINDING, and its saved sidecar, model card and metrics say so. With `shards_dir` set, the
+# images come from TFRecord shards instead of one file each: the way to train on all 112,120.
 #
 # > **Not for diagnostic use.** Research and teaching only.
 
@@ -44,6 +45,7 @@ if "google.colab" in sys.modules:
 
 # %% tags=["parameters"]
 data_dir = None  # type: str|None NIH folder (images and Data_Entry_2017*.csv) or a path,label CSV (None: found in data/ or ../shared/data/, else the Kaggle sample)
+shards_dir = None  # type: str|None TFRecord shards folder to read instead of the image files (python -m pneumo_utils.shards writes one; when it holds none yet, this notebook writes it from data_dir). None: read data_dir's files
 finding: str = "Pneumonia"  # the positive finding; its images against No Finding images
 backbone: str = "densenet121"  # densenet121 (CheXNet's), mobilenet_v2 or resnet50 (keras.applications)
 weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
@@ -62,6 +64,7 @@ seed: int = 42  # seeds the balancing, the split, the initial weights and the sh
 reports_dir: str = "reports"  # where the metrics JSON is written (relative paths: to the project folder)
 models_dir: str = "saved_models"  # where the model, its sidecar and its model card are written
 cache_dir: str = ".cache/pneumo"  # where backbone features are cached
+run_name: str = "02_nih_binary"  # file name of the saved model and the metrics JSON
 
 # %%
 from pathlib import Path
@@ -75,15 +78,53 @@ from pneumo_utils.evaluation import metrics
 from pneumo_utils.explain import gradcam, plots, report
 from pneumo_utils.model import backbones, features
 from pneumo_utils.model.train import EpochLine
-from pneumo_utils.scale import distribute
+from pneumo_utils.scale import distribute, shards
 
-RUN_NAME = "02_nih_binary"
-data_dir = fetch.find("nih", data_dir)  # the folder given, else data/ or ../shared/data/ of the project, else a download
-reports_dir, models_dir, cache_dir = (fetch.in_project(p) for p in (reports_dir, models_dir, cache_dir))
-pipelines.set_seed(seed)
+RUN_NAME = run_name
 strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
 print(distribute.describe(strat))
 batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> per step
+pipelines.set_seed(seed)
+reports_dir, models_dir, cache_dir = (fetch.in_project(p) for p in (reports_dir, models_dir, cache_dir))
+if shards_dir is not None:
+    shards_dir = fetch.in_project(shards_dir)  # relative paths: to the project folder
+if shards_dir is None or not shards.is_complete(shards_dir):  # the folder is read, or written into shards
+    data_dir = fetch.find("nih", data_dir)  # the folder given, else data/ or ../shared/data/ of the project, else a download
+else:  # complete shards are read alone; a data_dir given must be the folder they were written from
+    written_from = Path(shards.read_manifest(shards_dir)["data_root"]).expanduser().resolve()
+    if data_dir is not None and Path(data_dir).expanduser().resolve() != written_from:
+        raise ValueError(f"{shards_dir} holds shards of {written_from}, not of {data_dir}: "
+                         f"set shards_dir to a new folder (this notebook writes it) or data_dir to {written_from}")
+    data_dir = None
+
+# %% [markdown]
+# ## Input: image files or TFRecord shards
+# Read from the folder, every image is one PNG opened from Python: fine for a few thousand, the
+# bottleneck for all 112,120 (45 GB), and a set that several hosts cannot each read. TFRecord
+# shards pack a few thousand images, decoded once, resized and re-encoded, with their label,
+# patient and split, into each file: `tf.data` streams a few large files in parallel and decodes
+# in the graph, and under `tf.distribute` with several workers each worker reads its own files
+# (the input is split by file). Write them once with
+# `python -m pneumo_utils.shards --data-root DIR --out DIR` and pass `shards_dir`; when
+# `shards_dir` holds no shards yet, the cell below writes them from `data_dir`, with this
+# notebook's finding and patient split (a rerun after an interruption resumes). Shards are read as
+# they are: after the images or the table change, write them into a new folder.
+
+# %%
+if shards_dir is not None and not shards.is_complete(shards_dir):  # none there yet: write them once
+    source_index, split_rule = shards.load_index(
+        data_dir, kind="nih", finding=finding, balance=True, val_fraction=val_fraction,
+        test_fraction=test_fraction, seed=seed,
+    )
+    shards.write_shards(source_index, shards_dir, data_root=data_dir, image_size=image_size, split_rule=split_rule)
+if shards_dir is None:
+    table_path = datasets.find_labels_csv(data_dir)
+    _, table_format = datasets.read_labels_table(table_path)
+else:
+    manifest = shards.read_manifest(shards_dir)
+    table_path = f"{shards_dir} (TFRecord shards of {manifest['data_root']})"
+    table_format = "nih" if manifest["source"] == ["nih"] else "simple"
+print(f"input: {table_path}")
 
 # %% [markdown]
 # ## 1. The label table and the class names
@@ -93,16 +134,15 @@ batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> p
 # NORMAL/PNEUMONIA labels.
 
 # %%
-table_path = datasets.find_labels_csv(data_dir)
-_, table_format = datasets.read_labels_table(table_path)
 CLASS_NAMES = ("NO FINDING", finding.upper()) if table_format == "nih" else pneumo_utils.CLASS_NAMES
 print(f"{table_path} ({table_format} format): label 0 = {CLASS_NAMES[0]}, label 1 = {CLASS_NAMES[1]}")
 
 # %% [markdown]
-# The rule applied to the whole table, whether the images are on disk or not:
+# The rule applied to the whole table, whether the images are on disk or not (shown when the NIH
+# folder is read; complete shards are read without it):
 
 # %%
-if table_format == "nih":
+if table_format == "nih" and data_dir is not None:
     display(datasets.label_rule_counts(data_dir, findings=["Pneumonia", finding]))
 
 # %% [markdown]
@@ -112,35 +152,55 @@ if table_format == "nih":
 # split in section 4 stops and names a more common finding; this table shows the candidates.
 
 # %%
-if table_format == "nih":
+if table_format == "nih" and data_dir is not None:
     display(datasets.finding_counts(data_dir, on_disk_only=True).T)
 
 # %% [markdown]
 # ## 3. Index the images
 # One row per image: path, label, patient id (the table's `Patient ID`), split. The negatives
 # are downsampled (seeded) to the number of positives. Listed images that are not on disk are
-# counted and reported in one warning; every image found is decode-checked.
+# counted and reported in one warning; every image found is decode-checked. Shards hold such an
+# index already (the writer left out, and reported, what it could not read), with its split.
 
 # %%
-index = datasets.load_nih(data_dir, finding=finding, balance=True, seed=seed)
-n_missing = int(index.attrs["load_summary"].get("dropped: image not on disk", 0))
-display(datasets.load_steps(index).T)
+if shards_dir is None:
+    index = datasets.load_nih(data_dir, finding=finding, balance=True, seed=seed)
+    n_missing = int(index.attrs["load_summary"].get("dropped: image not on disk", 0))
+    display(datasets.load_steps(index).T)
+else:
+    index, split_rule = shards.read_split_index(shards_dir, finding=finding)  # path, label, patient, split, row
+    n_missing = None  # not recorded in shards: the writer reported images missing from the folder
+    print(f"split as written into the shards: {split_rule}")
 
 # %% [markdown]
 # ## 4. Train / validation / test split by patient
 # Patients (not images) are assigned to the splits, stratified by whether they have a positive
 # image: one patient's images are strongly correlated, so an image-level split would flatter the
-# test score.
+# test score. Shards keep the split they were written with (the same rule, made once), so every
+# run on them has the same patients in each split.
 
 # %%
-index = splits.patient_split(index, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+if shards_dir is None:
+    index = splits.patient_split(index, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
 index = splits.subsample(index, max_images_per_class, seed=seed)
 splits.assert_no_patient_leak(index)
 paths, labels = splits.split_files(index)
 datasets.summarize(index)
 
+# %% [markdown]
+# Figures need a few images as arrays: from the shards when reading them, else from the files.
+
 # %%
-plots.index_samples(index, image_size, per_class=4)
+def load_images(rows):
+    """The images of some index rows, ``(n, image_size, image_size, 3)`` float32 in 0-255."""
+    if shards_dir is not None:
+        return shards.read_images(shards_dir, rows["row"], image_size=image_size)[0]
+    return pipelines.load_images(rows["path"].tolist(), image_size)
+
+
+examples = index[index["split"] == "train"].groupby("label").head(4).sort_values("label", kind="stable")
+titles = [f"{CLASS_NAMES[y]} ({p})" for y, p in zip(examples["label"], examples["patient"], strict=True)]
+plots.sample_grid(load_images(examples), titles, ncols=4)
 
 # %% [markdown]
 # ## 5. A frozen ImageNet backbone with an L2-regularised head
@@ -172,10 +232,21 @@ print(report.describe_weights(weights_file))
 # ## 6. Train the head: class weights, learning-rate schedule, early stopping
 # Backbone features are computed once and cached (see notebook 01). `ReduceLROnPlateau`
 # lowers the learning rate whenever validation AUC stops improving (the `lr` column below shows
-# it); early stopping restores the best epoch.
+# it); early stopping restores the best epoch. From shards, the replicas share each split's
+# batches (`strategy.run`), the cache key holds the shards' checksums, and the features of the rows
+# kept above are taken in index order.
 
 # %%
-feats = features.extract_split_features(model, paths, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
+if shards_dir is None:
+    feats = features.extract_split_features(model, paths, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
+else:
+    feats = {
+        split: shards.extract_features_from_shards(
+            model, shards_dir, split, strat, batch_size=batch_size // strat.num_replicas_in_sync,
+            cache_dir=f"{cache_dir}/features",
+        ).of_rows(index.loc[index["split"] == split, "row"]).outputs
+        for split in ("train", "val", "test")
+    }
 with strat.scope():
     head = backbones.head_on_features(model)
 head.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
@@ -225,7 +296,7 @@ plots.roc_pr_curves({"test": (labels["test"], p_test), "validation": (labels["va
 # %%
 rows, captions = report.pick_examples(labels=labels["test"], proba=p_test, threshold=threshold, seed=seed,
                                       class_names=CLASS_NAMES)
-images = pipelines.load_images([paths["test"][i] for i in rows], image_size)
+images = load_images(index[index["split"] == "test"].iloc[rows])
 heatmaps = gradcam.grad_cam(model, images)
 plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions, class_names=CLASS_NAMES)
 
@@ -236,7 +307,8 @@ plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions
 model_path = Path(models_dir) / f"{RUN_NAME}.keras"
 weights_used = report.describe_weights(weights_file)
 split_description = report.describe_split(index, class_names=CLASS_NAMES)
-data_line = f"{table_path}: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}, balanced, split by patient; {split_description}"
+balanced = "balanced" if shards_dir is None or split_rule.get("balance") else "not balanced"
+data_line = f"{table_path}: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}, {balanced}, split by patient; {split_description}"
 _ = report.save_run(
     [report.TrainedModel(
         model, model_path, name=f"{spec.constructor}: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}", backbone=backbone,

@@ -254,6 +254,29 @@ def test_patient_split_on_synthetic_nih(nih_root):
     assert (counts >= 2).all() and len(counts) == 6
 
 
+def test_nih_shards_hold_the_notebooks_split_and_their_finding(nih_root, tmp_path):
+    """Notebook 02 reads the same images, labels, patients and splits from shards written by
+    shards.load_index as from the folder (load_nih, then patient_split), and refuses shards
+    of another finding."""
+    shards = pytest.importorskip("pneumo_utils.scale.shards")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingImagesWarning)
+        source, rule = shards.load_index(nih_root, kind="nih", finding="Pneumonia", val_fraction=0.2,
+                                         test_fraction=0.2, seed=3)
+    shards.write_shards(source, tmp_path, data_root=nih_root, image_size=16, split_rule=rule, verbose=False)
+    read, read_rule = shards.read_split_index(tmp_path, finding="pneumonia")
+    assert read_rule == rule
+    folder = splits.patient_split(_quiet_load(nih_root, finding="Pneumonia", seed=3), 0.2, 0.2, seed=3)
+    columns = ["path", "label", "patient", "split"]
+    by_path = folder.assign(path=folder["path"].map(str))[columns].sort_values("path").reset_index(drop=True)
+    pd.testing.assert_frame_equal(read[columns].sort_values("path").reset_index(drop=True), by_path,
+                                  check_dtype=False)
+    kept = splits.subsample(read, 4, seed=3)
+    assert sorted(kept["path"]) == sorted(map(str, splits.subsample(folder, 4, seed=3)["path"]))
+    with pytest.raises(ValueError, match="hold 'Pneumonia' against No Finding, not 'Effusion'"):
+        shards.read_split_index(tmp_path, finding="Effusion")
+
+
 def test_too_few_positives_is_a_clear_error():
     index = _toy_index(40, positive_every=10)  # 4 positive patients, 8 positive images
     with pytest.raises(splits.TooFewPositivesError) as info:

@@ -165,13 +165,13 @@ def test_interrupted_write_leaves_no_partial_shard_and_resumes(kermany_index, tm
     files = sorted(p.name for p in out.iterdir())
     done = sorted(manifest["shards"])
     assert done and files == sorted([*done, shards.MANIFEST])  # no partial or temporary file
-    assert not manifest["complete"]
+    assert not manifest["complete"] and not shards.is_complete(out)
     with pytest.raises(shards.CorruptShardError, match="incomplete"):
         shards.read_manifest(out)
     stamps = {name: (out / name).stat().st_mtime_ns for name in done}
     monkeypatch.setattr(shards, "encode_image", real)
     result = shards.write_shards(index, out, image_size=SIZE, images_per_shard=8, verbose=False)
-    assert result["complete"] and result["reused_shards"] == len(done)
+    assert result["complete"] and result["reused_shards"] == len(done) and shards.is_complete(out)
     assert all((out / name).stat().st_mtime_ns == stamps[name] for name in done)
     assert sorted(_records(out)["row"]) == list(range(len(index)))
     with pytest.raises(shards.ShardsMismatchError, match="image_size"):
@@ -239,3 +239,50 @@ def test_features_from_shards_match_the_folder_cache(shard_dir, tmp_path):
     again = shards.extract_features_from_shards(model, shard_dir, "val", cache_dir=tmp_path,
                                                 verbose=False)
     np.testing.assert_array_equal(again.outputs, got.outputs)
+
+
+def test_is_complete_is_false_for_a_missing_or_empty_folder_and_refuses_a_bad_manifest(tmp_path):
+    assert not shards.is_complete(tmp_path / "not-there")
+    assert not shards.is_complete(tmp_path)
+    (tmp_path / shards.MANIFEST).write_text("{not json")
+    with pytest.raises(shards.CorruptShardError, match="not valid JSON"):
+        shards.is_complete(tmp_path)
+
+
+def test_read_images_gives_the_readers_pixels_in_the_order_asked(shard_dir):
+    listed = shards.read_index(shard_dir)
+    test_rows = listed.loc[listed["split"] == "test", "row"].to_numpy()
+    rows = np.array([test_rows[3], listed.loc[listed["split"] == "train", "row"].iloc[5], test_rows[0]])
+    for size in (SIZE, 24):
+        images, labels = shards.read_images(shard_dir, rows, image_size=size)
+        assert images.dtype == np.float32 and images.shape == (3, size, size, 3)
+        np.testing.assert_array_equal(labels, listed.set_index("row").loc[rows, "label"].to_numpy())
+        read = {}  # row -> the reader's image
+        for split in ("test", "train"):
+            ds = shards.read_shards(shard_dir, split, image_size=size, batch_size=64, with_rows=True)
+            read.update({int(r): x for (xs, rs), _ in ds for x, r in zip(xs.numpy(), rs.numpy(), strict=True)})
+        np.testing.assert_array_equal(images, np.stack([read[int(r)] for r in rows]))
+    with pytest.raises(ValueError, match="no row"):
+        shards.read_images(shard_dir, [len(listed) + 7])
+
+
+def test_outputs_of_rows_follow_the_rows_given():
+    outputs = shards.ShardOutputs(np.arange(8.0).reshape(4, 2), np.array([0, 1, 1, 0]), np.array([2, 5, 9, 11]))
+    picked = outputs.of_rows([11, 2, 9])
+    np.testing.assert_array_equal(picked.rows, [11, 2, 9])
+    np.testing.assert_array_equal(picked.outputs, [[6.0, 7.0], [0.0, 1.0], [4.0, 5.0]])
+    np.testing.assert_array_equal(picked.labels, [0, 0, 1])
+    for absent in ([3], [12], [0, 5]):
+        with pytest.raises(ValueError, match="not among these outputs"):
+            outputs.of_rows(absent)
+
+
+def test_split_index_has_the_source_paths_and_refuses_a_split_not_by_patient(kermany_index, shard_dir):
+    index, _ = kermany_index
+    read, rule = shards.read_split_index(shard_dir)
+    assert rule["how"].endswith("grouped_split")
+    assert sorted(read["path"]) == sorted(map(str, index["path"]))
+    merged = read.merge(index.assign(path=index["path"].map(str)), on="path", suffixes=("", "_folder"))
+    assert (merged["split"] == merged["split_folder"]).all() and (merged["label"] == merged["label_folder"]).all()
+    with pytest.raises(ValueError, match="not by patient"):
+        shards.read_split_index(shard_dir, finding="Pneumonia")

@@ -35,7 +35,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -50,7 +49,7 @@ from PIL import Image
 from pneumo_utils import CLASS_NAMES
 from pneumo_utils.data.datasets import BadImagesWarning, find_labels_csv, load_kermany, load_nih
 from pneumo_utils.data.images import ImageReadError, read_image, read_resized
-from pneumo_utils.io import current_umask, write_bytes_atomic, write_json_atomic
+from pneumo_utils.io import atomic_path, write_bytes_atomic, write_json_atomic
 
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.csv"
@@ -421,21 +420,14 @@ def _write_shard(tf, path: Path, records: Iterable[bytes], split: str, lo: int, 
 
     ``records`` may encode images as it is consumed: whatever stops it (an error, Ctrl-C)
     leaves no file behind."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
     count = 0
-    try:
-        with tf.io.TFRecordWriter(tmp) as writer:
+    with atomic_path(path, suffix=".partial") as tmp:
+        with tf.io.TFRecordWriter(str(tmp)) as writer:
             for record in records:
                 writer.write(record)
                 count += 1
-        digest = _file_sha256(Path(tmp))
-        size = os.path.getsize(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        digest = _file_sha256(tmp)
+        size = tmp.stat().st_size
     return {"split": split, "positions": [lo, hi], "images": count, "bytes": size,
             "sha256": digest}
 
@@ -498,21 +490,37 @@ def read_manifest(folder: str | Path) -> dict:
     Raises ``FileNotFoundError`` when there is none, and :class:`CorruptShardError` when the
     writer did not finish (rerun it: it resumes).
     """
-    import tensorflow as tf
-
-    path = f"{str(folder).rstrip('/')}/{MANIFEST}"
-    if not tf.io.gfile.exists(path):
+    manifest = _manifest_or_none(folder)
+    if manifest is None:
         raise FileNotFoundError(f"{folder} is not a shards folder (no {MANIFEST}); write one with "
                                 "`python -m pneumo_utils.shards --data-root DIR --out DIR`.")
-    with tf.io.gfile.GFile(path, "r") as handle:
-        try:
-            manifest = check_manifest(json.loads(handle.read()), path)
-        except json.JSONDecodeError as exc:
-            raise CorruptShardError(f"{path} is not valid JSON ({exc}); rewrite the shards") from None
     if not manifest.get("complete"):
         raise CorruptShardError(f"the shards in {folder} are incomplete (the writer was "
                                 "interrupted); run the same command again to finish them.")
     return manifest
+
+
+def is_complete(folder: str | Path) -> bool:
+    """True when ``folder`` holds shards whose writer finished; False when it holds none yet
+    (it may not exist) or an interrupted write, which :func:`write_shards` resumes. A
+    manifest that is not valid JSON or not a pneumo manifest raises
+    :class:`CorruptShardError`."""
+    manifest = _manifest_or_none(folder)
+    return manifest is not None and bool(manifest.get("complete"))
+
+
+def _manifest_or_none(folder: str | Path) -> dict | None:
+    """The checked manifest of ``folder``, complete or not; None when there is none."""
+    import tensorflow as tf
+
+    path = f"{str(folder).rstrip('/')}/{MANIFEST}"
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path, "r") as handle:
+        try:
+            return check_manifest(json.loads(handle.read()), path)
+        except json.JSONDecodeError as exc:
+            raise CorruptShardError(f"{path} is not valid JSON ({exc}); rewrite the shards") from None
 
 
 def read_index(folder: str | Path) -> pd.DataFrame:
@@ -523,6 +531,44 @@ def read_index(folder: str | Path) -> pd.DataFrame:
     read_manifest(folder)
     with tf.io.gfile.GFile(f"{str(folder).rstrip('/')}/{INDEX_FILE}", "r") as handle:
         return pd.read_csv(handle, dtype={"patient": str, "key": str})
+
+
+def read_split_index(folder: str | Path, finding: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """The index of a shards folder in the notebooks' shape, and the split rule it was written with.
+
+    Returns :func:`read_index` (``row, key, label, patient, split, source, shard``, in row
+    order) with ``path``, where each image was read from when the shards were written
+    (``data_root/key`` of the manifest; the file need not exist any more), so that the
+    split, summary and report helpers of :mod:`pneumo_utils.data` take it as they take a
+    folder's index; and the manifest's ``split_rule`` (``{}`` when none was recorded). The
+    splits are the ones the shards were written with: a notebook reading shards uses them
+    as they are, so that every run on the same shards has the same patients in each split.
+
+    With ``finding`` the shards must hold an NIH-style binary task split by patient
+    (:func:`load_index` with ``kind="nih"``), and, when written from the NIH table, labels of
+    that finding (label 1 = ``finding`` present): otherwise ``ValueError`` says what they
+    hold and how to write the right ones.
+    """
+    manifest = read_manifest(folder)
+    rule = dict(manifest.get("split_rule") or {})
+    if finding is not None:
+        how = str(rule.get("how", "not recorded"))
+        if not how.endswith("patient_split"):
+            raise ValueError(
+                f"the shards in {folder} were split by {how} (source {manifest['source']}), not by "
+                "patient for an NIH-style task; write NIH shards with python -m pneumo_utils.shards "
+                "--data-root NIH_DIR --out OTHER_DIR"
+            )
+        held = str(rule.get("finding", ""))
+        if manifest["source"] == ["nih"] and held.lower() != finding.lower():
+            raise ValueError(
+                f"the shards in {folder} hold {held!r} against No Finding, not {finding!r}: set "
+                f"finding={held!r}, or write {finding!r} shards into another folder with python -m "
+                f"pneumo_utils.shards --data-root NIH_DIR --out OTHER_DIR --finding {finding!r}"
+            )
+    index = read_index(folder)
+    root = str(manifest.get("data_root", "")).rstrip("/")
+    return index.assign(path=[f"{root}/{key}" for key in index["key"]]), rule
 
 
 def shard_files(folder: str | Path, split: str, verify: str = "size") -> list[str]:
@@ -683,12 +729,7 @@ def _dataset(folder, split, image_size, batch_size, shuffle, seed, cache, repeat
 
     def decode(record):
         example = tf.io.parse_single_example(record, spec)
-        image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
-        if size != stored:
-            image = tf.image.resize(image, [size, size], antialias=True)
-            image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
-        image = tf.ensure_shape(image, (size, size, 3))
-        return image, example["label"], example["row"]
+        return _decode_image(tf, example["image"], size, stored), example["label"], example["row"]
 
     ds = records.map(decode, num_parallel_calls=autotune, deterministic=not shuffle)
     if cache:
@@ -712,6 +753,77 @@ def _dataset(folder, split, image_size, batch_size, shuffle, seed, cache, repeat
     return ds.with_options(options)
 
 
+def _decode_image(tf, encoded, size: int, stored: int):
+    """A record's image as ``uint8`` ``(size, size, 3)``: decoded, and resized in the graph
+    (bilinear with antialiasing) when ``size`` is not the ``stored`` size."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    if size != stored:
+        image = tf.image.resize(image, [size, size], antialias=True)
+        image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+    return tf.ensure_shape(image, (size, size, 3))
+
+
+def read_images(
+    folder: str | Path,
+    rows: Sequence[int] | np.ndarray | pd.Series,
+    image_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of some index rows, in the order of ``rows``, for figures.
+
+    ``rows`` are rows of :func:`read_index` (its ``row`` column), from any splits. Returns
+    ``float32`` images ``(n, image_size, image_size, 3)`` in 0-255, the pixels
+    :func:`read_shards` gives for those rows (``image_size`` defaults to the stored size),
+    and their ``int64`` labels ``(n,)``. Grad-CAM and sample grids need a handful of image
+    arrays: only the shards that hold them are read, and only their images are decoded.
+    Raises ``ValueError`` naming rows the shards do not hold, and :class:`CorruptShardError`
+    for a shard that cannot be read.
+    """
+    import tensorflow as tf
+
+    manifest = read_manifest(folder)
+    stored = int(manifest["image_size"])
+    size = int(image_size or stored)
+    if not size:
+        raise ValueError(f"the shards in {folder} hold images at their original sizes; pass "
+                         "image_size")
+    wanted = np.asarray(rows, dtype=np.int64).ravel()
+    index = read_index(folder).set_index("row")
+    unknown = sorted(set(wanted.tolist()) - set(index.index.tolist()))
+    if unknown:
+        raise ValueError(f"the shards in {folder} hold no row(s) {unknown[:5]}; rows are the "
+                         f"'row' column of read_index ({len(index)} rows)")
+    if not len(wanted):
+        return np.zeros((0, size, size, 3), np.float32), np.zeros((0,), np.int64)
+    held = index.loc[wanted]
+    paths = [p for split in sorted(set(held["split"]))
+             for p in shard_files(folder, split) if Path(p).name in set(held["shard"])]
+    spec = {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+        "row": tf.io.FixedLenFeature([], tf.int64),
+    }
+    targets = tf.constant(np.unique(wanted))
+    ds = (tf.data.TFRecordDataset(paths)
+          .map(lambda record: tf.io.parse_single_example(record, spec))
+          .filter(lambda example: tf.reduce_any(tf.equal(example["row"], targets)))
+          .map(lambda example: (_decode_image(tf, example["image"], size, stored),
+                                example["label"], example["row"])))
+    found = {}
+    try:
+        for image, label, row in ds.as_numpy_iterator():
+            found[int(row)] = (image, int(label))
+    except tf.errors.DataLossError as exc:
+        raise CorruptShardError(f"a shard of {folder} holding rows {sorted(set(wanted.tolist()))[:5]} "
+                                f"cannot be read: {' '.join(str(exc).split())[:300]}") from None
+    lost = sorted(set(wanted.tolist()) - set(found))
+    if lost:
+        raise CorruptShardError(f"index.csv of {folder} places row(s) {lost[:5]} in shards that do "
+                                "not hold them; check the folder with python -m pneumo_utils.shards "
+                                "--out DIR --verify")
+    images = np.stack([found[int(r)][0] for r in wanted]).astype(np.float32)
+    return images, np.array([found[int(r)][1] for r in wanted], dtype=np.int64)
+
+
 # ------------------------------------------------------------- predictions and features
 
 
@@ -724,6 +836,18 @@ class ShardOutputs(NamedTuple):
     """``(n,)`` int64 labels of those rows."""
     rows: np.ndarray
     """``(n,)`` int64 rows of :func:`read_index`, ascending."""
+
+    def of_rows(self, rows: Sequence[int] | np.ndarray | pd.Series) -> ShardOutputs:
+        """The outputs, labels and rows of index rows ``rows``, in that order: e.g. the rows a
+        notebook kept after :func:`pneumo_utils.data.splits.subsample`, so that features line up
+        with that index's labels and patients. Raises ``ValueError`` naming rows not here."""
+        wanted = np.asarray(rows, dtype=np.int64).ravel()
+        at = np.searchsorted(self.rows, wanted).clip(0, max(len(self.rows) - 1, 0))
+        missing = wanted[self.rows[at] != wanted] if len(self.rows) else wanted
+        if len(missing):
+            raise ValueError(f"{len(missing)} row(s) are not among these outputs, e.g. "
+                             f"{missing[:5].tolist()}; rows must come from the same split's shards")
+        return ShardOutputs(self.outputs[at], self.labels[at], self.rows[at])
 
 
 def predict_from_shards(
