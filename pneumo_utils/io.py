@@ -1,8 +1,9 @@
 """Files that travel with results: atomic writes, and the model sidecar's reader.
 
 Every write goes to a uniquely named temporary file in the target's own folder (so the final
-rename stays on one file system and is atomic), then replaces the target in one step. Several
-processes writing the same file at once each leave a complete file; the last one wins.
+rename stays on one file system and is atomic), then replaces the target in one step
+(:func:`atomic_path`, which libraries that write to a path use directly). Several processes
+writing the same file at once each leave a complete file; the last one wins.
 
 A model's JSON sidecar is read and checked against :data:`SIDECAR_SCHEMA` here, without
 TensorFlow, so that a command line can refuse a bad sidecar before loading a model. The
@@ -14,6 +15,7 @@ output does not fit them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -21,6 +23,7 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from pneumo_utils import CLASS_NAMES, TASK_CLASS_NAMES
 __all__ = [
     "TASK_CLASS_NAMES",
     "ModelFileError",
+    "atomic_path",
     "check_output",
     "check_fingerprint",
     "class_names_of",
@@ -69,29 +73,50 @@ class ModelFileError(ValueError):
     """A file is not a pneumo/Keras model, or does not fit the data it is given."""
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
-    """Write ``data`` to ``path`` through a unique temporary file and a rename.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", mode: int | None = None) -> Iterator[Path]:
+    """A temporary path that becomes ``path`` when the block ends without an exception.
 
-    ``mode`` sets the file's permissions (default: ``0o666`` less the umask, as ``open``
-    would give); ``tempfile.mkstemp`` alone would leave ``0o600``. No temporary file
-    survives a failed write.
+    For writers that take a path (``model.save``, ``shutil.copyfile``,
+    ``tf.io.TFRecordWriter``). The yielded path is a new, empty file
+    ``.NAME.PID.RANDOM`` + ``suffix`` in ``path``'s folder, NAME being ``path``'s name less
+    ``suffix`` (``model.keras`` with ``.keras`` gives ``.model.PID.k2j3x9aq.keras``): Keras
+    reads the format from the suffix, and the process id tells a killed writer's temporary
+    from a running one's. On a clean exit the file is flushed to disk, given ``mode``
+    (default: ``0o666`` less the umask, as ``open`` would give; ``mkstemp`` alone leaves
+    ``0o600``) and renamed over ``path``. On any exception, Ctrl-C included, the temporary
+    is removed and ``path`` keeps what it had; an :class:`OSError` from the system that names
+    no file (a full disk fails in ``write``) is given ``path``. ``path`` is a file, not a folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    name = path.name.removesuffix(suffix) or path.name
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.{os.getpid()}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(tmp)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, mode if mode is not None else 0o666 & ~current_umask())
         os.replace(tmp, path)
     except OSError as exc:
-        exc.filename = exc.filename or str(path)  # a full disk fails in write(), which names no file
+        if exc.errno is not None and exc.filename is None:  # without errno, str() would show "None"
+            exc.filename = str(path)
         raise
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` through a unique temporary file and a rename
+    (:func:`atomic_path`; ``mode`` as there). No temporary file survives a failed write."""
+    path = Path(path)
+    with atomic_path(path, mode=mode) as tmp:
+        tmp.write_bytes(data)
     return path
 
 
