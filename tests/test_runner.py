@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 from filelock import FileLock
 
@@ -140,7 +142,9 @@ def test_index_tells_what_happened(mixed_run: dict) -> None:
     assert "0.900 (0.850–0.920)" in page  # Model A's test AUC with its CI
     assert "random initialisation" in page and "ImageNet (resnet50_notop.h5)" in page
     assert "NORMAL / PNEUMONIA" in page  # no positive_class: the notebook's class names
-    assert "<polyline" in page  # ROC curves from the metrics' points
+    roc = 'class="roc" role="img" aria-label="ROC curves on the test split: Kermany: pneumonia vs normal"><svg'
+    assert page.count(roc) == 1  # one figure for the table, drawn from the metrics' points
+    assert "Model A (AUC = 0.90)" in page and "Model B (AUC = 0.97)" in page and "Chance level" in page
     assert "<script" not in page
     summary = json.loads((reports / "summary.json").read_text())
     assert summary["state"] == "finished"
@@ -350,8 +354,9 @@ def test_index_has_one_table_per_task(task_run: dict) -> None:
     for column in ("test macro AUC", "balanced accuracy", "macro F1", "argmax (no threshold)",
                    "0.642 (0.590–0.690)", "NORMAL / BACTERIAL PNEUMONIA / VIRAL PNEUMONIA"):
         assert column in three
-    assert "sensitivity" not in three and "<polyline" not in three
-    assert "VIRAL PNEUMONIA" in binary and "0.400" in binary and binary.count("<polyline") == 2
+    assert "sensitivity" not in three and "<svg" not in three  # no ROC points: no figure
+    assert "VIRAL PNEUMONIA" in binary and "0.400" in binary
+    assert binary.count("<svg") == 1 and binary.count("(AUC = 0.88)</text>") == 2  # both models, one figure
     assert "mobilenetv2 pneumonia" in pneumonia and "bacterial_vs_viral" not in pneumonia
     assert page.count('class="best"') == 3 and "run of 01_task_model" in page
     short = (task_run["reports"] / "01_three.html").read_text(encoding="utf-8")
@@ -427,8 +432,65 @@ def test_old_metrics_without_task_still_render(tmp_path: Path) -> None:
     page = (tmp_path / "index.html").read_text(encoding="utf-8")
     assert "<h3>Kermany: pneumonia vs normal</h3>" in page and "<h3>NIH ChestX-ray14: Effusion vs no Effusion</h3>" in page
     assert "0.800" in page and "–" in page and "argmax" not in page.split("<h2>Models</h2>")[1].split("<h3>")[1]
+    assert "<svg" not in page  # no model carries ROC points
     assert index_page.task_key("bacterial_vs_viral") == "kermany:bacterial_vs_viral"
     assert index_page.task_key("kermany:pneumonia") == index_page.task_key(None) == "kermany"
+
+
+def roc_row(name: str, fpr: list, tpr: list, auc: float | None = 0.9) -> dict:
+    """A models-table row as :func:`index_page.model_row` gives it, for the ROC figure."""
+    return {"name": name, "roc": {"fpr": fpr, "tpr": tpr}, "test_auc_value": auc}
+
+
+def svg_texts(svg: str) -> list[str]:
+    """The text elements of an inline SVG figure (it must parse as XML)."""
+    import xml.etree.ElementTree as ET
+
+    return ["".join(t.itertext()) for t in ET.fromstring(svg).iter("{http://www.w3.org/2000/svg}text")]
+
+
+def test_roc_figure_draws_the_finite_points_of_each_model() -> None:
+    import matplotlib.pyplot as plt
+
+    open_before = plt.get_fignums()
+    rows = [roc_row("finite", [0.0, 0.1, 1.0], [0.0, 0.8, 1.0]),
+            roc_row("gaps", [0.0, float("nan"), None, "x", 0.3, 1.0], [0.0, 0.5, 0.6, 0.7, float("inf"), 1.0], auc=None),
+            roc_row("all missing", [None, float("nan")], [0.1, 0.2]),
+            {"name": "no points", "roc": None, "test_auc_value": 0.7},
+            {"name": "not lists", "roc": {"fpr": "0,1", "tpr": {}}, "test_auc_value": 0.7}]
+    texts = svg_texts(index_page.roc_figure(rows, "kermany"))
+    assert "false positive rate (test split)" in texts and "true positive rate" in texts
+    assert "finite (AUC = 0.90)" in texts and "gaps" in texts  # no AUC, no figure in the label
+    assert any(t.startswith("Chance level") for t in texts)  # the diagonal
+    assert not any(t.startswith(("all missing", "no points", "not lists")) for t in texts)
+    assert plt.get_fignums() == open_before  # nothing left open in pyplot
+    assert index_page.roc_figure(rows[2:], "kermany") is None
+    assert index_page.roc_figure([], "kermany") is None
+
+
+def test_roc_figure_keeps_names_as_text_and_ids_apart() -> None:
+    hostile = '</text></svg><script>alert(1)</script> --> $\\frac{$ & "q"'
+    rows = [roc_row(hostile, [0.0, 1.0], [0.0, 1.0]), roc_row("_hidden", [0.0, 1.0], [0.0, 1.0], auc=0.5)]
+    first, second = index_page.roc_figure(rows, "kermany"), index_page.roc_figure(rows, "nih:Effusion")
+    assert "<script" not in first
+    texts = svg_texts(first)
+    assert f"{hostile} (AUC = 0.90)" in texts  # escaped, not read as mathematics
+    assert " _hidden (AUC = 0.50)" in texts  # a leading _ would hide it from the legend
+    ids = [re.findall(r' id="([^"]+)"', svg) for svg in (first, second)]
+    assert ids[0] and len(set(ids[0])) == len(ids[0]) and not set(ids[0]) & set(ids[1])
+
+
+def test_long_roc_curve_is_thinned() -> None:
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 20_000)
+    fpr, tpr, _ = roc_curve(labels, labels + rng.normal(0, 1.5, labels.size), drop_intermediate=False)
+    assert len(fpr) > 10 * index_page.MAX_ROC_POINTS
+    svg = index_page.roc_figure([roc_row("long", fpr.tolist(), tpr.tolist())], "kermany")
+    vertices = max(path.count("L ") for path in re.findall(r' d="([^"]*)"', svg))
+    assert 10 < vertices <= index_page.MAX_ROC_POINTS  # drawn all 20,001 points give about 1,900
+    assert "long (AUC = 0.90)" in svg_texts(svg)
 
 
 # --------------------------------------------------------------------------- run_all.sh

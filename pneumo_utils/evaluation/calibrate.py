@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +43,7 @@ from pneumo_utils.evaluation.metrics import (
     multiclass_bootstrap_ci,
     multiclass_metrics,
 )
-from pneumo_utils.io import ModelFileError, fail, write_json_atomic
+from pneumo_utils.io import ModelFileError, atomic_path, fail, write_json_atomic
 
 MIN_PER_CLASS = 50
 """Below this many images of a class, the calibration says its figures are uncertain."""
@@ -138,16 +136,10 @@ def _binary_figures(labels: np.ndarray, proba: np.ndarray, threshold: float, n_b
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
-    """Copy ``source`` to ``target`` through a temporary file and a rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=target.parent, prefix=".partial-")
-    os.close(fd)
-    try:
+    """Copy ``source`` to ``target`` through a temporary file and a rename
+    (:func:`~pneumo_utils.io.atomic_path`)."""
+    with atomic_path(target, suffix=".keras") as tmp:
         shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _card_section(record: dict, binary: bool) -> str:

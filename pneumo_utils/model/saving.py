@@ -10,9 +10,7 @@ sigmoid unit, P(second class); a three-class model in a softmax with one unit pe
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 import time
 import zipfile
 from datetime import datetime, timezone
@@ -29,9 +27,9 @@ from pneumo_utils.io import (
     MIN_IMAGE_SIZE,
     TASK_CLASS_NAMES,
     ModelFileError,
+    atomic_path,
     check_fingerprint,
     check_output,
-    current_umask,
     file_digest,
     read_sidecar,
     validate_metadata,
@@ -196,22 +194,16 @@ def save_model(model: keras.Model, path: str | Path, metadata: dict | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
     meta = metadata if metadata is not None else model_metadata(model)
-    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=path.parent, prefix=f".{path.stem}.{os.getpid()}.")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".keras") as tmp:
         model.save(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the usual permissions
         digest = file_digest(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     write_json_atomic(sidecar_path(path), {**meta, "sha256": {"keras": digest}})
     return path
 
 
 def _remove_stale_temporaries(path: Path) -> None:
-    """Delete ``.STEM.PID.*.keras`` files in ``path``'s folder whose process is gone."""
+    """Delete ``.STEM.PID.*.keras`` files (the temporaries of :func:`~pneumo_utils.io.atomic_path`)
+    in ``path``'s folder whose process is gone."""
     import psutil
 
     pattern = re.compile(rf"^\.{re.escape(path.stem)}\.(\d+)\..*\.keras$")

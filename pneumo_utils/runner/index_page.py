@@ -9,6 +9,7 @@ import importlib.metadata
 import importlib.resources
 import json
 import math
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -34,7 +35,8 @@ TEST_METRICS = ("auc", "sensitivity", "specificity", "accuracy", "balanced_accur
 LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "numpy", "scikit-learn", "papermill")
 
 
-COLOURS = ("#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#57606a")
+MAX_ROC_POINTS = 500
+"""Most points drawn per ROC curve on the index (about two per pixel of its axes)."""
 
 
 def number(value: Any) -> float | None:
@@ -119,6 +121,7 @@ def model_row(nb: Notebook, entry: dict) -> dict[str, Any]:
         "test": {m: fmt(test.get(m), test.get(f"{m}_ci")) for m in TEST_METRICS},
         "external": {m: fmt(external.get(m), external.get(f"{m}_ci")) for m in TEST_METRICS} if external else None,
         "external_auc": number(external.get("auc")),
+        "test_auc_value": number(test.get("auc")),
         "external_data": str(external.get("data") or ""),
         "threshold": fmt(entry.get("threshold")),
         "threshold_rule": str(entry.get("threshold_rule") or metrics.get("threshold_rule") or ""),
@@ -172,20 +175,57 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def roc_curves(rows: Sequence[dict]) -> list[dict]:
-    """SVG polylines (300 px square) for rows whose metrics carry ROC points."""
+def roc_figure(rows: Sequence[dict], key: str) -> str | None:
+    """The test-split ROC curves of ``rows`` as one inline SVG figure, or None when no row
+    carries ROC points.
+
+    Each row's ``roc`` holds ``fpr`` and ``tpr``, lists of rates in 0..1 of equal length;
+    pairs with a missing or non-finite rate are dropped, and a curve of more than
+    :data:`MAX_ROC_POINTS` points keeps every k-th (the figure is 3 inches wide, so more
+    points only lengthen ``index.html``). Curves are drawn by scikit-learn's
+    ``RocCurveDisplay`` with the chance diagonal, each labelled with the row's name and
+    test AUC. The figure is a ``matplotlib.figure.Figure`` that pyplot never holds, so no
+    backend is chosen and nothing stays open; text stays text (``svg.fonttype: none``), and
+    ``key`` (the table's task) seeds the ids that the figure's elements refer to, so that
+    several figures on one page share none; the XML prologue and the ids of groups (numbered
+    alike in every figure, referred to by nothing) are dropped for inlining in HTML.
+    """
     curves = []
     for row in rows:
         roc = row["roc"]
         if not isinstance(roc, dict) or not isinstance(roc.get("fpr"), list) or not isinstance(roc.get("tpr"), list):
             continue
         pairs = [(f, t) for f, t in zip(roc["fpr"], roc["tpr"], strict=False) if number(f) is not None and number(t) is not None]
-        step = max(1, len(pairs) // 200)
-        points = " ".join(f"{300 * f:.1f},{300 * (1 - t):.1f}" for f, t in pairs[::step] + pairs[-1:])
-        if points:
-            colour = COLOURS[len(curves) % len(COLOURS)]
-            curves.append({"label": f"{row['name']} (AUC {row['test']['auc'].split(' ')[0]})", "points": points, "colour": colour})
-    return curves
+        if pairs:
+            step = -(-len(pairs) // MAX_ROC_POINTS)
+            curves.append((pairs[::step] + pairs[-1:] if step > 1 else pairs, row))
+    if not curves:
+        return None
+    from io import StringIO
+
+    import matplotlib
+    import numpy as np
+    from matplotlib.figure import Figure
+    from sklearn.metrics import RocCurveDisplay
+
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"roc-{key}",
+                                "font.sans-serif": ["DejaVu Sans", "Helvetica", "Arial"]}):
+        figure = Figure(figsize=(7, 3.2))
+        ax = figure.add_subplot()
+        for i, (pairs, row) in enumerate(curves):
+            fpr, tpr = np.array(pairs, dtype=np.float64).T
+            name = row["name"].replace("$", r"\$")  # a $ pair would be read as mathematics
+            RocCurveDisplay(fpr=fpr, tpr=tpr, roc_auc=row.get("test_auc_value"),
+                            name=f" {name}" if name.startswith("_") else name,  # legends skip "_" names
+                            ).plot(ax=ax, plot_chance_level=i == 0)
+        ax.set(xlabel="false positive rate (test split)", ylabel="true positive rate",
+               xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal")
+        ax.legend(loc="center left", bbox_to_anchor=(1.03, 0.5), frameon=False)
+        svg = StringIO()
+        figure.savefig(svg, format="svg", bbox_inches="tight",
+                       metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+    text = svg.getvalue()
+    return re.sub(r'<g id="[^"]*"', "<g", text[text.index("<svg"):])
 
 
 def model_tables(rows: Sequence[dict], best: dict[str, dict]) -> list[dict]:
@@ -205,7 +245,7 @@ def model_tables(rows: Sequence[dict], best: dict[str, dict]) -> list[dict]:
                                 "data": chosen.get("rule_data", ""),
                                 "calibrated": Path(chosen["calibration"]["model"]).name
                                 if chosen.get("calibration") else None},
-            "roc": roc_curves(mine),
+            "roc": roc_figure(mine, task),
         })
     return tables
 

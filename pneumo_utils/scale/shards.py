@@ -433,7 +433,7 @@ def _write_shard(tf, path: Path, records: Iterable[bytes], split: str, lo: int, 
 
 
 def _remove_partial_files(out: Path) -> None:
-    """Temporary shard files left by a run that was killed (``.NAME.XXXX.partial``)."""
+    """Temporary shard files left by a run that was killed (``.NAME.PID.XXXX.partial``)."""
     for stale in out.glob(".*.tfrecord.*.partial"):
         stale.unlink(missing_ok=True)
 
