@@ -19,6 +19,7 @@ out="$PWD/$build"
 python -m pneumo_utils.runner --profile smoke --offline --prepare-only "$build/nbval" \
   --data-root "$out/kermany" --nih-root "$out/nih" --external-dir "$out/external/test" \
   --reports-dir "$out/reports" \
-  --set "models_dir=$out/saved_models" --set "cache_dir=$out/cache"
+  --set "models_dir=$out/saved_models" --set "cache_dir=$out/cache" \
+  --set "02_nih_binary_shards.shards_dir=$out/nih-shards"
 echo "[tests] pytest (package) + nbval (notebooks, smoke profile on synthetic data)"
 python -m pytest tests "$build/nbval" --nbval-lax -p no:cacheprovider "$@"
