@@ -31,6 +31,9 @@ Choices worth knowing:
   without either, min-max. MONOCHROME1 (bright = low values) is inverted so that bone is
   always bright. Multi-frame files give their first frame. Read at a reduced size, the raw
   values are block-averaged before the LUTs, so the float copies stay small.
+* Plain files can be decoded by TensorFlow instead (:func:`graph_decode`): 8-bit gray or RGB
+  JPEG and PNG files, upright and undamaged, whose pixels TensorFlow's decoders reproduce
+  given the reduced-scale settings that :func:`read_resized` would use.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import hashlib
 import os
 import sqlite3
 import stat
+import struct
 import threading
 import warnings
 from collections.abc import Sequence
@@ -56,10 +60,13 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MIN_SIDE",
     "PIXEL_BUDGET",
+    "GraphDecode",
     "ImageHeader",
     "ImageReadError",
     "check_image",
     "check_images",
+    "checked_readable",
+    "graph_decode",
     "image_warnings",
     "is_dicom",
     "is_image_file",
@@ -100,6 +107,7 @@ _CHECK_VERSION = "3"  # part of the cache key: a change to what check_image test
 _PIL_LIMIT_LOCK = threading.Lock()
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # these swap width and height
+_PNG_ORIENTATION_KEYS = (b"Raw profile type exif", b"XML:com.adobe.xmp")  # text keys Pillow reads
 
 
 class ImageReadError(ValueError):
@@ -138,6 +146,19 @@ class ImageHeader:
         if self.orientation in _TRANSPOSED_ORIENTATIONS:
             return self.height, self.width
         return self.width, self.height
+
+
+@dataclass(frozen=True)
+class GraphDecode:
+    """How TensorFlow's own decoders give the pixels of :func:`read_resized` for one file
+    (see :func:`graph_decode`): ``format`` (``JPEG`` or ``PNG``), stored ``channels`` (1 gray,
+    3 RGB), libjpeg's ``jpeg_ratio`` (the JPEG is decoded at 1/1, 1/2, 1/4 or 1/8 scale; 1
+    for a PNG) and the ``box`` factor of the block averaging that follows (1: none)."""
+
+    format: str
+    channels: int
+    jpeg_ratio: int
+    box: int
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -229,6 +250,48 @@ def read_resized(path: str | os.PathLike, size: int | tuple[int, int]) -> np.nda
     return _to_rgb(arr)
 
 
+def graph_decode(path: str | os.PathLike, size: int, verified: bool = False) -> GraphDecode | None:
+    """How to decode ``path`` with TensorFlow so that the pixels equal ``read_resized(path,
+    size)``, or ``None`` when only :func:`read_resized` reads it as intended.
+
+    TensorFlow's decoders cover 8-bit gray or RGB JPEG and PNG files: upright (EXIF
+    orientation 1), no palette, alpha, transparency, CMYK or animation, at most
+    :data:`PIXEL_BUDGET` pixels. The file must also pass the damage checks that
+    :func:`read_resized` makes before decoding (a strict libjpeg pass at 1/8 scale, PNG chunk
+    checksums): TensorFlow decodes a JPEG with corrupt data to a wrong picture without an
+    error, so a damaged file gets ``None`` and is left to :func:`read_resized`, whose
+    :class:`ImageReadError` names it. ``verified=True`` skips that check for a file that
+    already passed :func:`check_image` as it is now (see :func:`checked_readable`). Costs a
+    header read and the check, no full decode; never raises for an unreadable file.
+    """
+    path = Path(path)
+    target = 2 * int(size)  # read_resized decodes at no less than twice the output size
+    try:
+        file_size = _file_size(path)
+        if is_dicom(path):
+            return None
+        with _open_pil(path) as im:
+            width, height = im.size
+            if im.mode not in ("L", "RGB") or width * height > PIXEL_BUDGET:
+                return None
+            if im.format == "JPEG" and len(im.tile) == 1 and _orientation(im) == 1:
+                scale = min(width // target, height // target)
+                ratio = max(s for s in (1, 2, 4, 8) if s <= max(scale, 1))  # as Image.draft
+                width, height = -(-width // ratio), -(-height // ratio)
+                if not verified:
+                    _verify_jpeg(path)
+            elif im.format == "PNG" and _plain_png(path):
+                ratio = 1
+                if not verified:
+                    _verify_png(path, file_size)
+            else:
+                return None
+            box = max(1, min(width // target, height // target))  # as _reduce
+            return GraphDecode(im.format, 1 if im.mode == "L" else 3, ratio, box)
+    except Exception:
+        return None
+
+
 def check_image(path: str | os.PathLike) -> str | None:
     """Return ``None`` if ``path`` decodes cleanly, else a one-line description of the problem.
 
@@ -288,6 +351,22 @@ def check_images(
             pass  # a read-only or locked cache only costs speed
         db.close()
     return [found[i] if i in found else known[keys[i]] for i in range(len(keys))]
+
+
+def checked_readable(
+    paths: Sequence[str | os.PathLike], cache: str | os.PathLike | None = "default"
+) -> list[bool]:
+    """Per file, whether the verdict cache of :func:`check_images` already says "readable"
+    for it as it is now (same absolute path, size and modification time). Nothing is decoded:
+    a file never checked, changed since, or found unreadable gets ``False``, and so does
+    every file when there is no cache (``cache`` as in :func:`check_images`)."""
+    keys = [_check_key(Path(p)) for p in paths]
+    db = _open_check_cache(cache)
+    if db is None:
+        return [False] * len(keys)
+    known = _cached_verdicts(db, [k for k in keys if k is not None])
+    db.close()
+    return [key in known and known[key] is None for key in keys]
 
 
 def image_warnings(image: np.ndarray) -> list[str]:
@@ -420,6 +499,25 @@ def _verify_png(path: Path, size: int) -> None:
         text = " ".join(str(exc).split())
         kind = "truncated" if "truncated" in text.lower() else "damaged"
         raise ImageReadError(path, f"{kind} PNG data (file is {size} bytes): {text}") from None
+
+
+def _plain_png(path: Path) -> bool:
+    """An 8-bit gray or RGB PNG without transparency, animation or an orientation (``eXIf``
+    chunk, or a text chunk under a key Pillow reads one from), from the chunk headers alone:
+    Pillow finds the chunks after the image data only by decoding it."""
+    with open(path, "rb") as handle:
+        handle.seek(8)
+        while len(head := handle.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            data = handle.read(min(length, 32)) if kind in (b"IHDR", b"tEXt", b"zTXt", b"iTXt") else b""
+            if kind == b"IHDR" and data[8:10] not in (b"\x08\x00", b"\x08\x02"):
+                return False
+            if kind in (b"tRNS", b"acTL", b"eXIf") or data.split(b"\0")[0] in _PNG_ORIENTATION_KEYS:
+                return False
+            if kind == b"IEND":
+                return True
+            handle.seek(length + 4 - len(data), os.SEEK_CUR)
+    return False
 
 
 def _reduce(im: Image.Image, target: tuple[int, int] | None) -> Image.Image:

@@ -4,11 +4,11 @@ With a frozen base and no augmentation, every epoch of ``model.fit`` over images
 same backbone forward pass. Computing the pooled features once and training the head on them
 gives the same model (the head sees identical inputs; see ``benchmarks/bench.py``) at a small
 fraction of the time. Features are stored on disk under a *content key* built from the
-backbone's weights, the image size, and the exact file list (path, size, modification time),
-so changing any of those recomputes instead of silently reusing stale features. Each cache
-file's name also carries a checksum of its contents (``NAME-KEY-SHA.npy``): a file that
-was truncated, zeroed or otherwise changed on disk is detected on load, named in a warning,
-deleted and recomputed.
+backbone's weights, the image size, the exact file list (path, size, modification time) and
+the input pipeline's decoder (:data:`pneumo_utils.data.pipelines.DECODER`), so changing any of
+those recomputes instead of silently reusing stale features. Each cache file's name also
+carries a checksum of its contents (``NAME-KEY-SHA.npy``): a file that was truncated, zeroed
+or otherwise changed on disk is detected on load, named in a warning, deleted and recomputed.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pneumo_utils.data.pipelines import image_dataset
+from pneumo_utils.data.pipelines import DECODER, image_dataset
 from pneumo_utils.io import write_bytes_atomic
 from pneumo_utils.model.backbones import pooled_features_model
 from pneumo_utils.model.saving import ProgressBar
@@ -64,9 +64,9 @@ def cache_key(
     frames: list[str] | None = None,
     border: float = 0.0,
 ) -> str:
-    """Content key for the features of ``paths`` under one extractor and image size (and,
-    for frame-swapped views, the frame sources and the frame's width)."""
-    parts = [weights_hash, files_fingerprint(paths), str(image_size)]
+    """Content key for the features of ``paths`` under one extractor, image size and decoder
+    (and, for frame-swapped views, the frame sources and the frame's width)."""
+    parts = [weights_hash, files_fingerprint(paths), str(image_size), DECODER]
     if frames is not None:
         parts += [files_fingerprint(frames), f"border={border}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
