@@ -6,6 +6,7 @@ the "python3" kernel, a few seconds each; nothing touches the network.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -603,3 +604,14 @@ def test_reports_leave_out_tensorflow_native_log_lines() -> None:
     notebook = nbformat.v4.new_notebook(cells=[cell])
     engine.drop_native_log_lines(notebook)
     assert [o["text"] for o in notebook.cells[0].outputs] == ["epoch 1: auc 0.91\n"]
+
+
+def test_forward_stderr_drops_only_tensorflow_native_log_lines() -> None:
+    read, write = os.pipe()
+    with os.fdopen(write, "wb") as pipe:
+        pipe.write(b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+                   b"E0000 00:00:1796497761.258819   27608 node_def_util.cc:682] NodeDef mentions attribute\n"
+                   b"Fatal Python error: Segmentation fault\n")
+    out = io.StringIO()
+    engine.forward_stderr(os.fdopen(read, "rb"), to=out)
+    assert out.getvalue() == "Fatal Python error: Segmentation fault\n"

@@ -266,3 +266,25 @@ def test_a_signal_stops_the_kernel_with_one_line(tmp_path: Path, signum: int) ->
     assert lines == [f"interrupted: {Path('reports') / 'index.html'} says which notebooks finished"], err
     summary = json.loads((tmp_path / "reports" / "summary.json").read_text())
     assert summary["state"] == "interrupted" and summary["notebooks"]["01_sleep"]["status"] == "interrupted"
+
+
+NATIVE_WRITER = (FIXTURES / "03_ok2.py").read_text().partition("# %%\nimport json")[0] + (
+    "# %%\nimport os\n"
+    "os.write(2, b'E0000 00:00:1796497761.258819   27608 node_def_util.cc:682] NodeDef mentions attribute x\\n')\n"
+    "os.write(2, b'I0000 00:00:1796498376.514254   28823 port.cc:153] oneDNN custom operations are on.\\n')\n"
+    "os.write(2, b'a C library says something\\n')\n")
+"""A notebook that writes to the kernel's own stderr as TensorFlow's C++ logging and a C library do."""
+
+
+def test_kernel_stderr_reaches_the_console_without_tensorflow_log_lines(tmp_path: Path) -> None:
+    notebooks = tmp_path / "nbs"
+    notebooks.mkdir()
+    (notebooks / "01_native.py").write_text(NATIVE_WRITER)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PNEUMO_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pneumo_utils.runner", "--profile", "none", "--notebooks-dir", str(notebooks),
+         "--data-root", str(make_kermany(tmp_path / "d"))],
+        cwd=tmp_path, capture_output=True, text=True, env=environ, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "a C library says something" in done.stderr
+    assert "node_def_util" not in done.stderr and "oneDNN" not in done.stderr, done.stderr

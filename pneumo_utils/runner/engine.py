@@ -38,12 +38,14 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pneumo_utils import io
 from pneumo_utils.data import fetch
@@ -137,7 +139,24 @@ def _kernel_manager_class() -> type:
             super().__init__(*args, **kwargs)
             KERNELS.add(self)
 
+        async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+            kw["stderr"] = subprocess.PIPE
+            await super()._async_launch_kernel(kernel_cmd, **kw)
+            threading.Thread(target=forward_stderr, args=(self.provisioner.process.stderr,),
+                             daemon=True).start()
+
     return TrackedKernelManager
+
+
+def forward_stderr(stream: IO[bytes], to: IO[str] | None = None) -> None:
+    """Copy a kernel's own stderr (C-level writes; what its cells print reaches the notebook)
+    to ``to`` (default: the runner's stderr), less TensorFlow's native log lines
+    (:data:`NATIVE_LOG_LINE`), which would otherwise fill the console of a run."""
+    with stream:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n")
+            if not NATIVE_LOG_LINE.match(line):
+                print(line, file=to or sys.stderr, flush=True)
 
 
 def kill_kernels() -> None:
