@@ -91,10 +91,7 @@ if shards_dir is not None:
 if shards_dir is None or not shards.is_complete(shards_dir):  # the folder is read, or written into shards
     data_dir = fetch.find("nih", data_dir)  # the folder given, else data/ or ../shared/data/ of the project, else a download
 else:  # complete shards are read alone; a data_dir given must be the folder they were written from
-    written_from = Path(shards.read_manifest(shards_dir)["data_root"]).expanduser().resolve()
-    if data_dir is not None and Path(data_dir).expanduser().resolve() != written_from:
-        raise ValueError(f"{shards_dir} holds shards of {written_from}, not of {data_dir}: "
-                         f"set shards_dir to a new folder (this notebook writes it) or data_dir to {written_from}")
+    shards.check_source(shards_dir, data_dir)
     data_dir = None
 
 # %% [markdown]

@@ -286,3 +286,10 @@ def test_split_index_has_the_source_paths_and_refuses_a_split_not_by_patient(ker
     assert (merged["split"] == merged["split_folder"]).all() and (merged["label"] == merged["label_folder"]).all()
     with pytest.raises(ValueError, match="not by patient"):
         shards.read_split_index(shard_dir, finding="Pneumonia")
+
+
+def test_check_source_refuses_shards_of_another_folder(kermany_root, shard_dir, tmp_path) -> None:
+    shards.check_source(shard_dir, kermany_root)
+    shards.check_source(shard_dir, None)
+    with pytest.raises(shards.ShardsMismatchError, match=r"holds shards of .*, not of .*other"):
+        shards.check_source(shard_dir, tmp_path / "other")

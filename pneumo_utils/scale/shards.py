@@ -509,6 +509,17 @@ def is_complete(folder: str | Path) -> bool:
     return manifest is not None and bool(manifest.get("complete"))
 
 
+def check_source(folder: str | Path, data_root: str | Path | None) -> None:
+    """Raise :class:`ShardsMismatchError` when the complete shards in ``folder`` were written
+    from another folder than ``data_root`` (None: any), so that a run on one data set never
+    reads shards left by a run on another."""
+    written_from = Path(read_manifest(folder)["data_root"]).expanduser().resolve()
+    if data_root is not None and Path(data_root).expanduser().resolve() != written_from:
+        raise ShardsMismatchError(
+            f"{folder} holds shards of {written_from}, not of {data_root}: write them into a new "
+            f"folder, or read these with data_root {written_from}")
+
+
 def _manifest_or_none(folder: str | Path) -> dict | None:
     """The checked manifest of ``folder``, complete or not; None when there is none."""
     import tensorflow as tf
