@@ -203,7 +203,7 @@ def run_notebook(nb: Notebook, reports_dir: Path, kernel: str | None, engine: st
 
 
 def read_metrics(path: Path) -> dict | None:
-    """The notebook's metrics JSON (written by ``report.write_metrics``), or None."""
+    """The notebook's metrics JSON (written by ``report.save_run``), or None."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
