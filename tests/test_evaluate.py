@@ -247,3 +247,18 @@ def test_softmax_temperature_keeps_the_decision():
     assert np.array_equal(softer.argmax(axis=1), p.argmax(axis=1))
     assert np.all(softer.max(axis=1) <= p.max(axis=1) + 1e-12)
     np.testing.assert_allclose(softer.sum(axis=1), 1.0)
+
+
+def test_roc_points_trace_the_curve_whose_area_is_the_auc():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    proba = np.clip(y * 0.3 + rng.random(300) * 0.7, 0, 1)
+    roc = metrics.roc_points(y, proba)
+    assert roc["fpr"][0] == 0 and roc["fpr"][-1] == 1 and roc["tpr"][-1] == 1
+    assert roc["fpr"] == sorted(roc["fpr"]) and roc["tpr"] == sorted(roc["tpr"])
+    assert skm.auc(roc["fpr"], roc["tpr"]) == pytest.approx(skm.roc_auc_score(y, proba), abs=1e-3)
+    assert len(roc["fpr"]) < 300  # collinear points dropped
+    assert metrics.roc_points(np.zeros(5), np.linspace(0, 1, 5)) == {"fpr": [], "tpr": []}
+    report = metrics.evaluation_report(y, proba, y, proba, n_boot=20)
+    assert report["roc"] == roc and "roc" not in report["test"]
+    assert metrics.external_report(y, proba, threshold=0.5, data="site", n_boot=20)["roc"] == roc

@@ -615,3 +615,12 @@ def test_forward_stderr_drops_only_tensorflow_native_log_lines() -> None:
     out = io.StringIO()
     engine.forward_stderr(os.fdopen(read, "rb"), to=out)
     assert out.getvalue() == "Fatal Python error: Segmentation fault\n"
+
+
+def test_external_roc_figure_is_labelled_with_the_external_auc() -> None:
+    rows = [{"name": "m", "roc": {"fpr": [0.0, 1.0], "tpr": [0.0, 1.0]}, "test_auc_value": 0.99,
+             "external_roc": {"fpr": [0.0, 0.2, 1.0], "tpr": [0.0, 0.9, 1.0]}, "external_auc": 0.93}]
+    texts = svg_texts(index_page.roc_figure(rows, "kermany", split="external"))
+    assert "m (AUC = 0.93)" in texts and "false positive rate (external validation)" in texts
+    assert "m (AUC = 0.99)" in svg_texts(index_page.roc_figure(rows, "kermany"))
+    assert index_page.roc_figure([{**rows[0], "external_roc": None}], "kermany", split="external") is None

@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from pneumo_utils.data import augment, pipelines, splits
-from pneumo_utils.evaluation.metrics import evaluation_report
+from pneumo_utils.evaluation.metrics import evaluation_report, external_report
 from pneumo_utils.explain import report
 from pneumo_utils.model import backbones, saving, train
 
@@ -131,14 +131,19 @@ def test_save_run_metrics_carry_what_the_index_shows_for_several_models(tmp_path
                             positive_class="PNEUMONIA", evaluation=_evaluation(seed=i), facts={"selection_score": i})
         for i, w in ((0, None), (1, "/w/resnet50_notop.h5"))
     ]
+    y = np.array([0, 1] * 20)
+    trained[0].evaluation["external"] = external_report(y, np.linspace(0, 1, 40), threshold=0.5, data="site A",
+                                                        n_boot=20)
     metas = report.save_run(trained, metrics_path=tmp_path / "run.metrics.json", run_name="run", title="t", data="d")
     assert [m["task"] for m in metas] == ["pneumonia", "pneumonia"]
+    assert "roc" not in metas[0]["metrics"]["external"] and metas[0]["metrics"]["external"]["data"] == "site A"
     record = json.loads((tmp_path / "run.metrics.json").read_text())
     entries = record["models"]
     for entry in entries:
         assert {"name", "backbone", "weights", "positive_class", "threshold", "threshold_rule",
                 "validation", "test", "model_path", "val_auc", "selection_score"} <= set(entry)
     assert entries[1]["weights"] == "ImageNet (resnet50_notop.h5)"
+    assert entries[0]["roc"] == trained[0].evaluation["roc"] and entries[0]["external"]["roc"]["fpr"]
     best = max(entries, key=lambda e: e["val_auc"])
     assert record["task"] == "kermany" and record["model_path"] == best["model_path"]
     assert record["weights"] == best["weights"] and len(entries) == 2

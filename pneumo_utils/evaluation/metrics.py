@@ -132,6 +132,17 @@ def binary_metrics(y_true: np.ndarray, proba: np.ndarray, threshold: float = 0.5
     }
 
 
+def roc_points(y_true: np.ndarray, proba: np.ndarray) -> dict[str, list[float]]:
+    """The ROC curve of binary predictions as ``{"fpr": [...], "tpr": [...]}`` (rates in 0..1,
+    4 decimals, scikit-learn's ``roc_curve`` without collinear points): what the index page
+    draws, small enough for a metrics JSON. Empty lists when ``y_true`` holds one class."""
+    y_true = np.asarray(y_true).astype(int)
+    if len(np.unique(y_true)) < 2:
+        return {"fpr": [], "tpr": []}
+    fpr, tpr, _ = skm.roc_curve(y_true, np.asarray(proba, dtype=float).reshape(-1), drop_intermediate=True)
+    return {"fpr": np.round(fpr, 4).tolist(), "tpr": np.round(tpr, 4).tolist()}
+
+
 def bootstrap_ci(
     y_true: np.ndarray,
     proba: np.ndarray,
@@ -401,7 +412,8 @@ def evaluation_report(
     Binary (``proba_test`` ``(n,)``, P(second class)): the threshold and how it was chosen on
     validation (``rule``), validation metrics, test metrics with bootstrap CIs at that
     threshold, test metrics at the default 0.5 for comparison, and a temperature fitted on
-    validation with the test calibration (Brier, ECE) it gives. The threshold applies to the
+    validation with the test calibration (Brier, ECE) it gives, and the test ROC curve
+    (``roc``, :func:`roc_points`). The threshold applies to the
     model's raw output; temperature scaling only recalibrates the probabilities shown to
     users. ``class_names`` default to NORMAL/PNEUMONIA.
 
@@ -433,6 +445,7 @@ def evaluation_report(
         "threshold_rule": describe_rule(rule),
         "validation": binary_metrics(y_val, proba_val, threshold),
         "test": test,
+        "roc": roc_points(y_test, proba_test),
         "test_at_0.5": binary_metrics(y_test, proba_test, 0.5),
         "ci_method": _ci_method(n_boot, groups_test),
         "temperature": temperature,
@@ -462,7 +475,8 @@ def external_report(
     on it here (see :data:`EXTERNAL_NOTE`): a binary model keeps ``threshold`` (from
     validation), a softmax model (``proba`` ``(n, K)``, ``threshold=None``) decides by argmax.
     Returns the metrics of :func:`binary_metrics` (or :func:`multiclass_metrics`) with
-    ``<metric>_ci`` bootstrap intervals (patients when ``groups`` is given), and ``data``
+    ``<metric>_ci`` bootstrap intervals (patients when ``groups`` is given), a binary model's
+    ROC curve (``roc``, :func:`roc_points`), and ``data``
     (where the images came from), ``counts`` per class and ``note``.
     """
     proba = np.asarray(proba, dtype=float)
@@ -478,6 +492,7 @@ def external_report(
         proba = proba.reshape(-1)
         figures = binary_metrics(y_true, proba, threshold)
         cis = bootstrap_ci(y_true, proba, threshold, n_boot=n_boot, seed=seed, groups=groups)
+        figures["roc"] = roc_points(y_true, proba)
     figures.update({f"{m}_ci": list(ci) for m, ci in cis.items()})
     counts = {name: int((y_true == k).sum()) for k, name in enumerate(names)}
     return {**figures, "data": data, "counts": counts, "ci_method": _ci_method(n_boot, groups),

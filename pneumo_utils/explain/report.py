@@ -181,7 +181,7 @@ def save_run(
         meta = model_metadata(
             trained.model, **decision, temperature=evaluation.get("temperature", 1.0),
             metrics={"validation": evaluation["validation"], "test": evaluation["test"],
-                     **({"external": evaluation["external"]} if evaluation.get("external") else {})},
+                     **({"external": _without_roc(evaluation["external"])} if evaluation.get("external") else {})},
             backbone=trained.backbone, weights=trained.weights, data=data, class_names=class_names,
             **described, **trained.facts, **sidecar,
         )
@@ -195,7 +195,7 @@ def save_run(
             "decision": evaluation.get("decision", "threshold"),
             "val_auc": evaluation["validation"]["auc"], "validation": evaluation["validation"],
             "test": evaluation["test"], "test_at_0.5": evaluation.get("test_at_0.5"),
-            "external": evaluation.get("external"), "model_path": str(path),
+            "external": evaluation.get("external"), "roc": evaluation.get("roc"), "model_path": str(path),
             **described, "class_names": class_names, **trained.facts,
         })
     best = max(entries, key=lambda m: m["val_auc"])
@@ -208,6 +208,12 @@ def save_run(
         "models": entries,
     })
     return metas
+
+
+def _without_roc(figures: dict) -> dict:
+    """``figures`` less its ROC points, which the metrics JSON keeps for the index page and a
+    sidecar does not need."""
+    return {k: v for k, v in figures.items() if k != "roc"}
 
 
 def model_card(meta: dict, evaluation: dict) -> str:

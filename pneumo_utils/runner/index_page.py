@@ -132,6 +132,7 @@ def model_row(nb: Notebook, entry: dict) -> dict[str, Any]:
         "val_auc_value": number(validation.get("auc", entry.get("val_auc"))),
         "model_path": entry.get("model_path"),
         "roc": test.get("roc") or entry.get("roc"),
+        "external_roc": external.get("roc"),
         "best": False,
     }
 
@@ -175,24 +176,30 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def roc_figure(rows: Sequence[dict], key: str) -> str | None:
-    """The test-split ROC curves of ``rows`` as one inline SVG figure, or None when no row
-    carries ROC points.
+ROC_SPLITS = {"test": ("roc", "test_auc_value", "test split"),
+              "external": ("external_roc", "external_auc", "external validation")}
+"""Per split: the rows' key of its ROC points, the key of its AUC, and its axis label."""
 
-    Each row's ``roc`` holds ``fpr`` and ``tpr``, lists of rates in 0..1 of equal length;
+
+def roc_figure(rows: Sequence[dict], key: str, split: str = "test") -> str | None:
+    """The ROC curves of ``rows`` on ``split`` (``"test"`` or ``"external"``, see
+    :data:`ROC_SPLITS`) as one inline SVG figure, or None when no row carries ROC points.
+
+    Each row's ROC points hold ``fpr`` and ``tpr``, lists of rates in 0..1 of equal length;
     pairs with a missing or non-finite rate are dropped, and a curve of more than
     :data:`MAX_ROC_POINTS` points keeps every k-th (the figure is 3 inches wide, so more
     points only lengthen ``index.html``). Curves are drawn by scikit-learn's
     ``RocCurveDisplay`` with the chance diagonal, each labelled with the row's name and
-    test AUC. The figure is a ``matplotlib.figure.Figure`` that pyplot never holds, so no
+    AUC on that split. The figure is a ``matplotlib.figure.Figure`` that pyplot never holds, so no
     backend is chosen and nothing stays open; text stays text (``svg.fonttype: none``), and
-    ``key`` (the table's task) seeds the ids that the figure's elements refer to, so that
+    ``key`` (the table's task) and ``split`` seed the ids that the figure's elements refer to, so that
     several figures on one page share none; the XML prologue and the ids of groups (numbered
     alike in every figure, referred to by nothing) are dropped for inlining in HTML.
     """
+    points, auc, label = ROC_SPLITS[split]
     curves = []
     for row in rows:
-        roc = row["roc"]
+        roc = row.get(points)
         if not isinstance(roc, dict) or not isinstance(roc.get("fpr"), list) or not isinstance(roc.get("tpr"), list):
             continue
         pairs = [(f, t) for f, t in zip(roc["fpr"], roc["tpr"], strict=False) if number(f) is not None and number(t) is not None]
@@ -208,17 +215,17 @@ def roc_figure(rows: Sequence[dict], key: str) -> str | None:
     from matplotlib.figure import Figure
     from sklearn.metrics import RocCurveDisplay
 
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"roc-{key}",
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"roc-{key}-{split}",
                                 "font.sans-serif": ["DejaVu Sans", "Helvetica", "Arial"]}):
         figure = Figure(figsize=(7, 3.2))
         ax = figure.add_subplot()
         for i, (pairs, row) in enumerate(curves):
             fpr, tpr = np.array(pairs, dtype=np.float64).T
             name = row["name"].replace("$", r"\$")  # a $ pair would be read as mathematics
-            RocCurveDisplay(fpr=fpr, tpr=tpr, roc_auc=row.get("test_auc_value"),
+            RocCurveDisplay(fpr=fpr, tpr=tpr, roc_auc=row.get(auc),
                             name=f" {name}" if name.startswith("_") else name,  # legends skip "_" names
                             ).plot(ax=ax, plot_chance_level=i == 0)
-        ax.set(xlabel="false positive rate (test split)", ylabel="true positive rate",
+        ax.set(xlabel=f"false positive rate ({label})", ylabel="true positive rate",
                xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal")
         ax.legend(loc="center left", bbox_to_anchor=(1.03, 0.5), frameon=False)
         svg = StringIO()
@@ -246,6 +253,7 @@ def model_tables(rows: Sequence[dict], best: dict[str, dict]) -> list[dict]:
                                 "calibrated": Path(chosen["calibration"]["model"]).name
                                 if chosen.get("calibration") else None},
             "roc": roc_figure(mine, task),
+            "external_roc": roc_figure(mine, task, split="external"),
         })
     return tables
 
