@@ -190,5 +190,9 @@ def _resize_as_read_resized(image, size: int):
 
 
 def load_images(paths: list[str], image_size: int = 224) -> np.ndarray:
-    """Decode a few images into one ``(n, size, size, 3)`` float32 array (0-255), for figures."""
-    return np.stack([read_resized(p, image_size) for p in paths]).astype(np.float32)
+    """Decode a few images into one ``(n, size, size, 3)`` float32 array (0-255), for figures,
+    Grad-CAM and counterfactual copies: decoded as :func:`image_dataset` decodes them, so a
+    model given this array sees the pixels it sees in training and in ``predict_paths``."""
+    batches = image_dataset(list(paths), image_size=image_size, batch_size=max(1, len(paths)), cache=False)
+    images = [batch.numpy() for batch in batches]
+    return np.concatenate(images) if images else np.zeros((0, image_size, image_size, 3), np.float32)
