@@ -707,16 +707,22 @@ def read_shards(
                     drop_remainder, shuffle_buffer, input_context, verify, with_rows)
 
 
+def _output_size(manifest: dict, image_size: int | None, folder) -> int:
+    """The side images are read at: ``image_size``, else the shards' own; shards that keep
+    original sizes need ``image_size``."""
+    size = int(image_size or manifest["image_size"])
+    if not size:
+        raise ValueError(f"the shards in {folder} hold images at their original sizes; pass "
+                         "image_size")
+    return size
+
+
 def _dataset(folder, split, image_size, batch_size, shuffle, seed, cache, repeat, drop_remainder,
              shuffle_buffer, input_context, verify, with_rows):
     import tensorflow as tf
 
     manifest = read_manifest(folder)
-    stored = int(manifest["image_size"])
-    size = int(image_size or stored)
-    if not size:
-        raise ValueError(f"the shards in {folder} hold images at their original sizes; pass "
-                         "image_size")
+    stored, size = int(manifest["image_size"]), _output_size(manifest, image_size, folder)
     paths = shard_files(folder, split, verify=verify)
     autotune = tf.data.AUTOTUNE
     files = tf.data.Dataset.from_tensor_slices(paths)
@@ -792,11 +798,7 @@ def read_images(
     import tensorflow as tf
 
     manifest = read_manifest(folder)
-    stored = int(manifest["image_size"])
-    size = int(image_size or stored)
-    if not size:
-        raise ValueError(f"the shards in {folder} hold images at their original sizes; pass "
-                         "image_size")
+    stored, size = int(manifest["image_size"]), _output_size(manifest, image_size, folder)
     wanted = np.asarray(rows, dtype=np.int64).ravel()
     index = read_index(folder).set_index("row")
     unknown = sorted(set(wanted.tolist()) - set(index.index.tolist()))
