@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -84,9 +84,9 @@ from IPython.display import display
 
 from pneumo_utils.data import datasets, fetch, pipelines, splits, tasks
 from pneumo_utils.deploy.predict import predict_image
-from pneumo_utils.evaluation import metrics, shortcuts
+from pneumo_utils.evaluation import metrics, shortcuts, site_shift
 from pneumo_utils.explain import gradcam, plots, report
-from pneumo_utils.model import backbones, features, preprocessing, saving
+from pneumo_utils.model import backbones, features, input_check, preprocessing
 from pneumo_utils.model.train import EpochLine
 from pneumo_utils.scale import distribute
 
@@ -264,10 +264,10 @@ metrics.metrics_table(evaluation)
 # %%
 if external_dir is not None:
     external = tasks.task_index(datasets.load_class_folder(external_dir, split="external"), task)
-    p_external = saving.predict_paths(model, external["path"].tolist(), batch_size)
+    p_external, looks_external = input_check.predict_with_looks(model, external["path"].tolist(), batch_size)
     evaluation["external"] = metrics.external_report(
         external["label"].to_numpy(), p_external, threshold=threshold, data=str(external_dir), n_boot=n_boot,
-        seed=seed, groups=external["patient"].to_numpy(), class_names=CLASS_NAMES)
+        seed=seed, groups=external["patient"].to_numpy(), class_names=CLASS_NAMES, band=evaluation["uncertain"])
     display(metrics.metrics_table(evaluation))
 else:
     print("No labelled external validation set was found: every figure in this report is same-source.")
@@ -309,7 +309,39 @@ selection_score = shortcuts.selection_score(cue_test)
 cue_test.round(3)
 
 # %% [markdown]
-# ## 7. Grad-CAM: where does the model look?
+# ## 7. What the model does not know
+# The classifier answers every image it is given, a holiday photo included, with a confident
+# class. Two additions make it say when it should not be trusted:
+#
+# - an **input check** learned from the training images: the pooled backbone features of the
+#   training images are modelled as a Gaussian (probabilistic PCA, `input_check`), and an image
+#   whose features lie further from them than 99.5% of the validation images' is **not
+#   assessed**; so is one whose grey 8 x 8 thumbnail lies that far from the training images'
+#   (an inverted X-ray). The frozen backbone's cached features save the forward passes;
+# - an **"uncertain" band** around the decision, chosen on validation so that the decisions
+#   made outside it are at least 97% accurate (`evaluation["uncertain"]`); inside it, `predict`
+#   answers "UNCERTAIN: refer to a reader". The curve shows the trade: deciding fewer images,
+#   the most confident first, makes fewer errors.
+#
+# The same features compare the external validation images with the validation images as a
+# whole (a two-sample test, `site_shift`): how far a new site is from the training collection.
+
+# %%
+check = input_check.fit(model, paths["train"], paths["val"], train_features=feats["train"], val_features=feats["val"],
+                        seed=seed)
+looks_test = input_check.Looks(feats["test"], input_check.thumbnails_of(paths["test"], image_size))  # cached features
+screening = site_shift.screen(model, check, {"test": looks_test, "external validation": looks_external if external_dir else None},
+                              site="external validation", data=str(external_dir), seed=seed, batch_size=batch_size)
+print(f"input check: limits {check.limits} ({check.limit_rule}); share beyond one: "
+      + ", ".join(f"{name} {share:.1%}" for name, share in screening["flagged"].items()))
+if "site_shift" in screening:
+    print(site_shift.describe(screening["site_shift"]))
+plots.risk_coverage({"test": (labels["test"], p_test),
+                     **({"external validation": (external["label"].to_numpy(), p_external)} if external_dir else {})},
+                    threshold=threshold, band=evaluation["uncertain"])
+
+# %% [markdown]
+# ## 8. Grad-CAM: where does the model look?
 # For two correct and two wrong test predictions, Grad-CAM (Selvaraju et al. 2017) asks which
 # regions of the last convolutional feature map raised the score of the predicted class: the
 # gradient of that score with respect to each channel of the map, averaged over the map, says
@@ -339,9 +371,10 @@ plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions
                    class_names=CLASS_NAMES)
 
 # %% [markdown]
-# ## 8. Save the model and predict one image
+# ## 9. Save the model and predict one image
 # One call saves the `.keras` file (atomically) with a JSON sidecar (task and class names,
-# threshold and rule, data split, weights, metrics) and a markdown model card, and writes the
+# threshold and rule, the input check and the uncertain band, data split, weights, metrics) and
+# a markdown model card, and writes the
 # run's metrics JSON, which the index page of `run_all.sh` reads;
 # `python -m pneumo_utils.predict IMAGE --model saved_models/01_kermany_densenet121.keras` needs
 # nothing else.
@@ -358,6 +391,7 @@ split_description = report.describe_split(index, class_names=CLASS_NAMES)
                            f"weights, early stopping on validation AUC (patience {patience}); cue removal: {remove_cues}",
                "cue_test": cue_test.round(4).to_dict(orient="index"), "selection_score": selection_score,
                "selection_rule": shortcuts.SELECTION_RULE},
+        input_check=check, screening=screening,
     )],
     metrics_path=Path(reports_dir) / f"{run_name}.metrics.json", run_name=run_name,
     title=f"Kermany, {task_spec.description}: {spec.constructor} transfer learning",

@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -78,9 +78,9 @@ from IPython.display import display
 from sklearn.metrics import roc_auc_score
 
 from pneumo_utils.data import augment, datasets, explore, fetch, pipelines, splits
-from pneumo_utils.evaluation import metrics, shortcuts
+from pneumo_utils.evaluation import metrics, shortcuts, site_shift
 from pneumo_utils.explain import gradcam, plots, report
-from pneumo_utils.model import backbones, features, preprocessing, saving
+from pneumo_utils.model import backbones, features, input_check, preprocessing, saving
 from pneumo_utils.model.train import EpochLine
 from pneumo_utils.scale import distribute
 
@@ -319,12 +319,14 @@ report.comparison_table(evaluations)
 # set from another collection when one is found; nothing is fitted on it.
 
 # %%
+p_external, looks_external = {}, {}  # each model's external predictions and what its input check sees
 if external is not None:
     for name, model in candidates.items():
-        p_external = saving.predict_paths(model, external["path"].tolist(), batch_size)
+        p_external[name], looks_external[name] = input_check.predict_with_looks(model, external["path"].tolist(),
+                                                                                batch_size)
         evaluations[name]["external"] = metrics.external_report(
-            external["label"].to_numpy(), p_external, threshold=thresholds[name], data=str(external_dir),
-            n_boot=n_boot, seed=seed, groups=external["patient"].to_numpy())
+            external["label"].to_numpy(), p_external[name], threshold=thresholds[name], data=str(external_dir),
+            n_boot=n_boot, seed=seed, groups=external["patient"].to_numpy(), band=evaluations[name]["uncertain"])
     display(report.comparison_table(evaluations))
 else:
     print("No labelled external validation set was found: every figure in this report is same-source.")
@@ -373,7 +375,34 @@ for name, model in candidates.items():
     display(plots.gradcam_grid(images, heatmaps, probabilities=proba[name]["test"][rows], titles=captions))
 
 # %% [markdown]
-# ## 7. Save both models
+# ## 7. What the models do not know
+# Each model gets the input check of notebook 01, fitted on its own pooled features (the frozen
+# ResNet50's are cached; the CNN's and a fine-tuned network's are computed here), and its
+# "uncertain" band chosen on validation. The two-sample test compares the external validation
+# images with the validation images in each model's feature space.
+
+# %%
+checks, screenings = {}, {}
+for name, model in candidates.items():
+    cached = {"train_features": feats["train"], "val_features": feats["val"]} if model is resnet and kept == "frozen base" else {}
+    checks[name] = input_check.fit(model, paths["train"], paths["val"], seed=seed, batch_size=batch_size, **cached)
+    screenings[name] = site_shift.screen(model, checks[name], {"test": paths["test"], "external validation": looks_external.get(name)},
+                                         site="external validation", data=str(external_dir), seed=seed,
+                                         batch_size=batch_size)
+    print(f"{name}: limits {checks[name].limits}; share beyond one: "
+          + ", ".join(f"{split} {share:.1%}" for split, share in screenings[name]["flagged"].items()))
+    if "site_shift" in screenings[name]:
+        print("  " + site_shift.describe(screenings[name]["site_shift"]))
+
+# %%
+for name in candidates:
+    curves = {"test": (labels["test"], proba[name]["test"])}
+    if external is not None:
+        curves["external validation"] = (external["label"].to_numpy(), p_external[name])
+    display(plots.risk_coverage(curves, threshold=thresholds[name], band=evaluations[name]["uncertain"], title=name))
+
+# %% [markdown]
+# ## 8. Save both models
 # Each model is saved as `.keras` with a JSON sidecar and a model card; the metrics file lists
 # both.
 
@@ -394,6 +423,7 @@ for name, model in candidates.items():
         weights=weights_used, positive_class="PNEUMONIA", evaluation=evaluations[name],
         facts={"training": training, "cue_test": cue_tests[name].round(4).to_dict(orient="index"),
                "selection_score": selection[name], "selection_rule": shortcuts.SELECTION_RULE},
+        input_check=checks[name], screening=screenings[name],
     ))
 _ = report.save_run(
     trained, metrics_path=Path(reports_dir) / f"{RUN_NAME}.metrics.json", run_name=RUN_NAME,

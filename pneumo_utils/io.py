@@ -172,6 +172,11 @@ SIDECAR_SCHEMA: dict = {
         "task": {"enum": list(TASK_CLASS_NAMES)},
         "output": {"enum": ["sigmoid", "softmax"]},
         "decision": {"enum": ["threshold", "argmax"]},
+        "uncertain": {
+            "type": "object",
+            "properties": {"min_margin": {"type": ["number", "null"], "minimum": 0}},
+        },
+        "input_check": {"type": "object"},
     },
 }
 """JSON schema of the sidecar fields that prediction reads; other fields are free."""
@@ -189,6 +194,8 @@ _FIELD_RULES = {
     "task": f"one of {', '.join(TASK_CLASS_NAMES)}",
     "output": '"sigmoid" (one unit) or "softmax" (one unit per class)',
     "decision": '"threshold" or "argmax"',
+    "uncertain": "an object whose min_margin is a number >= 0 or null (the abstention band)",
+    "input_check": "an object (the input check's record)",
 }
 
 

@@ -49,6 +49,9 @@ def test_threshold_rules():
     assert metrics.binary_metrics(y, p, metrics.choose_threshold(y, p, "f1"))["f1"] >= 0.85
     with pytest.raises(ValueError, match="unknown threshold rule"):
         metrics.choose_threshold(y, p, "magic")
+    for rule in ("fixed:5", "fixed:-0.5", "fixed:nan", "fixed:abc", "sensitivity:2", "sensitivity:0"):
+        with pytest.raises(ValueError, match="is not a"):
+            metrics.choose_threshold(y, p, rule)
     with pytest.raises(ValueError, match="both classes"):
         metrics.choose_threshold(np.ones(4), np.linspace(0, 1, 4))
 

@@ -29,7 +29,11 @@ from pneumo_utils.io import fail
 GRADCAM_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def predict_image(model, meta: dict, path: str | Path) -> dict:
+NOT_ASSESSED_STATUS = 3
+"""Exit status of ``predict`` when an image was beyond the input check's limit (no class given)."""
+
+
+def predict_image(model, meta: dict, path: str | Path, input_check_on: bool = True) -> dict:
     """Label, confidence, probabilities and input warnings for one image file.
 
     The label names come from the sidecar's class names (:func:`pneumo_utils.io.class_names_of`).
@@ -45,8 +49,17 @@ def predict_image(model, meta: dict, path: str | Path) -> dict:
     (``warnings``). Raises :class:`~pneumo_utils.data.images.ImageReadError` for an unreadable,
     damaged or too small image and :class:`~pneumo_utils.io.ModelFileError` for
     ``meta`` that fails validation or disagrees with the model's input size.
+
+    ``answer`` is what to tell a reader: ``"class"`` (the label stands), ``"uncertain"`` (the
+    output lies in the sidecar's abstention band, :mod:`pneumo_utils.evaluation.selective`:
+    refer to a reader) or ``"not assessed"`` (the image is beyond the input check's limit,
+    :mod:`pneumo_utils.model.input_check`: it does not look like the training images, and no
+    label should be read). ``input_check`` has the ``score`` and ``limit`` of the view furthest
+    beyond (or closest to) its limit (or ``available: false`` and why; ``partial`` for an
+    export, which applies only the thumbnail view); with ``input_check_on=False`` the scores
+    are still computed but the answer is given anyway and marked ``overridden``.
     """
-    return predict_images(model, meta, [path], errors="raise")[0]
+    return predict_images(model, meta, [path], errors="raise", input_check_on=input_check_on)[0]
 
 
 def predict_images(
@@ -56,6 +69,7 @@ def predict_images(
     batch_size: int = 32,
     verbose: bool = False,
     errors: str = "record",
+    input_check_on: bool = True,
 ) -> list[dict]:
     """:func:`predict_image` for many files, batched, in order.
 
@@ -66,6 +80,7 @@ def predict_images(
     from pneumo_utils.data.images import ImageReadError
     from pneumo_utils.deploy.runtime import batch_size_for
     from pneumo_utils.io import ModelFileError, check_output, check_probabilities, validate_metadata
+    from pneumo_utils.model import input_check
 
     with warnings.catch_warnings():  # a kernel without ipywidgets: text bar, no warning
         warnings.simplefilter("ignore")
@@ -78,6 +93,7 @@ def predict_images(
             f"metadata image_size {size} does not match the model's {expected} px input"
         )
     batch_size = batch_size_for(size, batch_size)
+    check, both, unavailable = _input_check_for(model, meta)
     results: list[dict] = []
     starts = range(0, len(paths), batch_size)
     for start in tqdm(starts, desc="predict", unit="batch", disable=not verbose, leave=False):
@@ -96,12 +112,53 @@ def predict_images(
         if not batch:
             continue
         images = np.stack(batch).astype(np.float32)
-        raw = np.asarray(model.predict(images, verbose=0))
+        if both is not None:
+            raw, features, small = (np.asarray(a) for a in both.predict(images, verbose=0))
+            looks = input_check.Looks(features, small)
+        else:
+            raw = np.asarray(model.predict(images, verbose=0))
+            looks = input_check.Looks(None, input_check.thumbnails(images)) if check is not None else None
         check_output(meta, raw.shape[-1], "the model", "its metadata")
         raw = check_probabilities(raw, getattr(model, "path", "the model"))
-        for (slot, notes), image, value in zip(ready, images, raw, strict=True):
-            results[slot] = {**_describe(value, meta), **notes, "image_array": image}
+        screened = check.describe(looks) if looks is not None else [None] * len(raw)
+        for (slot, notes), image, value, seen in zip(ready, images, raw, screened, strict=True):
+            described = _describe(value, meta)
+            if seen is None:
+                screening = {"available": False, "reason": unavailable}
+            else:
+                screening = dict(seen)
+                if unavailable:
+                    screening["partial"] = unavailable
+                if seen["beyond_limit"] and not input_check_on:
+                    screening["overridden"] = True
+            if screening.get("beyond_limit") and input_check_on:
+                described["answer"] = "not assessed"
+            results[slot] = {**described, "input_check": screening, **notes, "image_array": image}
     return results
+
+
+def _input_check_for(model, meta: dict):
+    """The sidecar's input check, the Keras model giving outputs, features and thumbnails
+    together (``None`` for an export: only the thumbnail view applies), and what is missing
+    (``None`` when the whole check applies)."""
+    from pneumo_utils.io import ModelFileError
+    from pneumo_utils.model import input_check
+
+    check = input_check.of(meta)
+    if check is None:
+        return None, None, "the model was saved without an input check; it answers any image"
+    if not hasattr(model, "get_layer"):
+        return check, None, ("an export carries only the thumbnail view of the input check; the "
+                             "feature view needs the .keras model")
+    both = input_check.feature_model(model)
+    if both is None:
+        raise ModelFileError(f"the sidecar has an input check but the model has no layer "
+                             f"{input_check.FEATURE_LAYER}: the sidecar belongs to another model")
+    width = int(both.outputs[1].shape[-1])
+    if width != check.feature_width:
+        raise ModelFileError(f"the sidecar's input check describes {check.feature_width} features but the "
+                             f"model pools {width}: the sidecar belongs to another model")
+    return check, both, None
 
 
 def _prepare(path: str | Path, size: int) -> tuple[np.ndarray, dict]:
@@ -132,15 +189,18 @@ def _prepare(path: str | Path, size: int) -> tuple[np.ndarray, dict]:
 def _describe(raw: np.ndarray, meta: dict) -> dict:
     """Label, probabilities and confidence for one image's model output ``raw`` ``(units,)``."""
     from pneumo_utils.deploy.runtime import apply_softmax_temperature, apply_temperature
+    from pneumo_utils.evaluation.selective import uncertain
     from pneumo_utils.io import class_names_of
 
     names = class_names_of(meta)
+    band = meta.get("uncertain")
     if len(raw) > 1:
         proba = np.asarray(raw, dtype=float)
         if "temperature" in meta:
             proba = apply_softmax_temperature(proba[None], meta["temperature"])[0]
         label = int(np.argmax(raw))
         return {
+            "answer": "uncertain" if uncertain(band, np.asarray(raw, dtype=float)[None])[0] else "class",
             "raw_output": [float(v) for v in raw],
             "decision": "argmax",
             "label": names[label],
@@ -154,6 +214,7 @@ def _describe(raw: np.ndarray, meta: dict) -> dict:
     if "temperature" in meta:
         proba = float(apply_temperature(np.array([value]), meta["temperature"])[0])
     return {
+        "answer": "uncertain" if uncertain(band, np.array([value]), threshold)[0] else "class",
         "raw_output": value,
         "decision": "threshold",
         "label": names[label],
@@ -234,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (32)")
     parser.add_argument("--gradcam", metavar="OUT.png",
                         help="also write a Grad-CAM overlay of the predicted class here (one image only)")
+    parser.add_argument("--no-input-check", action="store_true",
+                        help="answer even for images beyond the input check's limit (the answer is "
+                        "labelled as such)")
     args = parser.parse_args(argv)
 
     from pneumo_utils.data.images import check_image
@@ -275,30 +339,55 @@ def main(argv: list[str] | None = None) -> int:
         model, meta = load_any(args.model)
         results = predict_images(model, meta, readable, batch_size=args.batch_size,
                                  verbose=len(readable) > args.batch_size and sys.stderr.isatty(),
-                                 errors="raise" if len(inputs) == 1 else "record")
+                                 errors="raise" if len(inputs) == 1 else "record",
+                                 input_check_on=not args.no_input_check)
     except (ImageReadError, ModelFileError, FileNotFoundError, ValueError) as exc:
         return fail(exc)
     failed = failed or any("error" in r for r in results)
     if args.json:
-        shown = [{k: v for k, v in r.items() if k != "image_array"} for r in results + skipped]
+        hidden = {"image_array"}
+        shown = [{k: v for k, v in r.items()
+                  if k not in hidden | ({"label", "confidence"} if r.get("answer") == "not assessed" else set())}
+                 for r in results + skipped]
         print(json.dumps(shown, indent=2))
     elif len(inputs) == 1:
         _print_single(results[0], meta)
     else:
         _print_many(results, meta)
-    if args.gradcam:
+    if args.gradcam and results[0].get("answer") != "not assessed":
         try:
             _write_gradcam(model, results[0], args.gradcam)
         except OSError as exc:
             return fail(f"cannot write Grad-CAM overlay {args.gradcam}: {exc}")
         if not args.json:
             print(f"Grad-CAM overlay written to {args.gradcam}")
-    return 2 if failed else 0
+    if failed:
+        return 2
+    return NOT_ASSESSED_STATUS if any(r.get("answer") == "not assessed" for r in results) else 0
+
+
+def _answer(result: dict) -> str:
+    """The first line's answer: the class, UNCERTAIN, or Not assessed."""
+    screening = result.get("input_check", {})
+    if result.get("answer") == "not assessed":
+        return ("Not assessed: this image does not look like the chest X-rays the model was "
+                f"trained on (score {screening['score']:.2f}, limit {screening['limit']:.2f}, "
+                f"{_VIEW_NAMES[screening['view']]})")
+    if result.get("answer") == "uncertain":
+        return f"UNCERTAIN: refer to a reader ({_probabilities(result)})"
+    return f"{result['label']} ({result['confidence']:.2%} confidence)"
+
+
+_VIEW_NAMES = {"features": "the model's features", "thumbnail": "the image's grey layout"}
 
 
 def _print_single(result: dict, meta: dict) -> None:
-    print(f"Prediction: {result['label']} ({result['confidence']:.2%} confidence)")
-    print(f"{_probabilities(result)}; {_decision(meta)}. Not for diagnostic use.")
+    if result.get("answer") == "not assessed":
+        print(_answer(result))
+        print("No class is given; --no-input-check forces an answer. Not for diagnostic use.")
+    else:
+        print(f"Prediction: {_answer(result)}")
+        print(f"{_probabilities(result)}; {_decision(meta)}. Not for diagnostic use.")
     _print_notes(result, indent="")
 
 
@@ -307,8 +396,10 @@ def _print_many(results: list[dict], meta: dict) -> None:
         if "error" in result:
             fail(result["error"])
             continue
-        print(f"{result['image']}: {result['label']} ({result['confidence']:.2%} confidence, "
-              f"{_probabilities(result)})")
+        shown = _answer(result)
+        if result.get("answer") == "class":
+            shown = shown[:-1] + f", {_probabilities(result)})"
+        print(f"{result['image']}: {shown}")
         _print_notes(result, indent="  ")
     print(f"Decision: {_decision(meta)}. Not for diagnostic use.")
 
@@ -324,13 +415,30 @@ def _decision(meta: dict) -> str:
     """How the class was chosen, for the line under the prediction."""
     from pneumo_utils.io import class_names_of
 
+    band = meta.get("uncertain") or {}
+    refer = ""
+    if band.get("min_margin"):
+        shown = (f"P between {band['low']:.4f} and {band['high']:.4f}" if "low" in band
+                 else f"top probability below {band['min_margin']:.4f}")
+        refer = (f"; uncertain (refer to a reader) when {shown}, a band chosen on "
+                 f"{band.get('chosen_on', '?')} for {band.get('target_accuracy', 0):.0%} accurate decisions")
     if len(class_names_of(meta)) == 2:
         threshold = float(meta.get("threshold", 0.5))
-        return f"threshold {threshold:.4f} ({meta.get('threshold_rule', 'default')})"
-    return "the most probable class (argmax, no threshold)"
+        return f"threshold {threshold:.4f} ({meta.get('threshold_rule', 'default')}){refer}"
+    return f"the most probable class (argmax, no threshold){refer}"
 
 
 def _print_notes(result: dict, indent: str) -> None:
+    screening = result.get("input_check", {})
+    if screening.get("overridden"):
+        print(f"{indent}input check OVERRIDDEN (--no-input-check): score {screening['score']:.2f} is "
+              f"beyond the limit {screening['limit']:.2f} ({_VIEW_NAMES[screening['view']]}); this image "
+              "does not look like the training "
+              "images and the answer above may mean nothing")
+    elif screening.get("available") is False:
+        print(f"{indent}note: no input check: {screening['reason']}")
+    elif screening.get("partial"):
+        print(f"{indent}note: {screening['partial']}")
     if result["exif_orientation"] != 1:
         print(f"{indent}note: EXIF orientation {result['exif_orientation']} applied "
               "(the image was turned upright before scoring)")

@@ -43,7 +43,9 @@ from pneumo_utils.evaluation.metrics import (
     multiclass_bootstrap_ci,
     multiclass_metrics,
 )
-from pneumo_utils.io import ModelFileError, atomic_path, fail, write_json_atomic
+from pneumo_utils.evaluation.selective import DEFAULT_TARGET_ACCURACY, MIN_IMAGES, choose_band
+from pneumo_utils.evaluation.site_shift import site_report
+from pneumo_utils.io import ModelFileError, atomic_path, fail, write_json_atomic, write_text_atomic
 
 MIN_PER_CLASS = 50
 """Below this many images of a class, the calibration says its figures are uncertain."""
@@ -59,14 +61,24 @@ def calibrate(
     seed: int = 0,
     batch_size: int = 32,
     min_per_class: int = MIN_PER_CLASS,
+    target_accuracy: float | None = DEFAULT_TARGET_ACCURACY,
 ) -> dict:
     """Write a site-calibrated copy of ``model_path`` to ``out`` (``.keras`` + sidecar + card).
+
+    When the model has an input check (:mod:`pneumo_utils.model.input_check`), the site's
+    images beyond its limit are counted apart (``input_check``), the rule and temperature are
+    fitted on the accepted ones, and the record holds the site-shift test of the site's
+    images (``site_shift``, :func:`pneumo_utils.evaluation.site_shift.site_report`). With a
+    ``target_accuracy``, the copy's abstention band (``uncertain``) is chosen on the site's
+    images for confident decisions that accurate
+    (:func:`pneumo_utils.evaluation.selective.choose_band`; ``None`` keeps the model's own).
 
     Returns the ``calibration`` record written into the new sidecar. Raises
     ``FileNotFoundError``/``ValueError``/:class:`~pneumo_utils.io.ModelFileError` with a
     message that names the problem.
     """
     from pneumo_utils.data.tasks import task_of
+    from pneumo_utils.model import input_check
     from pneumo_utils.model.saving import load_model, predict_paths, sidecar_path
 
     model_path, out = Path(model_path), Path(out)
@@ -77,6 +89,9 @@ def calibrate(
         raise ValueError(f"--out {out} must name a .keras file")
     if out.resolve() == model_path.resolve():
         raise ValueError(f"--out {out} is the model itself; name a new file so the original is kept")
+    if out.stem == "best" or out.stem.startswith("best."):
+        raise ValueError(f"--out {out} would overwrite the runner's pointer {out.with_suffix('.json').name}; "
+                         "name the copy after the model, e.g. MODEL.site.keras")
     model, meta = load_model(model_path)
     task = task_of(meta)
     index = folder_index(str(data), task)
@@ -87,9 +102,25 @@ def calibrate(
         raise ValueError(f"{data} has no images of {', '.join(empty)}; calibration needs labelled "
                          "images of every class")
     groups = index["patient"].to_numpy()
-    proba = predict_paths(model, index["path"].tolist(), batch_size, verbose=sys.stderr.isatty())
+    check = input_check.of(meta, f"sidecar of {model_path}")
+    screening: dict = {}
+    if check is None:
+        proba = predict_paths(model, index["path"].tolist(), batch_size, verbose=sys.stderr.isatty())
+    else:
+        proba, looks = input_check.predict_with_looks(model, index["path"].tolist(), batch_size)
+        beyond = check.flagged(looks)
+        screening = {"input_check": {"limits": check.limits, "beyond_limit": int(beyond.sum()),
+                                     "share_beyond_limit": float(beyond.mean()),
+                                     "files_beyond_limit": index["path"][beyond].tolist()},
+                     "site_shift": site_report(check, looks, data=str(Path(data).resolve()), seed=seed)}
+        labels, proba, groups = labels[~beyond], proba[~beyond], groups[~beyond]
+        missing = [name for k, name in enumerate(task.class_names) if not (labels == k).any()]
+        if missing:
+            raise ValueError(f"every image of {', '.join(missing)} in {data} is beyond the model's input "
+                             "check: these are not images like the training ones; calibration needs some")
     record: dict = {"data": str(Path(data).resolve()), "counts": counts, "n_images": int(len(labels)),
-                    "ci_method": f"{n_boot} bootstrap resamples of patients, stratified by class"}
+                    "ci_method": f"{n_boot} bootstrap resamples of patients, stratified by class",
+                    **screening}
     new = dict(meta)
     if task.binary:
         before = float(meta.get("threshold", 0.5))
@@ -108,6 +139,12 @@ def calibrate(
                       after={m: figures[m] for m in ("auc", "accuracy", "balanced_accuracy", "macro_f1")}
                       | {f"{m}_ci": list(cis[m]) for m in ("auc", "accuracy", "balanced_accuracy")})
     record["temperature"] = temperature
+    if target_accuracy is not None and len(labels) >= MIN_IMAGES:
+        band = choose_band(labels, proba, new.get("threshold") if task.binary else None,
+                           target_accuracy=target_accuracy,
+                           chosen_on=f"{len(labels)} labelled images of the site ({Path(data).name}; in-sample)")
+        record["uncertain"] = band
+        new["uncertain"] = band
     small = {name: n for name, n in counts.items() if n < min_per_class}
     if small:
         widths = {m: ci[1] - ci[0] for m, ci in ((m, record["after"].get(f"{m}_ci")) for m in
@@ -123,7 +160,7 @@ def calibrate(
     write_json_atomic(sidecar_path(out), new)
     card = model_path.with_suffix(".md")
     text = card.read_text(encoding="utf-8") if card.is_file() else f"# Model card: {meta.get('name', out.stem)}\n"
-    out.with_suffix(".md").write_text(text + _card_section(record, task.binary), encoding="utf-8")
+    write_text_atomic(out.with_suffix(".md"), text + _card_section(record, task.binary))
     return record
 
 
@@ -158,6 +195,20 @@ def _card_section(record: dict, binary: bool) -> str:
         rows = "\n".join(f"| {m} | {cell(record['after'], m)} |" for m in ("auc", "accuracy", "balanced_accuracy"))
         table = f"| metric | argmax |\n|---|---|\n{rows}\n"
     warning = f"\n**Warning**: {record['warning']}.\n" if record.get("warning") else ""
+    screening = ""
+    if record.get("input_check"):
+        ic, shift = record["input_check"], record["site_shift"]
+        screening = (f"\n{ic['beyond_limit']} of the site's images were beyond the input check's limits "
+                     "and were left out. Site shift: {shift['verdict']} (MMD "
+                     f"permutation p = {shift['p_value']:.3g}).\n")
+    band = record.get("uncertain")
+    if band and band.get("reachable") and band.get("low") is not None:
+        screening += (f"\nUncertain answers (refer to a reader): P between {band['low']:.4f} and "
+                      f"{band['high']:.4f}, chosen on the same images for {band['target_accuracy']:.0%} "
+                      f"accurate decisions (coverage {band['coverage']:.1%}, in-sample).\n")
+    elif band and band.get("reachable") and band.get("min_margin"):
+        screening += (f"\nUncertain answers: top probability below {band['min_margin']:.4f}, chosen on the "
+                      f"same images (coverage {band['coverage']:.1%}, in-sample).\n")
     return f"""
 ## Site calibration
 The decision rule of this copy was set on labelled images of the site, not on the training
@@ -165,7 +216,7 @@ collection's validation split: **{record['rule']}** on `{record['data']}` ({coun
 sigmoid temperature {record['temperature']:.2f} fitted on the same images. The weights are those of
 the original model. 95% CIs: {record['ci_method']}.
 
-{table}{warning}
+{table}{warning}{screening}
 {record['note'][0].upper() + record['note'][1:]}.
 """
 
@@ -185,14 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument("--min-per-class", type=int, default=MIN_PER_CLASS,
                         help="warn below this many images of a class (%(default)s)")
+    parser.add_argument("--target-accuracy", type=float, default=DEFAULT_TARGET_ACCURACY,
+                        help="choose the uncertain band on the site's images so that the confident "
+                        "decisions reach this accuracy (%(default)s); 0 keeps the model's own band")
     parser.add_argument("--json", action="store_true", help="print the calibration record as JSON")
     args = parser.parse_args(argv)
+    if args.target_accuracy != 0 and not 0.5 < args.target_accuracy < 1:
+        return fail(f"--target-accuracy must be between 0.5 and 1 (exclusive), or 0, got {args.target_accuracy}")
     if args.n_boot < 1:
         return fail(f"--n-boot must be a positive integer, got {args.n_boot}")
     try:
         choose_threshold(np.array([0, 1]), np.array([0.2, 0.8]), args.rule)  # an unknown rule fails here, before the model loads
         record = calibrate(args.model, args.data, args.out, rule=args.rule, n_boot=args.n_boot,
-                           min_per_class=args.min_per_class)
+                           min_per_class=args.min_per_class, target_accuracy=args.target_accuracy or None)
     except (FileNotFoundError, ModelFileError, ValueError, OSError) as exc:
         return fail(exc)
     if args.json:
@@ -206,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"sensitivity {f['sensitivity']:.3f} ({f['sensitivity_ci'][0]:.3f}-{f['sensitivity_ci'][1]:.3f}), "
                       f"specificity {f['specificity']:.3f} ({f['specificity_ci'][0]:.3f}-{f['specificity_ci'][1]:.3f})")
         print(f"  temperature {record['temperature']:.2f}")
+        if record.get("input_check"):
+            print(f"  input check: {record['input_check']['beyond_limit']} image(s) beyond the limit, left out; "
+                  f"site shift: {record['site_shift']['verdict']}")
+        band = record.get("uncertain")
+        if band and band.get("reachable"):
+            print(f"  uncertain band: coverage {band['coverage']:.1%}, confident decisions "
+                  f"{band['accuracy_confident']:.3f} accurate (in-sample)")
     if record.get("warning"):
         print(f"warning: {record['warning']}", file=sys.stderr)
     return 0

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pneumo_utils.deploy.runtime import is_exported, load_any, predict_paths
     from pneumo_utils.io import ModelFileError, read_sidecar, write_json_atomic
+    from pneumo_utils.model import input_check
 
     for flag, value in (("--batch-size", args.batch_size), ("--n-boot", args.n_boot)):
         if value < 1:
@@ -113,8 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         index = folder_index(args.data, task)
         labels = index["label"].to_numpy()
         _check_every_class(labels, task, args.data)
-        proba = predict_paths(model, index["path"].tolist(), args.batch_size,
-                              verbose=sys.stderr.isatty())
+        check = input_check.of(meta, f"sidecar of {args.model}")
+        if check is None or is_exported(args.model):
+            proba = predict_paths(model, index["path"].tolist(), args.batch_size,
+                                  verbose=sys.stderr.isatty())
+            looks = None if check is None else input_check.Looks(
+                None, input_check.thumbnails_of(index["path"].tolist(), int(meta["image_size"])))
+        else:
+            proba, looks = input_check.predict_with_looks(model, index["path"].tolist(), args.batch_size)
     except (FileNotFoundError, ModelFileError, ValueError) as exc:
         return fail(exc)
     if task.binary:
@@ -128,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 **calibration_summary(labels, apply_softmax_temperature(proba, meta["temperature"])),
             }
         result.update(threshold_rule=ARGMAX_RULE)
+    result.update(screening_figures(index, labels, proba, meta, check, looks, task, exported=is_exported(args.model)))
     result.update(
         task=task.name,
         class_names=list(task.class_names),
@@ -174,6 +182,42 @@ def strict_json(value):
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
+
+
+def screening_figures(index: pd.DataFrame, labels: np.ndarray, proba: np.ndarray, meta: dict, check,
+                      looks, task, exported: bool = False) -> dict:
+    """What the model's input check and abstention band do on labelled images.
+
+    ``input_check``: the limits, how many images are beyond one (counted apart and named),
+    which views were applied (an export applies only the thumbnail view), or why there is no
+    check; ``accepted``: the metrics on the images within the limits (the ones ``predict``
+    answers); ``selective``: the band's coverage and the accuracy of the confident decisions
+    among the accepted images (:func:`pneumo_utils.evaluation.selective.selective_report`,
+    without the curve)."""
+    from pneumo_utils.evaluation.selective import selective_report
+
+    threshold = float(meta.get("threshold", 0.5)) if task.binary else None
+    if check is None:
+        screening = {"available": False, "reason": "the model was saved without an input check; every image is scored"}
+        accepted = np.ones(len(labels), dtype=bool)
+    else:
+        beyond = check.flagged(looks)
+        accepted = ~beyond
+        screening = {"limits": check.limits, "limit_rule": check.limit_rule, "views": list(check.scores(looks)),
+                     "beyond_limit": int(beyond.sum()), "share_beyond_limit": float(beyond.mean()),
+                     "files_beyond_limit": index["path"][beyond].tolist()}
+        if exported:
+            screening["partial"] = "an export applies only the thumbnail view; evaluate the .keras model for both"
+    result: dict = {"input_check": screening}
+    kept_labels, kept_proba = labels[accepted], proba[accepted]
+    if check is not None and len(np.unique(kept_labels)) == task.n_classes:
+        result["accepted"] = (binary_metrics(kept_labels, kept_proba, threshold) if task.binary
+                              else multiclass_metrics(kept_labels, kept_proba, task.class_names))
+        result["accepted"]["images"] = int(accepted.sum())
+    if meta.get("uncertain") and len(kept_labels):
+        selective = selective_report(kept_labels, kept_proba, threshold, meta["uncertain"])
+        result["selective"] = {k: v for k, v in selective.items() if k != "risk_coverage"}
+    return result
 
 
 def _evaluate_binary(model, meta: dict, index: pd.DataFrame, labels: np.ndarray,

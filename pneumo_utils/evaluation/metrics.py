@@ -30,6 +30,12 @@ from pneumo_utils.deploy.runtime import (
     sigmoid,
     softmax,
 )
+from pneumo_utils.evaluation.selective import (
+    DEFAULT_TARGET_ACCURACY,
+    MIN_IMAGES,
+    choose_band,
+    selective_report,
+)
 
 CI_METRICS = ("auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "brier")
 
@@ -51,8 +57,10 @@ def choose_threshold(y_true: np.ndarray, proba: np.ndarray, rule: str = "youden"
     """
     y_true, proba = np.asarray(y_true), np.asarray(proba, dtype=float)
     name, _, value = rule.partition(":")
-    if name == "fixed":
-        return float(value or 0.5)
+    if name in ("fixed", "sensitivity"):
+        number = _rule_number(rule, value, 0.5 if name == "fixed" else 0.95)
+        if name == "fixed":
+            return number
     if len(np.unique(y_true)) < 2:
         raise ValueError("threshold selection needs both classes in the validation labels")
     if name == "youden":
@@ -64,10 +72,26 @@ def choose_threshold(y_true: np.ndarray, proba: np.ndarray, rule: str = "youden"
         f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
         return float(thresholds[np.argmax(f1[:-1])])
     if name == "sensitivity":
-        target = float(value or 0.95)
+        target = number
         fpr, tpr, thresholds = skm.roc_curve(y_true, proba)
         return float(np.clip(thresholds[np.argmax(tpr >= target)], 0.0, 1.0))
     raise ValueError(f"unknown threshold rule {rule!r}; use youden, f1, sensitivity:X or fixed:X")
+
+
+def _rule_number(rule: str, value: str, default: float) -> float:
+    """The number of a ``fixed:T`` or ``sensitivity:S`` rule, refused unless it is a usable
+    probability: a threshold of 0 to 1, a sensitivity above 0 and at most 1 (a target above
+    1 is never reached, and the threshold would fall to 1: every image negative)."""
+    try:
+        number = float(value) if value else default
+    except ValueError:
+        number = float("nan")
+    name = rule.partition(":")[0]
+    ok = 0.0 <= number <= 1.0 if name == "fixed" else 0.0 < number <= 1.0
+    if not ok:
+        expected = "a threshold from 0 to 1" if name == "fixed" else "a sensitivity above 0 and at most 1"
+        raise ValueError(f"threshold rule {rule!r}: {value!r} is not {expected}; e.g. fixed:0.5 or sensitivity:0.95")
+    return number
 
 
 def describe_rule(rule: str, on: str = "validation predictions") -> str:
@@ -406,8 +430,16 @@ def evaluation_report(
     seed: int = 0,
     groups_test: np.ndarray | None = None,
     class_names: Sequence[str] | None = None,
+    target_accuracy: float = DEFAULT_TARGET_ACCURACY,
 ) -> dict:
     """Everything a report states about one model on its validation and test predictions.
+
+    Both kinds also get ``uncertain``, the abstention band chosen on validation for
+    confident decisions at least ``target_accuracy`` accurate
+    (:func:`pneumo_utils.evaluation.selective.choose_band`; ``None`` with fewer than
+    :data:`~pneumo_utils.evaluation.selective.MIN_IMAGES` validation images), and
+    ``selective``: what that band does on the test split (coverage, accuracy of the confident
+    decisions, the risk-coverage curve).
 
     Binary (``proba_test`` ``(n,)``, P(second class)): the threshold and how it was chosen on
     validation (``rule``), validation metrics, test metrics with bootstrap CIs at that
@@ -425,8 +457,9 @@ def evaluation_report(
     """
     proba_test, proba_val = np.asarray(proba_test, dtype=float), np.asarray(proba_val, dtype=float)
     if proba_test.ndim == 2 and proba_test.shape[1] >= 3:
-        return _multiclass_report(y_test, proba_test, y_val, proba_val, n_boot, seed, groups_test,
-                                  _class_names(proba_test.shape[1], class_names))
+        report = _multiclass_report(y_test, proba_test, y_val, proba_val, n_boot, seed, groups_test,
+                                    _class_names(proba_test.shape[1], class_names))
+        return {**report, **_selective(y_val, proba_val, y_test, proba_test, None, target_accuracy)}
     if proba_test.ndim == 2 and proba_test.shape[1] != 1:
         raise ValueError(
             f"proba_test has shape {proba_test.shape}: give a binary model's P(positive class) "
@@ -450,7 +483,17 @@ def evaluation_report(
         "ci_method": _ci_method(n_boot, groups_test),
         "temperature": temperature,
         "test_calibrated": calibration_summary(y_test, apply_temperature(proba_test, temperature)),
+        **_selective(y_val, proba_val, y_test, proba_test, threshold, target_accuracy),
     }
+
+
+def _selective(y_val, proba_val, y_test, proba_test, threshold, target_accuracy) -> dict:
+    """``uncertain`` (the band chosen on validation) and ``selective`` (its test figures)."""
+    if len(np.asarray(y_val)) < MIN_IMAGES:
+        return {"uncertain": None, "selective": None}
+    band = choose_band(y_val, proba_val, threshold, target_accuracy=target_accuracy,
+                       chosen_on=f"validation predictions ({len(np.asarray(y_val))} images)")
+    return {"uncertain": band, "selective": selective_report(y_test, proba_test, threshold, band)}
 
 
 EXTERNAL_NOTE = ("scored zero-shot: neither weights nor threshold were fitted on these images; "
@@ -467,8 +510,12 @@ def external_report(
     seed: int = 0,
     groups: np.ndarray | None = None,
     class_names: Sequence[str] | None = None,
+    band: dict | None = None,
 ) -> dict:
     """Figures on a labelled external validation set, at the model's own decision rule.
+
+    With ``band`` (the model's ``uncertain`` record, chosen on validation), ``selective``
+    gives what it does here (:func:`pneumo_utils.evaluation.selective.selective_report`).
 
     Why: a same-source test split scores almost every model at AUC 0.99+ and cannot say how a
     model fares on another site's images; a small labelled external set can. Nothing is chosen
@@ -494,6 +541,8 @@ def external_report(
         cis = bootstrap_ci(y_true, proba, threshold, n_boot=n_boot, seed=seed, groups=groups)
         figures["roc"] = roc_points(y_true, proba)
     figures.update({f"{m}_ci": list(ci) for m, ci in cis.items()})
+    if band is not None:
+        figures["selective"] = selective_report(y_true, proba, threshold if proba.ndim == 1 else None, band)
     counts = {name: int((y_true == k).sum()) for k, name in enumerate(names)}
     return {**figures, "data": data, "counts": counts, "ci_method": _ci_method(n_boot, groups),
             "note": EXTERNAL_NOTE}

@@ -223,6 +223,39 @@ def reliability_diagram(
     return _finish(fig)
 
 
+def risk_coverage(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    threshold: float | None = None,
+    band: dict | None = None,
+    title: str = "Risk-coverage: refer the least certain to a reader",
+) -> plt.Figure:
+    """Selective classification: accuracy of the decided images against the share decided
+    (coverage), deciding the most confident first, one curve per ``name -> (y_true, proba)``
+    (``proba`` ``(n,)`` with the model's ``threshold``, or ``(n, K)``). With ``band`` (the
+    ``uncertain`` record) each curve is marked where that band puts it, and the target
+    accuracy is drawn."""
+    from pneumo_utils.evaluation.selective import risk_coverage as curve_of
+    from pneumo_utils.evaluation.selective import selective_report
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for name, (y, p) in curves.items():
+        p = np.asarray(p)
+        t = threshold if p.ndim == 1 else None
+        curve = curve_of(y, p, t)
+        line, = ax.plot(curve["coverage"], curve["accuracy"], label=name)
+        if band and band.get("min_margin") is not None:
+            at = selective_report(y, p, t, band)
+            if at["accuracy_confident"] is not None:
+                ax.plot([at["coverage"]], [at["accuracy_confident"]], "o", color=line.get_color(),
+                        label=f"{name}: band gives {at['coverage']:.0%} decided, {at['accuracy_confident']:.3f} accurate")
+    if band:
+        ax.axhline(band["target_accuracy"], color="grey", linestyle=":", label=f"target {band['target_accuracy']:.0%}")
+    ax.set(xlabel="coverage (share of images decided)", ylabel="accuracy of the decided images",
+           title=title, xlim=(0, 1.02))
+    ax.legend(fontsize=7, loc="lower left")
+    return _finish(fig)
+
+
 def _finish(fig: plt.Figure) -> plt.Figure:
     """Lay out and close the figure: notebooks show it once, via ``display`` or as a cell's
     value, instead of a second time when the inline backend flushes open figures."""

@@ -19,7 +19,8 @@ import pandas as pd
 from pneumo_utils import CLASS_NAMES
 from pneumo_utils.data.tasks import DEFAULT_TASK, predicted_labels
 from pneumo_utils.evaluation.metrics import CI_METRICS
-from pneumo_utils.io import write_json_atomic
+from pneumo_utils.io import write_json_atomic, write_text_atomic
+from pneumo_utils.model.input_check import InputCheck
 from pneumo_utils.model.saving import model_metadata, save_model
 
 
@@ -131,7 +132,10 @@ class TrainedModel:
     more classes lists them); ``evaluation`` the dict of
     :func:`pneumo_utils.evaluation.metrics.evaluation_report` (decision rule, validation,
     test and external figures); ``facts`` anything else the sidecar and the index row carry
-    (``training``, ``cue_test``, ``selection_score``, ``selection_rule``, ...).
+    (``training``, ``cue_test``, ``selection_score``, ``selection_rule``, ...);
+    ``input_check`` the model's fitted :class:`~pneumo_utils.model.input_check.InputCheck`
+    (saved in the sidecar; ``None``: the model answers any image, and its card says so) and
+    ``screening`` its figures (:func:`pneumo_utils.evaluation.site_shift.screen`).
     """
 
     model: keras.Model
@@ -142,6 +146,8 @@ class TrainedModel:
     positive_class: str
     evaluation: dict
     facts: dict = field(default_factory=dict)
+    input_check: InputCheck | None = None
+    screening: dict | None = None
 
 
 def save_run(
@@ -184,9 +190,12 @@ def save_run(
                      **({"external": _without_roc(evaluation["external"])} if evaluation.get("external") else {})},
             backbone=trained.backbone, weights=trained.weights, data=data, class_names=class_names,
             **described, **trained.facts, **sidecar,
+            **({"uncertain": evaluation["uncertain"]} if evaluation.get("uncertain") else {}),
+            **({"input_check": trained.input_check.to_dict()} if trained.input_check else {}),
+            **({"screening": trained.screening} if trained.screening else {}),
         )
         save_model(trained.model, path, meta)
-        path.with_suffix(".md").write_text(model_card(meta, evaluation))
+        write_text_atomic(path.with_suffix(".md"), model_card(meta, evaluation))
         metas.append(meta)
         entries.append({
             "name": trained.name, "backbone": trained.backbone, "weights": trained.weights,
@@ -196,6 +205,8 @@ def save_run(
             "val_auc": evaluation["validation"]["auc"], "validation": evaluation["validation"],
             "test": evaluation["test"], "test_at_0.5": evaluation.get("test_at_0.5"),
             "external": evaluation.get("external"), "roc": evaluation.get("roc"), "model_path": str(path),
+            "uncertain": evaluation.get("uncertain"), "selective": evaluation.get("selective"),
+            "screening": trained.screening,
             **described, "class_names": class_names, **trained.facts,
         })
     best = max(entries, key=lambda m: m["val_auc"])
@@ -211,9 +222,12 @@ def save_run(
 
 
 def _without_roc(figures: dict) -> dict:
-    """``figures`` less its ROC points, which the metrics JSON keeps for the index page and a
-    sidecar does not need."""
-    return {k: v for k, v in figures.items() if k != "roc"}
+    """``figures`` less its ROC points and risk-coverage curve, which the metrics JSON keeps
+    for the index page and a sidecar does not need."""
+    kept = {k: v for k, v in figures.items() if k != "roc"}
+    if isinstance(kept.get("selective"), dict):
+        kept["selective"] = {k: v for k, v in kept["selective"].items() if k != "risk_coverage"}
+    return kept
 
 
 def model_card(meta: dict, evaluation: dict) -> str:
@@ -275,7 +289,7 @@ another class, or its frame blanked (`pneumo_utils.evaluation.shortcuts`). Selec
 | metric | value | 95% CI |
 |---|---|---|
 {rows}
-{per_class}{_external_section(evaluation)}{cue}
+{per_class}{_external_section(evaluation)}{_screening_section(meta, evaluation)}{cue}
 ## Limitations
 - Trained on one public data set; performance on images from other hospitals, scanners,
   populations (e.g. adults vs children) or acquisition protocols is unknown and usually lower.
@@ -304,6 +318,46 @@ def _external_section(evaluation: dict) -> str:
 |---|---|---|
 {rows}
 """
+
+
+def _screening_section(meta: dict, evaluation: dict) -> str:
+    """The model card's section on what the model does not know: its input check, its
+    abstention band, and the site-shift test of the external validation set."""
+    record, band = meta.get("input_check"), evaluation.get("uncertain")
+    if record is None:
+        check = ("- **Input check**: none. This model answers every image, photographs "
+                 "included; `predict` says so.")
+    else:
+        flagged = (meta.get("screening") or {}).get("flagged", {})
+        shares = ", ".join(f"{name} {share:.1%}" for name, share in flagged.items() if share is not None)
+        views = record["views"]
+        check = (f"- **Input check** (probabilistic-PCA Mahalanobis distance, fitted on {record['fitted_on']}: "
+                 f"{views['features']['components']} directions of the {views['features']['width']} pooled "
+                 f"features, limit {views['features']['limit']:.2f}; {views['thumbnail']['components']} of the "
+                 f"8 x 8 grey thumbnail, limit {views['thumbnail']['limit']:.2f}): an image beyond either "
+                 f"limit is not assessed ({record['limit_rule']}). Share beyond a limit: "
+                 f"{shares or 'not measured'}.")
+    if not band:
+        refer = "- **Uncertain answers**: none (too few validation images to choose a band)."
+    elif not band.get("reachable"):
+        refer = (f"- **Uncertain answers**: none; no band reaches {band['target_accuracy']:.0%} accurate "
+                 f"decisions on {band['chosen_on']}.")
+    else:
+        selective = evaluation.get("selective") or {}
+        test = (f" On test: coverage {selective['coverage']:.1%}, accuracy of the decided images "
+                f"{selective['accuracy_confident']:.3f} (all images {selective['accuracy_all']:.3f})."
+                if selective.get("accuracy_confident") is not None else "")
+        shown = (f"P between {band['low']:.4f} and {band['high']:.4f}" if "low" in band
+                 else f"top probability below {band['min_margin']:.4f}")
+        refer = (f"- **Uncertain answers** (refer to a reader): {shown}, a band chosen on "
+                 f"{band['chosen_on']} for decisions at least {band['target_accuracy']:.0%} accurate "
+                 f"(coverage there {band['coverage']:.1%}).{test}")
+    shift = (meta.get("screening") or {}).get("site_shift")
+    site = ""
+    if shift:
+        site = (f"- **Site shift** ({shift['data']}): {shift['flagged']:.1%} beyond the limit; MMD "
+                f"permutation p = {shift['p_value']:.3g}. {shift['verdict'][:1].upper()}{shift['verdict'][1:]}.")
+    return f"\n## What the model does not know\n{check}\n{refer}\n{site}\n"
 
 
 def _per_class_section(test: dict, names: Sequence[str]) -> str:
