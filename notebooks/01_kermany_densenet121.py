@@ -85,7 +85,7 @@ from IPython.display import display
 from pneumo_utils.data import datasets, fetch, pipelines, splits, tasks
 from pneumo_utils.deploy.predict import predict_image
 from pneumo_utils.evaluation import metrics, shortcuts, site_shift
-from pneumo_utils.explain import gradcam, plots, report
+from pneumo_utils.explain import explorer, gradcam, plots, report
 from pneumo_utils.model import backbones, features, input_check, preprocessing
 from pneumo_utils.model.train import EpochLine
 from pneumo_utils.scale import distribute
@@ -339,6 +339,23 @@ if "site_shift" in screening:
 plots.risk_coverage({"test": (labels["test"], p_test),
                      **({"external validation": (external["label"].to_numpy(), p_external)} if external_dir else {})},
                     threshold=threshold, band=evaluation["uncertain"])
+
+# %% [markdown]
+# ### Explore: thresholds and mistakes
+# For a binary task, move the threshold and watch each set's confusion matrix, sensitivity and
+# specificity, side by side; the buttons put it on the validation threshold and on the one a
+# site calibration on external validation would choose (Youden's J there, in-sample). The
+# gallery shows a set's mistakes at the current threshold with Grad-CAM. (A rendered report shows
+# the same tables at the validation threshold.)
+
+# %%
+if task_spec.binary:
+    explore_sets = {"validation": (paths["val"], labels["val"], p_val), "test": (paths["test"], labels["test"], p_test)}
+    marks = {}
+    if external_dir is not None:
+        explore_sets["external validation"] = (external["path"].tolist(), external["label"].to_numpy(), p_external)
+        marks["Youden on external validation"] = metrics.choose_threshold(external["label"], p_external, rule="youden")
+    display(explorer.explorer(explore_sets, threshold=threshold, marks=marks, model=model, class_names=CLASS_NAMES))
 
 # %% [markdown]
 # ## 8. Grad-CAM: where does the model look?

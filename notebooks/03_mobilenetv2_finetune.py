@@ -48,6 +48,8 @@ if "google.colab" in sys.modules:
 # %% tags=["parameters"]
 data_dir = None  # type: str|None Kermany folder with train/, val/, test/ (None: found in data/ or ../shared/data/, else downloaded)
 external_dir = None  # type: str|None labelled external validation folder, NORMAL/ and PNEUMONIA/ (None: found if present)
+task: str = "pneumonia"  # pneumonia, bacterial_vs_viral or three_class (pneumo_utils.data.tasks)
+run_name: str = "03_mobilenetv2_finetune"  # file name of the saved model and the metrics JSON
 weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
 image_size: int = 160  # side of the square input image, in pixels
 batch_size: int = 32  # images per batch on each replica (device)
@@ -76,14 +78,16 @@ import pandas as pd
 from IPython.display import display
 from sklearn.metrics import roc_auc_score
 
-from pneumo_utils.data import augment, datasets, fetch, pipelines, splits
-from pneumo_utils.evaluation import metrics, shortcuts
-from pneumo_utils.explain import gradcam, plots, report
-from pneumo_utils.model import backbones, features, preprocessing, saving
+from pneumo_utils.data import augment, datasets, fetch, pipelines, splits, tasks
+from pneumo_utils.evaluation import metrics, shortcuts, site_shift
+from pneumo_utils.explain import explorer, gradcam, plots, report
+from pneumo_utils.model import backbones, features, input_check, preprocessing, saving
 from pneumo_utils.model.train import EpochLine
 from pneumo_utils.scale import distribute
 
-RUN_NAME = "03_mobilenetv2_finetune"
+task_spec = tasks.get_task(task)
+CLASS_NAMES = task_spec.class_names  # label order: label k is CLASS_NAMES[k]
+print(f"task {task}: {task_spec.description}; classes {CLASS_NAMES}")
 data_dir = fetch.find("kermany", data_dir)  # the folder given, else data/ or ../shared/data/ of the project, else a download
 external_dir = fetch.find("external", external_dir, required=False)  # None when there is none
 reports_dir, models_dir, cache_dir = (fetch.in_project(p) for p in (reports_dir, models_dir, cache_dir))
@@ -95,13 +99,17 @@ batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> p
 
 # %% [markdown]
 # ## 1. Data: a patient-grouped split
-# The same split as in notebook 01: validation images drawn from train by patient, `test/` as
-# published.
+# The same split as in notebook 01: the task's images (`task_index`; the subtype tasks read
+# bacteria and virus from the file names), validation images drawn from train by patient,
+# `test/` as published.
 
 # %%
-index = splits.kermany_split(data_dir, seed=seed, max_images_per_class=max_images_per_class)
+index = tasks.task_index(datasets.load_kermany(data_dir), task)
+index = splits.grouped_split(index, val_fraction=0.15, seed=seed)
+index = splits.subsample(index, max_images_per_class, seed=seed)
+splits.assert_no_patient_leak(index)
 paths, labels = splits.split_files(index)
-datasets.summarize(index)
+datasets.summarize(index, CLASS_NAMES)
 
 # %% [markdown]
 # The labelled external validation set, when one is found, is another collection's images: it
@@ -109,7 +117,7 @@ datasets.summarize(index)
 # trained on it.
 
 # %%
-external = datasets.load_class_folder(external_dir, split="external") if external_dir else None
+external = tasks.task_index(datasets.load_class_folder(external_dir, split="external"), task) if external_dir else None
 print(f"external validation: {len(external)} images from {external_dir}" if external is not None
       else "no external validation set: phases are compared by the shortcut check")
 
@@ -117,7 +125,8 @@ print(f"external validation: {len(external)} images from {external_dir}" if exte
 # ## 2. MobileNetV2 with a new head
 # With `remove_cues`, the first layers remove the acquisition cues as in notebook 01 (centre crop,
 # histogram equalisation); then MobileNetV2's own scaling to [-1, 1]. The head is the one of
-# notebook 01. Fine-tuned on raw pixels with the augmentation of section 4, this network ranked
+# notebook 01, its output following the task (one sigmoid unit for two classes, a softmax for
+# three). Fine-tuned on raw pixels with the augmentation of section 4, this network ranked
 # another collection's images at AUC 0.97; frozen features behind the cue-removing layers
 # ranked them at 0.92-0.93 (`RESULTS.md`; fine-tuning behind those layers was not measured), so
 # `remove_cues` is off by default here.
@@ -133,7 +142,7 @@ with strat.scope():
     x = keras.layers.GlobalAveragePooling2D(name="head_gap")(base.output)
     x = keras.layers.Dense(128, activation="relu", name="head_dense")(x)
     x = keras.layers.Dropout(0.5, name="head_dropout")(x)
-    outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
+    outputs = keras.layers.Dense(task_spec.output_units, activation=task_spec.activation, name="head_output")(x)
     model = keras.Model(inputs, outputs, name="mobilenet_v2")
 
 # %% [markdown]
@@ -147,10 +156,13 @@ feats, x_train, y_train = features.extract_with_frame_swaps(
     model, paths, labels, frame_swap=remove_cues, seed=seed, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
 with strat.scope():
     head = backbones.head_on_features(model)
-head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
-             metrics=[keras.metrics.AUC(name="auc")])
+if task_spec.binary:
+    loss, targets = "binary_crossentropy", (lambda y: y)
+else:  # one column per class, like the softmax output
+    loss, targets = "categorical_crossentropy", (lambda y: keras.utils.to_categorical(y, task_spec.n_classes))
+head.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=[keras.metrics.AUC(name="auc")])
 history1 = head.fit(
-    x_train, y_train, validation_data=(feats["val"], labels["val"]),
+    x_train, targets(y_train), validation_data=(feats["val"], targets(labels["val"])),
     epochs=epochs, batch_size=batch_size, class_weight=pipelines.class_weights(y_train),
     callbacks=[
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=5, restore_best_weights=True),
@@ -170,8 +182,9 @@ if external is not None:
 # blank frame, at the model's own threshold. Its worst balanced accuracy is the selection score.
 
 # %%
-p_val_frozen = head.predict(feats["val"], verbose=0).ravel()
-threshold_frozen = metrics.choose_threshold(labels["val"], p_val_frozen, rule=threshold_rule)
+p_val_frozen = head.predict(feats["val"], verbose=0)
+threshold_frozen = (metrics.choose_threshold(labels["val"], p_val_frozen.ravel(), rule=threshold_rule)
+                    if task_spec.binary else None)  # three classes: argmax
 cue_frozen = shortcuts.validation_cue_test(model, paths["val"], labels["val"], paths["train"], labels["train"],
                                            threshold=threshold_frozen, max_images=cue_images, seed=seed)
 cue_frozen.round(3)
@@ -216,13 +229,13 @@ print(sum(layer.trainable for layer in base.layers), "of", len(base.layers), "ba
 # count continues from phase 1, so both phases share one set of curves.
 
 # %%
-train_ds, steps = augment.training_dataset(paths["train"], labels["train"], image_size, batch_size=batch_size,
-                                           layers=augmentation, seed=seed, images_per_epoch=images_per_epoch)
-val_ds = pipelines.image_dataset(paths["val"], labels["val"], image_size, batch_size=batch_size)
+train_ds, steps = augment.training_dataset(paths["train"], targets(labels["train"]), image_size,
+                                           batch_size=batch_size, layers=augmentation, seed=seed,
+                                           images_per_epoch=images_per_epoch)
+val_ds = pipelines.image_dataset(paths["val"], targets(labels["val"]), image_size, batch_size=batch_size)
 schedule = keras.optimizers.schedules.CosineDecay(fine_tune_learning_rate,
                                                   decay_steps=fine_tune_epochs * (steps or len(train_ds)))
-model.compile(optimizer=keras.optimizers.Adam(schedule), loss="binary_crossentropy",
-              metrics=[keras.metrics.AUC(name="auc")])
+model.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=[keras.metrics.AUC(name="auc")])
 history2 = model.fit(
     train_ds, validation_data=val_ds, steps_per_epoch=steps, shuffle=False,  # the pipeline shuffles
     initial_epoch=len(history1.epoch), epochs=len(history1.epoch) + fine_tune_epochs,
@@ -249,13 +262,13 @@ plots.training_curves(curves)
 
 # %%
 p_val_tuned = saving.predict_paths(model, paths["val"], batch_size)
-threshold_tuned = metrics.choose_threshold(labels["val"], p_val_tuned, rule=threshold_rule)
+threshold_tuned = metrics.choose_threshold(labels["val"], p_val_tuned, rule=threshold_rule) if task_spec.binary else None
 cue_tuned = shortcuts.validation_cue_test(model, paths["val"], labels["val"], paths["train"], labels["train"],
                                           threshold=threshold_tuned, max_images=cue_images, seed=seed)
 scores = {"frozen base": shortcuts.selection_score(cue_frozen), "fine-tuned": shortcuts.selection_score(cue_tuned)}
 if external is not None:
     p_external["fine-tuned"] = saving.predict_paths(model, external["path"].tolist(), batch_size)
-    external_auc = {phase: roc_auc_score(external["label"], p) for phase, p in p_external.items()}
+    external_auc = {phase: roc_auc_score(external["label"], p, multi_class="ovr") for phase, p in p_external.items()}
     phase_rule, ranking = "higher AUC on external validation", external_auc
 else:
     phase_rule, ranking = "higher selection score", scores
@@ -268,17 +281,21 @@ print(f"kept: {kept} ({phase_rule})")
 
 # %% [markdown]
 # ## 7. Threshold on validation, metrics on test
+# A binary task decides at a threshold chosen on validation; three classes by the most probable
+# class (argmax).
 
 # %%
 p_val = saving.predict_paths(model, paths["val"], batch_size)
 p_test = saving.predict_paths(model, paths["test"], batch_size)
-threshold = metrics.choose_threshold(labels["val"], p_val, rule=threshold_rule)
-print(f"threshold {threshold:.3f}: {metrics.describe_rule(threshold_rule)}")
+threshold = metrics.choose_threshold(labels["val"], p_val, rule=threshold_rule) if task_spec.binary else None
+print(f"threshold {threshold:.3f}: {metrics.describe_rule(threshold_rule)}" if task_spec.binary
+      else f"decision: the most probable of {CLASS_NAMES}")
 
 # %%
 evaluation = metrics.evaluation_report(
     y_test=labels["test"], proba_test=p_test, y_val=labels["val"], proba_val=p_val,
     rule=threshold_rule, n_boot=n_boot, seed=seed, groups_test=datasets.patients_of(index, "test"),
+    class_names=CLASS_NAMES,
 )
 metrics.metrics_table(evaluation)
 
@@ -291,50 +308,109 @@ metrics.metrics_table(evaluation)
 if external is not None:
     evaluation["external"] = metrics.external_report(
         external["label"].to_numpy(), p_external[kept], threshold=threshold, data=str(external_dir),
-        n_boot=n_boot, seed=seed, groups=external["patient"].to_numpy())
+        n_boot=n_boot, seed=seed, groups=external["patient"].to_numpy(), class_names=CLASS_NAMES,
+        band=evaluation["uncertain"])
     display(metrics.metrics_table(evaluation))
 else:
     print("No labelled external validation set was found: every figure in this report is same-source.")
 
 # %%
-metrics.classification_table(labels["test"], p_test, threshold)
+metrics.classification_table(labels["test"], p_test, threshold, class_names=CLASS_NAMES)
 
 # %%
-plots.confusion_matrix(labels["test"], p_test, threshold)
+plots.confusion_matrix(labels["test"], p_test, threshold, class_names=CLASS_NAMES)
 
 # %%
-plots.roc_pr_curves({"test": (labels["test"], p_test), "validation": (labels["val"], p_val)})
+plots.roc_pr_curves({"test": (labels["test"], p_test), "validation": (labels["val"], p_val)}, class_names=CLASS_NAMES)
 
 # %% [markdown]
 # ## 8. Grad-CAM: where does the model look?
 
 # %%
-rows, captions = report.pick_examples(labels=labels["test"], proba=p_test, threshold=threshold, seed=seed)
+rows, captions = report.pick_examples(labels=labels["test"], proba=p_test, threshold=threshold, seed=seed,
+                                     class_names=CLASS_NAMES)
 images = pipelines.load_images([paths["test"][i] for i in rows], image_size)
-heatmaps = gradcam.grad_cam(model, images)
-plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions)
+heatmaps = gradcam.grad_cam(model, images, threshold=threshold)
+plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions, threshold=threshold,
+                   class_names=CLASS_NAMES)
 
 # %% [markdown]
-# ## 9. Save the model, then predict from the command line
-# The saved file and its sidecar are all the command-line tool needs; it runs in a fresh process.
+# ## 9. What the model does not know
+# The network answers every image with a confident class, a holiday photo included. The **input
+# check** learns, from the training images, what the fine-tuned network's pooled features and
+# the images' grey 8 x 8 layout look like (a Gaussian in each, probabilistic PCA); an image
+# further from them than 99.5% of the validation images, in either, is **not assessed**. The
+# features of a fine-tuned network cannot be cached, so this pass runs the network over 1,500
+# training images and the validation images. The two-sample test then compares the external
+# validation images with the validation images, as a new site would be compared.
 
 # %%
-model_path = Path(models_dir) / f"{RUN_NAME}.keras"
+check = input_check.fit(model, paths["train"], paths["val"], seed=seed, batch_size=batch_size)
+screening = site_shift.screen(
+    model, check, {"test": paths["test"], "external validation": external["path"].tolist() if external is not None else None},
+    site="external validation", data=str(external_dir), seed=seed, batch_size=batch_size)
+print(f"input check: limits {check.limits} ({check.limit_rule}); share beyond one: "
+      + ", ".join(f"{name} {share:.1%}" for name, share in screening["flagged"].items()))
+if "site_shift" in screening:
+    print(site_shift.describe(screening["site_shift"]))
+
+# %% [markdown]
+# **"Uncertain" as an answer.** Around the threshold, a band chosen on validation so that the
+# decisions made outside it are at least 97% accurate: `predict` answers "UNCERTAIN: refer to a
+# reader" inside it. The risk-coverage curve shows the trade on each set, deciding the most
+# confident images first; the dot is where the band puts it. A band chosen on the same source
+# rarely transfers: `calibrate` chooses one on a site's own labelled images.
+
+# %%
+band = evaluation["uncertain"]
+print(f"band chosen on validation: {band}")
+plots.risk_coverage({"test": (labels["test"], p_test),
+                     **({"external validation": (external["label"].to_numpy(), p_external[kept])} if external is not None else {})},
+                    threshold=threshold, band=band)
+
+# %% [markdown]
+# ## 10. Explore: thresholds and mistakes
+# Move the threshold and see each set's confusion matrix, sensitivity and specificity change,
+# side by side; the buttons put it on the threshold chosen on validation and on the one a site
+# calibration on external validation A would choose (Youden's J on A, in-sample). The gallery
+# shows a set's mistakes at the current threshold, the most confident first, with Grad-CAM of
+# the predicted class. (A rendered report shows the same tables at the validation threshold.)
+
+# %%
+if task_spec.binary:
+    explore_sets = {"validation": (paths["val"], labels["val"], p_val), "test": (paths["test"], labels["test"], p_test)}
+    marks = {}
+    if external is not None:
+        explore_sets["external validation"] = (external["path"].tolist(), external["label"].to_numpy(), p_external[kept])
+        marks["Youden on external A"] = metrics.choose_threshold(external["label"], p_external[kept], rule="youden")
+    display(explorer.explorer(explore_sets, threshold=threshold, marks=marks, model=model, class_names=CLASS_NAMES))
+else:
+    print("The explorer moves a threshold; three classes decide by argmax (see the confusion matrix above).")
+
+# %% [markdown]
+# ## 11. Save the model, then predict from the command line
+# The saved file and its sidecar (with the input check and the band) are all the command-line
+# tool needs; it runs in a fresh process.
+
+# %%
+model_path = Path(models_dir) / f"{run_name}.keras"
 weights_used = report.describe_weights(weights_file)
-split_description = report.describe_split(index)
+split_description = report.describe_split(index, class_names=CLASS_NAMES)
 training = (f"phase 1: head on the frozen base, Adam 1e-3; phase 2: top {unfreeze_layers} layers "
             f"(BatchNorm frozen), Adam {fine_tune_learning_rate:g}, {augment.describe(augmentation)}; "
             f"kept: {kept} ({phase_rule}); cue removal: {remove_cues}")
 _ = report.save_run(
     [report.TrainedModel(
         model, model_path, name=f"MobileNetV2, {kept}", backbone="mobilenet_v2", weights=weights_used,
-        positive_class="PNEUMONIA", evaluation=evaluation,
+        positive_class=task_spec.positive_class or " / ".join(CLASS_NAMES), evaluation=evaluation,
         facts={"training": training, "cue_test": cue_test.round(4).to_dict(orient="index"),
                "selection_score": selection_score, "selection_rule": shortcuts.SELECTION_RULE,
                "selection_score_by_phase": scores},
+        input_check=check, screening=screening,
     )],
-    metrics_path=Path(reports_dir) / f"{RUN_NAME}.metrics.json", run_name=RUN_NAME,
-    title="Kermany: MobileNetV2 fine-tuning", data=f"Kermany chest_xray at {data_dir}; {split_description}",
+    metrics_path=Path(reports_dir) / f"{run_name}.metrics.json", run_name=run_name,
+    title=f"Kermany, {task_spec.description}: MobileNetV2 fine-tuning",
+    data=f"Kermany chest_xray at {data_dir}; {split_description}", task=task, class_names=CLASS_NAMES,
     distribution=distribute.strategy_info(strat),
 )
 image_path = paths["test"][0]

@@ -261,3 +261,21 @@ def test_site_shift_command_reports_a_foreign_site(saved, images, tmp_path, caps
     report = json.loads(capsys.readouterr().out)
     assert report["flagged"] == 1.0 and report["p_value"] <= 0.02
     assert "unlike the training images" in report["verdict"]
+
+
+def test_model_card_writes_replace_a_planted_symlink(saved, images, tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    site = _labelled_site(tmp_path / "site", images, foreign=0)
+    out = tmp_path / "copy.keras"
+    out.with_suffix(".md").symlink_to(outside)
+    assert calibrate.main(["--model", str(saved), "--data", str(site), "--out", str(out), "--n-boot", "20"]) == 0
+    assert outside.read_text() == "keep me"
+    assert not out.with_suffix(".md").is_symlink() and "## Site calibration" in out.with_suffix(".md").read_text()
+
+
+def test_run_names_that_leave_their_folder_are_refused(tmp_path):
+    from pneumo_utils.explain import report
+
+    with pytest.raises(ValueError, match="no folders"):
+        report.save_run([], metrics_path=tmp_path / "m.json", run_name="../../outside/x", title="t", data="d")

@@ -349,8 +349,12 @@ def test_index_has_one_table_per_task(task_run: dict) -> None:
     page = (task_run["reports"] / "index.html").read_text(encoding="utf-8")
     titles = ["Kermany: pneumonia vs normal", "Kermany: bacterial vs viral pneumonia (PNEUMONIA images only)",
               "Kermany: normal vs bacterial vs viral pneumonia", "Run settings"]
-    starts = [page.index(f">{t}</h") for t in titles]
+    models = page.index("<h2>Models</h2>")
+    starts = [page.index(f">{t}</h", models) for t in titles]
     assert starts == sorted(starts)  # in the order of their task keys
+    headlines = page[page.index('id="headlines"'):models]  # the first screen: one card per task
+    assert [headlines.index(f">{t}</h3>") for t in titles[:3]] == sorted(headlines.index(f">{t}</h3>") for t in titles[:3])
+    assert headlines.count('class="card"') == 3 and "Same-source hold-out" in headlines
     pneumonia, binary, three = (page[a:b] for a, b in zip(starts, starts[1:], strict=False))
     for column in ("test macro AUC", "balanced accuracy", "macro F1", "argmax (no threshold)",
                    "0.642 (0.590–0.690)", "NORMAL / BACTERIAL PNEUMONIA / VIRAL PNEUMONIA"):
@@ -377,9 +381,11 @@ def test_best_is_chosen_per_kermany_task(task_run: dict) -> None:
     summary = json.loads((task_run["reports"] / "summary.json").read_text())
     assert {t: b["notebook"] for t, b in summary["best"].items()} == {t: n for t, n in expected.values()}
     page = (task_run["reports"] / "index.html").read_text(encoding="utf-8")
-    assert page.count("Best per task, by validation AUC: ") == 1  # one rule, said once
-    assert "Kermany: bacterial vs viral pneumonia (PNEUMONIA images only): resnet50" in page
-    assert "test macro AUC 0.810 (0.750–0.860)" in page
+    headlines = page[page.index('id="headlines"'):page.index("<h2>Models</h2>")]
+    assert headlines.count("best by validation AUC") == 3  # each card names its rule
+    bvv = headlines[headlines.index(">Kermany: bacterial vs viral pneumonia (PNEUMONIA images only)</h3>"):]
+    assert bvv.index("<b>resnet50") < bvv.index("</div>")  # the task's best model leads its card
+    assert "0.810 (0.750–0.860)" in page  # the three-class table, with its CI
 
 
 def test_runs_are_selected_and_prepared_by_name(tmp_path: Path) -> None:

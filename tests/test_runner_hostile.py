@@ -288,3 +288,28 @@ def test_kernel_stderr_reaches_the_console_without_tensorflow_log_lines(tmp_path
     assert done.returncode == 0, done.stderr
     assert "a C library says something" in done.stderr
     assert "node_def_util" not in done.stderr and "oneDNN" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("epochs=-1", "epochs is -1, expected an integer >= 1"),
+    ("max_images_per_class=0", "max_images_per_class is 0"),
+    ("epochs=2.5", "epochs is 2.5"),
+    ("02_fail.run_name=../../../outside/x", "run_name '../../../outside/x' must be a plain name"),
+])
+def test_parameter_values_are_checked_before_any_kernel(tmp_path: Path, monkeypatch, error_line,
+                                                        setting: str, expected: str) -> None:
+    make_kermany(tmp_path / "data" / "chest_xray")
+    (tmp_path / "p.yaml").write_text("runner: {}\n")
+    monkeypatch.setattr(engine, "run_notebook", fake_run())
+    assert main(tmp_path, monkeypatch, "--profile", "p.yaml", "--offline", "--set", setting) == 2
+    assert expected in error_line()
+
+
+def test_a_models_folder_that_is_a_file_is_refused(tmp_path: Path, monkeypatch, error_line) -> None:
+    make_kermany(tmp_path / "data" / "chest_xray")
+    (tmp_path / "taken").write_text("a file")
+    (tmp_path / "p.yaml").write_text("runner: {}\n")
+    monkeypatch.setattr(engine, "run_notebook", fake_run())
+    assert main(tmp_path, monkeypatch, "--profile", "p.yaml", "--offline", "--set",
+                f"models_dir={tmp_path / 'taken'}") == 2
+    assert "which is a file, not a folder" in error_line()

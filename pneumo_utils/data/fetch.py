@@ -398,13 +398,44 @@ def find_all(
     return found
 
 
+def _is_checkout(folder: Path) -> bool:
+    """Whether ``folder`` is a pneumo checkout: ``notebooks/`` beside a ``pyproject.toml`` that
+    names the project."""
+    project = folder / "pyproject.toml"
+    if not ((folder / "notebooks").is_dir() and project.is_file()):
+        return False
+    try:
+        return 'name = "pneumo"' in project.read_text(encoding="utf-8", errors="replace")[:4096]
+    except OSError:
+        return False
+
+
 def project_root() -> Path:
-    """The folder a notebook's relative paths mean: the source checkout that holds this
-    package (it has ``notebooks/`` and ``pyproject.toml``), else the current folder (a
-    pip-installed package, e.g. in Colab). A kernel started in ``notebooks/`` by JupyterLab
-    and ``run_all.sh`` started at the root thus read and write the same folders."""
-    root = Path(__file__).resolve().parents[2]
-    return root if (root / "notebooks").is_dir() and (root / "pyproject.toml").is_file() else Path.cwd()
+    """The folder a notebook's relative paths mean: the pneumo checkout the kernel runs in
+    (the current folder or the nearest folder above it with ``notebooks/`` and pneumo's
+    ``pyproject.toml``, as ``pyprojroot`` and R's ``here`` find a project), else the checkout
+    that holds this package, else the current folder (a pip-installed package, e.g. in Colab).
+    A kernel started in ``notebooks/`` by JupyterLab and ``run_all.sh`` started at the root
+    thus read and write the same folders, and a second checkout that uses the first one's
+    environment writes into its own folders, not the first's."""
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if _is_checkout(folder):
+            return folder
+    package_checkout = Path(__file__).resolve().parents[2]
+    return package_checkout if _is_checkout(package_checkout) else here
+
+
+def weights_folders() -> list[Path]:
+    """Where ImageNet weight files are looked for, in order: ``PNEUMO_WEIGHTS_DIR`` when set,
+    then :data:`WEIGHTS_ROOTS` under :func:`project_root` (``weights/``, ``../shared/weights/``),
+    then Keras' cache (``~/.keras/models``); after them Keras downloads the file. The runner
+    and the notebooks share this one list (docs/data.md)."""
+    import os
+
+    folders = [Path(os.environ["PNEUMO_WEIGHTS_DIR"]).expanduser()] if os.environ.get("PNEUMO_WEIGHTS_DIR") else []
+    folders += [project_root() / root for root in WEIGHTS_ROOTS]
+    return [*folders, Path.home() / ".keras" / "models"]
 
 
 def in_project(path: str | Path) -> Path:

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_utils.io import ModelFileError, fail, file_digest, write_json_atomic
+from pneumo_utils.io import ModelFileError, fail, file_digest, write_json_atomic, write_text_atomic
 
 FORMATS = ("tflite", "onnx", "savedmodel")
 QUANTIZATIONS = ("none", "fp16", "int8")
@@ -404,7 +404,7 @@ def _update_card(card: Path, exports: list[dict]) -> None:
         f"|---|---|---|---|---|\n{rows}\n"
         + "".join(f"\n**Warning:** {e['warning']}\n" for e in exports if "warning" in e)
     )
-    card.write_text(text.rstrip("\n") + "\n\n" + section)
+    write_text_atomic(card, text.rstrip("\n") + "\n\n" + section)
 
 
 def slim(model_path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

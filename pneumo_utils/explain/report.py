@@ -8,6 +8,7 @@ models' test metrics.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,9 @@ def save_run(
     only, since scores of different tasks do not compare. Its top level repeats the entry with
     the highest validation AUC. Returns the sidecars, in the order of ``models``.
     """
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", str(run_name)):
+        raise ValueError(f"run_name {run_name!r} must be a plain name of letters, digits, _ . - "
+                         "(it names the run's files; no folders)")
     class_names = list(class_names)
     described = {"task": task} if task is not None else {}
     metas, entries = [], []

@@ -129,12 +129,15 @@ def resolve_weights(
     """A local file with the backbone's ImageNet weights, or ``None`` for random init.
 
     ``weights`` may be ``"imagenet"``, ``None`` (or ``"none"``/``"random"``), or a path to an
-    ``.h5``/``.weights.h5`` file. ``"imagenet"`` is looked up, in order, in the folder named by
-    the ``PNEUMO_WEIGHTS_DIR`` environment variable and in the Keras cache
-    (``~/.keras/models``) under Keras' canonical file name, and only then downloaded. When that
-    fails, ``fallback="error"`` raises :class:`WeightsNotFoundError` saying how to fix it and
+    ``.h5``/``.weights.h5`` file. ``"imagenet"`` is looked up under Keras' canonical file name
+    in the folders of :func:`pneumo_utils.data.fetch.weights_folders` (``PNEUMO_WEIGHTS_DIR``,
+    the project's ``weights/``, ``../shared/weights/``, the Keras cache), as data sets are found,
+    and only then downloaded. When that fails, ``fallback="error"`` raises
+    :class:`WeightsNotFoundError` naming the folders searched and how to fix it, and
     ``fallback="random"`` warns and returns ``None``.
     """
+    from pneumo_utils.data.fetch import weights_folders
+
     spec = get_backbone(backbone)
     if weights is None or str(weights).lower() in ("none", "null", "random", ""):
         return None
@@ -143,9 +146,9 @@ def resolve_weights(
         if not path.is_file():
             raise FileNotFoundError(f"weights file {path} does not exist")
         return str(path)
-    folders = [os.environ.get("PNEUMO_WEIGHTS_DIR"), Path.home() / ".keras" / "models"]
-    for folder in filter(None, folders):
-        candidate = Path(folder).expanduser() / spec.weights_file
+    folders = weights_folders()
+    for folder in folders:
+        candidate = folder / spec.weights_file
         if candidate.is_file():
             return str(candidate)
     try:
@@ -155,9 +158,10 @@ def resolve_weights(
     except Exception as exc:  # network errors come in many types; all mean "not available"
         message = (
             f"ImageNet weights for {spec.name} are not available offline and could not be "
-            f"downloaded ({type(exc).__name__}). Put {spec.weights_file} in a folder and set "
-            f"PNEUMO_WEIGHTS_DIR to it, pass weights=PATH, or use weights=None to train from a "
-            f"random initialisation."
+            f"downloaded ({type(exc).__name__}); {spec.weights_file} is in none of "
+            f"{', '.join(str(f) for f in folders)}. Put it in one of them (or set "
+            f"PNEUMO_WEIGHTS_DIR to its folder), pass weights=PATH, or use weights=None to train "
+            f"from a random initialisation."
         )
         if fallback == "random":
             warnings.warn(message + " Continuing with RANDOM weights.", stacklevel=2)

@@ -59,6 +59,9 @@ fewer, and the features of a fine-tuned backbone cannot be cached."""
 MAX_REFERENCE = 300
 """Most validation images kept (whitened) as the site-shift test's reference sample."""
 
+FEW_VALIDATION = 50
+"""Below this many validation images a limit is called rough in its rule."""
+
 MAX_WIDTH = 4096
 """Widest view a sidecar's check may declare (ResNet50 pools 2048 channels)."""
 
@@ -374,8 +377,8 @@ def fit_looks(
     chooses the limits and gives the reference sample."""
     if not 0.5 <= quantile < 1:
         raise ValueError(f"quantile must be in [0.5, 1), got {quantile!r}")
-    if len(val) < 10:
-        raise ValueError(f"the input check's limits need at least 10 validation images, got {len(val)}")
+    if len(val) < 2:
+        raise ValueError(f"the input check's limits need at least 2 validation images, got {len(val)}")
     if train.features is None or val.features is None:
         raise ValueError("fitting an input check needs the model's pooled features")
     k = {**DEFAULT_COMPONENTS, **(components or {})}
@@ -388,7 +391,8 @@ def fit_looks(
         views=views,
         limits=limits,
         limit_rule=(f"each view's limit is the {quantile:.1%} quantile of {len(val)} validation images' "
-                    "scores (images the check was not fitted on)"),
+                    "scores (images the check was not fitted on)"
+                    + (f"; only {len(val)} validation images: a rough limit" if len(val) < FEW_VALIDATION else "")),
         reference=views["features"].coordinates(val.features[keep]),
         fitted_on=f"{len(train)} training images",
         validation={"images": int(len(val)), "flagged": float(flagged.mean()), "quantile": quantile},

@@ -229,7 +229,8 @@ def render_reports(nb: Notebook, files: dict[str, Path]) -> None:
         if "parameters" in tags:
             break
     for key, hide, other in (("html", True, "code_html"), ("code_html", False, "html")):
-        config = Config({"TagRemovePreprocessor": {"enabled": hide, "remove_input_tags": set(HIDDEN_INPUT_TAGS)}})
+        config = Config({"TagRemovePreprocessor": {"enabled": hide, "remove_input_tags": set(HIDDEN_INPUT_TAGS)},
+                         "NbConvertBase": {"display_data_priority": REPORT_DATA_PRIORITY}})
         exporter = HTMLExporter(
             config=config, template_name="pneumo_report", extra_template_basedirs=[str(TEMPLATES)]
         )
@@ -239,6 +240,13 @@ def render_reports(nb: Notebook, files: dict[str, Path]) -> None:
             notebook, resources={"metadata": {"name": nb.name}, "pneumo": summary}
         )
         io.write_text_atomic(files[key], body)
+
+
+REPORT_DATA_PRIORITY = ["text/html", "text/markdown", "image/svg+xml", "image/png", "image/jpeg",
+                        "text/latex", "text/plain"]
+"""What a report shows of an output, first match wins: nbconvert's order without widget views
+and JavaScript. A report has no kernel to drive a widget, so an output that carries a static
+``text/html`` version (the explorer, :mod:`pneumo_utils.explain.explorer`) shows that."""
 
 
 def drop_native_log_lines(notebook) -> None:

@@ -133,8 +133,87 @@ def model_row(nb: Notebook, entry: dict) -> dict[str, Any]:
         "model_path": entry.get("model_path"),
         "roc": test.get("roc") or entry.get("roc"),
         "external_roc": external.get("roc"),
+        "external_figures": external,
+        "test_figures": test,
+        "external_cells": figures_line(external, TEST_METRICS),
+        "screening": screening_cell(entry, external),
         "best": False,
     }
+
+
+def screening_cell(entry: dict, external: dict) -> list[str]:
+    """What a model entry says about what it does not know, one short line each: the share of
+    each set beyond its input check's limits, the site-shift test of the external validation
+    set, and what its uncertain band does there. Empty for a model without them."""
+    lines = []
+    screening = entry.get("screening") if isinstance(entry.get("screening"), dict) else {}
+    flagged = screening.get("flagged") if isinstance(screening.get("flagged"), dict) else {}
+    shares = [f"{str(name)[:40]} {flagged[name]:.1%}" for name in list(flagged)[:6] if number(flagged[name]) is not None]
+    if shares:
+        lines.append("beyond the input check: " + ", ".join(shares))
+    elif "screening" in entry:
+        lines.append("no input check")
+    shift = screening.get("site_shift") if isinstance(screening.get("site_shift"), dict) else {}
+    if number(shift.get("p_value")) is not None:
+        lines.append(f"site shift of external validation: p = {shift['p_value']:.3g}; {str(shift.get('verdict', ''))[:200]}")
+    selective = external.get("selective") if isinstance(external.get("selective"), dict) else {}
+    if number(selective.get("coverage")) is not None and number(selective.get("accuracy_confident")) is not None:
+        lines.append(f"uncertain band (chosen on validation) on external validation: {selective['coverage']:.1%} "
+                     f"decided, {selective['accuracy_confident']:.3f} accurate")
+    return lines
+
+
+HEADLINE_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
+HEADLINE_ARGMAX = ("auc", "accuracy", "balanced_accuracy", "macro_f1")
+
+
+def figures_line(figures: Any, names: Sequence[str]) -> list[dict[str, str]]:
+    """``[{name, value, ci}]`` for the metrics of ``figures`` that are numbers: compact cells
+    with the 95% CI for a tooltip."""
+    if not isinstance(figures, dict):
+        return []
+    cells = []
+    for name in names:
+        value = number(figures.get(name))
+        if value is None:
+            continue
+        ci = figures.get(f"{name}_ci")
+        ci_text = (f"95% CI {ci[0]:.3f}–{ci[1]:.3f}" if isinstance(ci, list | tuple) and len(ci) == 2
+                   and all(number(c) is not None for c in ci) else "")
+        cells.append({"name": name.replace("_", " "), "value": f"{value:.3f}", "ci": ci_text})
+    return cells
+
+
+def headlines(rows: Sequence[dict], best: dict[str, dict]) -> list[dict[str, Any]]:
+    """What the index opens with, per task: the recommended model (the task's best, else the
+    model with the highest external-validation AUC) and its external-validation figures first,
+    zero-shot at its own decision rule and, when the runner calibrated it on that set, after
+    calibration (in-sample), then its same-source test figures, labelled as such."""
+    out = []
+    for task in sorted({row["task"] for row in rows}):
+        mine = [row for row in rows if row["task"] == task]
+        chosen = best.get(task)
+        row = next((r for r in mine if chosen and (r["notebook"], r["name"]) == (chosen["notebook"], chosen["name"])), None)
+        how = f"best by {chosen['rule']}" if row is not None else ""
+        if row is None:
+            scored = [r for r in mine if r["external_auc"] is not None]
+            row = max(scored, key=lambda r: r["external_auc"]) if scored else max(
+                mine, key=lambda r: r["val_auc_value"] if r["val_auc_value"] is not None else -1)
+            how = ("the highest external-validation AUC of this run" if scored
+                   else "the highest validation AUC (no external validation set)")
+        names = HEADLINE_ARGMAX if row["argmax"] else HEADLINE_METRICS
+        calibration = (chosen or {}).get("calibration") if row is not None else None
+        out.append({
+            "title": task_title(task),
+            "name": row["name"], "notebook": row["notebook"], "how": how,
+            "external": figures_line(row["external_figures"], names),
+            "external_data": row["external_data"],
+            "decision": "argmax" if row["argmax"] else f"threshold {row['threshold']} chosen on validation",
+            "calibrated": figures_line(calibration.get("after"), names) if isinstance(calibration, dict) else [],
+            "calibrated_rule": str(calibration.get("rule", "")) if isinstance(calibration, dict) else "",
+            "test": figures_line(row["test_figures"], names),
+        })
+    return out
 
 
 def model_rows(notebooks: Sequence[Notebook]) -> list[dict[str, Any]]:
@@ -289,20 +368,13 @@ def write_index(notebooks: Sequence[Notebook], reports_dir: Path, run: dict, bes
         "and tested each once on a held-out split, deciding at a threshold chosen on validation data "
         "(binary tasks) or by the most probable class (three classes)."
     )
-    rules = {chosen["rule"] for chosen in best.values()}
-    picks = [
-        f"{task_title(task)}: {chosen['name']} (test {'macro AUC' if chosen['argmax'] else 'AUC'} "
-        f"{chosen['test']['auc']}" + (f"; by {chosen['rule']})" if len(rules) > 1 else ")")
-        for task, chosen in best.items()
-    ]
-    if picks:
-        summary += (" Best per task" + (f", by {rules.pop()}" if len(rules) == 1 else "") + ": "
-                    + "; ".join(picks) + ".")
+    leads = headlines(rows, best) if rows else []
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True)
     page = env.get_template("index.html.j2").render(
         run={**run, "summary": summary},
         notebooks=listing,
         tables=model_tables(rows, best),
+        headlines=leads,
         best_note=run.get("best_note"),
         settings=run["settings"],
         versions=library_versions(),

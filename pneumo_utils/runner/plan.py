@@ -38,6 +38,55 @@ RUNNER_KEYS = {"reports_dir": "reports", "record_best": False}
 """A profile's ``runner:`` section: where reports go, and whether the run sets ``best.json``."""
 
 
+VALUE_RULES: dict[str, tuple[str, Any]] = {
+    "epochs": ("an integer >= 1", lambda v: _int(v) and v >= 1),
+    "fine_tune_epochs": ("an integer >= 0", lambda v: _int(v) and v >= 0),
+    "scratch_epochs": ("an integer >= 1", lambda v: _int(v) and v >= 1),
+    "image_size": ("an integer from 32 to 512 (pixels)", lambda v: _int(v) and 32 <= v <= 512),
+    "scratch_image_size": ("an integer from 32 to 512 (pixels)", lambda v: _int(v) and 32 <= v <= 512),
+    "batch_size": ("an integer from 1 to 4096", lambda v: _int(v) and 1 <= v <= 4096),
+    "n_boot": ("an integer from 1 to 100000", lambda v: _int(v) and 1 <= v <= 100_000),
+    "cue_images": ("an integer >= 2", lambda v: _int(v) and v >= 2),
+    "patience": ("an integer >= 1", lambda v: _int(v) and v >= 1),
+    "max_images_per_class": ("null or an integer >= 2", lambda v: v is None or (_int(v) and v >= 2)),
+    "images_per_epoch": ("null or an integer >= 1", lambda v: v is None or (_int(v) and v >= 1)),
+    "learning_rate": ("a number above 0 and at most 1", lambda v: _number(v) and 0 < v <= 1),
+    "fine_tune_learning_rate": ("a number above 0 and at most 1", lambda v: _number(v) and 0 < v <= 1),
+    "val_fraction": ("a number above 0 and below 1", lambda v: _number(v) and 0 < v < 1),
+    "test_fraction": ("a number above 0 and below 1", lambda v: _number(v) and 0 < v < 1),
+    "stretch": ("a number from 0 to 0.9", lambda v: _number(v) and 0 <= v <= 0.9),
+    "label_smoothing": ("a number from 0 to below 1", lambda v: _number(v) and 0 <= v < 1),
+    "seed": ("an integer from 0 to 2**32 - 1", lambda v: _int(v) and 0 <= v < 2**32),
+}
+"""The ranges of the notebooks' numeric parameters, checked before any kernel starts: a value
+outside them fails inside a notebook with a Keras traceback, or silently trains nothing."""
+
+FOLDER_PARAMETERS = ("reports_dir", "models_dir", "cache_dir", "shards_dir")
+"""Parameters that name a folder a notebook writes into: an existing file there is refused."""
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    import math
+
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def value_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` cannot be notebook parameter ``key`` (``None`` when it can)."""
+    if key in VALUE_RULES and not VALUE_RULES[key][1](value):
+        return f"{key} is {value!r}, expected {VALUE_RULES[key][0]}"
+    if key in FOLDER_PARAMETERS and value is not None:
+        if not isinstance(value, str):
+            return f"{key} is {value!r}, expected a folder path"
+        if Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
+            return f"{key} is {value}, which is a file, not a folder"
+    return None
+
+
 class UsageError(ValueError):
     """A bad command line, profile or missing data set: one message, exit status 2."""
 
@@ -294,6 +343,13 @@ def assign_parameters(
         params.update({k: v for _, k, v in via + direct})
         if nb.of:
             params["run_name"] = nb.name
+        for key, value in params.items():
+            problem = value_problem(key, value) if key in nb.declared else None
+            if problem:
+                raise UsageError(f"{nb.name}: {problem}; fix the profile or --set value")
+        if params.get("run_name") is not None and not RUN_NAME.fullmatch(str(params["run_name"])):
+            raise UsageError(f"{nb.name}: run_name {params['run_name']!r} must be a plain name of letters, "
+                             "digits, _ . - (it names files in saved_models/ and reports/; no folders)")
         nb.parameters = {k: v for k, v in params.items() if k in nb.declared}
 
 
