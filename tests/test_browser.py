@@ -49,7 +49,8 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
                              image_size=64, seed=0)
     external = make_kermany_like(work / "external", n_train_per_class=2, n_val_per_class=2,
                                  n_test_per_class=10, image_size=64, seed=1) / "test"
-    OUT.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(OUT, ignore_errors=True)  # no paired .ipynb of an earlier run to take outputs from
+    OUT.mkdir(parents=True)
     reports = work / "reports"
     import yaml
 
@@ -106,6 +107,7 @@ def lab(prepared):
 
 
 def test_jupyterlab_runs_the_notebook_and_the_explorer_responds(chromium, prepared, lab):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     url, token = lab
@@ -117,6 +119,11 @@ def test_jupyterlab_runs_the_notebook_and_the_explorer_responds(chromium, prepar
         page.set_default_timeout(60_000)
         page.goto(f"{url}/lab/tree/{relative}?token={token}")
         page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)  # opened as a notebook
+        dialog = page.locator(".jp-Dialog button", has_text="Select")  # a new .py may ask for its kernel
+        try:
+            dialog.click(timeout=20_000)
+        except PlaywrightTimeout:
+            pass
         page.wait_for_function("() => document.body.textContent.includes('Kernel status: Idle')",
                                timeout=120_000)
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
@@ -140,12 +147,14 @@ def test_jupyterlab_runs_the_notebook_and_the_explorer_responds(chromium, prepar
         table.scroll_into_view_if_needed()
         before = table.inner_text()
         assert page.locator(".widget-slider").count() >= 1
-        page.locator("button", has_text="Youden on external").first.click()
-        page.wait_for_function(
-            "before => { const t = document.querySelector('.jp-OutputArea-output table.pneumo-explorer');"
-            " return t && t.innerText !== before; }", arg=before, timeout=30_000)
+        changed = ("expected => { const t = document.querySelector('.jp-OutputArea-output table.pneumo-explorer');"
+                   " return t && t.innerText.includes(expected); }")
+        page.locator(".widget-slider .noUi-handle").first.press("Home")  # the slider to 0: every image positive
+        page.wait_for_function(changed, arg="threshold 0.0000", timeout=60_000)
         after = table.inner_text()
-        assert after != before and "threshold" in after
+        assert after != before and "specificity\t0.000" in after
+        page.locator("button", has_text="model's own").first.click()  # a marked threshold puts it back
+        page.wait_for_function(changed, arg=before.splitlines()[0].split("\t")[0].strip(), timeout=60_000)
         page.locator("button", has_text="show errors").first.click()
         page.wait_for_timeout(3000)
         table.scroll_into_view_if_needed()
