@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 
 usage() {
   cat <<'HELP'
-Usage: ./run_all.sh [--smoke | --full] [OPTIONS]
+Usage: ./run_all.sh [--smoke | --full | --long] [OPTIONS]
 
 Runs notebooks/NN_*.py with papermill (what runs is the .py you edited) and writes
 reports/index.html plus one HTML report per notebook. The first run creates .venv and
@@ -16,6 +16,8 @@ installs the project (a few minutes); set PNEUMO_VENV to use another folder.
                       saved_models/smoke/, never to the full run's results or best.json
   --full              the full profile (default); sets saved_models/best.json and
                       best.<task>.json for the other Kermany tasks
+  --long              the full profile plus ResNet50 fine-tuned end to end in notebook 04
+                      (pneumo_utils/runner/profiles/long.yaml; notebook 04 took 50 min on 2 cores)
   --notebooks NB ...  only these notebooks and their profile runs (prefixes such as 01 03,
                       or names); a run's name selects that run alone
   --set [NB.]KEY=VAL  override a notebook parameter (YAML literal: 3, 1e-3, null, [16, 32]);
@@ -46,6 +48,7 @@ for arg in "$@"; do
     -h|--help) usage; exit 0 ;;
     --smoke) profile="smoke" ;;
     --full) profile="full" ;;
+    --long) profile="long" ;;
     *) args+=("$arg") ;;
   esac
 done
