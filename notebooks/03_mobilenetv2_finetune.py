@@ -285,8 +285,8 @@ print(f"kept: {kept} ({phase_rule})")
 # class (argmax).
 
 # %%
-p_val = saving.predict_paths(model, paths["val"], batch_size)
-p_test = saving.predict_paths(model, paths["test"], batch_size)
+p_val, looks_val = input_check.predict_with_looks(model, paths["val"], batch_size)  # and what section 9 needs
+p_test, looks_test = input_check.predict_with_looks(model, paths["test"], batch_size)
 threshold = metrics.choose_threshold(labels["val"], p_val, rule=threshold_rule) if task_spec.binary else None
 print(f"threshold {threshold:.3f}: {metrics.describe_rule(threshold_rule)}" if task_spec.binary
       else f"decision: the most probable of {CLASS_NAMES}")
@@ -341,13 +341,13 @@ plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions
 # the images' grey 8 x 8 layout look like (a Gaussian in each, probabilistic PCA); an image
 # further from them than 99.5% of the validation images, in either, is **not assessed**. The
 # features of a fine-tuned network cannot be cached, so this pass runs the network over 1,500
-# training images and the validation images. The two-sample test then compares the external
+# training images (the validation and test images' were kept from section 7). The two-sample test then compares the external
 # validation images with the validation images, as a new site would be compared.
 
 # %%
-check = input_check.fit(model, paths["train"], paths["val"], seed=seed, batch_size=batch_size)
+check = input_check.fit(model, paths["train"], paths["val"], val_looks=looks_val, seed=seed, batch_size=batch_size)
 screening = site_shift.screen(
-    model, check, {"test": paths["test"], "external validation": external["path"].tolist() if external is not None else None},
+    model, check, {"test": looks_test, "external validation": external["path"].tolist() if external is not None else None},
     site="external validation", data=str(external_dir), seed=seed, batch_size=batch_size)
 print(f"input check: limits {check.limits} ({check.limit_rule}); share beyond one: "
       + ", ".join(f"{name} {share:.1%}" for name, share in screening["flagged"].items()))

@@ -307,8 +307,11 @@ plots.training_curves(resnet_history.history)
 # %%
 candidates = {"CNN from scratch": scratch, "ResNet50 transfer": resnet}
 rules = {"CNN from scratch": threshold_rule, "ResNet50 transfer": threshold_rule}
-proba = {name: {split: saving.predict_paths(model, paths[split], batch_size) for split in ("val", "test")}
-         for name, model in candidates.items()}
+proba, looks = {}, {}  # each model's probabilities, and what its input check sees (section 7)
+for name, model in candidates.items():
+    for split in ("val", "test"):
+        p, seen = input_check.predict_with_looks(model, paths[split], batch_size)
+        proba.setdefault(name, {})[split], looks.setdefault(name, {})[split] = p, seen
 thresholds = {name: metrics.choose_threshold(labels["val"], p["val"], rule=rules[name]) for name, p in proba.items()}
 print({name: round(t, 3) for name, t in thresholds.items()})
 
@@ -393,8 +396,9 @@ for name, model in candidates.items():
 checks, screenings = {}, {}
 for name, model in candidates.items():
     cached = {"train_features": feats["train"], "val_features": feats["val"]} if model is resnet and kept == "frozen base" else {}
-    checks[name] = input_check.fit(model, paths["train"], paths["val"], seed=seed, batch_size=batch_size, **cached)
-    screenings[name] = site_shift.screen(model, checks[name], {"test": paths["test"], "external validation": looks_external.get(name)},
+    checks[name] = input_check.fit(model, paths["train"], paths["val"], val_looks=looks[name]["val"], seed=seed,
+                                   batch_size=batch_size, **cached)
+    screenings[name] = site_shift.screen(model, checks[name], {"test": looks[name]["test"], "external validation": looks_external.get(name)},
                                          site="external validation", data=str(external_dir), seed=seed,
                                          batch_size=batch_size)
     print(f"{name}: limits {checks[name].limits}; share beyond one: "

@@ -339,6 +339,7 @@ def fit(
     *,
     train_features: np.ndarray | None = None,
     val_features: np.ndarray | None = None,
+    val_looks: Looks | None = None,
     components: dict | None = None,
     quantile: float = DEFAULT_QUANTILE,
     max_fit_images: int = MAX_FIT_IMAGES,
@@ -350,7 +351,9 @@ def fit(
     images' scores. Call it on the final weights, right before saving: the features are the
     model's own. A frozen backbone's cached pooled features (``train_features`` ``(n, D)``
     and ``val_features``, rows in the order of the paths) save the forward passes; only the
-    thumbnails are then decoded. ``components`` overrides :data:`DEFAULT_COMPONENTS` per view.
+    thumbnails are then decoded. ``val_looks`` (:func:`predict_with_looks` of the validation
+    images, computed with the final weights) saves the validation pass. ``components``
+    overrides :data:`DEFAULT_COMPONENTS` per view.
     """
     train_paths, rows = list(train_paths), np.arange(len(train_paths))
     if len(train_paths) > max_fit_images:
@@ -361,7 +364,8 @@ def fit(
         train = Looks(np.asarray(train_features, dtype=np.float64)[rows], thumbnails_of(train_paths, size))
         val = Looks(np.asarray(val_features, dtype=np.float64), thumbnails_of(list(val_paths), size))
     else:
-        train, val = looks_of(model, train_paths, batch_size), looks_of(model, list(val_paths), batch_size)
+        train = looks_of(model, train_paths, batch_size)
+        val = val_looks if val_looks is not None else looks_of(model, list(val_paths), batch_size)
     return fit_looks(train, val, components=components, quantile=quantile, seed=seed)
 
 
