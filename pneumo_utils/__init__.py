@@ -20,5 +20,5 @@ TASK_CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "three_class": ("NORMAL", "BACTERIAL PNEUMONIA", "VIRAL PNEUMONIA"),
 }
 """Class names (label order) of each Kermany task, the one place they are written:
-:mod:`pneumo_utils.data.tasks` builds its tasks from them, and :mod:`pneumo_utils.io` reads them to
+:mod:`pneumo_utils.data.tasks` builds its tasks from them, and :mod:`pneumo_utils.sidecar` reads them to
 check a sidecar without importing pandas or the data set loaders."""

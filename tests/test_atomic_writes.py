@@ -1,4 +1,4 @@
-"""One atomic write (``pneumo_utils.io.atomic_path``) for every file pneumo writes: a failed
+"""One atomic write (``pneumo_utils.files.atomic_path``) for every file pneumo writes: a failed
 write leaves the target as it was and no temporary file, a finished one has the permissions
 ``open`` would give, and the writers that take a path (model save, calibrated copy, shards)
 go through it."""
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumo_utils import io
+from pneumo_utils import files
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002], ids=["022", "077", "002"])
@@ -37,7 +37,7 @@ def mode_of(path: Path) -> int:
                          ids=["error", "ctrl-c", "disk-full"])
 def test_failure_inside_the_block_leaves_no_file(tmp_path: Path, error: BaseException) -> None:
     target = tmp_path / "out" / "model.keras"
-    with pytest.raises(type(error)), io.atomic_path(target, suffix=".keras") as tmp:
+    with pytest.raises(type(error)), files.atomic_path(target, suffix=".keras") as tmp:
         tmp.write_bytes(b"PK\3\4 half a zip")
         assert tmp.parent == target.parent and tmp.name.endswith(".keras")
         raise error
@@ -46,8 +46,8 @@ def test_failure_inside_the_block_leaves_no_file(tmp_path: Path, error: BaseExce
 
 def test_existing_target_survives_a_failed_write(tmp_path: Path) -> None:
     target = tmp_path / "index.html"
-    io.write_text_atomic(target, "complete old page")
-    with pytest.raises(ValueError), io.atomic_path(target) as tmp:
+    files.write_text_atomic(target, "complete old page")
+    with pytest.raises(ValueError), files.atomic_path(target) as tmp:
         tmp.write_text("half a new")
         raise ValueError("renderer failed")
     assert target.read_text() == "complete old page"
@@ -56,29 +56,29 @@ def test_existing_target_survives_a_failed_write(tmp_path: Path) -> None:
 
 def test_oserror_without_a_file_name_is_given_the_target(tmp_path: Path) -> None:
     target = tmp_path / "shard.tfrecord"
-    with pytest.raises(OSError) as caught, io.atomic_path(target):
+    with pytest.raises(OSError) as caught, files.atomic_path(target):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() on a full disk
     assert caught.value.filename == str(target)
-    with pytest.raises(OSError, match=r"^No space left on device$"), io.atomic_path(target):
+    with pytest.raises(OSError, match=r"^No space left on device$"), files.atomic_path(target):
         raise OSError("No space left on device")  # a message alone stays as it was
     assert list(tmp_path.iterdir()) == []
 
 
 def test_permissions_follow_the_umask(tmp_path: Path, umask: int) -> None:
-    with io.atomic_path(tmp_path / "a.bin") as tmp:
+    with files.atomic_path(tmp_path / "a.bin") as tmp:
         tmp.write_bytes(b"x")
         assert mode_of(tmp) == 0o600  # a private temporary until it is complete
-    io.write_bytes_atomic(tmp_path / "b.bin", b"y")
+    files.write_bytes_atomic(tmp_path / "b.bin", b"y")
     for name in ("a.bin", "b.bin"):
         assert mode_of(tmp_path / name) == 0o666 & ~umask
-    io.write_bytes_atomic(tmp_path / "c.bin", b"z", mode=0o640)
+    files.write_bytes_atomic(tmp_path / "c.bin", b"z", mode=0o640)
     assert mode_of(tmp_path / "c.bin") == 0o640
 
 
 def test_replaces_the_target_with_what_the_block_wrote(tmp_path: Path) -> None:
     target = tmp_path / "manifest.json"
-    io.write_json_atomic(target, {"version": 1})
-    with io.atomic_path(target, suffix=".partial") as tmp:
+    files.write_json_atomic(target, {"version": 1})
+    with files.atomic_path(target, suffix=".partial") as tmp:
         assert tmp.read_bytes() == b""  # a new file, not the target
         tmp.write_text(json.dumps({"version": 2}))
     assert json.loads(target.read_text()) == {"version": 2}
@@ -91,13 +91,13 @@ def test_temporary_of_a_killed_save_is_found_by_the_next_save(tmp_path: Path) ->
     from pneumo_utils.model import saving
 
     target = tmp_path / "tiny.keras"
-    code = ("import os, sys; from pneumo_utils.io import atomic_path\n"
+    code = ("import os, sys; from pneumo_utils.files import atomic_path\n"
             "with atomic_path(sys.argv[1], suffix='.keras') as tmp:\n"
             "    tmp.write_bytes(b'PK half'); print(tmp.name, flush=True); os._exit(0)\n")
     done = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, check=True)
     left = tmp_path / done.stdout.strip()
     assert left.is_file() and re.fullmatch(r"\.tiny\.\d+\.\w+\.keras", left.name)
-    with io.atomic_path(target, suffix=".keras") as running:
+    with files.atomic_path(target, suffix=".keras") as running:
         saving._remove_stale_temporaries(target)
         assert running.exists()  # this process is alive: its temporary stays
         running.write_bytes(b"model")

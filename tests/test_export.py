@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 from synthetic import synthetic_xray
 
 from pneumo_utils.deploy import export, predict, runtime
-from pneumo_utils.io import file_digest
+from pneumo_utils.files import file_digest
 from pneumo_utils.model import backbones, saving
 from pneumo_utils.model.preprocessing import _histogram, cue_removal
 

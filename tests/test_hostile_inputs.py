@@ -33,8 +33,9 @@ from pneumo_utils.data.datasets import (
 from pneumo_utils.data.images import ImageReadError, read_image, read_resized
 from pneumo_utils.deploy import predict
 from pneumo_utils.evaluation import evaluate, metrics
-from pneumo_utils.io import ModelFileError, write_json_atomic
+from pneumo_utils.files import write_json_atomic
 from pneumo_utils.model import backbones, features, saving
+from pneumo_utils.sidecar import ModelFileError
 
 SIZE = 64
 

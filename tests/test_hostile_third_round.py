@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo_utils import io as pio
+from pneumo_utils import files, sidecar
 from pneumo_utils.deploy import predict, runtime
-from pneumo_utils.io import ModelFileError, read_sidecar, validate_metadata, write_json_atomic
+from pneumo_utils.files import write_json_atomic
+from pneumo_utils.sidecar import ModelFileError, read_sidecar, validate_metadata
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime", reason="the export extra is not installed")
@@ -206,8 +207,8 @@ def test_outputs_that_are_not_probabilities_are_refused(tmp_path, image, scale, 
 
 def test_softmax_rows_must_sum_to_one():
     with pytest.raises(ModelFileError, match="summing to 1.5"):
-        pio.check_probabilities(np.array([[0.5, 0.5, 0.5], [0.2, 0.3, 0.5]]), "m.onnx")
-    ok = pio.check_probabilities(np.array([[0.2, 0.3, 0.5], [1.002, 0.0, 0.0]]), "m.onnx")
+        sidecar.check_probabilities(np.array([[0.5, 0.5, 0.5], [0.2, 0.3, 0.5]]), "m.onnx")
+    ok = sidecar.check_probabilities(np.array([[0.2, 0.3, 0.5], [1.002, 0.0, 0.0]]), "m.onnx")
     assert ok.max() == 1.0
 
 
@@ -269,7 +270,7 @@ def test_sidecar_records_the_model_digest_and_refuses_another_models(tmp_path, e
     saving.save_model(_tiny(0), first, {"threshold": 0.7})
     saving.save_model(_tiny(1), second, {"threshold": 0.2})
     meta = json.loads(saving.sidecar_path(first).read_text())
-    assert meta["sha256"] == {"keras": pio.file_digest(first)}
+    assert meta["sha256"] == {"keras": files.file_digest(first)}
     write_json_atomic(saving.sidecar_path(first), {**meta, "notes": "edited later"})
     assert saving.load_model(first)[1]["threshold"] == 0.7
 
@@ -287,13 +288,13 @@ def test_sidecar_records_the_model_digest_and_refuses_another_models(tmp_path, e
 def test_export_sidecar_fingerprint_is_checked(tmp_path, image, error_line):
     path = _mean_pixel(tmp_path / "m.onnx", scale=1 / 255)
     other = _mean_pixel(tmp_path / "other.onnx", scale=1 / 512)
-    write_json_atomic(path.with_suffix(".json"), {"sha256": {"onnx": pio.file_digest(path)}})
+    write_json_atomic(path.with_suffix(".json"), {"sha256": {"onnx": files.file_digest(path)}})
     model, _ = runtime.load_exported(path)
     assert model.output_units == 1
-    write_json_atomic(path.with_suffix(".json"), {"sha256": {"onnx": pio.file_digest(other)}})
+    write_json_atomic(path.with_suffix(".json"), {"sha256": {"onnx": files.file_digest(other)}})
     assert predict.main([str(image), "--model", str(path)]) == 2
     assert "another model" in error_line()
-    write_json_atomic(path.with_suffix(".json"), {"sha256": {"keras": pio.file_digest(other)}})
+    write_json_atomic(path.with_suffix(".json"), {"sha256": {"keras": files.file_digest(other)}})
     with pytest.raises(ModelFileError, match="not of m.onnx"):
         runtime.load_exported(path)
 

@@ -155,7 +155,7 @@ def test_manifest_of_the_wrong_shape_is_one_line(shard_folder, content, error_li
 
 def test_verify_catches_a_shard_swapped_for_another_of_its_split(shard_folder, error_line):
     """Copying train-00001 over train-00000 and editing the checksum passed --verify."""
-    from pneumo_utils import io as pio
+    from pneumo_utils import files
     from pneumo_utils.scale import shards
 
     first, second = (shard_folder / f"train-0000{i}-of-00004.tfrecord" for i in (0, 1))
@@ -163,7 +163,7 @@ def test_verify_catches_a_shard_swapped_for_another_of_its_split(shard_folder, e
 
     def match(manifest):
         entry = manifest["shards"][first.name]
-        entry.update(sha256=pio.file_digest(first), bytes=first.stat().st_size)
+        entry.update(sha256=files.file_digest(first), bytes=first.stat().st_size)
         return manifest
 
     _edit_manifest(shard_folder, match)

@@ -19,8 +19,8 @@ from synthetic import synthetic_xray
 
 from pneumo_utils.deploy import predict
 from pneumo_utils.evaluation import calibrate, evaluate, selective, site_shift
-from pneumo_utils.io import ModelFileError
 from pneumo_utils.model import input_check, saving
+from pneumo_utils.sidecar import ModelFileError
 
 SIZE = 64
 

@@ -52,7 +52,7 @@ from pneumo_utils.data.datasets import (
 from pneumo_utils.data.images import ImageReadError, read_resized
 from pneumo_utils.deploy import predict
 from pneumo_utils.evaluation import evaluate
-from pneumo_utils.io import write_json_atomic
+from pneumo_utils.files import write_json_atomic
 from pneumo_utils.model import backbones, features, saving
 
 ROOT = Path(__file__).resolve().parents[1]

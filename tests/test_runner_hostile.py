@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumo_utils import io
+from pneumo_utils import files
 from pneumo_utils.runner import engine, index_page, plan
 
 FIXTURES = Path(__file__).parent / "fixtures" / "notebooks"
@@ -194,9 +194,9 @@ def test_sigterm_leaves_the_index_interrupted(tmp_path: Path, monkeypatch, capsy
 
 
 def disk_full_once_finished(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``io.write_text_atomic`` raises ENOSPC from the moment the run is finished, as a full disk
+    """``files.write_text_atomic`` raises ENOSPC from the moment the run is finished, as a full disk
     does."""
-    write_atomic, write_index = io.write_text_atomic, index_page.write_index
+    write_atomic, write_index = files.write_text_atomic, index_page.write_index
     full = []
 
     def index(notebooks, reports_dir, run, best) -> None:
@@ -210,7 +210,7 @@ def disk_full_once_finished(monkeypatch: pytest.MonkeyPatch) -> None:
         write_atomic(path, text)
 
     monkeypatch.setattr(engine, "write_index", index)
-    monkeypatch.setattr(io, "write_text_atomic", atomic)
+    monkeypatch.setattr(files, "write_text_atomic", atomic)
 
 
 def test_disk_full_at_the_end_is_one_line_and_not_running(tmp_path: Path, monkeypatch, error_line) -> None:
@@ -228,9 +228,9 @@ def test_write_atomic_names_the_file_a_full_disk_refused(tmp_path: Path, monkeyp
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(io.os, "replace", full)
+    monkeypatch.setattr(files.os, "replace", full)
     with pytest.raises(OSError) as caught:
-        io.write_text_atomic(tmp_path / "index.html", "x")
+        files.write_text_atomic(tmp_path / "index.html", "x")
     assert caught.value.filename == str(tmp_path / "index.html")
     assert not list(tmp_path.iterdir())
 

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from synthetic import make_kermany_like
 
-from pneumo_utils import io
+from pneumo_utils import sidecar
 from pneumo_utils.data import pipelines, tasks
 from pneumo_utils.data.datasets import load_kermany
 from pneumo_utils.deploy import export, predict, runtime
 from pneumo_utils.evaluation import evaluate, metrics
 from pneumo_utils.explain import gradcam
-from pneumo_utils.io import ModelFileError
 from pneumo_utils.model import backbones, saving
+from pneumo_utils.sidecar import ModelFileError
 
 NAMES = tasks.TASKS["three_class"].class_names
 SIZE = 48
@@ -62,7 +62,7 @@ def _tiny(n_classes: int) -> keras.Model:
 
 
 def test_io_knows_the_class_names_of_every_task():
-    assert io.TASK_CLASS_NAMES == {name: task.class_names for name, task in tasks.TASKS.items()}
+    assert sidecar.TASK_CLASS_NAMES == {name: task.class_names for name, task in tasks.TASKS.items()}
 
 
 def test_softmax_model_learns_the_planted_subtypes(trained):

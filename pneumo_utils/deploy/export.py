@@ -49,7 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_utils.io import ModelFileError, fail, file_digest, write_json_atomic, write_text_atomic
+from pneumo_utils.cli import fail
+from pneumo_utils.files import file_digest, write_json_atomic, write_text_atomic
+from pneumo_utils.sidecar import ModelFileError
 
 FORMATS = ("tflite", "onnx", "savedmodel")
 QUANTIZATIONS = ("none", "fp16", "int8")
@@ -292,7 +294,7 @@ def export_model(
     Writes the export (see :func:`export_path`), its sidecar when quantised, lists it under
     ``exports`` in the model's sidecar and in the model card's "Exports" table (both
     rewritten, the card only when it exists). The sidecar that describes the export records
-    its SHA-256 under ``sha256`` (:func:`pneumo_utils.io.check_fingerprint`). ``calibration``
+    its SHA-256 under ``sha256`` (:func:`pneumo_utils.sidecar.check_fingerprint`). ``calibration``
     is a folder of images like the training data (required for ``int8``; when given, the agreement check runs on them).
     Returns the export's entry: file, format, quantisation, bytes, agreement (largest
     probability difference, decisions changed) and, for a quantised export beyond

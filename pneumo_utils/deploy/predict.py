@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_utils.io import fail
+from pneumo_utils.cli import fail
 
 GRADCAM_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -36,7 +36,7 @@ NOT_ASSESSED_STATUS = 3
 def predict_image(model, meta: dict, path: str | Path, input_check_on: bool = True) -> dict:
     """Label, confidence, probabilities and input warnings for one image file.
 
-    The label names come from the sidecar's class names (:func:`pneumo_utils.io.class_names_of`).
+    The label names come from the sidecar's class names (:func:`pneumo_utils.sidecar.class_names_of`).
     A binary model's class follows its raw output against the stored threshold; the result
     has ``probability`` (P(``positive_class``), the second name), ``threshold`` and
     ``probabilities`` {class: p}. A softmax model's class is the most probable one (argmax);
@@ -47,7 +47,7 @@ def predict_image(model, meta: dict, path: str | Path, input_check_on: bool = Tr
     decoded at reduced scale, see :mod:`pneumo_utils.data.images`), turned upright by its EXIF
     orientation (``exif_orientation`` in the result) and checked for being plausible
     (``warnings``). Raises :class:`~pneumo_utils.data.images.ImageReadError` for an unreadable,
-    damaged or too small image and :class:`~pneumo_utils.io.ModelFileError` for
+    damaged or too small image and :class:`~pneumo_utils.sidecar.ModelFileError` for
     ``meta`` that fails validation or disagrees with the model's input size.
 
     ``answer`` is what to tell a reader: ``"class"`` (the label stands), ``"uncertain"`` (the
@@ -79,8 +79,13 @@ def predict_images(
     """
     from pneumo_utils.data.images import ImageReadError
     from pneumo_utils.deploy.runtime import batch_size_for
-    from pneumo_utils.io import ModelFileError, check_output, check_probabilities, validate_metadata
     from pneumo_utils.model import input_check
+    from pneumo_utils.sidecar import (
+        ModelFileError,
+        check_output,
+        check_probabilities,
+        validate_metadata,
+    )
 
     with warnings.catch_warnings():  # a kernel without ipywidgets: text bar, no warning
         warnings.simplefilter("ignore")
@@ -141,8 +146,8 @@ def _input_check_for(model, meta: dict):
     """The sidecar's input check, the Keras model giving outputs, features and thumbnails
     together (``None`` for an export: only the thumbnail view applies), and what is missing
     (``None`` when the whole check applies)."""
-    from pneumo_utils.io import ModelFileError
     from pneumo_utils.model import input_check
+    from pneumo_utils.sidecar import ModelFileError
 
     check = input_check.of(meta)
     if check is None:
@@ -188,9 +193,9 @@ def _prepare(path: str | Path, size: int) -> tuple[np.ndarray, dict]:
 
 def _describe(raw: np.ndarray, meta: dict) -> dict:
     """Label, probabilities and confidence for one image's model output ``raw`` ``(units,)``."""
-    from pneumo_utils.deploy.runtime import apply_softmax_temperature, apply_temperature
     from pneumo_utils.evaluation.selective import uncertain
-    from pneumo_utils.io import class_names_of
+    from pneumo_utils.probability import apply_softmax_temperature, apply_temperature
+    from pneumo_utils.sidecar import class_names_of
 
     names = class_names_of(meta)
     band = meta.get("uncertain")
@@ -269,7 +274,7 @@ def _write_gradcam(model, result: dict, target: str) -> None:
     import cv2
 
     from pneumo_utils.explain.gradcam import grad_cam, overlay
-    from pneumo_utils.io import write_bytes_atomic
+    from pneumo_utils.files import write_bytes_atomic
 
     heat = grad_cam(model, result["image_array"][None], threshold=result.get("threshold"))[0]
     picture = overlay(result["image_array"], heat)
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from pneumo_utils.data.images import ImageReadError
-    from pneumo_utils.io import ModelFileError
+    from pneumo_utils.sidecar import ModelFileError
 
     try:
         model, meta = load_any(args.model)
@@ -413,7 +418,7 @@ def _probabilities(result: dict) -> str:
 
 def _decision(meta: dict) -> str:
     """How the class was chosen, for the line under the prediction."""
-    from pneumo_utils.io import class_names_of
+    from pneumo_utils.sidecar import class_names_of
 
     band = meta.get("uncertain") or {}
     refer = ""

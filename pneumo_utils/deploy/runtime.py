@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_utils.io import (
+from pneumo_utils.sidecar import (
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     ModelFileError,
@@ -416,7 +416,7 @@ def load_exported(path: str | os.PathLike, threads: int | None = None) -> tuple[
     Raises ``FileNotFoundError`` for a missing file and :class:`ModelFileError` for a file
     the runtime cannot load, a missing runtime package, a sidecar that fails validation,
     whose ``image_size`` disagrees with the export's input, or whose task does not fit the
-    export's output width (:func:`pneumo_utils.io.check_output`; an export's activation
+    export's output width (:func:`pneumo_utils.sidecar.check_output`; an export's activation
     cannot be read, so more than one output unit needs a sidecar naming a multi-class task).
     Without a sidecar the metadata of a one-unit export is inferred (threshold 0.5).
     """
@@ -436,46 +436,6 @@ def load_exported(path: str | os.PathLike, threads: int | None = None) -> tuple[
         meta.setdefault("threshold", 0.5)
         meta.setdefault("threshold_rule", "default 0.5 (no sidecar)")
     return model, validate_metadata(meta, f"sidecar {meta_file}")
-
-
-def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
-    """Rescale probabilities with a temperature from
-    :func:`pneumo_utils.evaluation.metrics.fit_temperature`: ``sigmoid(logit(p) / T)``, with
-    ``scipy.special`` (imported when called, so that prediction reads calibrated
-    probabilities without loading scikit-learn)."""
-    return sigmoid(logit(np.asarray(proba, dtype=float)) / temperature)
-
-
-def apply_softmax_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
-    """Rescale softmax probabilities ``(n, K)`` with a temperature from
-    :func:`pneumo_utils.evaluation.metrics.fit_softmax_temperature`: ``softmax(log(p) / T)``.
-
-    ``log(p)`` differs from the model's logits by a constant per row, which softmax ignores,
-    so this equals dividing the logits by ``T``; the most probable class never changes."""
-    proba = np.clip(np.asarray(proba, dtype=float), 1e-12, 1.0)
-    return softmax(np.log(proba) / temperature)
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    """``scipy.special.softmax`` along the last axis (one distribution per row)."""
-    from scipy.special import softmax as scipy_softmax
-
-    return scipy_softmax(np.asarray(z, dtype=float), axis=-1)
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    """``scipy.special.logit`` of ``p`` clipped to ``[1e-7, 1 - 1e-7]``: a float32 sigmoid
-    reaches exactly 0 and 1, whose logits would be infinite."""
-    from scipy.special import logit as scipy_logit
-
-    return scipy_logit(np.clip(p, 1e-7, 1 - 1e-7))
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    """``scipy.special.expit``: ``1 / (1 + exp(-z))`` without overflow warnings."""
-    from scipy.special import expit
-
-    return expit(z)
 
 
 def load_any(path: str | os.PathLike):
@@ -501,10 +461,10 @@ def predict_paths(model, paths: list[str], batch_size: int = 32, verbose: bool =
     through the model; ``verbose`` shows a progress bar over the batches. ``batch_size`` is
     lowered to fit :data:`BATCH_BYTES`. Raises
     :class:`~pneumo_utils.data.images.ImageReadError` for an unreadable file and
-    :class:`~pneumo_utils.io.ModelFileError` for outputs that are not probabilities
-    (:func:`~pneumo_utils.io.check_probabilities`).
+    :class:`~pneumo_utils.sidecar.ModelFileError` for outputs that are not probabilities
+    (:func:`~pneumo_utils.sidecar.check_probabilities`).
     """
-    from pneumo_utils.io import check_probabilities
+    from pneumo_utils.sidecar import check_probabilities
 
     size = int(model.input_shape[1])
     batch_size = batch_size_for(size, batch_size)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumo_utils.cli import fail
 from pneumo_utils.evaluation.evaluate import folder_index
 from pneumo_utils.evaluation.metrics import (
     binary_metrics,
@@ -45,7 +46,8 @@ from pneumo_utils.evaluation.metrics import (
 )
 from pneumo_utils.evaluation.selective import DEFAULT_TARGET_ACCURACY, MIN_IMAGES, choose_band
 from pneumo_utils.evaluation.site_shift import site_report
-from pneumo_utils.io import ModelFileError, atomic_path, fail, write_json_atomic, write_text_atomic
+from pneumo_utils.files import atomic_path, write_json_atomic, write_text_atomic
+from pneumo_utils.sidecar import ModelFileError
 
 MIN_PER_CLASS = 50
 """Below this many images of a class, the calibration says its figures are uncertain."""
@@ -74,7 +76,7 @@ def calibrate(
     (:func:`pneumo_utils.evaluation.selective.choose_band`; ``None`` keeps the model's own).
 
     Returns the ``calibration`` record written into the new sidecar. Raises
-    ``FileNotFoundError``/``ValueError``/:class:`~pneumo_utils.io.ModelFileError` with a
+    ``FileNotFoundError``/``ValueError``/:class:`~pneumo_utils.sidecar.ModelFileError` with a
     message that names the problem.
     """
     from pneumo_utils.data.tasks import task_of
@@ -174,7 +176,7 @@ def _binary_figures(labels: np.ndarray, proba: np.ndarray, threshold: float, n_b
 
 def _copy_atomic(source: Path, target: Path) -> None:
     """Copy ``source`` to ``target`` through a temporary file and a rename
-    (:func:`~pneumo_utils.io.atomic_path`)."""
+    (:func:`~pneumo_utils.files.atomic_path`)."""
     with atomic_path(target, suffix=".keras") as tmp:
         shutil.copyfile(source, tmp)
 

@@ -21,12 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pneumo_utils.cli import fail
 from pneumo_utils.data.datasets import load_class_folder, load_kermany
 from pneumo_utils.data.tasks import TASKS, get_task, task_index, task_of
-from pneumo_utils.deploy.runtime import (
-    apply_softmax_temperature,
-    apply_temperature,
-)
 from pneumo_utils.evaluation.metrics import (
     ARGMAX_RULE,
     binary_metrics,
@@ -35,7 +32,7 @@ from pneumo_utils.evaluation.metrics import (
     multiclass_bootstrap_ci,
     multiclass_metrics,
 )
-from pneumo_utils.io import fail
+from pneumo_utils.probability import apply_softmax_temperature, apply_temperature
 
 
 def folder_index(data: str, task) -> pd.DataFrame:
@@ -85,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pneumo_utils.deploy.runtime import is_exported, load_any, predict_paths
-    from pneumo_utils.io import ModelFileError, read_sidecar, write_json_atomic
+    from pneumo_utils.files import write_json_atomic
     from pneumo_utils.model import input_check
+    from pneumo_utils.sidecar import ModelFileError, read_sidecar
 
     for flag, value in (("--batch-size", args.batch_size), ("--n-boot", args.n_boot)):
         if value < 1:

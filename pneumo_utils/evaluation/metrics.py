@@ -23,18 +23,18 @@ from sklearn import metrics as skm
 
 from pneumo_utils import CLASS_NAMES
 from pneumo_utils.data.tasks import TASKS
-from pneumo_utils.deploy.runtime import (
-    apply_softmax_temperature,
-    apply_temperature,
-    logit,
-    sigmoid,
-    softmax,
-)
 from pneumo_utils.evaluation.selective import (
     DEFAULT_TARGET_ACCURACY,
     MIN_IMAGES,
     choose_band,
     selective_report,
+)
+from pneumo_utils.probability import (
+    apply_softmax_temperature,
+    apply_temperature,
+    logit,
+    sigmoid,
+    softmax,
 )
 
 CI_METRICS = ("auc", "pr_auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "brier")
@@ -406,7 +406,7 @@ def fit_temperature(y_val: np.ndarray, proba_val: np.ndarray) -> float:
 
 def fit_softmax_temperature(y_val: np.ndarray, proba_val: np.ndarray) -> float:
     """Temperature T minimising validation log-loss of ``softmax(log(p) / T)`` for softmax
-    probabilities ``(n, K)`` (see :func:`pneumo_utils.deploy.runtime.apply_softmax_temperature`).
+    probabilities ``(n, K)`` (see :func:`pneumo_utils.probability.apply_softmax_temperature`).
 
     T > 1 softens over-confident probabilities; argmax, and so every decision, is unchanged.
     """

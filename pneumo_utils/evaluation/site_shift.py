@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import sys
 
-    from pneumo_utils.io import fail
+    from pneumo_utils.cli import fail
 
     parser = argparse.ArgumentParser(
         prog="python -m pneumo_utils.site_shift",
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {len(files) - len(readable)} unreadable or damaged images", file=sys.stderr)
 
     from pneumo_utils.deploy.runtime import is_exported
-    from pneumo_utils.io import ModelFileError
+    from pneumo_utils.sidecar import ModelFileError
 
     if is_exported(args.model):
         return fail(f"{args.model} is an export; the site-shift test needs the .keras model's features")

@@ -20,7 +20,7 @@ import pandas as pd
 from pneumo_utils import CLASS_NAMES
 from pneumo_utils.data.tasks import DEFAULT_TASK, predicted_labels
 from pneumo_utils.evaluation.metrics import CI_METRICS
-from pneumo_utils.io import write_json_atomic, write_text_atomic
+from pneumo_utils.files import write_json_atomic, write_text_atomic
 from pneumo_utils.model.input_check import InputCheck
 from pneumo_utils.model.saving import model_metadata, save_model
 

@@ -26,7 +26,7 @@ import keras
 import numpy as np
 
 from pneumo_utils.data.pipelines import DECODER, image_dataset
-from pneumo_utils.io import write_bytes_atomic
+from pneumo_utils.files import write_bytes_atomic
 from pneumo_utils.model.backbones import pooled_features_model
 from pneumo_utils.model.saving import ProgressBar
 
@@ -231,7 +231,7 @@ def _header_problem(candidate: Path, n_rows: int) -> str | None:
 
 
 def _save_atomic(cache_file: Path, features: np.ndarray) -> None:
-    """``np.save`` to ``STEM-SHA.npy`` with :func:`pneumo_utils.io.write_bytes_atomic`, so no
+    """``np.save`` to ``STEM-SHA.npy`` with :func:`pneumo_utils.files.write_bytes_atomic`, so no
     partial file survives a failure (the array, a few MB, is serialised in memory first)."""
     buffer = io.BytesIO()
     np.save(buffer, features)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pneumo_utils.io import ModelFileError
+from pneumo_utils.sidecar import ModelFileError
 
 FEATURE_LAYER = "head_gap"
 """The layer whose output the ``features`` view models: the pooled features the head reads."""

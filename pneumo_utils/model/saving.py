@@ -22,20 +22,18 @@ import numpy as np
 
 from pneumo_utils import CLASS_NAMES, __version__
 from pneumo_utils.data.pipelines import image_dataset
-from pneumo_utils.io import (
+from pneumo_utils.files import atomic_path, file_digest, write_json_atomic
+from pneumo_utils.model.preprocessing import HistogramEqualization  # noqa: F401  (registers the layer for loading)
+from pneumo_utils.sidecar import (
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     TASK_CLASS_NAMES,
     ModelFileError,
-    atomic_path,
     check_fingerprint,
     check_output,
-    file_digest,
     read_sidecar,
     validate_metadata,
-    write_json_atomic,
 )
-from pneumo_utils.model.preprocessing import HistogramEqualization  # noqa: F401  (registers the layer for loading)
 
 MAX_MODEL_BYTES = 2**31
 """Largest total uncompressed size of a ``.keras`` archive that :func:`load_model` opens
@@ -56,7 +54,7 @@ def model_metadata(model: keras.Model, task: str | None = None, **info: Any) -> 
     names (an NIH finding) write no task. ``output`` and ``decision`` come from the model's
     last layer: a sigmoid model decides with ``threshold`` (default 0.5), a softmax model by
     argmax and has no threshold (``threshold=None``, as a multi-class evaluation gives, writes
-    none). Raises :class:`~pneumo_utils.io.ModelFileError` when the model's output does not
+    none). Raises :class:`~pneumo_utils.sidecar.ModelFileError` when the model's output does not
     fit the task.
     """
     output, units = output_kind(model)
@@ -101,7 +99,7 @@ def model_metadata(model: keras.Model, task: str | None = None, **info: Any) -> 
 def output_kind(model: keras.Model, path: str | Path | None = None) -> tuple[str, int]:
     """``("sigmoid", 1)`` or ``("softmax", K)``: the model's one output layer and its width.
 
-    Raises :class:`~pneumo_utils.io.ModelFileError` (naming ``path``, or the model) for any
+    Raises :class:`~pneumo_utils.sidecar.ModelFileError` (naming ``path``, or the model) for any
     other output: several outputs, another activation, a two-unit softmax (whose first
     column would be read as P(positive)).
     """
@@ -202,7 +200,7 @@ def save_model(model: keras.Model, path: str | Path, metadata: dict | None = Non
 
 
 def _remove_stale_temporaries(path: Path) -> None:
-    """Delete ``.STEM.PID.*.keras`` files (the temporaries of :func:`~pneumo_utils.io.atomic_path`)
+    """Delete ``.STEM.PID.*.keras`` files (the temporaries of :func:`~pneumo_utils.files.atomic_path`)
     in ``path``'s folder whose process is gone."""
     import psutil
 
@@ -221,12 +219,12 @@ def load_model(path: str | Path) -> tuple[keras.Model, dict]:
     than :data:`MAX_CONFIG_BYTES`), when Keras safe mode refuses it (Python code inside),
     when the model does not take one square RGB image ``(h, w, 3)`` or does not end in one
     sigmoid unit or a softmax over 3 or more classes (:func:`output_kind`), when the
-    sidecar fails :func:`~pneumo_utils.io.validate_metadata`, when its ``image_size``
+    sidecar fails :func:`~pneumo_utils.sidecar.validate_metadata`, when its ``image_size``
     disagrees with the model's input, or when its task does not fit the output
-    (:func:`~pneumo_utils.io.check_output`: a sigmoid model with a three-class sidecar, a
+    (:func:`~pneumo_utils.sidecar.check_output`: a sigmoid model with a three-class sidecar, a
     softmax model whose sidecar names no multi-class task or is missing, a softmax of the
     wrong width), or when it records the SHA-256 of another ``.keras`` file
-    (:func:`~pneumo_utils.io.check_fingerprint`). Without a sidecar, the metadata of a
+    (:func:`~pneumo_utils.sidecar.check_fingerprint`). Without a sidecar, the metadata of a
     sigmoid model is inferred from the model (task pneumonia, threshold 0.5).
     """
     path = Path(path)
@@ -290,7 +288,7 @@ def _check_archive_sizes(path: Path) -> None:
 def _square_rgb_input_size(model: keras.Model, path: Path) -> int | None:
     """The side ``n`` of a model taking ``(batch, n, n, 3)`` (``None`` if not fixed), else
     :class:`ModelFileError`: pneumo models take one square RGB image per example, of
-    :data:`~pneumo_utils.io.MIN_IMAGE_SIZE` to :data:`~pneumo_utils.io.MAX_IMAGE_SIZE` px."""
+    :data:`~pneumo_utils.sidecar.MIN_IMAGE_SIZE` to :data:`~pneumo_utils.sidecar.MAX_IMAGE_SIZE` px."""
     shapes = [tuple(t.shape) for t in model.inputs]
     if len(shapes) == 1 and len(shapes[0]) == 4:
         _, h, w, channels = shapes[0]

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from pneumo_utils import io
+from pneumo_utils import files
 from pneumo_utils.data import fetch
 from pneumo_utils.runner.index_page import (
     TEMPLATES,
@@ -178,12 +178,12 @@ def run_notebook(nb: Notebook, reports_dir: Path, kernel: str | None, engine: st
     """Execute ``nb`` with papermill, then render its reports; failures go into ``nb.error``."""
     import papermill
 
-    files = outputs(nb, reports_dir)
+    paths = outputs(nb, reports_dir)
     started = time.monotonic()
     try:
         papermill.execute_notebook(
             nb.node,
-            str(files["ipynb"]),
+            str(paths["ipynb"]),
             parameters=nb.parameters,
             kernel_name=kernel,
             engine_name=engine,
@@ -194,9 +194,9 @@ def run_notebook(nb: Notebook, reports_dir: Path, kernel: str | None, engine: st
     except Exception as exc:  # a cell error, a dead or missing kernel, a full disk
         nb.error = describe_error(exc)
     nb.seconds = time.monotonic() - started
-    nb.metrics = read_metrics(files["metrics"])
+    nb.metrics = read_metrics(paths["metrics"])
     try:
-        render_reports(nb, files)
+        render_reports(nb, paths)
     except Exception as exc:  # a full disk, an unreadable partial notebook
         nb.error = "; ".join(filter(None, [nb.error, f"report not written: {describe_error(exc)}"]))
     nb.status = "failed" if nb.error else "ok"
@@ -211,14 +211,14 @@ def read_metrics(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def render_reports(nb: Notebook, files: dict[str, Path]) -> None:
+def render_reports(nb: Notebook, paths: dict[str, Path]) -> None:
     """Write ``<name>.html`` (summary on top, set-up inputs hidden) and ``<name>.code.html``."""
     import nbformat
     from nbconvert import HTMLExporter
     from traitlets.config import Config
 
-    if files["ipynb"].is_file():
-        notebook = nbformat.read(str(files["ipynb"]), as_version=4)
+    if paths["ipynb"].is_file():
+        notebook = nbformat.read(str(paths["ipynb"]), as_version=4)
     else:
         notebook = nbformat.from_dict(nb.node)  # the kernel never started: show the source
     drop_native_log_lines(notebook)
@@ -235,11 +235,11 @@ def render_reports(nb: Notebook, files: dict[str, Path]) -> None:
             config=config, template_name="pneumo_report", extra_template_basedirs=[str(TEMPLATES)]
         )
         summary = report_summary(nb)
-        summary.update(other_href=files[other].name, other_label="all code" if hide else "short version")
+        summary.update(other_href=paths[other].name, other_label="all code" if hide else "short version")
         body, _ = exporter.from_notebook_node(
             notebook, resources={"metadata": {"name": nb.name}, "pneumo": summary}
         )
-        io.write_text_atomic(files[key], body)
+        files.write_text_atomic(paths[key], body)
 
 
 REPORT_DATA_PRIORITY = ["text/html", "text/markdown", "image/svg+xml", "image/png", "image/jpeg",
@@ -335,7 +335,7 @@ def mark_summary(reports_dir: Path, state: str, error: str) -> bool:
         record = json.loads(path.read_text(encoding="utf-8"))
         record.update(state=state, error=error)
         try:
-            io.write_text_atomic(path, json.dumps(record, indent=2, default=str))
+            files.write_text_atomic(path, json.dumps(record, indent=2, default=str))
         except OSError:
             compact = json.dumps(record, separators=(",", ":"), default=str).encode()
             if len(compact) > path.stat().st_size:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pneumo_utils import io
+from pneumo_utils import files
 from pneumo_utils.runner.plan import Notebook, outputs
 
 BEST_TASK = "kermany"
@@ -347,7 +347,7 @@ def write_index(notebooks: Sequence[Notebook], reports_dir: Path, run: dict, bes
     rows = model_rows(notebooks)
     listing = []
     for nb in notebooks:
-        files = outputs(nb, reports_dir)
+        paths = outputs(nb, reports_dir)
         listing.append({
             "name": nb.name,
             "of": nb.of,
@@ -355,7 +355,7 @@ def write_index(notebooks: Sequence[Notebook], reports_dir: Path, run: dict, bes
             "seconds": f"{nb.seconds:.0f}" if nb.status in ("ok", "failed") else "",
             "error": nb.error or "",
             "parameters": {k: json.dumps(v) for k, v in nb.parameters.items()},
-            **{k: files[k].name if files[k].is_file() else None for k in ("html", "code_html", "ipynb")},
+            **{k: paths[k].name if paths[k].is_file() else None for k in ("html", "code_html", "ipynb")},
         })
     done = [nb for nb in notebooks if nb.status in ("ok", "failed")]
     runs = sum(nb.of is not None for nb in notebooks)
@@ -380,7 +380,7 @@ def write_index(notebooks: Sequence[Notebook], reports_dir: Path, run: dict, bes
         versions=library_versions(),
         disclaimer=DISCLAIMER,
     )
-    io.write_text_atomic(reports_dir / "index.html", page)
+    files.write_text_atomic(reports_dir / "index.html", page)
     record = {
         "state": run["state"],
         "generated": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -395,4 +395,4 @@ def write_index(notebooks: Sequence[Notebook], reports_dir: Path, run: dict, bes
             for nb in notebooks
         },
     }
-    io.write_text_atomic(reports_dir / "summary.json", json.dumps(record, indent=2, default=str))
+    files.write_text_atomic(reports_dir / "summary.json", json.dumps(record, indent=2, default=str))

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pneumo_utils import io
+from pneumo_utils import files
 from pneumo_utils.runner.index_page import BEST_TASK, git_commit, model_rows
 from pneumo_utils.runner.plan import Notebook
 
@@ -119,5 +119,5 @@ def write_best(best: dict, models_dir: Path) -> Path:
     path = models_dir / best_file(best["task"])
     if path.is_symlink():
         path.unlink()
-    io.write_text_atomic(path, json.dumps(pointer, indent=2) + "\n")
+    files.write_text_atomic(path, json.dumps(pointer, indent=2) + "\n")
     return path

@@ -49,7 +49,7 @@ from PIL import Image
 from pneumo_utils import CLASS_NAMES
 from pneumo_utils.data.datasets import BadImagesWarning, find_labels_csv, load_kermany, load_nih
 from pneumo_utils.data.images import ImageReadError, read_image, read_resized
-from pneumo_utils.io import atomic_path, write_bytes_atomic, write_json_atomic
+from pneumo_utils.files import atomic_path, write_bytes_atomic, write_json_atomic
 
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.csv"

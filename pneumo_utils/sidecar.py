@@ -1,48 +1,34 @@
-"""Files that travel with results: atomic writes, and the model sidecar's reader.
+"""The model sidecar: the JSON file beside each saved model, read and checked without TensorFlow.
 
-Every write goes to a uniquely named temporary file in the target's own folder (so the final
-rename stays on one file system and is atomic), then replaces the target in one step
-(:func:`atomic_path`, which libraries that write to a path use directly). Several processes
-writing the same file at once each leave a complete file; the last one wins.
-
-A model's JSON sidecar is read and checked against :data:`SIDECAR_SCHEMA` here, without
-TensorFlow, so that a command line can refuse a bad sidecar before loading a model. The
-sidecar names the model's task (:data:`TASK_CLASS_NAMES`), its class names, its output
-(``sigmoid``: one unit, P(second class); ``softmax``: one unit per class) and how a prediction
-becomes a class (``threshold`` or ``argmax``); :func:`check_output` refuses a model whose
-output does not fit them.
+A sidecar is read and checked against :data:`SIDECAR_SCHEMA` here, so that a command line can
+refuse a bad sidecar before loading a model. The sidecar names the model's task
+(:data:`TASK_CLASS_NAMES`), its class names, its output (``sigmoid``: one unit, P(second
+class); ``softmax``: one unit per class) and how a prediction becomes a class (``threshold``
+or ``argmax``); :func:`check_output` refuses a model whose output does not fit them, and
+:func:`check_fingerprint` one whose file is not the one the sidecar describes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import json
-import os
-import re
-import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pneumo_utils import CLASS_NAMES, TASK_CLASS_NAMES
+from pneumo_utils.files import file_digest, json_depth
 
 __all__ = [
     "TASK_CLASS_NAMES",
     "ModelFileError",
-    "atomic_path",
-    "check_output",
     "check_fingerprint",
+    "check_output",
+    "check_probabilities",
     "class_names_of",
-    "file_digest",
     "read_sidecar",
     "validate_metadata",
-    "write_bytes_atomic",
-    "write_json_atomic",
 ]
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 512
@@ -71,82 +57,6 @@ model's output is the probability of the second class, so the negative class com
 
 class ModelFileError(ValueError):
     """A file is not a pneumo/Keras model, or does not fit the data it is given."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", mode: int | None = None) -> Iterator[Path]:
-    """A temporary path that becomes ``path`` when the block ends without an exception.
-
-    For writers that take a path (``model.save``, ``shutil.copyfile``,
-    ``tf.io.TFRecordWriter``). The yielded path is a new, empty file
-    ``.NAME.PID.RANDOM`` + ``suffix`` in ``path``'s folder, NAME being ``path``'s name less
-    ``suffix`` (``model.keras`` with ``.keras`` gives ``.model.PID.k2j3x9aq.keras``): Keras
-    reads the format from the suffix, and the process id tells a killed writer's temporary
-    from a running one's. On a clean exit the file is flushed to disk, given ``mode``
-    (default: ``0o666`` less the umask, as ``open`` would give; ``mkstemp`` alone leaves
-    ``0o600``) and renamed over ``path``. On any exception, Ctrl-C included, the temporary
-    is removed and ``path`` keeps what it had; an :class:`OSError` from the system that names
-    no file (a full disk fails in ``write``) is given ``path``. ``path`` is a file, not a folder.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    name = path.name.removesuffix(suffix) or path.name
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.{os.getpid()}.", suffix=suffix)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, mode if mode is not None else 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if exc.errno is not None and exc.filename is None:  # without errno, str() would show "None"
-            exc.filename = str(path)
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
-    """Write ``data`` to ``path`` through a unique temporary file and a rename
-    (:func:`atomic_path`; ``mode`` as there). No temporary file survives a failed write."""
-    path = Path(path)
-    with atomic_path(path, mode=mode) as tmp:
-        tmp.write_bytes(data)
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` as UTF-8, atomically (see :func:`write_bytes_atomic`)."""
-    return write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON, atomically (see :func:`write_bytes_atomic`).
-
-    NumPy scalars and arrays are written as plain numbers and lists; anything else that JSON
-    cannot hold is written as its ``str``.
-    """
-    return write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default))
-
-
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 SIDECAR_SCHEMA: dict = {
@@ -394,28 +304,6 @@ def read_sidecar(path: str | Path) -> dict:
     return validate_metadata(meta, f"sidecar {path}")
 
 
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-
-
-def json_depth(text: str) -> int:
-    """The deepest nesting of ``[``/``{`` in JSON ``text`` (brackets inside strings do not
-    count), computed without parsing, so that a hostile file is refused before the parser
-    recurses into it."""
-    codes = np.frombuffer(_JSON_STRING.sub('""', text).encode(), dtype=np.uint8)
-    steps = (np.isin(codes, (ord("["), ord("{"))).astype(np.int64)
-             - np.isin(codes, (ord("]"), ord("}"))))
-    return int(np.cumsum(steps).max(initial=0))
-
-
-def file_digest(path: str | Path) -> str:
-    """The SHA-256 of the file at ``path`` (hex), read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(functools.partial(handle.read, 2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_fingerprint(meta: dict, model: str | Path, source: str) -> None:
     """Refuse a sidecar written for another model file.
 
@@ -444,11 +332,3 @@ def check_fingerprint(meta: dict, model: str | Path, source: str) -> None:
             f"{expected[:12]}...): the sidecar belongs to another model or the model file was "
             "replaced; put the model's own sidecar beside it, or save the model again"
         )
-
-
-def fail(exc: Exception | str) -> int:
-    """Print ``error: <message>`` as one line on stderr (no traceback) and return exit status 2:
-    how every command answers bad input (a file, a folder, an option), so a user reads what is
-    wrong and what to do, never a stack trace."""
-    print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-    return 2
