@@ -1,0 +1,1 @@
+"""Hostile-input cases for ``benchmarks/hostile_inputs.py``, one module per area."""
