@@ -42,8 +42,8 @@ import numpy as np
 import psutil
 from sklearn.metrics import roc_auc_score
 
-from pneumo_utils.data import datasets, pipelines, splits
-from pneumo_utils.model import backbones, features, saving
+from pneumo_utils.data import datasets, kermany, pipelines, splits
+from pneumo_utils.model import backbones, features, inference, saving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,7 +170,7 @@ def machine() -> dict[str, Any]:
 
 def load_split(data_root: str, max_per_class: int | None, seed: int) -> tuple[dict, dict]:
     """Paths and labels per split; validation carved from train by patient, as in notebook 01."""
-    index = datasets.load_kermany(data_root)
+    index = kermany.load_kermany(data_root)
     index = splits.grouped_split(index, 0.15, seed)
     index = splits.subsample(index, max_per_class, seed)
     splits.assert_no_patient_leak(index)
@@ -210,7 +210,7 @@ def bench_head_training(args, paths: dict, labels: dict, figures: Figures) -> ke
                                   batch_size=batch, shuffle=True, seed=args.seed)
     val_ds = pipelines.image_dataset(paths["val"], labels["val"], image_size=size, batch_size=batch)
     images_epochs = fit_timed(model, train_ds, None, val_ds, args.epochs, weight_of)
-    auc_images = roc_auc_score(labels["test"], saving.predict_paths(model, paths["test"], batch))
+    auc_images = roc_auc_score(labels["test"], inference.predict_paths(model, paths["test"], batch))
 
     progress("(a) features once, then the same initial head on them")
     for layer, values in zip(head, initial, strict=True):
@@ -305,7 +305,7 @@ def bench_prediction(args, model: keras.Model | None, paths: dict, workdir: Path
     start = time.perf_counter()
     pixels = pipelines.load_images(test, size)
     decode = time.perf_counter() - start
-    project = median_seconds(lambda: saving.predict_paths(model, test, batch), args.repeats)
+    project = median_seconds(lambda: inference.predict_paths(model, test, batch), args.repeats)
     bare = median_seconds(lambda: model.predict(pixels, batch_size=batch, verbose=0), args.repeats)
 
     figures.add("c_predict_cli_s", statistics.median(cli), "s",

@@ -37,7 +37,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from pneumo_utils.data import datasets, pipelines, splits
+from pneumo_utils.data import frames, kermany, pipelines, splits
 from pneumo_utils.evaluation import metrics, shortcuts
 from pneumo_utils.model import backbones, features, train
 
@@ -98,7 +98,7 @@ def cue_features(model, paths, labels, n_images: int) -> tuple[np.ndarray, dict[
 
     rows, _ = train_test_split(np.arange(len(paths["val"])), train_size=n_images, stratify=labels["val"],
                                random_state=0)
-    refs = shortcuts.other_class_references(labels["val"][rows], labels["train"], seed=0)
+    refs = frames.other_class_references(labels["val"][rows], labels["train"], seed=0)
     size = int(model.inputs[0].shape[1])
     sets = shortcuts.counterfactuals(pipelines.load_images([paths["val"][i] for i in rows], size),
                                      pipelines.load_images([paths["train"][j] for j in refs], size))
@@ -176,7 +176,7 @@ def main() -> None:
     if args.weights_dir:
         os.environ["PNEUMO_WEIGHTS_DIR"] = args.weights_dir
     index = splits.kermany_split(args.data_root, seed=42)
-    external = datasets.load_class_folder(args.external_dir, split="external")
+    external = kermany.load_class_folder(args.external_dir, split="external")
     paths, labels = splits.split_files(pd.concat([index, external], ignore_index=True),
                                      splits=("train", "val", "test", "external"))
     proba: dict[str, dict[str, np.ndarray]] = {}

@@ -28,9 +28,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from pneumo_utils.data import augment, datasets, pipelines, splits
+from pneumo_utils.data import augment, kermany, pipelines, splits
 from pneumo_utils.evaluation import metrics
-from pneumo_utils.model import backbones, saving
+from pneumo_utils.model import backbones, inference, saving
 
 
 def parse_args() -> argparse.Namespace:
@@ -82,7 +82,7 @@ class ExternalRecord(keras.callbacks.Callback):
         row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self.start),
                "loss": logs.get("loss"), "val auc": logs.get("val_auc")}
         for split in ("external",):
-            proba = saving.predict_paths(self.model, self.paths[split], self.batch_size)
+            proba = inference.predict_paths(self.model, self.paths[split], self.batch_size)
             row[f"{split} auc"] = roc_auc_score(self.labels[split], proba)
         self.rows.append(row)
         print(pd.Series(row).to_frame().T.round(4).to_string(index=False), flush=True)
@@ -94,7 +94,7 @@ def main() -> None:
         os.environ["PNEUMO_WEIGHTS_DIR"] = args.weights_dir
     pipelines.set_seed(args.seed)
     index = splits.kermany_split(args.data_root, seed=42)
-    external = datasets.load_class_folder(args.external_dir, split="external")
+    external = kermany.load_class_folder(args.external_dir, split="external")
     paths, labels = splits.split_files(pd.concat([index, external], ignore_index=True),
                                      splits=("train", "val", "test", "external"))
     layers = keras.Sequential([
@@ -114,7 +114,7 @@ def main() -> None:
     model.fit(train_ds, validation_data=val_ds, epochs=args.epochs, class_weight=pipelines.class_weights(labels["train"]),
               callbacks=[keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=3,
                                                        restore_best_weights=True), record], verbose=0)
-    proba = {split: saving.predict_paths(model, paths[split], 64) for split in ("val", "test", "external")}
+    proba = {split: inference.predict_paths(model, paths[split], 64) for split in ("val", "test", "external")}
     threshold = metrics.choose_threshold(labels["val"], proba["val"], rule="youden")
     ext = metrics.binary_metrics(labels["external"], proba["external"], threshold)
     best = max(float(np.mean((proba["external"] >= t) == labels["external"])) for t in np.unique(proba["external"]))

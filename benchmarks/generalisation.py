@@ -30,7 +30,7 @@ import os
 
 import pandas as pd
 
-from pneumo_utils.data import datasets, pipelines, splits, tasks
+from pneumo_utils.data import frames, kermany, pipelines, splits, tasks
 from pneumo_utils.evaluation import shortcuts
 from pneumo_utils.evaluation.metrics import choose_threshold
 from pneumo_utils.model import backbones, features, train
@@ -86,7 +86,7 @@ def main() -> None:
     args = parse_args()
     if args.weights_dir:
         os.environ["PNEUMO_WEIGHTS_DIR"] = args.weights_dir
-    index = tasks.task_index(datasets.load_kermany(args.data_root), args.task)
+    index = tasks.task_index(kermany.load_kermany(args.data_root), args.task)
     index = splits.grouped_split(index, seed=42)
     paths, labels = splits.split_files(index, splits=("train", "val"))
     audit = shortcuts.audit(shortcuts.image_statistics(pipelines.load_images(paths["train"], 128)), labels["train"],
@@ -97,7 +97,7 @@ def main() -> None:
         return
     val_images = pipelines.load_images(paths["val"], args.image_size)
     references = pipelines.load_images(
-        [paths["train"][j] for j in shortcuts.other_class_references(labels["val"], labels["train"], seed=0)],
+        [paths["train"][j] for j in frames.other_class_references(labels["val"], labels["train"], seed=0)],
         args.image_size)
     val_sets = shortcuts.counterfactuals(val_images, references)
     rows = [row for backbone in args.backbones for recipe in RECIPES

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from sklearn.metrics import roc_auc_score
 
-from pneumo_utils.data import datasets, splits
+from pneumo_utils.data import kermany, splits
 from pneumo_utils.model import input_check, saving
 
 GENERATED = 40
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         photos, photo_note = photographs(work / "photos", rng)
         sets = {
             "hold-out test (same source)": paths["test"],
-            "external validation A": datasets.load_class_folder(args.external_dir)["path"].tolist(),
+            "external validation A": kermany.load_class_folder(args.external_dir)["path"].tolist(),
             f"photographs ({photo_note})": photos,
             "generated scenes": scenes(work / "scenes", rng),
             **blanks_and_noise(work / "blank", rng),

@@ -10,7 +10,7 @@ seeded sample of ``--images`` training images:
   ``graph`` is :func:`pneumo_utils.data.pipelines.image_dataset`, whose plain JPEG/PNG files
   are decoded by TensorFlow ops. The pass is timed from the first batch requested to the last
   one; the seconds spent building the pipeline (``graph``: reading every file's header,
-  tracing) are printed apart, and folded into a second images/s figure. The files are checked with :func:`pneumo_utils.data.images.check_images` first, as
+  tracing) are printed apart, and folded into a second images/s figure. The files are checked with :func:`pneumo_utils.data.image_checks.check_images` first, as
   the data set loaders do, so the ``graph`` build finds their verdicts in the cache; the build
   without that cache (every JPEG verified by a strict 1/8-scale decode) is timed once too;
 * how far the ``graph`` pixels are from ``read_resized``'s at each ``--compare-sizes`` entry
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from pneumo_utils.data.images import CHECK_CACHE_ENV, check_images, graph_decode
+    from pneumo_utils.data.image_checks import CHECK_CACHE_ENV, check_images, graph_decode
     from pneumo_utils.data.pipelines import image_dataset
 
     paths = sample_paths(args.data_root, args.images, args.seed)

@@ -10,7 +10,7 @@ cached features of ``--train-images`` training images, so that AUCs mean somethi
   ``python -m pneumo_utils.predict IMAGE --model FILE``), for ``.keras``, ``.tflite``,
   ``.onnx`` and the quantised exports;
 - batch throughput on ``--images`` hold-out images: the project's path from files
-  (``saving.predict_paths`` for Keras, ``runtime.predict_paths`` for exports) against a bare
+  (``inference.predict_paths``, for Keras models and exports) against a bare
   ``predict`` on the same images decoded beforehand;
 - file sizes per format and quantisation, the ``.keras`` file with and without optimizer
   state (``export.slim``);
@@ -57,10 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PNEUMO_WEIGHTS_DIR"] = str(Path(args.weights_dir).resolve())
     import keras
 
-    from pneumo_utils.data.datasets import load_kermany, paths_and_labels
+    from pneumo_utils.data.datasets import paths_and_labels
     from pneumo_utils.data.images import read_resized
-    from pneumo_utils.deploy import export, runtime
-    from pneumo_utils.model import features, train
+    from pneumo_utils.data.kermany import load_kermany
+    from pneumo_utils.deploy import export
+    from pneumo_utils.model import features, inference, train
 
     index = load_kermany(args.data_root, splits=("train", "test"))
     rng = np.random.default_rng(0)
@@ -110,17 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         decoded = np.stack([read_resized(p, 224) for p in batch_paths]).astype(np.float32)
         throughput = {}
         start = time.perf_counter()
-        saving.predict_paths(model, batch_paths)
+        inference.predict_paths(model, batch_paths)
         path_s = time.perf_counter() - start
         start = time.perf_counter()
         model.predict(decoded, batch_size=32, verbose=0)
         bare_s = time.perf_counter() - start
         throughput["keras"] = _rates(len(batch_paths), path_s, bare_s)
         for name in ("tflite", "onnx"):
-            exported = runtime.ExportedModel(files[name])
+            exported = inference.ExportedModel(files[name])
             exported.predict(decoded[:32])  # allocate once
             start = time.perf_counter()
-            runtime.predict_paths(exported, batch_paths)
+            inference.predict_paths(exported, batch_paths)
             path_s = time.perf_counter() - start
             start = time.perf_counter()
             exported.predict(decoded, batch_size=32)
@@ -130,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{backbone}] hold-out AUCs", file=sys.stderr)
         from sklearn.metrics import roc_auc_score
 
-        aucs = {"keras": float(roc_auc_score(test_labels, saving.predict_paths(model, test_paths)))}
+        aucs = {"keras": float(roc_auc_score(test_labels, inference.predict_paths(model, test_paths)))}
         for name in files:
             if name != "keras":
-                proba = runtime.predict_paths(runtime.ExportedModel(files[name]), test_paths)
+                proba = inference.predict_paths(inference.ExportedModel(files[name]), test_paths)
                 aucs[name] = float(roc_auc_score(test_labels, proba))
         result["holdout_auc"] = aucs
         figures[backbone] = result

@@ -30,14 +30,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def write_speed(data_root: str, out: str, image_size: int, max_images: int | None) -> dict:
-    from pneumo_utils.scale import shards
+    from pneumo_utils.scale import shard_writer
 
-    index, rule = shards.load_index(data_root)
+    index, rule = shard_writer.load_index(data_root)
     if max_images:
         index = index.groupby("split", sort=False).head(max_images)
     start = time.perf_counter()
-    manifest = shards.write_shards(index, out, data_root=data_root, image_size=image_size,
-                                   split_rule=rule, verbose=False)
+    manifest = shard_writer.write_shards(index, out, data_root=data_root, image_size=image_size,
+                                         split_rule=rule, verbose=False)
     seconds = time.perf_counter() - start
     encoded = manifest["images"] if not manifest["reused_shards"] else None
     return {"images": manifest["images"], "shards": len(manifest["shards"]),
@@ -48,11 +48,11 @@ def write_speed(data_root: str, out: str, image_size: int, max_images: int | Non
 
 def read_speed(out: str, image_size: int, n: int, batch_size: int = 32) -> dict:
     from pneumo_utils.data.pipelines import image_dataset
-    from pneumo_utils.scale import shards
+    from pneumo_utils.scale import shard_manifest, shard_reader
 
-    listed = shards.read_index(out)
+    listed = shard_manifest.read_index(out)
     train = listed[listed["split"] == "train"]
-    root = shards.read_manifest(out)["data_root"]
+    root = shard_manifest.read_manifest(out)["data_root"]
     paths = [f"{root}/{k}" for k in train["key"].iloc[:n]]
     n = len(paths)
 
@@ -66,7 +66,7 @@ def read_speed(out: str, image_size: int, n: int, batch_size: int = 32) -> dict:
             seen += int(images.shape[0])
         return seen / (time.perf_counter() - start)
 
-    from_shards = timed(shards.read_shards(out, "train", image_size=image_size, batch_size=batch_size)
+    from_shards = timed(shard_reader.read_shards(out, "train", image_size=image_size, batch_size=batch_size)
                         .take(n // batch_size))
     from_folders = timed(image_dataset(paths, train["label"].iloc[:n].to_numpy(), image_size=image_size,
                                        batch_size=batch_size, cache=False))

@@ -49,17 +49,25 @@ if "google.colab" in sys.modules:
     REPOSITORY = "https://github.com/pneumo-ai/pneumo"
     # %pip install -q "pneumo @ git+$REPOSITORY"
 
-# %% tags=["parameters"]
+# %% tags=["settings"]
+# The run: where the data and the outputs are, how it runs (run_all.sh and --set change them)
 data_dir = None  # type: str|None Kermany folder with train/, val/, test/ (None: found in data/ or ../shared/data/, else downloaded)
 external_dir = None  # type: str|None labelled external validation folder, NORMAL/ and PNEUMONIA/ (None: found if present)
-task: str = "pneumonia"  # pneumonia, bacterial_vs_viral or three_class (pneumo_utils.data.tasks)
-backbone: str = "densenet121"  # densenet121, mobilenet_v2 or resnet50 (keras.applications)
 run_name: str = "01_kermany_densenet121"  # file name of the saved model and the metrics JSON
-weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
 weights_fallback: str = "error"  # "random": go on with random weights when ImageNet weights cannot be found
-image_size: int = 224  # side of the square input image, in pixels
 batch_size: int = 32  # images per batch on each replica (device)
 strategy: str = "auto"  # tf.distribute strategy: auto, default, mirrored, multiworker or tpu
+seed: int = 42  # seeds the split, the initial weights and the shuffling
+reports_dir: str = "reports"  # where the metrics JSON is written (relative paths: to the project folder)
+models_dir: str = "saved_models"  # where the model, its sidecar and its model card are written
+cache_dir: str = ".cache/pneumo"  # where backbone features are cached
+
+# %% tags=["parameters"]
+# The story: what a reader varies
+task: str = "pneumonia"  # pneumonia, bacterial_vs_viral or three_class (pneumo_utils.data.tasks)
+backbone: str = "densenet121"  # densenet121, mobilenet_v2 or resnet50 (keras.applications)
+weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
+image_size: int = 224  # side of the square input image, in pixels
 epochs: int = 40  # most epochs of head training; early stopping usually ends it sooner
 learning_rate: float = 1e-3  # Adam's learning rate for the head
 patience: int = 8  # epochs without a better validation AUC before training stops
@@ -69,10 +77,6 @@ threshold_rule: str = "youden"  # threshold rule on validation: youden, f1, sens
 n_boot: int = 1000  # bootstrap resamples for the 95% confidence intervals
 remove_cues: bool = True  # centre crop + histogram equalisation in the model, frame-swapped training copies
 cue_images: int = 300  # validation images in the shortcut check (four forward passes each)
-seed: int = 42  # seeds the split, the initial weights and the shuffling
-reports_dir: str = "reports"  # where the metrics JSON is written (relative paths: to the project folder)
-models_dir: str = "saved_models"  # where the model, its sidecar and its model card are written
-cache_dir: str = ".cache/pneumo"  # where backbone features are cached
 
 # %%
 from pathlib import Path
@@ -82,25 +86,24 @@ import numpy as np
 import tensorflow as tf
 from IPython.display import display
 
-from pneumo_utils.data import datasets, fetch, pipelines, splits, tasks
+from pneumo_utils.data import datasets, fetch, kermany, pipelines, splits, tasks
 from pneumo_utils.deploy.predict import predict_image
 from pneumo_utils.evaluation import metrics, shortcuts, site_shift
 from pneumo_utils.explain import explorer, gradcam, plots, report
 from pneumo_utils.model import backbones, features, input_check, preprocessing
-from pneumo_utils.model.train import EpochLine
-from pneumo_utils.scale import distribute
+from pneumo_utils.scale import distribute, session
 
 task_spec = tasks.get_task(task)
 CLASS_NAMES = task_spec.class_names  # label order: label k is CLASS_NAMES[k]
 print(f"task {task}: {task_spec.description}; classes {CLASS_NAMES}")
-data_dir = fetch.find("kermany", data_dir)  # the folder given, else data/ or ../shared/data/ of the project, else a download
-external_dir = fetch.find("external", external_dir, required=False)  # None when there is none
-reports_dir, models_dir, cache_dir = (fetch.in_project(p) for p in (reports_dir, models_dir, cache_dir))
-print(f"data: {data_dir}; external validation: {external_dir or 'none found'}")
-pipelines.set_seed(seed)
-strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
-print(distribute.describe(strat))
-batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> per step
+run = session.setup(  # the data found (the folder given, else data/ or ../shared/data/, else a download),
+    data="kermany", data_dir=data_dir, external=True, external_dir=external_dir,  # folders from the project folder,
+    reports_dir=reports_dir, models_dir=models_dir, cache_dir=cache_dir,  # the seed set, the strategy chosen
+    seed=seed, strategy=strategy, batch_size=batch_size,
+)
+data_dir, external_dir = run.data_dir, run.external_dir  # external_dir: None when there is none
+reports_dir, models_dir, cache_dir = run.reports_dir, run.models_dir, run.cache_dir
+strat, batch_size = run.strategy, run.batch_size  # batch_size: per replica -> per step
 
 # %% [markdown]
 # ## 1. Data: one row per image, split by patient
@@ -118,7 +121,7 @@ batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> p
 # cautious reading, keeps them together.
 
 # %%
-index = datasets.load_kermany(data_dir)
+index = kermany.load_kermany(data_dir)
 index = tasks.task_index(index, task)  # the task's images, label = class number
 index = splits.grouped_split(index, val_fraction=val_fraction, seed=seed)
 index = splits.subsample(index, max_images_per_class, seed=seed)
@@ -211,9 +214,8 @@ history = head.fit(
     callbacks=[
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-6),
-        EpochLine(),  # one line per epoch
     ],
-    verbose=0,
+    verbose=2,  # one summary line per epoch, no progress bar
 )
 
 # %%
@@ -263,7 +265,7 @@ metrics.metrics_table(evaluation)
 
 # %%
 if external_dir is not None:
-    external = tasks.task_index(datasets.load_class_folder(external_dir, split="external"), task)
+    external = tasks.task_index(kermany.load_class_folder(external_dir, split="external"), task)
     p_external, looks_external = input_check.predict_with_looks(model, external["path"].tolist(), batch_size)
     evaluation["external"] = metrics.external_report(
         external["label"].to_numpy(), p_external, threshold=threshold, data=str(external_dir), n_boot=n_boot,

@@ -43,15 +43,24 @@ if "google.colab" in sys.modules:
     REPOSITORY = "https://github.com/pneumo-ai/pneumo"
     # %pip install -q "pneumo @ git+$REPOSITORY"
 
-# %% tags=["parameters"]
+# %% tags=["settings"]
+# The run: where the data and the outputs are, how it runs (run_all.sh and --set change them)
 data_dir = None  # type: str|None NIH folder (images and Data_Entry_2017*.csv) or a path,label CSV (None: found in data/ or ../shared/data/, else the Kaggle sample)
 shards_dir = None  # type: str|None TFRecord shards folder to read instead of the image files (python -m pneumo_utils.shards writes one; when it holds none yet, this notebook writes it from data_dir). None: read data_dir's files
+batch_size: int = 32  # images per batch on each replica (device)
+strategy: str = "auto"  # tf.distribute strategy: auto, default, mirrored, multiworker or tpu
+seed: int = 42  # seeds the balancing, the split, the initial weights and the shuffling
+reports_dir: str = "reports"  # where the metrics JSON is written (relative paths: to the project folder)
+models_dir: str = "saved_models"  # where the model, its sidecar and its model card are written
+cache_dir: str = ".cache/pneumo"  # where backbone features are cached
+run_name: str = "02_nih_binary"  # file name of the saved model and the metrics JSON
+
+# %% tags=["parameters"]
+# The story: what a reader varies
 finding: str = "Pneumonia"  # the positive finding; its images against No Finding images
 backbone: str = "densenet121"  # densenet121 (CheXNet's), mobilenet_v2 or resnet50 (keras.applications)
 weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
 image_size: int = 224  # side of the square input image, in pixels
-batch_size: int = 32  # images per batch on each replica (device)
-strategy: str = "auto"  # tf.distribute strategy: auto, default, mirrored, multiworker or tpu
 epochs: int = 40  # most epochs of head training; early stopping usually ends it sooner
 learning_rate: float = 1e-3  # Adam's learning rate for the head (random-weight features need far more)
 patience: int = 8  # epochs without a better validation AUC before training stops
@@ -60,11 +69,6 @@ test_fraction: float = 0.2  # share of patients in the test split
 max_images_per_class = None  # type: int|None at most this many images per split and class, for quick runs (None: all)
 threshold_rule: str = "youden"  # threshold rule on validation: youden, f1, sensitivity:0.95 or fixed:0.5
 n_boot: int = 1000  # bootstrap resamples (of test patients) for the 95% confidence intervals
-seed: int = 42  # seeds the balancing, the split, the initial weights and the shuffling
-reports_dir: str = "reports"  # where the metrics JSON is written (relative paths: to the project folder)
-models_dir: str = "saved_models"  # where the model, its sidecar and its model card are written
-cache_dir: str = ".cache/pneumo"  # where backbone features are cached
-run_name: str = "02_nih_binary"  # file name of the saved model and the metrics JSON
 
 # %%
 from pathlib import Path
@@ -73,25 +77,25 @@ import keras
 from IPython.display import display
 
 import pneumo_utils
-from pneumo_utils.data import datasets, fetch, pipelines, splits
+from pneumo_utils.data import datasets, fetch, nih, pipelines, splits
 from pneumo_utils.evaluation import metrics
 from pneumo_utils.explain import gradcam, plots, report
 from pneumo_utils.model import backbones, features
-from pneumo_utils.model.train import EpochLine
-from pneumo_utils.scale import distribute, shards
+from pneumo_utils.scale import distribute, session, shard_manifest, shard_reader, shard_writer
 
 RUN_NAME = run_name
-strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
-print(distribute.describe(strat))
-batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> per step
-pipelines.set_seed(seed)
-reports_dir, models_dir, cache_dir = (fetch.in_project(p) for p in (reports_dir, models_dir, cache_dir))
+run = session.setup(  # the data is found below (image files or shards); folders from the project folder,
+    data=None, reports_dir=reports_dir, models_dir=models_dir, cache_dir=cache_dir,  # the seed set,
+    seed=seed, strategy=strategy, batch_size=batch_size,  # the strategy chosen
+)
+reports_dir, models_dir, cache_dir = run.reports_dir, run.models_dir, run.cache_dir
+strat, batch_size = run.strategy, run.batch_size  # batch_size: per replica -> per step
 if shards_dir is not None:
     shards_dir = fetch.in_project(shards_dir)  # relative paths: to the project folder
-if shards_dir is None or not shards.is_complete(shards_dir):  # the folder is read, or written into shards
+if shards_dir is None or not shard_manifest.is_complete(shards_dir):  # the folder is read, or written into shards
     data_dir = fetch.find("nih", data_dir)  # the folder given, else data/ or ../shared/data/ of the project, else a download
 else:  # complete shards are read alone; a data_dir given must be the folder they were written from
-    shards.check_source(shards_dir, data_dir)
+    shard_manifest.check_source(shards_dir, data_dir)
     data_dir = None
 
 # %% [markdown]
@@ -108,17 +112,17 @@ else:  # complete shards are read alone; a data_dir given must be the folder the
 # they are: after the images or the table change, write them into a new folder.
 
 # %%
-if shards_dir is not None and not shards.is_complete(shards_dir):  # none there yet: write them once
-    source_index, split_rule = shards.load_index(
+if shards_dir is not None and not shard_manifest.is_complete(shards_dir):  # none there yet: write them once
+    source_index, split_rule = shard_writer.load_index(
         data_dir, kind="nih", finding=finding, balance=True, val_fraction=val_fraction,
         test_fraction=test_fraction, seed=seed,
     )
-    shards.write_shards(source_index, shards_dir, data_root=data_dir, image_size=image_size, split_rule=split_rule)
+    shard_writer.write_shards(source_index, shards_dir, data_root=data_dir, image_size=image_size, split_rule=split_rule)
 if shards_dir is None:
-    table_path = datasets.find_labels_csv(data_dir)
-    _, table_format = datasets.read_labels_table(table_path)
+    table_path = nih.find_labels_csv(data_dir)
+    _, table_format = nih.read_labels_table(table_path)
 else:
-    manifest = shards.read_manifest(shards_dir)
+    manifest = shard_manifest.read_manifest(shards_dir)
     table_path = f"{shards_dir} (TFRecord shards of {manifest['data_root']})"
     table_format = "nih" if manifest["source"] == ["nih"] else "simple"
 print(f"input: {table_path}")
@@ -140,7 +144,7 @@ print(f"{table_path} ({table_format} format): label 0 = {CLASS_NAMES[0]}, label 
 
 # %%
 if table_format == "nih" and data_dir is not None:
-    display(datasets.label_rule_counts(data_dir, findings=["Pneumonia", finding]))
+    display(nih.label_rule_counts(data_dir, findings=["Pneumonia", finding]))
 
 # %% [markdown]
 # ## 2. Which findings have enough patients on disk?
@@ -150,7 +154,7 @@ if table_format == "nih" and data_dir is not None:
 
 # %%
 if table_format == "nih" and data_dir is not None:
-    display(datasets.finding_counts(data_dir, on_disk_only=True).T)
+    display(nih.finding_counts(data_dir, on_disk_only=True).T)
 
 # %% [markdown]
 # ## 3. Index the images
@@ -161,11 +165,11 @@ if table_format == "nih" and data_dir is not None:
 
 # %%
 if shards_dir is None:
-    index = datasets.load_nih(data_dir, finding=finding, balance=True, seed=seed)
+    index = nih.load_nih(data_dir, finding=finding, balance=True, seed=seed)
     n_missing = int(index.attrs["load_summary"].get("dropped: image not on disk", 0))
-    display(datasets.load_steps(index).T)
+    display(nih.load_steps(index).T)
 else:
-    index, split_rule = shards.read_split_index(shards_dir, finding=finding)  # path, label, patient, split, row
+    index, split_rule = shard_reader.read_split_index(shards_dir, finding=finding)  # path, label, patient, split, row
     n_missing = None  # not recorded in shards: the writer reported images missing from the folder
     print(f"split as written into the shards: {split_rule}")
 
@@ -191,7 +195,7 @@ datasets.summarize(index)
 def load_images(rows):
     """The images of some index rows, ``(n, image_size, image_size, 3)`` float32 in 0-255."""
     if shards_dir is not None:
-        return shards.read_images(shards_dir, rows["row"], image_size=image_size)[0]
+        return shard_reader.read_images(shards_dir, rows["row"], image_size=image_size)[0]
     return pipelines.load_images(rows["path"].tolist(), image_size)
 
 
@@ -238,7 +242,7 @@ if shards_dir is None:
     feats = features.extract_split_features(model, paths, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
 else:
     feats = {
-        split: shards.extract_features_from_shards(
+        split: shard_reader.extract_features_from_shards(
             model, shards_dir, split, strat, batch_size=batch_size // strat.num_replicas_in_sync,
             cache_dir=f"{cache_dir}/features",
         ).of_rows(index.loc[index["split"] == split, "row"]).outputs
@@ -254,9 +258,8 @@ history = head.fit(
     callbacks=[
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-6),
-        EpochLine(),
     ],
-    verbose=0,
+    verbose=2,  # one summary line per epoch, no progress bar
 )
 
 # %%

@@ -45,15 +45,23 @@ if "google.colab" in sys.modules:
     REPOSITORY = "https://github.com/pneumo-ai/pneumo"
     # %pip install -q "pneumo @ git+$REPOSITORY"
 
-# %% tags=["parameters"]
+# %% tags=["settings"]
+# The run: where the data and the outputs are, how it runs (run_all.sh and --set change them)
 data_dir = None  # type: str|None Kermany folder with train/, val/, test/ (None: found in data/ or ../shared/data/, else downloaded)
 external_dir = None  # type: str|None labelled external validation folder, NORMAL/ and PNEUMONIA/ (None: found if present)
-task: str = "pneumonia"  # pneumonia, bacterial_vs_viral or three_class (pneumo_utils.data.tasks)
 run_name: str = "03_mobilenetv2_finetune"  # file name of the saved model and the metrics JSON
-weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
-image_size: int = 160  # side of the square input image, in pixels
 batch_size: int = 32  # images per batch on each replica (device)
 strategy: str = "auto"  # tf.distribute strategy: auto, default, mirrored, multiworker or tpu
+seed: int = 42  # seeds the split, the initial weights, the shuffling and the augmentation
+reports_dir: str = "reports"  # where the metrics JSON is written (relative paths: to the project folder)
+models_dir: str = "saved_models"  # where the model, its sidecar and its model card are written
+cache_dir: str = ".cache/pneumo"  # where backbone features are cached
+
+# %% tags=["parameters"]
+# The story: what a reader varies
+task: str = "pneumonia"  # pneumonia, bacterial_vs_viral or three_class (pneumo_utils.data.tasks)
+weights = "imagenet"  # type: str|None "imagenet", None (random initialisation) or the path of a weights file
+image_size: int = 160  # side of the square input image, in pixels
 epochs: int = 20  # most epochs of phase 1 (head on the frozen base)
 fine_tune_epochs: int = 4  # most epochs of phase 2 (the backbone fine-tuned on augmented images)
 fine_tune_learning_rate: float = 1e-4  # Adam's initial learning rate in phase 2, cosine decay (phase 1: 1e-3)
@@ -65,10 +73,6 @@ threshold_rule: str = "youden"  # threshold rule on validation: youden, f1, sens
 n_boot: int = 1000  # bootstrap resamples for the 95% confidence intervals
 remove_cues: bool = False  # centre crop + histogram equalisation in the model, frame-swapped phase-1 copies
 cue_images: int = 300  # validation images in the shortcut check (four forward passes each)
-seed: int = 42  # seeds the split, the initial weights, the shuffling and the augmentation
-reports_dir: str = "reports"  # where the metrics JSON is written (relative paths: to the project folder)
-models_dir: str = "saved_models"  # where the model, its sidecar and its model card are written
-cache_dir: str = ".cache/pneumo"  # where backbone features are cached
 
 # %%
 from pathlib import Path
@@ -78,24 +82,23 @@ import pandas as pd
 from IPython.display import display
 from sklearn.metrics import roc_auc_score
 
-from pneumo_utils.data import augment, datasets, fetch, pipelines, splits, tasks
+from pneumo_utils.data import augment, datasets, fetch, kermany, pipelines, splits, tasks
 from pneumo_utils.evaluation import metrics, shortcuts, site_shift
 from pneumo_utils.explain import explorer, gradcam, plots, report
-from pneumo_utils.model import backbones, features, input_check, preprocessing, saving
-from pneumo_utils.model.train import EpochLine
-from pneumo_utils.scale import distribute
+from pneumo_utils.model import backbones, features, inference, input_check, preprocessing
+from pneumo_utils.scale import distribute, session
 
 task_spec = tasks.get_task(task)
 CLASS_NAMES = task_spec.class_names  # label order: label k is CLASS_NAMES[k]
 print(f"task {task}: {task_spec.description}; classes {CLASS_NAMES}")
-data_dir = fetch.find("kermany", data_dir)  # the folder given, else data/ or ../shared/data/ of the project, else a download
-external_dir = fetch.find("external", external_dir, required=False)  # None when there is none
-reports_dir, models_dir, cache_dir = (fetch.in_project(p) for p in (reports_dir, models_dir, cache_dir))
-print(f"data: {data_dir}; external validation: {external_dir or 'none found'}")
-pipelines.set_seed(seed)
-strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
-print(distribute.describe(strat))
-batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> per step
+run = session.setup(  # the data found (the folder given, else data/ or ../shared/data/, else a download),
+    data="kermany", data_dir=data_dir, external=True, external_dir=external_dir,  # folders from the project folder,
+    reports_dir=reports_dir, models_dir=models_dir, cache_dir=cache_dir,  # the seed set, the strategy chosen
+    seed=seed, strategy=strategy, batch_size=batch_size,
+)
+data_dir, external_dir = run.data_dir, run.external_dir  # external_dir: None when there is none
+reports_dir, models_dir, cache_dir = run.reports_dir, run.models_dir, run.cache_dir
+strat, batch_size = run.strategy, run.batch_size  # batch_size: per replica -> per step
 
 # %% [markdown]
 # ## 1. Data: a patient-grouped split
@@ -104,7 +107,7 @@ batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> p
 # `test/` as published.
 
 # %%
-index = tasks.task_index(datasets.load_kermany(data_dir), task)
+index = tasks.task_index(kermany.load_kermany(data_dir), task)
 index = splits.grouped_split(index, val_fraction=0.15, seed=seed)
 index = splits.subsample(index, max_images_per_class, seed=seed)
 splits.assert_no_patient_leak(index)
@@ -117,7 +120,7 @@ datasets.summarize(index, CLASS_NAMES)
 # trained on it.
 
 # %%
-external = tasks.task_index(datasets.load_class_folder(external_dir, split="external"), task) if external_dir else None
+external = tasks.task_index(kermany.load_class_folder(external_dir, split="external"), task) if external_dir else None
 print(f"external validation: {len(external)} images from {external_dir}" if external is not None
       else "no external validation set: phases are compared by the shortcut check")
 
@@ -167,14 +170,13 @@ history1 = head.fit(
     callbacks=[
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=5, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-6),
-        EpochLine(),
     ],
-    verbose=0,
+    verbose=2,  # one summary line per epoch, no progress bar
 )
 frozen_weights = model.get_weights()  # the phase-1 model, kept should fine-tuning not help
 p_external = {}  # each phase's external-validation predictions, when there is a set
 if external is not None:
-    p_external["frozen base"] = saving.predict_paths(model, external["path"].tolist(), batch_size)
+    p_external["frozen base"] = inference.predict_paths(model, external["path"].tolist(), batch_size)
 
 # %% [markdown]
 # Before fine-tuning, the phase-1 model goes through the shortcut check of notebook 01: validation
@@ -242,9 +244,8 @@ history2 = model.fit(
     class_weight=pipelines.class_weights(labels["train"]),
     callbacks=[
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=2, restore_best_weights=True),
-        EpochLine(),
     ],
-    verbose=0,
+    verbose=2,  # one summary line per epoch, no progress bar
 )
 
 # %%
@@ -261,13 +262,13 @@ plots.training_curves(curves)
 # shortcut check. The test split plays no part in this.
 
 # %%
-p_val_tuned = saving.predict_paths(model, paths["val"], batch_size)
+p_val_tuned = inference.predict_paths(model, paths["val"], batch_size)
 threshold_tuned = metrics.choose_threshold(labels["val"], p_val_tuned, rule=threshold_rule) if task_spec.binary else None
 cue_tuned = shortcuts.validation_cue_test(model, paths["val"], labels["val"], paths["train"], labels["train"],
                                           threshold=threshold_tuned, max_images=cue_images, seed=seed)
 scores = {"frozen base": shortcuts.selection_score(cue_frozen), "fine-tuned": shortcuts.selection_score(cue_tuned)}
 if external is not None:
-    p_external["fine-tuned"] = saving.predict_paths(model, external["path"].tolist(), batch_size)
+    p_external["fine-tuned"] = inference.predict_paths(model, external["path"].tolist(), batch_size)
     external_auc = {phase: roc_auc_score(external["label"], p, multi_class="ovr") for phase, p in p_external.items()}
     phase_rule, ranking = "higher AUC on external validation", external_auc
 else:

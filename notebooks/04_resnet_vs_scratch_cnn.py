@@ -47,14 +47,22 @@ if "google.colab" in sys.modules:
     REPOSITORY = "https://github.com/pneumo-ai/pneumo"
     # %pip install -q "pneumo @ git+$REPOSITORY"
 
-# %% tags=["parameters"]
+# %% tags=["settings"]
+# The run: where the data and the outputs are, how it runs (run_all.sh and --set change them)
 data_dir = None  # type: str|None Kermany folder with train/, val/, test/ (None: found in data/ or ../shared/data/, else downloaded)
 external_dir = None  # type: str|None labelled external validation folder, NORMAL/ and PNEUMONIA/ (None: found if present)
+batch_size: int = 32  # images per batch on each replica (device)
+strategy: str = "auto"  # tf.distribute strategy: auto, default, mirrored, multiworker or tpu
+seed: int = 42  # seeds the split, the initial weights, the shuffling and the augmentation
+reports_dir: str = "reports"  # where the metrics JSON is written (relative paths: to the project folder)
+models_dir: str = "saved_models"  # where the models, their sidecars and model cards are written
+cache_dir: str = ".cache/pneumo"  # where backbone features are cached
+
+# %% tags=["parameters"]
+# The story: what a reader varies
 weights = "imagenet"  # type: str|None ResNet50: "imagenet", None (random initialisation) or the path of a weights file
 image_size: int = 224  # ResNet50's input side, in pixels
 scratch_image_size: int = 96  # the CNN from scratch's input side, in pixels
-batch_size: int = 32  # images per batch on each replica (device)
-strategy: str = "auto"  # tf.distribute strategy: auto, default, mirrored, multiworker or tpu
 epochs: int = 40  # most epochs of ResNet50 head training on cached features
 scratch_epochs: int = 3  # most epochs of the CNN from scratch over augmented images
 fine_tune_epochs: int = 0  # most epochs of fine-tuning the whole ResNet50 backbone, BatchNorm frozen (0: none)
@@ -66,10 +74,6 @@ remove_cues: bool = True  # centre crop + histogram equalisation in both models,
 cue_images: int = 300  # validation images in the shortcut check (four forward passes each, per model)
 max_images_per_class = None  # type: int|None at most this many images per split and class, for quick runs (None: all)
 n_boot: int = 1000  # bootstrap resamples for the 95% confidence intervals
-seed: int = 42  # seeds the split, the initial weights, the shuffling and the augmentation
-reports_dir: str = "reports"  # where the metrics JSON is written (relative paths: to the project folder)
-models_dir: str = "saved_models"  # where the models, their sidecars and model cards are written
-cache_dir: str = ".cache/pneumo"  # where backbone features are cached
 
 # %%
 from pathlib import Path
@@ -79,22 +83,21 @@ import pandas as pd
 from IPython.display import display
 from sklearn.metrics import roc_auc_score
 
-from pneumo_utils.data import augment, datasets, explore, fetch, pipelines, splits
+from pneumo_utils.data import augment, datasets, explore, fetch, kermany, pipelines, splits
 from pneumo_utils.evaluation import metrics, shortcuts, site_shift
 from pneumo_utils.explain import gradcam, plots, report
-from pneumo_utils.model import backbones, features, input_check, preprocessing, saving
-from pneumo_utils.model.train import EpochLine
-from pneumo_utils.scale import distribute
+from pneumo_utils.model import backbones, features, inference, input_check, preprocessing
+from pneumo_utils.scale import distribute, session
 
 RUN_NAME = "04_resnet_vs_scratch_cnn"
-data_dir = fetch.find("kermany", data_dir)  # the folder given, else data/ or ../shared/data/ of the project, else a download
-external_dir = fetch.find("external", external_dir, required=False)  # None when there is none
-reports_dir, models_dir, cache_dir = (fetch.in_project(p) for p in (reports_dir, models_dir, cache_dir))
-print(f"data: {data_dir}; external validation: {external_dir or 'none found'}")
-pipelines.set_seed(seed)
-strat = distribute.strategy(strategy)  # the default strategy (one device) on a plain CPU machine
-print(distribute.describe(strat))
-batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> per step
+run = session.setup(  # the data found (the folder given, else data/ or ../shared/data/, else a download),
+    data="kermany", data_dir=data_dir, external=True, external_dir=external_dir,  # folders from the project folder,
+    reports_dir=reports_dir, models_dir=models_dir, cache_dir=cache_dir,  # the seed set, the strategy chosen
+    seed=seed, strategy=strategy, batch_size=batch_size,
+)
+data_dir, external_dir = run.data_dir, run.external_dir  # external_dir: None when there is none
+reports_dir, models_dir, cache_dir = run.reports_dir, run.models_dir, run.cache_dir
+strat, batch_size = run.strategy, run.batch_size  # batch_size: per replica -> per step
 
 # %% [markdown]
 # ## 1. Explore the data
@@ -105,7 +108,7 @@ batch_size = distribute.global_batch_size(batch_size, strat)  # per replica -> p
 index = splits.kermany_split(data_dir, seed=seed, max_images_per_class=max_images_per_class)
 paths, labels = splits.split_files(index)
 datasets.summarize(index)
-external = datasets.load_class_folder(external_dir, split="external") if external_dir else None  # another collection
+external = kermany.load_class_folder(external_dir, split="external") if external_dir else None  # another collection
 
 # %% [markdown]
 # PNEUMONIA outnumbers NORMAL about three to one, so accuracy alone says little: the reports lead
@@ -202,9 +205,8 @@ scratch_history = scratch.fit(
     callbacks=[
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=8, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-6),
-        EpochLine(),
     ],
-    verbose=0,
+    verbose=2,  # one summary line per epoch, no progress bar
 )
 
 # %% [markdown]
@@ -246,9 +248,8 @@ resnet_history = head.fit(
     callbacks=[
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=8, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-6),
-        EpochLine(),
     ],
-    verbose=0,
+    verbose=2,  # one summary line per epoch, no progress bar
 )
 
 # %% [markdown]
@@ -264,7 +265,7 @@ kept = "frozen base"
 if fine_tune_epochs:
     judge = ((external["path"].tolist(), external["label"], "external validation AUC") if external is not None
              else (paths["val"], labels["val"], "validation AUC"))  # the images that choose the phase
-    auc_frozen = roc_auc_score(judge[1], saving.predict_paths(resnet, judge[0], batch_size))
+    auc_frozen = roc_auc_score(judge[1], inference.predict_paths(resnet, judge[0], batch_size))
     frozen_weights = resnet.get_weights()
     base.trainable = True
     for layer in base.layers:
@@ -279,10 +280,9 @@ if fine_tune_epochs:
                    metrics=[keras.metrics.AUC(name="auc")])
     val_ds = pipelines.image_dataset(paths["val"], labels["val"], image_size, batch_size=batch_size)
     resnet.fit(train_ds, validation_data=val_ds, epochs=fine_tune_epochs, steps_per_epoch=steps, shuffle=False,
-               class_weight=pipelines.class_weights(labels["train"]), verbose=0, callbacks=[
-                   keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=2, restore_best_weights=True),
-                   EpochLine()])
-    auc_tuned = roc_auc_score(judge[1], saving.predict_paths(resnet, judge[0], batch_size))
+               class_weight=pipelines.class_weights(labels["train"]), verbose=2, callbacks=[
+                   keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=2, restore_best_weights=True)])
+    auc_tuned = roc_auc_score(judge[1], inference.predict_paths(resnet, judge[0], batch_size))
     kept = "fine-tuned" if auc_tuned > auc_frozen else "frozen base"
     if kept == "frozen base":
         resnet.set_weights(frozen_weights)

@@ -5,12 +5,14 @@ refuse a bad sidecar before loading a model. The sidecar names the model's task
 (:data:`TASK_CLASS_NAMES`), its class names, its output (``sigmoid``: one unit, P(second
 class); ``softmax``: one unit per class) and how a prediction becomes a class (``threshold``
 or ``argmax``); :func:`check_output` refuses a model whose output does not fit them, and
-:func:`check_fingerprint` one whose file is not the one the sidecar describes.
+:func:`check_fingerprint` one whose file is not the one the sidecar describes, or whose
+sidecar was edited after it was written (:func:`signed` writes the ``fingerprint``).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,9 @@ __all__ = [
     "check_output",
     "check_probabilities",
     "class_names_of",
+    "fingerprint",
     "read_sidecar",
+    "signed",
     "validate_metadata",
 ]
 
@@ -49,6 +53,12 @@ checked before parsing, as a deeply nested file exhausts the parser's recursion.
 
 FINGERPRINT_KINDS = ("keras", "onnx", "tflite")
 """Model file kinds (file suffixes) whose SHA-256 a sidecar's ``sha256`` field records."""
+
+FINGERPRINT_FIELDS = ("task", "class_names", "output", "decision", "image_size", "threshold",
+                      "temperature", "uncertain", "input_check")
+"""Sidecar fields that decide what a model's output means (its classes, how an output becomes a
+class, how confident it reads, which images it refuses): :func:`fingerprint` binds them to the
+model files' SHA-256, so an edited field is refused, not believed."""
 
 NEGATIVE_CLASS_NAMES = ("normal", "no finding")
 """Accepted first entries of a sidecar's ``class_names`` (compared case-insensitively): the
@@ -78,6 +88,7 @@ SIDECAR_SCHEMA: dict = {
             "maxItems": max(len(names) for names in TASK_CLASS_NAMES.values()),
             "uniqueItems": True,
         },
+        "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
         "threshold_rule": {"type": "string"},
         "task": {"enum": list(TASK_CLASS_NAMES)},
         "output": {"enum": ["sigmoid", "softmax"]},
@@ -100,6 +111,7 @@ _FIELD_RULES = {
               "of the model file)",
     "class_names": '[negative, positive] class names, e.g. ["NORMAL", "PNEUMONIA"], or the '
                    "class names of the sidecar's task",
+    "fingerprint": "64 hex digits (written by pneumo when it saves, exports or calibrates a model)",
     "threshold_rule": "a string",
     "task": f"one of {', '.join(TASK_CLASS_NAMES)}",
     "output": '"sigmoid" (one unit) or "softmax" (one unit per class)',
@@ -304,20 +316,65 @@ def read_sidecar(path: str | Path) -> dict:
     return validate_metadata(meta, f"sidecar {path}")
 
 
-def check_fingerprint(meta: dict, model: str | Path, source: str) -> None:
-    """Refuse a sidecar written for another model file.
+def fingerprint(meta: dict) -> str:
+    """The SHA-256 (hex) of the canonical JSON of ``meta``'s model digests (``sha256``) and its
+    :data:`FINGERPRINT_FIELDS`; a field that is absent stays absent, so deleting one changes it.
 
-    A sidecar saved by pneumo records the SHA-256 of each model file it describes under
-    ``sha256`` (``keras``, and ``onnx``/``tflite`` for exports sharing it). When the field is
-    present, the digest of ``model``'s kind (its suffix) must be there and match the file:
-    another model's sidecar would otherwise name the wrong classes or threshold. A sidecar
-    without the field (saved before fingerprints) is accepted. ``source`` names the sidecar.
+    It ties what the sidecar says a prediction means to the model files it was written with.
+    It guards against edits and mix-ups (a sidecar copied, hand-edited or half-rewritten), not
+    against someone who recomputes it on purpose.
     """
-    recorded = meta.get("sha256")
-    if not recorded:
+    bound = {"sha256": meta.get("sha256"),
+             "fields": {k: meta[k] for k in FINGERPRINT_FIELDS if k in meta}}
+    text = json.dumps(bound, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      default=_plain)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def signed(meta: dict, digests: dict[str, str]) -> dict:
+    """``meta`` as plain JSON values, with ``sha256`` set to ``digests`` (model kind -> SHA-256
+    of that file, see :data:`FINGERPRINT_KINDS`) and its ``fingerprint``: what every writer of
+    a sidecar (save, export, calibrate) writes, so that :func:`check_fingerprint` accepts it."""
+    plain = json.loads(json.dumps({**meta, "sha256": dict(digests)}, default=_plain))
+    plain["fingerprint"] = fingerprint(plain)
+    return plain
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars and arrays as the numbers and lists JSON holds."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def check_fingerprint(meta: dict, model: str | Path, source: str) -> None:
+    """Refuse a sidecar that does not describe ``model`` as pneumo wrote it.
+
+    A sidecar written by pneumo records the SHA-256 of each model file it describes under
+    ``sha256`` (``keras``, and ``onnx``/``tflite`` for exports sharing it) and a ``fingerprint``
+    binding those digests to the fields that decide what a prediction means
+    (:data:`FINGERPRINT_FIELDS`). A sidecar lacking either, one without the digest of
+    ``model``'s kind (its suffix), one whose digest is not the file's, and one whose fields do
+    not give its fingerprint (edited after it was written) raise :class:`ModelFileError`
+    saying to save, export or calibrate the model again. ``meta`` is ``{}`` when there is no
+    sidecar (nothing to check); ``source`` names the sidecar.
+    """
+    if not meta:
         return
     model = Path(model)
     kind = model.suffix.lower().lstrip(".")
+    recorded = meta.get("sha256")
+    if not recorded or "fingerprint" not in meta:
+        missing = " and ".join(f for f in ("sha256", "fingerprint")
+                               if not meta.get(f))
+        raise ModelFileError(
+            f"{source} has no {missing} field binding it to {model.name}: nothing shows that its "
+            "task, classes and threshold describe this model; save the model again "
+            "(pneumo_utils.model.saving.save_model), or export or calibrate it again from a "
+            "model saved by pneumo"
+        )
     expected = recorded.get(kind)
     if expected is None:
         raise ModelFileError(
@@ -331,4 +388,11 @@ def check_fingerprint(meta: dict, model: str | Path, source: str) -> None:
             f"{model} does not match {source} (SHA-256 {actual[:12]}..., sidecar records "
             f"{expected[:12]}...): the sidecar belongs to another model or the model file was "
             "replaced; put the model's own sidecar beside it, or save the model again"
+        )
+    if fingerprint(meta) != meta["fingerprint"]:
+        raise ModelFileError(
+            f"{source} does not match its fingerprint: one of its fields "
+            f"{', '.join(FINGERPRINT_FIELDS)} was changed after pneumo wrote it, so it may not "
+            f"describe {model.name}; save or export the model again (or calibrate it to change "
+            "its threshold)"
         )

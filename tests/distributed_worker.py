@@ -66,7 +66,7 @@ def worker(shard_dir: Path, out_dir: Path) -> None:
     from pneumo_utils.model.backbones import build_scratch_cnn
     from pneumo_utils.model.saving import model_metadata, save_model
     from pneumo_utils.model.train import compile_binary
-    from pneumo_utils.scale.shards import predict_from_shards, read_shards
+    from pneumo_utils.scale.shard_reader import extract_features_from_shards, read_shards
 
     keras.utils.set_random_seed(0)
     data = read_shards(shard_dir, "train", batch_size=distribute.global_batch_size(4, strategy),
@@ -79,7 +79,8 @@ def worker(shard_dir: Path, out_dir: Path) -> None:
     if task == 0:  # the chief (worker 0) alone writes the model
         meta = model_metadata(model, distribution=distribute.strategy_info(strategy))
         save_model(model, out_dir / "model.keras", meta)
-    seen = predict_from_shards(model, shard_dir, "train", strategy=strategy, verbose=False)
+    seen = extract_features_from_shards(model, shard_dir, "train", strategy=strategy, cache_dir=None,
+                                        verbose=False)
     (out_dir / f"worker{task}.json").write_text(json.dumps({
         "describe": distribute.describe(strategy),
         "rows": seen.rows.tolist(),

@@ -12,7 +12,7 @@ localised signal (so training, AUC and Grad-CAM checks are meaningful):
   spot inside :data:`SIGNAL_BOX` (the lower part of the lung on the image's left). The
   blob adds about 4 grey levels to the image mean while the brightness jitter is +-15,
   so a mean-brightness classifier is poor (AUC ~0.63) while the scratch CNN of
-  :mod:`pneumo_utils.models` reaches AUC > 0.95 and puts its Grad-CAM heat on the box
+  :mod:`pneumo_utils.model.backbones` reaches AUC > 0.95 and puts its Grad-CAM heat on the box
   (checked over several seeds with tests/test_learning.py's recipe: 40 images per
   class, 25 epochs). The blob constants below were tuned for that; a smaller or fainter
   blob made the GAP-headed CNN fail on some seeds.

@@ -139,10 +139,10 @@ def test_calibrated_copy_is_whole_or_absent(tmp_path: Path, umask: int) -> None:
 @pytest.mark.parametrize("umask", [0o027], ids=["027"], indirect=True)
 def test_shard_entry_describes_the_file_in_place(tmp_path: Path, umask: int) -> None:
     tf = pytest.importorskip("tensorflow")
-    from pneumo_utils.scale import shards
+    from pneumo_utils.scale import shard_writer
 
     path = tmp_path / "train-00000-of-00001.tfrecord"
-    entry = shards._write_shard(tf, path, (bytes([i]) * 100 for i in range(5)), "train", 0, 5)
+    entry = shard_writer._write_shard(tf, path, (bytes([i]) * 100 for i in range(5)), "train", 0, 5)
     assert entry["images"] == 5 and entry["bytes"] == path.stat().st_size
     assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert mode_of(path) == 0o666 & ~umask
@@ -152,5 +152,5 @@ def test_shard_entry_describes_the_file_in_place(tmp_path: Path, umask: int) -> 
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        shards._write_shard(tf, tmp_path / "train-00001-of-00002.tfrecord", broken(), "train", 5, 6)
+        shard_writer._write_shard(tf, tmp_path / "train-00001-of-00002.tfrecord", broken(), "train", 5, 6)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]

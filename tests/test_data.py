@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from pneumo_utils.data import pipelines, splits
-from pneumo_utils.data.datasets import load_kermany
+from pneumo_utils.data.kermany import load_kermany
 
 
 def _toy_index(n_patients: int = 60, per_patient: int = 3) -> pd.DataFrame:

@@ -6,14 +6,12 @@ import shutil
 
 import pytest
 
-from pneumo_utils.data.datasets import (
-    BadImagesWarning,
-    DatasetLayoutError,
+from pneumo_utils.data.datasets import BadImagesWarning, DatasetLayoutError, require_columns
+from pneumo_utils.data.kermany import (
     find_kermany_root,
     kermany_patient_id,
     load_class_folder,
     load_kermany,
-    require_columns,
 )
 
 

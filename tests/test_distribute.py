@@ -14,6 +14,8 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
+import keras  # noqa: E402
+
 from pneumo_utils.scale import distribute  # noqa: E402
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -65,26 +67,20 @@ def test_names_tf_config_and_tpu_signs_choose_the_strategy(monkeypatch):
     assert distribute.resolve_name("auto") == ("tpu", "a TPU is attached")
 
 
-def test_global_batch_and_precision_policy():
+def test_global_batch_size():
     strategy = tf.distribute.get_strategy()
     assert distribute.global_batch_size(16, strategy) == 16
     with pytest.raises(ValueError, match="positive"):
         distribute.global_batch_size(0, strategy)
-    assert distribute.precision_policy("off") == "float32"
-    assert distribute.precision_policy("mixed_float16") == "mixed_float16"
-    with pytest.raises(ValueError, match="unknown precision"):
-        distribute.precision_policy("half")
-    if not tf.config.list_physical_devices("GPU"):
-        assert distribute.precision_policy("auto", strategy) == "float32"
-        assert distribute.precision_policy("on", strategy) == "mixed_bfloat16"
 
 
-def test_set_precision_sets_the_policy_describe_reports():
+def test_describe_reports_the_keras_dtype_policy():
     try:
-        assert distribute.set_precision("mixed_bfloat16") == "mixed_bfloat16"
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
         assert "mixed_bfloat16" in distribute.describe(tf.distribute.get_strategy())
     finally:
-        distribute.set_precision("off")
+        keras.mixed_precision.set_global_policy("float32")
+    assert "float32" in distribute.describe(tf.distribute.get_strategy())
 
 
 def test_mirrored_on_two_logical_cpus_predicts_as_the_default_strategy(tmp_path):
@@ -108,11 +104,11 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_workers_train_on_shards_and_the_chief_saves(kermany_root, tmp_path):
     from pneumo_utils.model.saving import load_model
-    from pneumo_utils.scale import shards
+    from pneumo_utils.scale import shard_reader, shard_writer
 
-    index, rule = shards.load_index(kermany_root, seed=0)
+    index, rule = shard_writer.load_index(kermany_root, seed=0)
     shard_dir = tmp_path / "shards"
-    shards.write_shards(index, shard_dir, image_size=32, min_shards=4, split_rule=rule, verbose=False)
+    shard_writer.write_shards(index, shard_dir, image_size=32, min_shards=4, split_rule=rule, verbose=False)
     workers = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
     processes = []
     for task in range(2):
@@ -144,6 +140,6 @@ def test_two_workers_train_on_shards_and_the_chief_saves(kermany_root, tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["model.keras"]  # the chief's only
     model, meta = load_model(tmp_path / "model.keras")
     assert meta["distribution"]["strategy"] == "multiworker" and meta["distribution"]["workers"] == 2
-    images, _ = next(iter(shards.read_shards(shard_dir, "test", batch_size=8)))
+    images, _ = next(iter(shard_reader.read_shards(shard_dir, "test", batch_size=8)))
     probabilities = model.predict(images, verbose=0).ravel()
     assert probabilities.shape == (8,) and ((probabilities >= 0) & (probabilities <= 1)).all()

@@ -14,7 +14,7 @@ import tensorflow as tf
 from pneumo_utils.deploy import predict
 from pneumo_utils.evaluation import evaluate
 from pneumo_utils.explain import gradcam
-from pneumo_utils.model import backbones, ensemble, saving
+from pneumo_utils.model import backbones, ensemble, inference, saving
 
 
 def _member(size: int, seed: int, name: str) -> keras.Model:
@@ -44,8 +44,8 @@ def test_saved_ensemble_predicts_evaluates_and_explains(members, kermany_root, t
                                                         backbone="ensemble of a, b"))
     loaded, meta = saving.load_model(path)
     image = sorted((kermany_root / "test" / "NORMAL").iterdir())[0]
-    x = saving.predict_paths(loaded, [str(image)])
-    np.testing.assert_allclose(x, saving.predict_paths(model, [str(image)]), rtol=1e-5)
+    x = inference.predict_paths(loaded, [str(image)])
+    np.testing.assert_allclose(x, inference.predict_paths(model, [str(image)]), rtol=1e-5)
     assert predict.main([str(image), "--model", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["probability"] == pytest.approx(float(x[0]), abs=1e-4)
     assert evaluate.main(["--model", str(path), "--data", str(kermany_root), "--n-boot", "20"]) == 0

@@ -105,15 +105,23 @@ def test_patient_bootstrap_is_wider_when_images_of_a_patient_agree():
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.99, 1.1])
-def test_bootstrap_resample_metrics_equal_binary_metrics(threshold):
+def test_binary_metrics_equal_scikit_learn(threshold):
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 60)
     p = np.clip(0.3 * y + rng.uniform(0, 0.7, 60), 0, 1)
     full = metrics.binary_metrics(y, p, threshold)
-    fast = metrics._ci_metrics(y, p, threshold)
-    assert set(fast) == set(metrics.CI_METRICS)
-    for name in metrics.CI_METRICS:
-        assert fast[name] == pytest.approx(full[name], abs=1e-12), name
+    pred = (p >= threshold).astype(int)
+    expected = {
+        "auc": skm.roc_auc_score(y, p), "pr_auc": skm.average_precision_score(y, p),
+        "accuracy": skm.accuracy_score(y, pred),
+        "sensitivity": skm.recall_score(y, pred, zero_division=0),
+        "specificity": skm.recall_score(1 - y, 1 - pred, zero_division=0),
+        "precision": skm.precision_score(y, pred, zero_division=0),
+        "f1": skm.f1_score(y, pred, zero_division=0), "brier": skm.brier_score_loss(y, p),
+    }
+    assert set(expected) == set(metrics.CI_METRICS)
+    for name, value in expected.items():
+        assert full[name] == pytest.approx(value, abs=1e-12), name
 
 
 # --------------------------------------------------------------------------- three classes

@@ -46,7 +46,7 @@ def test_size_summary_per_class_and_overall(tmp_path):
 
 
 def test_image_size_table_on_kermany_layout(kermany_root):
-    from pneumo_utils.data.datasets import load_kermany
+    from pneumo_utils.data.kermany import load_kermany
 
     index = load_kermany(kermany_root)
     table = explore.image_size_table(index["path"], index["label"])

@@ -18,10 +18,11 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from synthetic import synthetic_xray
 
-from pneumo_utils.deploy import export, predict, runtime
+from pneumo_utils.deploy import export, predict
 from pneumo_utils.files import file_digest
-from pneumo_utils.model import backbones, saving
+from pneumo_utils.model import backbones, inference, saving
 from pneumo_utils.model.preprocessing import _histogram, cue_removal
+from pneumo_utils.sidecar import fingerprint, signed
 
 pytest.importorskip("ai_edge_litert", reason="the export extra is not installed")
 pytest.importorskip("onnxruntime", reason="the export extra is not installed")
@@ -119,7 +120,7 @@ def test_float32_exports_give_the_keras_probabilities(backbone, fmt, tmp_path):
     images = np.concatenate([_xrays(6, 32)[0], export.generated_images(32, n=4)])
     expected = model.predict(images, verbose=0)
     target = export.convert(model, tmp_path / f"m.{fmt}", fmt)
-    got = runtime.ExportedModel(target).predict(images)
+    got = inference.ExportedModel(target).predict(images)
     assert got.shape == expected.shape
     assert np.max(np.abs(got - expected)) <= FLOAT_ROUNDING
 
@@ -148,7 +149,7 @@ def test_equalisation_bin_flips_stay_within_the_tolerance(tmp_path):
     x, y = _xrays(48, size, seed=1)
     model.fit(x, y, epochs=4, batch_size=16, verbose=0)
     expected = model.predict(images, verbose=0)
-    got = runtime.ExportedModel(export.convert(model, tmp_path / "m.tflite")).predict(images)
+    got = inference.ExportedModel(export.convert(model, tmp_path / "m.tflite")).predict(images)
     assert np.max(np.abs(got - expected)) <= export.FP32_TOLERANCE
     assert not export.decision_changes(expected, got, threshold=0.5)[1].any()
 
@@ -174,7 +175,7 @@ def test_quantised_exports_keep_the_auc(saved, tmp_path):
     for fmt, quantize in (("tflite", "fp16"), ("tflite", "int8"), ("onnx", "int8")):
         target = export.convert(model, tmp_path / f"m.{quantize}.{fmt}", fmt, quantize,
                                 calibration=calibration)
-        got = runtime.ExportedModel(target).predict(test).reshape(-1)
+        got = inference.ExportedModel(target).predict(test).reshape(-1)
         assert abs(roc_auc_score(labels, got) - auc) <= QUANTISED_AUC_TOLERANCE, (fmt, quantize)
         if quantize == "fp16":
             assert np.max(np.abs(got - reference)) < 1e-2
@@ -202,7 +203,7 @@ def test_int8_export_writes_its_own_sidecar(saved, tmp_path):
     own = json.loads(path.with_name("scratch.int8.json").read_text())
     assert own["quantization"] == "int8" and own["exported_from"] == "scratch.keras"
     assert own["threshold"] == 0.4 and "exports" not in own
-    model, meta = runtime.load_exported(path.with_name("scratch.int8.tflite"))
+    model, meta = inference.load_exported(path.with_name("scratch.int8.tflite"))
     assert meta["threshold"] == 0.4 and model.input_shape == (None, 64, 64, 3)
 
 
@@ -216,8 +217,8 @@ def _copy_model(path: Path, folder: Path) -> Path:
 def test_float32_export_that_changes_the_model_is_refused(saved, tmp_path, monkeypatch, error_line):
     _, path, _ = saved
     path = _copy_model(path, tmp_path)
-    honest = runtime.ExportedModel.predict
-    monkeypatch.setattr(runtime.ExportedModel, "predict",
+    honest = inference.ExportedModel.predict
+    monkeypatch.setattr(inference.ExportedModel, "predict",
                         lambda self, images: np.clip(honest(self, images) + 0.05, 0, 1))
     sidecar = path.with_suffix(".json").read_text()
     assert export.main(["--model", str(path)]) == 2
@@ -228,8 +229,8 @@ def test_float32_export_that_changes_the_model_is_refused(saved, tmp_path, monke
 def test_quantised_export_far_from_its_model_warns(saved, tmp_path, monkeypatch, capsys):
     _, path, images = saved
     path = _copy_model(path, tmp_path)
-    honest = runtime.ExportedModel.predict
-    monkeypatch.setattr(runtime.ExportedModel, "predict",
+    honest = inference.ExportedModel.predict
+    monkeypatch.setattr(inference.ExportedModel, "predict",
                         lambda self, batch: 1.0 - honest(self, batch))
     assert export.main(["--model", str(path), "--quantize", "int8",
                         "--calibration", str(images)]) == 0
@@ -281,7 +282,8 @@ def test_bad_inputs_with_an_export_exit_2_in_one_line(saved, tmp_path):
     not_model.write_bytes(b"not a flatbuffer at all" * 10)
     wrong_sidecar = tmp_path / "other.onnx"
     wrong_sidecar.write_bytes(path.with_suffix(".onnx").read_bytes())
-    wrong_sidecar.with_suffix(".json").write_text(json.dumps({"image_size": 224}))
+    wrong_sidecar.with_suffix(".json").write_text(
+        json.dumps(signed({"image_size": 224}, {"onnx": file_digest(wrong_sidecar)})))
     cases = {
         "broken.png": [str(broken), "--model", exported],
         "does not exist": [str(images / "0.png"), "--model", str(tmp_path / "none.tflite")],
@@ -318,9 +320,11 @@ def test_slim_drops_the_optimizer_and_keeps_the_answers(saved, tmp_path):
     assert out.stat().st_size < 0.75 * path.stat().st_size
     slim_model, meta = saving.load_model(out)
     original = json.loads(path.with_suffix(".json").read_text())
-    assert {k: v for k, v in meta.items() if k != "sha256"} == {
-        k: v for k, v in original.items() if k != "sha256"}
+    signature = ("sha256", "fingerprint")
+    assert {k: v for k, v in meta.items() if k not in signature} == {
+        k: v for k, v in original.items() if k not in signature}
     assert meta["sha256"] == {**original["sha256"], "keras": file_digest(out)}
+    assert meta["fingerprint"] == fingerprint(meta)
     x = _xrays(4, 64)[0]
     assert np.array_equal(slim_model.predict(x, verbose=0), model.predict(x, verbose=0))
     assert (tmp_path / "slim.md").is_file()

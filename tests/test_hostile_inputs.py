@@ -22,15 +22,11 @@ import pytest
 from PIL import Image
 from synthetic import synthetic_xray
 
-from pneumo_utils.data import datasets, images
-from pneumo_utils.data.datasets import (
-    BadImagesWarning,
-    DatasetLayoutError,
-    MissingImagesError,
-    NestedImagesWarning,
-    load_class_folder,
-)
+from pneumo_utils.data import dicom, image_checks, images, nih
+from pneumo_utils.data.datasets import BadImagesWarning, DatasetLayoutError
 from pneumo_utils.data.images import ImageReadError, read_image, read_resized
+from pneumo_utils.data.kermany import NestedImagesWarning, load_class_folder
+from pneumo_utils.data.nih import MissingImagesError
 from pneumo_utils.deploy import predict
 from pneumo_utils.evaluation import evaluate, metrics
 from pneumo_utils.files import write_json_atomic
@@ -44,7 +40,7 @@ SIZE = 64
 def _private_check_cache(tmp_path, monkeypatch):
     """Each test gets its own image-check cache (the verdicts of other tests' files with
     the same name, size and time would otherwise be reused)."""
-    monkeypatch.setenv(images.CHECK_CACHE_ENV, str(tmp_path / "checks.sqlite"))
+    monkeypatch.setenv(image_checks.CHECK_CACHE_ENV, str(tmp_path / "checks.sqlite"))
 
 
 def _xray(label: int = 1, side: int = 256, seed: int = 0) -> np.ndarray:
@@ -115,10 +111,10 @@ def test_csv_paths_outside_its_folder_are_refused(tmp_path, outside):
     csv = folder / "labels.csv"
     csv.write_text(f"path,label\ninside.png,0\n{outside},1\n")
     with pytest.raises(DatasetLayoutError, match=rf"line 3: {outside}.*allow_outside_paths=True"):
-        datasets.load_nih(csv, balance=False)
+        nih.load_nih(csv, balance=False)
     if outside == "../secret.png":  # the caller may opt in
         with pytest.warns(UserWarning, match="no patient column"):
-            index = datasets.load_nih(csv, balance=False, allow_outside_paths=True)
+            index = nih.load_nih(csv, balance=False, allow_outside_paths=True)
         assert sorted(Path(p).name for p in index["path"]) == ["inside.png", "secret.png"]
 
 
@@ -126,7 +122,7 @@ def test_dicom_above_the_pixel_budget_is_refused_before_decoding(tmp_path, monke
     from dicom_files import write_dicom
 
     path = write_dicom(tmp_path / "big.dcm", (np.arange(300 * 300) % 4096).reshape(300, 300))
-    monkeypatch.setattr(images, "PIXEL_BUDGET", 200 * 200)
+    monkeypatch.setattr(dicom, "PIXEL_BUDGET", 200 * 200)
     with pytest.raises(ImageReadError, match=r"300 x 300 px, DICOM.*limit 0 Mpx"):
         read_resized(path, 32)
 
@@ -222,8 +218,8 @@ def test_damaged_jpeg_is_refused(damaged, saved_model, capsys, kind, error_line)
     path = damaged[kind]
     with pytest.raises(ImageReadError, match=r"damaged JPEG data .*libjpeg says 'Corrupt JPEG data"):
         read_resized(path, SIZE)
-    assert "damaged JPEG data" in images.check_image(path)
-    assert images.check_image(damaged["good"]) is None
+    assert "damaged JPEG data" in image_checks.check_image(path)
+    assert image_checks.check_image(damaged["good"]) is None
     assert predict.main([str(path), "--model", str(saved_model)]) == 2
     line = error_line()
     assert str(path) in line and "damaged JPEG" in line
@@ -264,18 +260,18 @@ def test_damaged_jpegs_in_a_folder_are_skipped_and_listed_by_evaluate(damaged, s
 
 def test_image_checks_are_cached_by_size_and_mtime(damaged, monkeypatch):
     paths = [damaged["good"], damaged["overwritten"]]
-    first = images.check_images(paths)
+    first = image_checks.check_images(paths)
     assert first[0] is None and "damaged" in first[1]
 
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded again")
 
     monkeypatch.setattr(images, "_decode", no_decode)
-    assert images.check_images(paths) == first  # from the cache
+    assert image_checks.check_images(paths) == first  # from the cache
     damaged["overwritten"].write_bytes(damaged["good"].read_bytes())
     os.utime(damaged["overwritten"], ns=(0, 10**18))
     monkeypatch.undo()
-    assert images.check_images(paths) == [None, None]  # changed file: checked again
+    assert image_checks.check_images(paths) == [None, None]  # changed file: checked again
 
 
 # --------------------------------------------------------------------------- orientation, size, plausibility
@@ -400,28 +396,28 @@ BASE_ROWS = [(f"{i:08d}_000.png", "Pneumonia" if i % 2 else "No Finding", str(i)
 def test_nih_duplicate_rows_warn_and_are_kept_once(tmp_path):
     csv = _nih(tmp_path, BASE_ROWS + [BASE_ROWS[0], BASE_ROWS[3]])
     with pytest.warns(UserWarning, match=r"2 duplicate row\(s\) .*line\(s\) 8, 9"):
-        index = datasets.load_nih(csv.parent, balance=False)
+        index = nih.load_nih(csv.parent, balance=False)
     assert len(index) == 6 and index["image"].is_unique
-    assert datasets.load_steps(index).loc["dropped: duplicate rows", "rows"] == 2
+    assert nih.load_steps(index).loc["dropped: duplicate rows", "rows"] == 2
 
 
 def test_nih_conflicting_labels_are_refused_naming_lines(tmp_path):
     csv = _nih(tmp_path, BASE_ROWS + [(BASE_ROWS[0][0], "No Finding", BASE_ROWS[0][2])])
     with pytest.raises(DatasetLayoutError, match=r"00000001_000.png \(line 2: 'Pneumonia'; line 8: 'No Finding'\)"):
-        datasets.load_nih(csv.parent, balance=False)
+        nih.load_nih(csv.parent, balance=False)
 
 
 def test_nih_blank_patient_ids_are_refused_naming_lines(tmp_path):
     rows = [*BASE_ROWS[:3], (BASE_ROWS[3][0], BASE_ROWS[3][1], ""), (BASE_ROWS[4][0], BASE_ROWS[4][1], " ")]
     csv = _nih(tmp_path, rows)
     with pytest.raises(DatasetLayoutError, match=r"2 row\(s\) have no Patient ID \(line\(s\) 5, 6\)"):
-        datasets.load_nih(csv.parent, balance=False)
+        nih.load_nih(csv.parent, balance=False)
 
 
 def test_nih_without_any_image_on_disk_names_the_table(tmp_path):
     csv = _nih(tmp_path, BASE_ROWS, images_for=[])
     with pytest.raises(MissingImagesError, match=rf"none of the 6 labelled images in {csv} is on disk"):
-        datasets.load_nih(csv.parent)
+        nih.load_nih(csv.parent)
 
 
 @pytest.mark.parametrize(("content", "message"), [("", "is empty"), ("path,label\n", "but no rows")])
@@ -429,7 +425,7 @@ def test_empty_labels_csv_names_the_file(tmp_path, content, message):
     csv = tmp_path / "labels.csv"
     csv.write_text(content)
     with pytest.raises(DatasetLayoutError, match=rf"labels CSV {csv} .*{message}"):
-        datasets.load_nih(csv)
+        nih.load_nih(csv)
 
 
 # --------------------------------------------------------------------------- feature cache

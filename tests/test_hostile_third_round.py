@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pneumo_utils import files, sidecar
-from pneumo_utils.deploy import predict, runtime
+from pneumo_utils.deploy import predict
 from pneumo_utils.files import write_json_atomic
 from pneumo_utils.sidecar import ModelFileError, read_sidecar, validate_metadata
 
@@ -24,7 +24,7 @@ pytest.importorskip("onnxruntime", reason="the export extra is not installed")
 from onnx import TensorProto, helper  # noqa: E402
 
 from pneumo_utils.evaluation import evaluate  # noqa: E402
-from pneumo_utils.model import backbones, saving  # noqa: E402
+from pneumo_utils.model import backbones, inference, saving  # noqa: E402
 
 SIZE = 32
 
@@ -104,7 +104,7 @@ def test_runtime_errors_of_onnxruntime_become_model_file_errors(tmp_path, monkey
     from onnxruntime.capi.onnxruntime_pybind11_state import InvalidProtobuf
 
     path = _mean_pixel(tmp_path / "m.onnx", scale=1 / 255)
-    monkeypatch.setattr(runtime, "check_onnx_graph", lambda path: None)
+    monkeypatch.setattr(inference, "check_onnx_graph", lambda path: None)
 
     def refuse(*args, **kwargs):
         raise InvalidProtobuf("Protobuf parsing failed")
@@ -112,7 +112,7 @@ def test_runtime_errors_of_onnxruntime_become_model_file_errors(tmp_path, monkey
     import onnxruntime
     monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
     with pytest.raises(ModelFileError, match="cannot load .*m.onnx.*Protobuf parsing failed"):
-        runtime.ExportedModel(path)
+        inference.ExportedModel(path)
 
 
 @pytest.mark.parametrize("case", ["custom_op", "loop", "constant_of_shape", "huge_pad", "huge_tile"])
@@ -174,9 +174,9 @@ def test_keras_model_with_a_huge_input_is_refused(tmp_path):
 
 
 def test_batches_fit_the_memory_budget():
-    assert runtime.batch_size_for(224, 32) == 32
-    assert runtime.batch_size_for(512, 10_000) * 512 * 512 * 3 * 4 <= runtime.BATCH_BYTES
-    assert runtime.batch_size_for(512, 1) == 1
+    assert inference.batch_size_for(224, 32) == 32
+    assert inference.batch_size_for(512, 10_000) * 512 * 512 * 3 * 4 <= inference.BATCH_BYTES
+    assert inference.batch_size_for(512, 1) == 1
 
 
 def test_exports_the_exporter_writes_pass_the_op_check(tmp_path):
@@ -189,8 +189,8 @@ def test_exports_the_exporter_writes_pass_the_op_check(tmp_path):
     inputs = keras.Input((SIZE, SIZE, 3), name="image")
     model = keras.Model(inputs, inner(cue_removal(inputs, crop_fraction=0.8)))
     target = export.convert(model, tmp_path / "m.onnx", "onnx")
-    runtime.check_onnx_graph(target)
-    assert runtime.ExportedModel(target).input_shape == (None, SIZE, SIZE, 3)
+    inference.check_onnx_graph(target)
+    assert inference.ExportedModel(target).input_shape == (None, SIZE, SIZE, 3)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -264,8 +264,8 @@ def test_sidecar_that_is_a_folder_is_an_error(tmp_path, image, error_line):
 
 def test_sidecar_records_the_model_digest_and_refuses_another_models(tmp_path, error_line, image):
     """Another model's sidecar (its own threshold and classes) is refused with a one-line
-    message; rewriting only the sidecar keeps it valid; an older sidecar without a
-    fingerprint is accepted."""
+    message; rewriting a field the fingerprint does not bind keeps it valid; a sidecar without
+    a fingerprint is refused."""
     first, second = tmp_path / "a.keras", tmp_path / "b.keras"
     saving.save_model(_tiny(0), first, {"threshold": 0.7})
     saving.save_model(_tiny(1), second, {"threshold": 0.2})
@@ -282,21 +282,22 @@ def test_sidecar_records_the_model_digest_and_refuses_another_models(tmp_path, e
     assert "another model" in error_line()
 
     write_json_atomic(saving.sidecar_path(first), {"threshold": 0.7})
-    assert saving.load_model(first)[1]["threshold"] == 0.7
+    with pytest.raises(ModelFileError, match="has no sha256 and fingerprint field"):
+        saving.load_model(first)
 
 
 def test_export_sidecar_fingerprint_is_checked(tmp_path, image, error_line):
     path = _mean_pixel(tmp_path / "m.onnx", scale=1 / 255)
     other = _mean_pixel(tmp_path / "other.onnx", scale=1 / 512)
-    write_json_atomic(path.with_suffix(".json"), {"sha256": {"onnx": files.file_digest(path)}})
-    model, _ = runtime.load_exported(path)
+    write_json_atomic(path.with_suffix(".json"), sidecar.signed({}, {"onnx": files.file_digest(path)}))
+    model, _ = inference.load_exported(path)
     assert model.output_units == 1
-    write_json_atomic(path.with_suffix(".json"), {"sha256": {"onnx": files.file_digest(other)}})
+    write_json_atomic(path.with_suffix(".json"), sidecar.signed({}, {"onnx": files.file_digest(other)}))
     assert predict.main([str(image), "--model", str(path)]) == 2
     assert "another model" in error_line()
-    write_json_atomic(path.with_suffix(".json"), {"sha256": {"keras": files.file_digest(other)}})
+    write_json_atomic(path.with_suffix(".json"), sidecar.signed({}, {"keras": files.file_digest(other)}))
     with pytest.raises(ModelFileError, match="not of m.onnx"):
-        runtime.load_exported(path)
+        inference.load_exported(path)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -314,7 +315,8 @@ def test_evaluate_refuses_an_empty_subtype_class(tmp_path, error_line):
         for name in names:
             Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(data / cls / name)
     path = _mean_pixel(tmp_path / "m.onnx", scale=1 / 255)
-    write_json_atomic(path.with_suffix(".json"), {"task": "bacterial_vs_viral"})
+    write_json_atomic(path.with_suffix(".json"),
+                      sidecar.signed({"task": "bacterial_vs_viral"}, {"onnx": files.file_digest(path)}))
     assert evaluate.main(["--model", str(path), "--data", str(data), "--n-boot", "10"]) == 2
     line = error_line()
     assert "no images of VIRAL PNEUMONIA" in line and "bacterial_vs_viral" in line

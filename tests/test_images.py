@@ -13,10 +13,10 @@ import pytest
 from dicom_files import write_dicom
 from PIL import Image, ImageFile
 
+from pneumo_utils.data.image_checks import check_image
 from pneumo_utils.data.images import (
     IMAGE_EXTENSIONS,
     ImageReadError,
-    check_image,
     is_image_file,
     read_image,
     read_resized,

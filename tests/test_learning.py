@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import json
 
+import keras
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 from synthetic import SIGNAL_BOX, make_kermany_like
 
 from pneumo_utils.data import pipelines, splits
-from pneumo_utils.data.datasets import load_kermany, paths_and_labels
+from pneumo_utils.data.datasets import paths_and_labels
+from pneumo_utils.data.kermany import load_kermany
 from pneumo_utils.deploy import predict
 from pneumo_utils.evaluation import evaluate, metrics
 from pneumo_utils.explain import gradcam
-from pneumo_utils.model import backbones, features, saving, train
+from pneumo_utils.model import backbones, features, inference, saving, train
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +28,12 @@ def learn_root(tmp_path_factory):
                              n_val_per_class=10, n_test_per_class=20, image_size=64, seed=1)
 
 
+def _callbacks(patience: int) -> list:
+    """The callbacks :func:`pneumo_utils.model.train.fit_head_on_features` trains with."""
+    return [keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience, restore_best_weights=True),
+            keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-6)]
+
+
 @pytest.fixture(scope="module")
 def trained(learn_root, tmp_path_factory):
     pipelines.set_seed(0)
@@ -34,10 +42,10 @@ def trained(learn_root, tmp_path_factory):
     model = backbones.build_scratch_cnn(64, filters=(16, 32, 64), seed=0)
     train.compile_binary(model, 3e-3)
     ds = {s: pipelines.image_dataset(p, y, 64, 16, shuffle=(s == "train")) for s, (p, y) in split.items()}
-    train.fit(model, ds["train"], ds["val"], epochs=25, class_weight=pipelines.class_weights(split["train"][1]),
-              patience=8)
+    model.fit(ds["train"], validation_data=ds["val"], epochs=25, shuffle=False, verbose=0,
+              class_weight=pipelines.class_weights(split["train"][1]), callbacks=_callbacks(patience=8))
     path = tmp_path_factory.mktemp("models") / "scratch.keras"
-    proba_val = saving.predict_paths(model, split["val"][0])
+    proba_val = inference.predict_paths(model, split["val"][0])
     threshold = metrics.choose_threshold(split["val"][1], proba_val)
     saving.save_model(model, path, saving.model_metadata(model, backbone="scratch_cnn", threshold=threshold,
                                                          threshold_rule="youden on validation"))
@@ -47,7 +55,7 @@ def trained(learn_root, tmp_path_factory):
 def test_model_learns_the_planted_signal(trained):
     model, split, _ = trained
     paths, labels = split["test"]
-    auc = roc_auc_score(labels, saving.predict_paths(model, paths))
+    auc = roc_auc_score(labels, inference.predict_paths(model, paths))
     assert auc > 0.9, f"test AUC {auc:.3f} on separable synthetic data"
 
 
@@ -99,9 +107,10 @@ def test_feature_cache_trains_the_same_head(learn_root, tmp_path):
             head_proba = backbones.head_on_features(model).predict(feats["test"], verbose=0).reshape(-1)
         else:
             train.compile_binary(model)
-            train.fit(model, pipelines.image_dataset(paths["train"], labels["train"], 32, 16, shuffle=True),
-                      pipelines.image_dataset(paths["val"], labels["val"], 32, 16), epochs=3, class_weight=weights)
-        results[cached] = saving.predict_paths(model, paths["test"])
+            model.fit(pipelines.image_dataset(paths["train"], labels["train"], 32, 16, shuffle=True),
+                      validation_data=pipelines.image_dataset(paths["val"], labels["val"], 32, 16), epochs=3,
+                      class_weight=weights, shuffle=False, verbose=0, callbacks=_callbacks(patience=5))
+        results[cached] = inference.predict_paths(model, paths["test"])
         if cached:
             np.testing.assert_allclose(head_proba, results[cached], atol=1e-4)
     np.testing.assert_allclose(results[True], results[False], atol=2e-3)

@@ -12,8 +12,9 @@ import pytest
 import synthetic
 from PIL import Image
 
-from pneumo_utils.data import datasets, splits
-from pneumo_utils.data.datasets import DatasetLayoutError, MissingImagesError, MissingImagesWarning
+from pneumo_utils.data import datasets, nih, splits
+from pneumo_utils.data.datasets import DatasetLayoutError
+from pneumo_utils.data.nih import MissingImagesError, MissingImagesWarning
 
 NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID"]
 
@@ -37,7 +38,7 @@ def _write_table(folder: Path, rows: list[tuple[str, str, int]], name: str = "Da
 def _quiet_load(*args, **kwargs) -> pd.DataFrame:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MissingImagesWarning)
-        return datasets.load_nih(*args, **kwargs)
+        return nih.load_nih(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- label rule
@@ -60,26 +61,26 @@ LABEL_CASES = [
 def test_finding_labels_map_to_classes():
     labels = pd.Series([text for text, _ in LABEL_CASES])
     expected = [label for _, label in LABEL_CASES]
-    assert datasets.map_finding_labels(labels, "Pneumonia").tolist() == expected
-    assert datasets.map_finding_labels(labels, "  PNEUMONIA ").tolist() == expected
-    effusion = datasets.map_finding_labels(labels, "Effusion").tolist()
+    assert nih.map_finding_labels(labels, "Pneumonia").tolist() == expected
+    assert nih.map_finding_labels(labels, "  PNEUMONIA ").tolist() == expected
+    effusion = nih.map_finding_labels(labels, "Effusion").tolist()
     assert effusion == [0, 1, -1, -1, -1, 1, 1, -1, -1, -1]
     with pytest.raises(ValueError, match="positive finding"):
-        datasets.map_finding_labels(labels, "No Finding")
+        nih.map_finding_labels(labels, "No Finding")
 
 
 def test_loader_applies_the_label_rule_to_a_generated_table(tmp_path):
     rows = [(f"{i + 1:08d}_000.png", text, i + 1) for i, (text, _) in enumerate(LABEL_CASES) if text]
     _write_table(tmp_path, rows)
-    index = datasets.load_nih(tmp_path, balance=False, require_images=False)
+    index = nih.load_nih(tmp_path, balance=False, require_images=False)
     expected = {f"{i + 1:08d}_000.png": label for i, (text, label) in enumerate(LABEL_CASES) if text and label >= 0}
     assert dict(zip(index["image"], index["label"], strict=True)) == expected
     assert list(index.columns[:5]) == datasets.INDEX_COLUMNS
-    assert set(index["split"]) == {datasets.UNASSIGNED} and set(index["source"]) == {"nih"}
+    assert set(index["split"]) == {nih.UNASSIGNED} and set(index["source"]) == {"nih"}
     assert index["patient"].str.fullmatch(r"\d{8}").all()  # zero-padded like the file names
     assert index.loc[index["image"] == "00000002_000.png", "findings"].item() == "Effusion|Pneumonia"
     assert all(path.endswith(image) for path, image in zip(index["path"], index["image"], strict=True))
-    steps = datasets.load_steps(index)["rows"]
+    steps = nih.load_steps(index)["rows"]
     assert steps["rows in table"] == 9 and steps["dropped: other findings only"] == 4
     assert steps["in the index"] == 5
 
@@ -87,7 +88,7 @@ def test_loader_applies_the_label_rule_to_a_generated_table(tmp_path):
 def test_unknown_finding_lists_the_findings_in_the_table(tmp_path):
     _write_table(tmp_path, [("00000001_000.png", "No Finding", 1), ("00000002_000.png", "Mass|Effusion", 2)])
     with pytest.raises(ValueError, match=r"Pneumonia.*\['Effusion', 'Mass', 'No Finding'\]"):
-        datasets.load_nih(tmp_path, require_images=False)
+        nih.load_nih(tmp_path, require_images=False)
 
 
 # --------------------------------------------------------------------------- table formats
@@ -109,7 +110,7 @@ def test_simple_path_label_csv_is_detected(tmp_path):
         rows.append((f"img/x{i}.png", label))
     pd.DataFrame(rows, columns=["path", "label"]).to_csv(tmp_path / "labeled_images.csv", index=False)
     with pytest.warns(UserWarning, match="each image is treated as its own patient"):
-        index = datasets.load_nih(tmp_path / "labeled_images.csv")
+        index = nih.load_nih(tmp_path / "labeled_images.csv")
     assert index["label"].tolist() == [0, 1, 1, 0, 1, 0]  # 3 and 3: balancing drops nothing
     assert index["path"].tolist() == [str(tmp_path / "img" / f"x{i}.png") for i in range(6)]
     assert set(index["source"]) == {"csv"} and index["patient"].nunique() == len(index)
@@ -124,36 +125,36 @@ def test_simple_csv_labels_and_patient_column(tmp_path):
     pd.DataFrame(rows, columns=["path", "label", "patient"]).to_csv(tmp_path / "labels.csv", index=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a patient column: no warning
-        index = datasets.load_nih(tmp_path, balance=False)
+        index = nih.load_nih(tmp_path, balance=False)
     assert index["label"].tolist() == [0, 1, 1, 0, 1, 0]
     assert index["patient"].tolist() == ["p0", "p0", "p1", "p1", "p2", "p2"]
     pd.DataFrame({"path": ["x0.png"], "label": ["maybe"]}).to_csv(tmp_path / "labels.csv", index=False)
     with pytest.raises(DatasetLayoutError, match="unknown label value.*maybe"):
-        datasets.load_nih(tmp_path)
+        nih.load_nih(tmp_path)
 
 
 def test_missing_columns_list_expected_and_found(tmp_path):
     pd.DataFrame({"Image Index": ["a.png"], "Finding Labels": ["No Finding"]}).to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(DatasetLayoutError) as info:
-        datasets.load_nih(tmp_path / "t.csv")
+        nih.load_nih(tmp_path / "t.csv")
     message = str(info.value)
     assert "['Patient ID']" in message
     assert "expected ['Image Index', 'Finding Labels', 'Patient ID']" in message
     assert "found ['Image Index', 'Finding Labels']" in message
     pd.DataFrame({"file": ["a.png"], "y": [1]}).to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(DatasetLayoutError, match=r"expected \['path', 'label'\], found \['file', 'y'\]"):
-        datasets.load_nih(tmp_path / "t.csv")
+        nih.load_nih(tmp_path / "t.csv")
 
 
 def test_folder_without_or_with_ambiguous_csv(tmp_path):
     with pytest.raises(FileNotFoundError, match="fetch nih"):
-        datasets.load_nih(tmp_path / "nowhere")
+        nih.load_nih(tmp_path / "nowhere")
     with pytest.raises(DatasetLayoutError, match="no labels CSV"):
-        datasets.load_nih(tmp_path)
+        nih.load_nih(tmp_path)
     for name in ("a.csv", "b.csv"):
         pd.DataFrame({"path": ["x.png"], "label": [0]}).to_csv(tmp_path / name, index=False)
     with pytest.raises(DatasetLayoutError, match="several CSV files.*labels_csv"):
-        datasets.load_nih(tmp_path)
+        nih.load_nih(tmp_path)
 
 
 def test_kaggle_layout_images_0nn_folders(nih_root, tmp_path):
@@ -171,25 +172,25 @@ def test_kaggle_layout_images_0nn_folders(nih_root, tmp_path):
 
 def test_missing_images_are_counted_in_one_warning(nih_root):
     with pytest.warns(MissingImagesWarning) as caught:
-        index = datasets.load_nih(nih_root, seed=0)
+        index = nih.load_nih(nih_root, seed=0)
     assert len(caught) == 1
     message = str(caught[0].message)
     assert message.startswith("3 of ") and "00000061_000.png" in message
-    assert datasets.load_steps(index)["rows"]["dropped: image not on disk"] == 3
+    assert nih.load_steps(index)["rows"]["dropped: image not on disk"] == 3
     assert not index["image"].isin(["00000061_000.png", "00000062_000.png", "00000063_000.png"]).any()
 
 
 def test_missing_images_raise_in_error_mode(nih_root):
     with pytest.raises(MissingImagesError, match="3 of .* not on disk"):
-        datasets.load_nih(nih_root, on_missing="error")
+        nih.load_nih(nih_root, on_missing="error")
 
 
 def test_pure_table_mode_needs_no_images(nih_root):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        index = datasets.load_nih(nih_root, balance=False, require_images=False)
+        index = nih.load_nih(nih_root, balance=False, require_images=False)
     table = pd.read_csv(nih_root / "Data_Entry_2017.csv")
-    assert len(index) == (datasets.map_finding_labels(table["Finding Labels"]) >= 0).sum()
+    assert len(index) == (nih.map_finding_labels(table["Finding Labels"]) >= 0).sum()
     assert index["image"].isin(["00000061_000.png"]).any()
 
 
@@ -216,8 +217,8 @@ def test_balancing_is_seeded_and_balanced(nih_root):
 
 
 def test_finding_counts_on_disk(nih_root):
-    everything = datasets.finding_counts(nih_root)
-    on_disk = datasets.finding_counts(nih_root, on_disk_only=True)
+    everything = nih.finding_counts(nih_root)
+    on_disk = nih.finding_counts(nih_root, on_disk_only=True)
     assert everything.loc["Pneumonia", "images"] == on_disk.loc["Pneumonia", "images"] + 2
     assert (on_disk["patients"] <= on_disk["images"]).all()
 
@@ -256,15 +257,17 @@ def test_patient_split_on_synthetic_nih(nih_root):
 
 def test_nih_shards_hold_the_notebooks_split_and_their_finding(nih_root, tmp_path):
     """Notebook 02 reads the same images, labels, patients and splits from shards written by
-    shards.load_index as from the folder (load_nih, then patient_split), and refuses shards
+    shard_writer.load_index as from the folder (load_nih, then patient_split), and refuses shards
     of another finding."""
-    shards = pytest.importorskip("pneumo_utils.scale.shards")
+    pytest.importorskip("tensorflow")
+    from pneumo_utils.scale import shard_reader, shard_writer
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MissingImagesWarning)
-        source, rule = shards.load_index(nih_root, kind="nih", finding="Pneumonia", val_fraction=0.2,
-                                         test_fraction=0.2, seed=3)
-    shards.write_shards(source, tmp_path, data_root=nih_root, image_size=16, split_rule=rule, verbose=False)
-    read, read_rule = shards.read_split_index(tmp_path, finding="pneumonia")
+        source, rule = shard_writer.load_index(nih_root, kind="nih", finding="Pneumonia",
+                                               val_fraction=0.2, test_fraction=0.2, seed=3)
+    shard_writer.write_shards(source, tmp_path, data_root=nih_root, image_size=32, split_rule=rule, verbose=False)
+    read, read_rule = shard_reader.read_split_index(tmp_path, finding="pneumonia")
     assert read_rule == rule
     folder = splits.patient_split(_quiet_load(nih_root, finding="Pneumonia", seed=3), 0.2, 0.2, seed=3)
     columns = ["path", "label", "patient", "split"]
@@ -274,7 +277,7 @@ def test_nih_shards_hold_the_notebooks_split_and_their_finding(nih_root, tmp_pat
     kept = splits.subsample(read, 4, seed=3)
     assert sorted(kept["path"]) == sorted(map(str, splits.subsample(folder, 4, seed=3)["path"]))
     with pytest.raises(ValueError, match="hold 'Pneumonia' against No Finding, not 'Effusion'"):
-        shards.read_split_index(tmp_path, finding="Effusion")
+        shard_reader.read_split_index(tmp_path, finding="Effusion")
 
 
 def test_too_few_positives_is_a_clear_error():
@@ -340,13 +343,13 @@ def test_full_table_counts_match_pandas(nih_table):
     normal = table["Finding Labels"] == "No Finding"
     assert pneumonia.sum() == 1_431 and normal.sum() == 60_361
 
-    index = datasets.load_nih(nih_table, balance=False, require_images=False)
+    index = nih.load_nih(nih_table, balance=False, require_images=False)
     counts = index["label"].value_counts()
     assert counts[1] == pneumonia.sum() and counts[0] == normal.sum()
     patients = index.groupby("label")["patient"].nunique()
     assert patients[1] == table.loc[pneumonia, "Patient ID"].nunique()
     assert patients[0] == table.loc[normal, "Patient ID"].nunique()
-    rule = datasets.label_rule_counts(nih_table, ["Pneumonia"]).loc["Pneumonia"]
+    rule = nih.label_rule_counts(nih_table, ["Pneumonia"]).loc["Pneumonia"]
     assert rule["positive images"] == 1_431 and rule["No Finding images"] == 60_361
 
     split = splits.patient_split(index, test_fraction=0.2, val_fraction=0.15, seed=0)
@@ -359,7 +362,7 @@ def test_full_table_counts_match_pandas(nih_table):
 def test_real_images_too_few_pneumonia_but_enough_effusion(nih_table):
     root = nih_table.parent
     with pytest.warns(MissingImagesWarning, match="not on disk"):
-        pneumonia = datasets.load_nih(root, seed=0, check_images=False)
+        pneumonia = nih.load_nih(root, seed=0, check_images=False)
     assert (pneumonia["label"] == 1).sum() == 11
     with pytest.raises(splits.TooFewPositivesError, match="only 11 positive image"):
         splits.patient_split(pneumonia, 0.2, 0.15, seed=42)

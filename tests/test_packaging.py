@@ -38,8 +38,10 @@ def test_wheel_holds_the_profiles_and_templates(tmp_path):
     assert done.returncode == 0, done.stderr
     (wheel,) = (tmp_path / "dist").glob("pneumo-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    needed = {path.relative_to(ROOT).as_posix() for folder in ("profiles", "templates")
-              for path in (PACKAGE / "runner" / folder).rglob("*") if path.is_file()}
+    needed = {path.relative_to(ROOT).as_posix() for folder in ("runner/profiles", "runner/templates",
+                                                                "model/templates")
+              for path in (PACKAGE / folder).rglob("*") if path.is_file()}
     needed |= {path.relative_to(ROOT).as_posix() for path in PACKAGE.rglob("*.py")}
-    assert {"pneumo_utils/runner/profiles/full.yaml", "pneumo_utils/runner/profiles/smoke.yaml"} <= needed
+    assert {"pneumo_utils/runner/profiles/full.yaml", "pneumo_utils/runner/profiles/smoke.yaml",
+            "pneumo_utils/model/templates/model_card.md.j2"} <= needed
     assert needed <= names, sorted(needed - names)

@@ -12,7 +12,7 @@ import tensorflow as tf
 from dicom_files import write_dicom
 from PIL import Image
 
-from pneumo_utils.data import images, pipelines
+from pneumo_utils.data import image_checks, images, pipelines
 
 SIZE = 64
 
@@ -24,9 +24,9 @@ way; on downscaled JPEG and PNG files the two agree exactly."""
 
 @pytest.fixture(autouse=True)
 def check_cache(tmp_path, monkeypatch) -> Path:
-    """A fresh verdict cache of ``images.check_images`` for each test."""
+    """A fresh verdict cache of ``image_checks.check_images`` for each test."""
     path = tmp_path / "checks.sqlite"
-    monkeypatch.setenv(images.CHECK_CACHE_ENV, str(path))
+    monkeypatch.setenv(image_checks.CHECK_CACHE_ENV, str(path))
     return path
 
 
@@ -70,12 +70,12 @@ def _mixed_files(folder: Path) -> dict[str, bool]:
 
 def test_plain_files_are_decoded_in_the_graph_and_others_by_read_resized(tmp_path):
     expected = _mixed_files(tmp_path)
-    chosen = {name: images.graph_decode(tmp_path / name, SIZE) is not None for name in expected}
+    chosen = {name: image_checks.graph_decode(tmp_path / name, SIZE) is not None for name in expected}
     assert chosen == expected
-    big = images.graph_decode(tmp_path / "big.jpeg", SIZE)
+    big = image_checks.graph_decode(tmp_path / "big.jpeg", SIZE)
     assert (big.format, big.channels, big.jpeg_ratio, big.box) == ("JPEG", 1, 8, 1)
-    assert images.graph_decode(tmp_path / "gray8.png", SIZE).box == 2
-    assert images.graph_decode(tmp_path / "missing.png", SIZE) is None
+    assert image_checks.graph_decode(tmp_path / "gray8.png", SIZE).box == 2
+    assert image_checks.graph_decode(tmp_path / "missing.png", SIZE) is None
 
 
 def test_mixed_list_keeps_order_labels_and_pixels(tmp_path):
@@ -127,7 +127,7 @@ def test_damaged_jpeg_fails_naming_the_file(tmp_path, damage):
         data[len(data) // 2: len(data) // 2 + 40] = np.random.default_rng(1).bytes(40)
     bad = tmp_path / "bad.jpeg"
     bad.write_bytes(bytes(data))
-    assert images.check_image(bad) is not None
+    assert image_checks.check_image(bad) is not None
     ds = pipelines.image_dataset([str(tmp_path / "good.jpeg"), str(bad)], np.array([0, 1]),
                                  image_size=SIZE, batch_size=2, cache=False)
     with pytest.raises(tf.errors.OpError, match=rf"ImageReadError: cannot read {re.escape(str(bad))}: "
@@ -140,13 +140,13 @@ def test_files_checked_before_skip_the_damage_check(tmp_path):
     pipeline build time; a changed file is."""
     path = tmp_path / "a.jpeg"
     Image.fromarray(_picture(100, 120, 10)).save(path, quality=90)
-    assert images.checked_readable([path]) == [False]
-    assert images.check_images([path]) == [None]
-    assert images.checked_readable([path, tmp_path / "missing.png"]) == [True, False]
+    assert image_checks.checked_readable([path]) == [False]
+    assert image_checks.check_images([path]) == [None]
+    assert image_checks.checked_readable([path, tmp_path / "missing.png"]) == [True, False]
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    assert images.checked_readable([path]) == [False]
-    assert images.graph_decode(path, SIZE) is None
+    assert image_checks.checked_readable([path]) == [False]
+    assert image_checks.graph_decode(path, SIZE) is None
 
 
 def test_plain_files_need_no_python_function(tmp_path):
@@ -166,7 +166,8 @@ def test_images_over_the_pixel_budget_use_read_resized(tmp_path, monkeypatch):
     path = tmp_path / "large.jpeg"
     Image.fromarray(_picture(300, 400, 9)).save(path, quality=90)
     monkeypatch.setattr(images, "PIXEL_BUDGET", 200 * 200)
-    assert images.graph_decode(path, 32) is None
+    monkeypatch.setattr(image_checks, "PIXEL_BUDGET", 200 * 200)
+    assert image_checks.graph_decode(path, 32) is None
     x = next(iter(pipelines.image_dataset([str(path)], image_size=32, cache=False))).numpy()
     np.testing.assert_array_equal(x[0], images.read_resized(path, 32))
 

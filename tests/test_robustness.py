@@ -42,18 +42,15 @@ from dicom_files import write_dicom
 from PIL import Image
 from synthetic import synthetic_xray
 
-from pneumo_utils.data import images, pipelines
-from pneumo_utils.data.datasets import (
-    BadImagesWarning,
-    DatasetLayoutError,
-    load_class_folder,
-    load_kermany,
-)
+from pneumo_utils.data import image_checks, images, pipelines
+from pneumo_utils.data.datasets import BadImagesWarning, DatasetLayoutError
 from pneumo_utils.data.images import ImageReadError, read_resized
+from pneumo_utils.data.kermany import load_class_folder, load_kermany
 from pneumo_utils.deploy import predict
 from pneumo_utils.evaluation import evaluate
-from pneumo_utils.files import write_json_atomic
+from pneumo_utils.files import file_digest, write_json_atomic
 from pneumo_utils.model import backbones, features, saving
+from pneumo_utils.sidecar import signed
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 224  # input side of the prediction model used here
@@ -445,11 +442,11 @@ def test_images_above_the_budget_are_skipped_and_counted_in_folders(tmp_path, mo
     big = _save(np.asarray(Image.fromarray(_picture(256)).resize((300, 300))),
                 folder / "NORMAL" / "IM-0100-0001.png")
     monkeypatch.setattr(images, "PIXEL_BUDGET", 200 * 200)
-    monkeypatch.setenv(images.CHECK_CACHE_ENV, "")
+    monkeypatch.setenv(image_checks.CHECK_CACHE_ENV, "")
     with pytest.warns(BadImagesWarning, match="too large to decode safely"):
         index = load_class_folder(folder)
     assert str(big) not in set(index["path"]) and len(index) == 6
-    assert index.attrs["skipped"] == [{"path": str(big), "reason": images.check_image(big)}]
+    assert index.attrs["skipped"] == [{"path": str(big), "reason": image_checks.check_image(big)}]
 
 
 # --------------------------------------------------------------------------- row 6: DICOM
@@ -558,7 +555,9 @@ def test_sidecar_image_size_disagreeing_with_the_model(saved_model, tmp_path, ca
     copy = tmp_path / "copy.keras"
     copy.write_bytes(saved_model.read_bytes())
     meta = json.loads(saving.sidecar_path(saved_model).read_text())
-    write_json_atomic(saving.sidecar_path(copy), {**meta, "image_size": 128})
+    edited = {k: v for k, v in meta.items() if k not in ("sha256", "fingerprint")}
+    write_json_atomic(saving.sidecar_path(copy),  # re-signed: the size check, not the fingerprint
+                      signed({**edited, "image_size": 128}, {"keras": file_digest(copy)}))
     with pytest.raises(saving.ModelFileError, match=r"image_size 128 but .*takes 224x224"):
         saving.load_model(copy)
     image = _save(_picture(64), tmp_path / "x.png")

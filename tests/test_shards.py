@@ -12,16 +12,17 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from pneumo_utils.data.datasets import BadImagesWarning, MissingImagesWarning  # noqa: E402
+from pneumo_utils.data.datasets import BadImagesWarning  # noqa: E402
+from pneumo_utils.data.nih import MissingImagesWarning  # noqa: E402
 from pneumo_utils.data.pipelines import image_dataset  # noqa: E402
-from pneumo_utils.scale import shards  # noqa: E402
+from pneumo_utils.scale import shard_command, shard_manifest, shard_reader, shard_writer  # noqa: E402
 
 SIZE = 32
 
 
 def _records(folder, split=None) -> pd.DataFrame:
     """Every record of every shard (or of one split), parsed without the reader."""
-    manifest = shards.read_manifest(folder)
+    manifest = shard_manifest.read_manifest(folder)
     spec = {
         "image": tf.io.FixedLenFeature([], tf.string),
         "label": tf.io.FixedLenFeature([], tf.int64),
@@ -47,7 +48,7 @@ def _records(folder, split=None) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def kermany_index(kermany_root):
-    return shards.load_index(kermany_root, seed=0)
+    return shard_writer.load_index(kermany_root, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +56,14 @@ def shard_dir(kermany_index, tmp_path_factory):
     """The synthetic Kermany set as 32 px PNG shards (lossless: pixels comparable exactly)."""
     index, rule = kermany_index
     out = tmp_path_factory.mktemp("shards")
-    shards.write_shards(index, out, image_size=SIZE, image_format="png", min_shards=3,
+    shard_writer.write_shards(index, out, image_size=SIZE, image_format="png", min_shards=3,
                         split_rule=rule, verbose=False)
     return out
 
 
 def test_round_trip_every_image_once_with_label_patient_split(kermany_root, kermany_index, shard_dir):
     index, _ = kermany_index
-    manifest = shards.read_manifest(shard_dir)
+    manifest = shard_manifest.read_manifest(shard_dir)
     records = _records(shard_dir)
     assert len(records) == len(index) == manifest["images"]
     assert records["row"].is_unique and sorted(records["row"]) == list(range(len(index)))
@@ -79,49 +80,49 @@ def test_round_trip_every_image_once_with_label_patient_split(kermany_root, kerm
         assert (records.loc[records["shard"].str.startswith(split + "-"), "split"] == split).all()
     assert manifest["split_rule"]["how"].endswith("grouped_split")
     # the index file lists the same rows
-    listed = shards.read_index(shard_dir)
+    listed = shard_manifest.read_index(shard_dir)
     assert listed["row"].tolist() == list(range(len(index)))
     by_row = records.set_index("row")["shard"].sort_index()
     assert (listed.set_index("row")["shard"] == by_row).all()
 
 
 def test_reader_gives_the_folder_pipelines_pixels_and_labels(shard_dir):
-    listed = shards.read_index(shard_dir)
+    listed = shard_manifest.read_index(shard_dir)
     test = listed[listed["split"] == "test"]
-    ds = shards.read_shards(shard_dir, "test", batch_size=4)
+    ds = shard_reader.read_shards(shard_dir, "test", batch_size=4)
     images, labels = (np.concatenate(parts) for parts in zip(*[(x.numpy(), y.numpy()) for x, y in ds],
                                                               strict=True))
     assert images.dtype == np.float32 and images.shape == (len(test), SIZE, SIZE, 3)
     np.testing.assert_array_equal(labels, test["label"].to_numpy(np.float32))  # row order
-    root = shards.read_manifest(shard_dir)["data_root"]
+    root = shard_manifest.read_manifest(shard_dir)["data_root"]
     folder = image_dataset([f"{root}/{k}" for k in test["key"]], image_size=SIZE, batch_size=64,
                            cache=False)
     np.testing.assert_array_equal(images, np.concatenate([x.numpy() for x in folder]))
 
 
 def test_reader_shuffles_resizes_and_repeats(shard_dir):
-    n = shards.read_manifest(shard_dir)["counts"]["train"]["images"]
-    ds = shards.read_shards(shard_dir, "train", image_size=24, batch_size=5, shuffle=True, seed=1,
+    n = shard_manifest.read_manifest(shard_dir)["counts"]["train"]["images"]
+    ds = shard_reader.read_shards(shard_dir, "train", image_size=24, batch_size=5, shuffle=True, seed=1,
                             with_rows=True)
     rows = np.concatenate([r.numpy() for (x, r), _ in ds])
     assert sorted(rows.tolist()) == list(range(n)) and rows.tolist() != list(range(n))
     (x, _), _ = next(iter(ds))
     assert x.shape[1:] == (24, 24, 3)
-    repeated = shards.read_shards(shard_dir, "val", batch_size=4, repeat=True)
+    repeated = shard_reader.read_shards(shard_dir, "val", batch_size=4, repeat=True)
     assert len(list(repeated.take(10))) == 10
 
 
 def test_worker_splits_cover_every_image_exactly_once(shard_dir):
-    manifest = shards.read_manifest(shard_dir)
+    manifest = shard_manifest.read_manifest(shard_dir)
     seen = []
     for worker in range(2):
         context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker,
                                              num_replicas_in_sync=2)
-        ds = shards.read_shards(shard_dir, "train", batch_size=8, input_context=context, with_rows=True)
+        ds = shard_reader.read_shards(shard_dir, "train", batch_size=8, input_context=context, with_rows=True)
         seen.append({int(r) for (_, rows), _ in ds for r in rows.numpy()})
     assert seen[0] and seen[1] and not seen[0] & seen[1]
     assert len(seen[0] | seen[1]) == manifest["counts"]["train"]["images"]
-    options = shards.read_shards(shard_dir, "train").options()
+    options = shard_reader.read_shards(shard_dir, "train").options()
     assert options.experimental_distribute.auto_shard_policy == tf.data.experimental.AutoShardPolicy.FILE
 
 
@@ -131,26 +132,28 @@ def test_corrupt_shard_gives_an_error_naming_it(shard_dir, tmp_path):
     name = sorted(p.name for p in copy.glob("train-*.tfrecord"))[1]
     data = bytearray((copy / name).read_bytes())
     (copy / name).write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(shards.CorruptShardError, match=name):
-        shards.read_shards(copy, "train")
+    with pytest.raises(shard_manifest.CorruptShardError, match=name):
+        shard_reader.read_shards(copy, "train")
     data[len(data) // 2] ^= 0xFF  # same size, one byte changed
     (copy / name).write_bytes(bytes(data))
-    shards.read_shards(copy, "train")  # the cheap size check passes...
-    with pytest.raises(shards.CorruptShardError, match=name):
-        shards.read_shards(copy, "train", verify="sha256")
-    with pytest.raises(shards.CorruptShardError, match=name):
-        shards.verify_shards(copy)
-    assert shards.main(["--out", str(copy), "--verify"]) == 2
-    model = tf.keras.Sequential([tf.keras.Input((SIZE, SIZE, 3)), tf.keras.layers.GlobalAveragePooling2D()])
-    with pytest.raises(shards.CorruptShardError, match=name):  # ...and reading finds it
-        shards.predict_from_shards(model, copy, "train", verbose=False)
+    shard_reader.read_shards(copy, "train")  # the cheap size check passes...
+    with pytest.raises(shard_manifest.CorruptShardError, match=name):
+        shard_reader.read_shards(copy, "train", verify="sha256")
+    with pytest.raises(shard_manifest.CorruptShardError, match=name):
+        shard_reader.verify_shards(copy)
+    assert shard_command.main(["--out", str(copy), "--verify"]) == 2
+    from pneumo_utils.model.backbones import build_scratch_cnn
+
+    model = build_scratch_cnn(image_size=SIZE, filters=(4,), dense_units=4, seed=0)
+    with pytest.raises(shard_manifest.CorruptShardError, match=name):  # ...and reading finds it
+        shard_reader.extract_features_from_shards(model, copy, "train", cache_dir=None, verbose=False)
 
 
 def test_interrupted_write_leaves_no_partial_shard_and_resumes(kermany_index, tmp_path, monkeypatch):
     index, _ = kermany_index
     out = tmp_path / "out"
     calls = {"n": 0}
-    real = shards.encode_image
+    real = shard_writer.encode_image
 
     def failing(path, *args):
         calls["n"] += 1
@@ -158,24 +161,24 @@ def test_interrupted_write_leaves_no_partial_shard_and_resumes(kermany_index, tm
             raise KeyboardInterrupt
         return real(path, *args)
 
-    monkeypatch.setattr(shards, "encode_image", failing)
+    monkeypatch.setattr(shard_writer, "encode_image", failing)
     with pytest.raises(KeyboardInterrupt):
-        shards.write_shards(index, out, image_size=SIZE, images_per_shard=8, workers=1, verbose=False)
-    manifest = json.loads((out / shards.MANIFEST).read_text())
+        shard_writer.write_shards(index, out, image_size=SIZE, images_per_shard=8, workers=1, verbose=False)
+    manifest = json.loads((out / shard_manifest.MANIFEST).read_text())
     files = sorted(p.name for p in out.iterdir())
     done = sorted(manifest["shards"])
-    assert done and files == sorted([*done, shards.MANIFEST])  # no partial or temporary file
-    assert not manifest["complete"] and not shards.is_complete(out)
-    with pytest.raises(shards.CorruptShardError, match="incomplete"):
-        shards.read_manifest(out)
+    assert done and files == sorted([*done, shard_manifest.MANIFEST])  # no partial or temporary file
+    assert not manifest["complete"] and not shard_manifest.is_complete(out)
+    with pytest.raises(shard_manifest.CorruptShardError, match="incomplete"):
+        shard_manifest.read_manifest(out)
     stamps = {name: (out / name).stat().st_mtime_ns for name in done}
-    monkeypatch.setattr(shards, "encode_image", real)
-    result = shards.write_shards(index, out, image_size=SIZE, images_per_shard=8, verbose=False)
-    assert result["complete"] and result["reused_shards"] == len(done) and shards.is_complete(out)
+    monkeypatch.setattr(shard_writer, "encode_image", real)
+    result = shard_writer.write_shards(index, out, image_size=SIZE, images_per_shard=8, verbose=False)
+    assert result["complete"] and result["reused_shards"] == len(done) and shard_manifest.is_complete(out)
     assert all((out / name).stat().st_mtime_ns == stamps[name] for name in done)
     assert sorted(_records(out)["row"]) == list(range(len(index)))
-    with pytest.raises(shards.ShardsMismatchError, match="image_size"):
-        shards.write_shards(index, out, image_size=SIZE + 8, verbose=False)
+    with pytest.raises(shard_manifest.ShardsMismatchError, match="image_size"):
+        shard_writer.write_shards(index, out, image_size=SIZE + 8, verbose=False)
 
 
 def test_unreadable_image_is_reported_once_and_left_out(kermany_index, tmp_path):
@@ -186,38 +189,38 @@ def test_unreadable_image_is_reported_once_and_left_out(kermany_index, tmp_path)
     small.loc[0, "path"] = str(broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        manifest = shards.write_shards(small, tmp_path / "out", image_size=SIZE, verbose=False)
+        manifest = shard_writer.write_shards(small, tmp_path / "out", image_size=SIZE, verbose=False)
     bad = [w for w in caught if issubclass(w.category, BadImagesWarning)]
     assert len(bad) == 1 and str(broken) in str(bad[0].message)
     assert [s["path"] for s in manifest["skipped"]] == [str(broken)]
     assert manifest["images"] == len(small) - 1
-    assert len(shards.read_index(tmp_path / "out")) == len(small) - 1
+    assert len(shard_manifest.read_index(tmp_path / "out")) == len(small) - 1
 
 
 def test_command_line_writes_kermany_and_nih(kermany_root, tmp_path, capsys):
     from synthetic import make_nih_like
 
     out = tmp_path / "k"
-    assert shards.main(["--data-root", str(kermany_root), "--out", str(out), "--image-size", "24",
+    assert shard_command.main(["--data-root", str(kermany_root), "--out", str(out), "--image-size", "40",
                         "--shard-mb", "0.01"]) == 0
-    manifest = shards.read_manifest(out)
-    assert manifest["source"] == ["kermany"] and manifest["image_size"] == 24
+    manifest = shard_manifest.read_manifest(out)
+    assert manifest["source"] == ["kermany"] and manifest["image_size"] == 40
     assert len([e for e in manifest["shards"].values() if e["split"] == "train"]) >= 8
-    assert shards.main(["--out", str(out), "--verify"]) == 0
+    assert shard_command.main(["--out", str(out), "--verify"]) == 0
     assert "all match the manifest" in capsys.readouterr().out
 
     nih = make_nih_like(tmp_path / "nih", n_patients=60, image_size=32, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MissingImagesWarning)
-        assert shards.main(["--data-root", str(nih), "--out", str(tmp_path / "n"),
+        assert shard_command.main(["--data-root", str(nih), "--out", str(tmp_path / "n"),
                             "--image-size", "0", "--seed", "0"]) == 0
-    manifest = shards.read_manifest(tmp_path / "n")
+    manifest = shard_manifest.read_manifest(tmp_path / "n")
     assert manifest["source"] == ["nih"] and manifest["image_format"] == "original"
     assert set(manifest["counts"]) == {"train", "val", "test"}
-    listed = shards.read_index(tmp_path / "n")
+    listed = shard_manifest.read_index(tmp_path / "n")
     assert listed.groupby("patient")["split"].nunique().max() == 1  # patients stay in one split
     assert listed["key"].str.startswith("images/").all()
-    images, _ = next(iter(shards.read_shards(tmp_path / "n", "test", image_size=16, batch_size=64)))
+    images, _ = next(iter(shard_reader.read_shards(tmp_path / "n", "test", image_size=16, batch_size=64)))
     assert images.shape[1:] == (16, 16, 3)
 
 
@@ -226,48 +229,48 @@ def test_features_from_shards_match_the_folder_cache(shard_dir, tmp_path):
     from pneumo_utils.model.features import extract_features
 
     model = build_scratch_cnn(image_size=SIZE, filters=(4, 8), dense_units=4, seed=0)
-    got = shards.extract_features_from_shards(model, shard_dir, "val", cache_dir=tmp_path, verbose=False)
-    listed = shards.read_index(shard_dir)
+    got = shard_reader.extract_features_from_shards(model, shard_dir, "val", cache_dir=tmp_path, verbose=False)
+    listed = shard_manifest.read_index(shard_dir)
     val = listed[listed["split"] == "val"]
     np.testing.assert_array_equal(got.rows, val["row"].to_numpy())
     np.testing.assert_array_equal(got.labels, val["label"].to_numpy())
-    root = shards.read_manifest(shard_dir)["data_root"]
+    root = shard_manifest.read_manifest(shard_dir)["data_root"]
     expected = extract_features(model, [f"{root}/{k}" for k in val["key"]], cache_dir=None,
                                 verbose=False)
     np.testing.assert_allclose(got.outputs, expected, rtol=1e-5, atol=1e-5)
     assert len(list(tmp_path.glob("*.npz"))) == 1
-    again = shards.extract_features_from_shards(model, shard_dir, "val", cache_dir=tmp_path,
+    again = shard_reader.extract_features_from_shards(model, shard_dir, "val", cache_dir=tmp_path,
                                                 verbose=False)
     np.testing.assert_array_equal(again.outputs, got.outputs)
 
 
 def test_is_complete_is_false_for_a_missing_or_empty_folder_and_refuses_a_bad_manifest(tmp_path):
-    assert not shards.is_complete(tmp_path / "not-there")
-    assert not shards.is_complete(tmp_path)
-    (tmp_path / shards.MANIFEST).write_text("{not json")
-    with pytest.raises(shards.CorruptShardError, match="not valid JSON"):
-        shards.is_complete(tmp_path)
+    assert not shard_manifest.is_complete(tmp_path / "not-there")
+    assert not shard_manifest.is_complete(tmp_path)
+    (tmp_path / shard_manifest.MANIFEST).write_text("{not json")
+    with pytest.raises(shard_manifest.CorruptShardError, match="not valid JSON"):
+        shard_manifest.is_complete(tmp_path)
 
 
 def test_read_images_gives_the_readers_pixels_in_the_order_asked(shard_dir):
-    listed = shards.read_index(shard_dir)
+    listed = shard_manifest.read_index(shard_dir)
     test_rows = listed.loc[listed["split"] == "test", "row"].to_numpy()
     rows = np.array([test_rows[3], listed.loc[listed["split"] == "train", "row"].iloc[5], test_rows[0]])
     for size in (SIZE, 24):
-        images, labels = shards.read_images(shard_dir, rows, image_size=size)
+        images, labels = shard_reader.read_images(shard_dir, rows, image_size=size)
         assert images.dtype == np.float32 and images.shape == (3, size, size, 3)
         np.testing.assert_array_equal(labels, listed.set_index("row").loc[rows, "label"].to_numpy())
         read = {}  # row -> the reader's image
         for split in ("test", "train"):
-            ds = shards.read_shards(shard_dir, split, image_size=size, batch_size=64, with_rows=True)
+            ds = shard_reader.read_shards(shard_dir, split, image_size=size, batch_size=64, with_rows=True)
             read.update({int(r): x for (xs, rs), _ in ds for x, r in zip(xs.numpy(), rs.numpy(), strict=True)})
         np.testing.assert_array_equal(images, np.stack([read[int(r)] for r in rows]))
     with pytest.raises(ValueError, match="no row"):
-        shards.read_images(shard_dir, [len(listed) + 7])
+        shard_reader.read_images(shard_dir, [len(listed) + 7])
 
 
 def test_outputs_of_rows_follow_the_rows_given():
-    outputs = shards.ShardOutputs(np.arange(8.0).reshape(4, 2), np.array([0, 1, 1, 0]), np.array([2, 5, 9, 11]))
+    outputs = shard_reader.ShardOutputs(np.arange(8.0).reshape(4, 2), np.array([0, 1, 1, 0]), np.array([2, 5, 9, 11]))
     picked = outputs.of_rows([11, 2, 9])
     np.testing.assert_array_equal(picked.rows, [11, 2, 9])
     np.testing.assert_array_equal(picked.outputs, [[6.0, 7.0], [0.0, 1.0], [4.0, 5.0]])
@@ -279,17 +282,17 @@ def test_outputs_of_rows_follow_the_rows_given():
 
 def test_split_index_has_the_source_paths_and_refuses_a_split_not_by_patient(kermany_index, shard_dir):
     index, _ = kermany_index
-    read, rule = shards.read_split_index(shard_dir)
+    read, rule = shard_reader.read_split_index(shard_dir)
     assert rule["how"].endswith("grouped_split")
     assert sorted(read["path"]) == sorted(map(str, index["path"]))
     merged = read.merge(index.assign(path=index["path"].map(str)), on="path", suffixes=("", "_folder"))
     assert (merged["split"] == merged["split_folder"]).all() and (merged["label"] == merged["label_folder"]).all()
     with pytest.raises(ValueError, match="not by patient"):
-        shards.read_split_index(shard_dir, finding="Pneumonia")
+        shard_reader.read_split_index(shard_dir, finding="Pneumonia")
 
 
 def test_check_source_refuses_shards_of_another_folder(kermany_root, shard_dir, tmp_path) -> None:
-    shards.check_source(shard_dir, kermany_root)
-    shards.check_source(shard_dir, None)
-    with pytest.raises(shards.ShardsMismatchError, match=r"holds shards of .*, not of .*other"):
-        shards.check_source(shard_dir, tmp_path / "other")
+    shard_manifest.check_source(shard_dir, kermany_root)
+    shard_manifest.check_source(shard_dir, None)
+    with pytest.raises(shard_manifest.ShardsMismatchError, match=r"holds shards of .*, not of .*other"):
+        shard_manifest.check_source(shard_dir, tmp_path / "other")

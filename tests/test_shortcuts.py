@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from pneumo_utils.data.frames import other_class_references
 from pneumo_utils.evaluation import shortcuts
 from pneumo_utils.model.preprocessing import HistogramEqualization, cue_removal
 
@@ -67,14 +68,14 @@ def test_counterfactuals_swap_exactly_the_cue():
 
 def test_references_come_from_the_other_class():
     labels, ref_labels = np.array([0, 1, 1, 0]), np.array([1, 1, 0, 0, 1])
-    refs = shortcuts.other_class_references(labels, ref_labels, seed=3)
+    refs = other_class_references(labels, ref_labels, seed=3)
     assert np.all(ref_labels[refs] != labels)
 
 
 def test_cue_test_exposes_a_shortcut_model_and_spares_a_lung_model():
     y = np.tile([0, 1], 40)
     images = _images(y, True)
-    refs = shortcuts.other_class_references(y, y, seed=0)
+    refs = other_class_references(y, y, seed=0)
     sets = shortcuts.counterfactuals(images, images[refs], border=0.08)
     shortcut = shortcuts.cue_test(_border_reader, sets, y, threshold=0.5)
     honest = shortcuts.cue_test(_centre_reader, sets, y, threshold=0.5)
@@ -221,7 +222,7 @@ def _softmax_around(value: np.ndarray, centres: np.ndarray) -> np.ndarray:
 def test_three_class_cue_test_decides_by_argmax_and_ranks_the_honest_model_first():
     y = np.tile([0, 1, 2], 30)
     images = _three_class_images(y)
-    refs = shortcuts.other_class_references(y, y, seed=0)
+    refs = other_class_references(y, y, seed=0)
     sets = shortcuts.counterfactuals(images, images[refs], border=0.08)
 
     def shortcut(x):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from synthetic import make_kermany_like
 
-from pneumo_utils.data import datasets, pipelines, splits, tasks
-from pneumo_utils.data.datasets import DatasetLayoutError, kermany_subtype
+from pneumo_utils.data import datasets, kermany, pipelines, splits, tasks
+from pneumo_utils.data.datasets import DatasetLayoutError
+from pneumo_utils.data.kermany import kermany_subtype
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_subtype_from_class_and_file_name(name, label, subtype):
 
 
 def test_index_carries_subtypes(kermany_root):
-    index = datasets.load_kermany(kermany_root)
+    index = kermany.load_kermany(kermany_root)
     assert set(index.loc[index["label"] == 0, "subtype"]) == {"normal"}
     pneumonia = index[index["label"] == 1]
     assert set(pneumonia["subtype"]) == {"bacteria", "virus"}
@@ -38,12 +39,12 @@ def test_index_carries_subtypes(kermany_root):
 
 
 def test_pneumonia_task_leaves_the_index_alone(kermany_root):
-    index = datasets.load_kermany(kermany_root)
+    index = kermany.load_kermany(kermany_root)
     assert tasks.task_index(index, "pneumonia") is index
 
 
 def test_bacterial_vs_viral_keeps_pneumonia_images_and_labels_virus_1(kermany_root):
-    index = datasets.load_kermany(kermany_root)
+    index = kermany.load_kermany(kermany_root)
     out = tasks.task_index(index, "bacterial_vs_viral")
     assert len(out) == int((index["label"] == 1).sum())
     assert (out["pneumonia_label"] == 1).all()
@@ -51,7 +52,7 @@ def test_bacterial_vs_viral_keeps_pneumonia_images_and_labels_virus_1(kermany_ro
 
 
 def test_three_class_labels_follow_class_names(kermany_root):
-    index = datasets.load_kermany(kermany_root)
+    index = kermany.load_kermany(kermany_root)
     out = tasks.task_index(index, "three_class")
     task = tasks.get_task("three_class")
     assert len(out) == len(index)
@@ -64,7 +65,7 @@ def test_three_class_labels_follow_class_names(kermany_root):
 
 
 def test_split_is_patient_grouped_and_stratified_by_task_classes(kermany_root):
-    index = tasks.task_index(datasets.load_kermany(kermany_root), "three_class")
+    index = tasks.task_index(kermany.load_kermany(kermany_root), "three_class")
     split = splits.grouped_split(index, val_fraction=0.25, seed=0)
     splits.assert_no_patient_leak(split)
     val = split[split["split"] == "val"]
@@ -81,7 +82,7 @@ def test_unknown_pneumonia_file_name_is_an_error_naming_it(kermany_root, tmp_pat
     shutil.copytree(kermany_root, root)
     src = next((root / "train" / "PNEUMONIA").glob("*_virus_*"))
     src.rename(src.with_name("scan_0001.jpeg"))
-    index = datasets.load_kermany(root)
+    index = kermany.load_kermany(root)
     assert tasks.task_index(index, "pneumonia") is index
     for name in ("bacterial_vs_viral", "three_class"):
         with pytest.raises(DatasetLayoutError, match=r"scan_0001\.jpeg.*task 'pneumonia'"):
@@ -130,7 +131,7 @@ def test_viral_pattern_is_bilateral_and_bacterial_focal():
 def test_split_sentence_names_every_class_of_three(kermany_root):
     from pneumo_utils.explain import report
 
-    index = splits.grouped_split(tasks.task_index(datasets.load_kermany(kermany_root), "three_class"),
+    index = splits.grouped_split(tasks.task_index(kermany.load_kermany(kermany_root), "three_class"),
                                val_fraction=0.25, seed=0)
     sentence = report.describe_split(index, class_names=tasks.get_task("three_class").class_names)
     test = index[index["split"] == "test"]

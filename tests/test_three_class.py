@@ -15,12 +15,13 @@ from synthetic import make_kermany_like
 
 from pneumo_utils import sidecar
 from pneumo_utils.data import pipelines, tasks
-from pneumo_utils.data.datasets import load_kermany
-from pneumo_utils.deploy import export, predict, runtime
+from pneumo_utils.data.kermany import load_kermany
+from pneumo_utils.deploy import export, predict
 from pneumo_utils.evaluation import evaluate, metrics
 from pneumo_utils.explain import gradcam
-from pneumo_utils.model import backbones, saving
-from pneumo_utils.sidecar import ModelFileError
+from pneumo_utils.files import file_digest
+from pneumo_utils.model import backbones, inference, saving
+from pneumo_utils.sidecar import ModelFileError, signed
 
 NAMES = tasks.TASKS["three_class"].class_names
 SIZE = 48
@@ -86,7 +87,7 @@ def test_three_class_sidecar_round_trip(trained):
         "three_class", list(NAMES), "softmax", "argmax")
     assert "threshold" not in meta and meta["temperature"] == evaluation["temperature"]
     loaded, loaded_meta = saving.load_model(path)
-    proba = saving.predict_paths(loaded, split["test"]["path"].tolist())
+    proba = inference.predict_paths(loaded, split["test"]["path"].tolist())
     assert proba.shape == (len(split["test"]), 3)
     np.testing.assert_allclose(proba, model.predict(x["test"], verbose=0), atol=1e-4)
 
@@ -172,7 +173,7 @@ def test_sidecars_that_do_not_fit_the_model_are_refused(tmp_path, capsys, error_
     picture = tmp_path / "x.png"
     keras.utils.save_img(picture, np.full((40, 40, 3), 120, np.uint8))
     for case, (meta, message) in cases.items():
-        sidecar.write_text(json.dumps(meta))
+        sidecar.write_text(json.dumps(signed(meta, good["sha256"])))  # the task checks speak
         with pytest.raises(ModelFileError, match=message):
             saving.load_model(path)
         assert predict.main([str(picture), "--model", str(path)]) == 2, case
@@ -181,8 +182,8 @@ def test_sidecars_that_do_not_fit_the_model_are_refused(tmp_path, capsys, error_
     with pytest.raises(ModelFileError, match="ends in 3 softmax units and has no sidecar"):
         saving.load_model(path)
     binary = saving.save_model(sigmoid, tmp_path / "binary.keras")
-    unsigned = {k: v for k, v in good.items() if k != "sha256"}  # no fingerprint: the task check speaks
-    binary.with_suffix(".json").write_text(json.dumps(unsigned))
+    other = signed(good, {"keras": file_digest(binary)})  # a valid fingerprint: the task check speaks
+    binary.with_suffix(".json").write_text(json.dumps(other))
     with pytest.raises(ModelFileError, match="ends in one sigmoid unit .* says task three_class with 3 classes"):
         saving.load_model(binary)
     with pytest.raises(ModelFileError, match='field output is "sigmoid", expected "softmax" for task three_class'):
@@ -196,17 +197,17 @@ def test_exported_softmax_model_predicts_three_probabilities(trained, root, tmp_
         pytest.importorskip(package, reason="the export extra is not installed")
     model, split, x, _, path = trained
     target = path.with_name(export.export_model(path, fmt)["file"])
-    exported, meta = runtime.load_exported(target)
+    exported, meta = inference.load_exported(target)
     assert exported.output_units == 3 and meta["task"] == "three_class"
     np.testing.assert_allclose(exported.predict(x["test"]), model.predict(x["test"], verbose=0),
                                atol=export.FP32_TOLERANCE)
-    assert runtime.predict_paths(exported, split["test"]["path"].tolist()[:5]).shape == (5, 3)
+    assert inference.predict_paths(exported, split["test"]["path"].tolist()[:5]).shape == (5, 3)
     assert evaluate.main(["--model", str(target), "--data", str(root), "--n-boot", "20"]) == 0
     assert np.array(json.loads(capsys.readouterr().out)["confusion_matrix"]).shape == (3, 3)
     alone = tmp_path / f"alone.{fmt}"
     alone.write_bytes(target.read_bytes())
     with pytest.raises(ModelFileError, match="ends in 3 softmax units and has no sidecar"):
-        runtime.load_exported(alone)
+        inference.load_exported(alone)
 
 
 def test_bacterial_vs_viral_model_is_evaluated_on_pneumonia_images_only(root, tmp_path, capsys):

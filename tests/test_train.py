@@ -29,25 +29,18 @@ def _dense_model(dim: int = 8) -> keras.Model:
     return keras.Model(inputs, outputs)
 
 
-def test_epoch_line_prints_one_compact_line_per_epoch(capsys):
-    keras.utils.set_random_seed(0)
-    x, y = _separable()
-    model = train.compile_binary(_dense_model())
-    model.fit(x, y, validation_data=(x, y), epochs=3, verbose=0, callbacks=[train.EpochLine()])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
-    assert all("val_auc" in line and " lr " in line for line in lines)
-
-
-def test_fit_stops_early_and_ends_at_the_best_validation_epoch():
-    keras.utils.set_random_seed(0)
+def test_fit_head_on_features_stops_early_and_ends_at_the_best_validation_epoch():
     x, y = _separable()
     x_val, y_val = _separable(seed=1)
-    model = train.compile_binary(_dense_model(), learning_rate=1e-2)
-    history = train.fit(model, (x, y), (x_val, y_val), epochs=200, patience=2, batch_size=32)
+    model = backbones.build_classifier("mobilenet_v2", 32, None, seed=0)
+    head = backbones.head_on_features(model)
+    width = int(head.inputs[0].shape[-1])
+    padded, padded_val = (np.pad(v, ((0, 0), (0, width - v.shape[1]))) for v in (x, x_val))
+    history = train.fit_head_on_features(model, padded, y, padded_val, y_val, epochs=200, patience=2,
+                                         learning_rate=1e-2, seed=0)
     assert len(history["loss"]) < 200, "early stopping never fired on a problem learned in a few epochs"
     assert set(history) >= {"loss", "auc", "val_loss", "val_auc", "learning_rate"}
-    restored = roc_auc_score(y_val, model.predict(x_val, verbose=0).reshape(-1))
+    restored = roc_auc_score(y_val, head.predict(padded_val, verbose=0).reshape(-1))
     assert restored == pytest.approx(max(history["val_auc"]), abs=0.01)
 
 
@@ -82,9 +75,9 @@ def test_fine_tuning_on_augmented_images_moves_only_the_unfrozen_layers(kermany_
                                                layers=augment.augmentation(seed=0), images_per_epoch=16)
     val_ds = pipelines.image_dataset(paths["val"], labels["val"], 32, batch_size=8)
     train.compile_binary(model, learning_rate=1e-2)
-    history = train.fit(model, train_ds, val_ds, epochs=2, patience=2, steps_per_epoch=steps,
-                        class_weight=pipelines.class_weights(labels["train"]))
-    assert len(history["val_auc"]) == 2
+    history = model.fit(train_ds, validation_data=val_ds, epochs=2, steps_per_epoch=steps, shuffle=False,
+                        class_weight=pipelines.class_weights(labels["train"]), verbose=0)
+    assert len(history.history["val_auc"]) == 2
     for name, weights in frozen.items():  # BatchNorm moving statistics included
         for now, before in zip(model.get_layer(name).get_weights(), weights, strict=True):
             np.testing.assert_array_equal(now, before)

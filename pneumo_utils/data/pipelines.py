@@ -3,8 +3,9 @@
 Images are decoded in parallel and batched; the pipeline reads paths from the index (see
 :mod:`pneumo_utils.data.splits`). Plain 8-bit JPEG and PNG files are decoded and resized by
 TensorFlow ops, to the same pixels as :func:`pneumo_utils.data.images.read_resized`; every
-other file (DICOM, 16-bit, palette or transparent PNG, rotated or CMYK JPEG, very large or
-damaged files) goes through ``read_resized`` itself.
+other file (DICOM, 16-bit, palette or transparent PNG, rotated or CMYK JPEG, damaged
+files, files above :data:`~pneumo_utils.data.image_checks.GRAPH_PIXELS` pixels) goes through
+``read_resized`` itself.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
-from pneumo_utils.data.images import GraphDecode, checked_readable, graph_decode, read_resized
+from pneumo_utils.data.image_checks import GraphDecode, checked_readable, graph_decode
+from pneumo_utils.data.images import read_resized
 
-DECODER = "graph-jpeg-png-1"
+DECODER = "graph-jpeg-png-2"
 """Names the decoding that :func:`image_dataset` does (which files TensorFlow decodes, and
 how). Part of the feature-cache key (:mod:`pneumo_utils.model.features`): features computed
 from pixels decoded another way are not reused."""
@@ -60,16 +62,17 @@ def image_dataset(
     """A tf.data pipeline of resized RGB images from file paths, in the order of ``paths``.
 
     When the pipeline is built, each file's header is read and the file checked for damage
-    (:func:`~pneumo_utils.data.images.graph_decode`, in threads; the damage check is skipped
-    for files that :func:`~pneumo_utils.data.images.check_images` already found readable, as
+    (:func:`~pneumo_utils.data.image_checks.graph_decode`, in threads; the damage check is skipped
+    for files that :func:`~pneumo_utils.data.image_checks.check_images` already found readable, as
     the data set loaders do). Plain 8-bit gray or RGB JPEG and PNG files are then decoded and
     resized by TensorFlow ops, which run in parallel without the GIL and can be traced, to
     the pixels :func:`read_resized` gives (libjpeg's accurate integer IDCT and reduced-scale
     decoding, Pillow's block averaging, OpenCV's area shrinking and bilinear enlarging; at
     most 1 grey level apart, where OpenCV rounds a half the other way). Every other file goes
     through :func:`read_resized` in a ``tf.numpy_function``: DICOM, PNG of other modes and
-    depths, rotated or CMYK JPEGs, very large images, and damaged or unreadable files, whose
-    error (``ImageReadError`` naming the file) is raised when the pipeline reaches them.
+    depths, rotated or CMYK JPEGs, images above ``GRAPH_PIXELS``, and damaged or unreadable
+    files, whose error (``ImageReadError`` naming the file) is raised when the pipeline
+    reaches them.
     Decoded ``uint8`` images are cached (in memory, or in a file when ``cache`` is a path) so
     later epochs skip decoding, and batches are prefetched. Backbone preprocessing lives
     inside the models, so the pipeline yields raw pixel values.

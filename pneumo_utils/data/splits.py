@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pneumo_utils.data.datasets import load_kermany, paths_and_labels
+from pneumo_utils.data.datasets import paths_and_labels
+from pneumo_utils.data.kermany import load_kermany
 
 SPLITS = ("train", "val", "test")
 
@@ -96,7 +97,7 @@ def kermany_split(
 ) -> pd.DataFrame:
     """Index a Kermany folder and carve a patient-grouped validation split out of train.
 
-    :func:`pneumo_utils.data.datasets.load_kermany` (every file decode-checked), then
+    :func:`pneumo_utils.data.kermany.load_kermany` (every file decode-checked), then
     :func:`grouped_split` (official ``val/`` merged into train unless ``keep_official_val``),
     :func:`subsample` to ``max_images_per_class`` per split and class (``None``: all), and a
     check that no patient is in two splits. ``test/`` is left exactly as published.

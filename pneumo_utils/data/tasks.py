@@ -2,7 +2,7 @@
 
 Kermany et al. (2018) report two tasks on their paediatric chest X-rays: pneumonia vs normal,
 and bacterial vs viral pneumonia. The subtype is in every PNEUMONIA file name
-(``person1_bacteria_1.jpeg``, ``person3_virus_7.jpeg``); :func:`pneumo_utils.data.datasets.load_kermany`
+(``person1_bacteria_1.jpeg``, ``person3_virus_7.jpeg``); :func:`pneumo_utils.data.kermany.load_kermany`
 records it in the index's ``subtype`` column (``normal``, ``bacteria``, ``virus``, or missing
 when a PNEUMONIA file name carries neither). A task turns that index into labels:
 
@@ -132,7 +132,7 @@ def task_index(index: pd.DataFrame, task: str | Task = DEFAULT_TASK) -> pd.DataF
         raise DatasetLayoutError(
             f"task {task.name!r} needs the subtype of each image, read from Kermany file names "
             "(personN_bacteria_K.jpeg, personN_virus_K.jpeg); this index has no subtype column. "
-            "Load the folder with pneumo_utils.data.datasets.load_kermany or load_class_folder."
+            "Load the folder with pneumo_utils.data.kermany.load_kermany or load_class_folder."
         )
     unknown = index[index["subtype"].isna()]
     if len(unknown):

@@ -18,7 +18,7 @@ savedmodel none         ``M.savedmodel/`` (TensorFlow Serving; needs TensorFlow 
 Every export keeps the model's input contract (``(batch, n, n, 3)`` float32 RGB pixels in
 0-255 at the model's image size, preprocessing inside) and its output (one sigmoid unit for a
 binary task, one softmax unit per class for three classes; the sidecar names the task, and
-:mod:`pneumo_utils.deploy.runtime` checks the export's output width against it) and is made by
+:mod:`pneumo_utils.model.inference` checks the export's output width against it) and is made by
 TensorFlow's and Keras' own converters (``model.export``: ``tf.lite.TFLiteConverter`` for
 LiteRT with built-in ops only, so the plain LiteRT runtime runs it; ``tf2onnx`` for ONNX;
 ``onnxruntime.quantization`` for ONNX int8). After writing, the export is run on a few
@@ -51,7 +51,7 @@ import numpy as np
 
 from pneumo_utils.cli import fail
 from pneumo_utils.files import file_digest, write_json_atomic, write_text_atomic
-from pneumo_utils.sidecar import ModelFileError
+from pneumo_utils.sidecar import ModelFileError, fingerprint, signed
 
 FORMATS = ("tflite", "onnx", "savedmodel")
 QUANTIZATIONS = ("none", "fp16", "int8")
@@ -294,7 +294,8 @@ def export_model(
     Writes the export (see :func:`export_path`), its sidecar when quantised, lists it under
     ``exports`` in the model's sidecar and in the model card's "Exports" table (both
     rewritten, the card only when it exists). The sidecar that describes the export records
-    its SHA-256 under ``sha256`` (:func:`pneumo_utils.sidecar.check_fingerprint`). ``calibration``
+    its SHA-256 under ``sha256`` and is signed again (:func:`pneumo_utils.sidecar.signed`;
+    :func:`pneumo_utils.sidecar.check_fingerprint` reads both). ``calibration``
     is a folder of images like the training data (required for ``int8``; when given, the agreement check runs on them).
     Returns the export's entry: file, format, quantisation, bytes, agreement (largest
     probability difference, decisions changed) and, for a quantised export beyond
@@ -302,7 +303,7 @@ def export_model(
     :class:`ExportWarning`). A float32 export beyond :data:`FP32_TOLERANCE` raises
     :class:`ExportError`.
     """
-    from pneumo_utils.deploy.runtime import ExportedModel
+    from pneumo_utils.model.inference import ExportedModel
     from pneumo_utils.model.saving import load_model, sidecar_path
 
     check_options(format, quantize, has_calibration=calibration is not None)
@@ -349,21 +350,24 @@ def export_model(
     source_meta = _raw_sidecar(sidecar_path(model_path))
     digest = {format: file_digest(target)} if format != "savedmodel" else {}
     if quantize != "none":
-        own = {k: v for k, v in (source_meta or meta).items() if k not in ("exports", "sha256")}
+        own = {k: v for k, v in (source_meta or meta).items()
+               if k not in ("exports", "sha256", "fingerprint")}
         if "warning" in entry:
             own["warning"] = entry["warning"]
         previous = _raw_sidecar(sidecar_path(target)) or {}
-        kept = (previous.get("sha256", {}) if previous.get("exported_from") == model_path.name
-                else {})
+        intact = previous.get("fingerprint") == fingerprint(previous)
+        kept = (previous.get("sha256", {})
+                if intact and previous.get("exported_from") == model_path.name else {})
         write_json_atomic(sidecar_path(target),
-                          {**own, "quantization": quantize, "exported_from": model_path.name,
-                           "sha256": {**kept, **digest}})
+                          signed({**own, "quantization": quantize, "exported_from": model_path.name},
+                                 {**kept, **digest}))
     if source_meta is not None:
         exports = [e for e in source_meta.get("exports", []) if e.get("file") != entry["file"]]
         source_meta["exports"] = [*exports, entry]
-        if quantize == "none" and digest:
-            source_meta["sha256"] = {**source_meta.get("sha256", {}), **digest}
-        write_json_atomic(sidecar_path(model_path), source_meta)
+        digests = source_meta.get("sha256", {})
+        if quantize == "none":
+            digests = {**digests, **digest}
+        write_json_atomic(sidecar_path(model_path), signed(source_meta, digests))
         _update_card(model_path.with_suffix(".md"), source_meta["exports"])
     return entry
 
@@ -428,7 +432,7 @@ def slim(model_path: str | os.PathLike, out: str | os.PathLike | None = None) ->
     exported = {k: v for k, v in (raw or {}).get("sha256", {}).items() if k != "keras"}
     if exported:  # the weights are unchanged, so the exports still match
         saved = _raw_sidecar(sidecar_path(out))
-        write_json_atomic(sidecar_path(out), {**saved, "sha256": {**saved["sha256"], **exported}})
+        write_json_atomic(sidecar_path(out), signed(saved, {**saved["sha256"], **exported}))
     card = model_path.with_suffix(".md")
     if out != model_path and card.is_file():
         shutil.copyfile(card, out.with_suffix(".md"))

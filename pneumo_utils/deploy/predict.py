@@ -78,8 +78,8 @@ def predict_images(
     over the batches (``tqdm``).
     """
     from pneumo_utils.data.images import ImageReadError
-    from pneumo_utils.deploy.runtime import batch_size_for
     from pneumo_utils.model import input_check
+    from pneumo_utils.model.inference import batch_size_for
     from pneumo_utils.sidecar import (
         ModelFileError,
         check_output,
@@ -305,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                         "labelled as such)")
     args = parser.parse_args(argv)
 
-    from pneumo_utils.data.images import check_image
-    from pneumo_utils.deploy.runtime import is_exported, load_any
+    from pneumo_utils.data.image_checks import check_image
+    from pneumo_utils.model.inference import is_exported, load_any
 
     if args.batch_size < 1:
         return fail(f"--batch-size must be a positive integer, got {args.batch_size}")

@@ -13,9 +13,17 @@ read bacteria/virus from file names). The output is a byte copy of the ``.keras`
 weights are unchanged) with a sidecar whose ``threshold`` is chosen by ``--rule`` on the site's
 images and whose ``temperature`` is fitted on them; its ``calibration`` field records the rule,
 the folder, the images per class, the figures before and after with 95% patient-level
-bootstrap intervals, and a warning when a class has fewer than ``--min-per-class`` images (the
-intervals say how little such a sample pins down). A three-class model decides by argmax and
-gets only a temperature. The model card beside the copy says all of this.
+bootstrap intervals (a proportion's interval covers at least its exact binomial one), and a
+warning when a class has fewer than ``--min-per-class`` images (the intervals say how little
+such a sample pins down). A three-class model decides by argmax and gets only a temperature.
+The model card beside the copy says all of this.
+
+What cannot give a trustworthy operating point is refused: the same file content under two
+classes, fewer than :data:`MIN_IMAGES_PER_CLASS` distinct images of a class (copies within a
+class count once and are left out), and a temperature fitted at the edge of the range searched
+(the site's scores then separate the classes perfectly or not at all, and any temperature the
+search returns is an artefact: 0.05 turns every answer into "100%"), as is a threshold chosen
+at 0 or 1 (outputs that saturate).
 
 The figures after calibration are measured on the images the threshold was chosen on, so they
 are optimistic; score the calibrated model on other images of the site before relying on it.
@@ -46,11 +54,17 @@ from pneumo_utils.evaluation.metrics import (
 )
 from pneumo_utils.evaluation.selective import DEFAULT_TARGET_ACCURACY, MIN_IMAGES, choose_band
 from pneumo_utils.evaluation.site_shift import site_report
-from pneumo_utils.files import atomic_path, write_json_atomic, write_text_atomic
-from pneumo_utils.sidecar import ModelFileError
+from pneumo_utils.files import atomic_path, file_digest, write_json_atomic, write_text_atomic
+from pneumo_utils.sidecar import MAX_TEMPERATURE, MIN_TEMPERATURE, ModelFileError, signed
 
 MIN_PER_CLASS = 50
 """Below this many images of a class, the calibration says its figures are uncertain."""
+MIN_IMAGES_PER_CLASS = 10
+"""Fewest distinct images of each class calibration accepts: with fewer, a threshold and a
+temperature are fitted to a handful of points (1 image per class fits temperature 0.05)."""
+TEMPERATURE_EDGE = 0.01
+"""Relative distance from a search bound (:data:`~pneumo_utils.sidecar.MIN_TEMPERATURE`,
+:data:`~pneumo_utils.sidecar.MAX_TEMPERATURE`) within which a fitted temperature is refused."""
 SHOWN = ("auc", "accuracy", "sensitivity", "specificity")
 
 
@@ -81,7 +95,8 @@ def calibrate(
     """
     from pneumo_utils.data.tasks import task_of
     from pneumo_utils.model import input_check
-    from pneumo_utils.model.saving import load_model, predict_paths, sidecar_path
+    from pneumo_utils.model.inference import predict_paths
+    from pneumo_utils.model.saving import load_model, sidecar_path
 
     model_path, out = Path(model_path), Path(out)
     if model_path.suffix != ".keras":
@@ -96,13 +111,10 @@ def calibrate(
                          "name the copy after the model, e.g. MODEL.site.keras")
     model, meta = load_model(model_path)
     task = task_of(meta)
-    index = folder_index(str(data), task)
+    index, copies = distinct_images(folder_index(str(data), task), data, task.class_names)
     labels = index["label"].to_numpy()
     counts = {name: int((labels == k).sum()) for k, name in enumerate(task.class_names)}
-    empty = [name for name, n in counts.items() if n == 0]
-    if empty:
-        raise ValueError(f"{data} has no images of {', '.join(empty)}; calibration needs labelled "
-                         "images of every class")
+    check_counts(counts, data, "")
     groups = index["patient"].to_numpy()
     check = input_check.of(meta, f"sidecar of {model_path}")
     screening: dict = {}
@@ -116,17 +128,23 @@ def calibrate(
                                      "files_beyond_limit": index["path"][beyond].tolist()},
                      "site_shift": site_report(check, looks, data=str(Path(data).resolve()), seed=seed)}
         labels, proba, groups = labels[~beyond], proba[~beyond], groups[~beyond]
-        missing = [name for k, name in enumerate(task.class_names) if not (labels == k).any()]
-        if missing:
-            raise ValueError(f"every image of {', '.join(missing)} in {data} is beyond the model's input "
-                             "check: these are not images like the training ones; calibration needs some")
+        check_counts({name: int((labels == k).sum()) for k, name in enumerate(task.class_names)},
+                      data, " within the model's input check (images beyond it are not like the "
+                      "training ones)")
     record: dict = {"data": str(Path(data).resolve()), "counts": counts, "n_images": int(len(labels)),
+                    "copies_left_out": copies,
                     "ci_method": f"{n_boot} bootstrap resamples of patients, stratified by class",
                     **screening}
     new = dict(meta)
     if task.binary:
         before = float(meta.get("threshold", 0.5))
         threshold = choose_threshold(labels, proba, rule)
+        if not rule.startswith("fixed") and not 0 < threshold < 1:
+            raise ValueError(
+                f"rule {rule} puts the threshold at {threshold:g} on the {len(labels)} images of "
+                f"{data}: the model's outputs on them saturate at 0 or 1, so no threshold between "
+                "them is supported; calibrate on more images of the site, or give --rule fixed:T"
+            )
         temperature = fit_temperature(labels, proba)
         on = f"{len(labels)} labelled images of the site ({Path(data).name})"
         record.update(rule=describe_rule(rule, on=on), threshold_before=before, threshold=threshold,
@@ -140,6 +158,7 @@ def calibrate(
         record.update(rule="argmax (no threshold); softmax temperature only",
                       after={m: figures[m] for m in ("auc", "accuracy", "balanced_accuracy", "macro_f1")}
                       | {f"{m}_ci": list(cis[m]) for m in ("auc", "accuracy", "balanced_accuracy")})
+    flat = _check_temperature(temperature, data, len(labels))
     record["temperature"] = temperature
     if target_accuracy is not None and len(labels) >= MIN_IMAGES:
         band = choose_band(labels, proba, new.get("threshold") if task.binary else None,
@@ -155,15 +174,68 @@ def calibrate(
             f"only {', '.join(f'{n} {name}' for name, n in small.items())} image(s) (fewer than "
             f"{min_per_class} per class): the figures are uncertain ("
             + ", ".join(f"{m} CI {w:.2f} wide" for m, w in widths.items()) + ")")
+    if flat:
+        record["warning"] = "; ".join(filter(None, (record.get("warning"), flat)))
     record["note"] = ("figures after calibration are measured on the images the threshold and "
                       "temperature were fitted on: optimistic; score the copy on other images of the site")
     new.update(temperature=temperature, calibration=record)
+    new.pop("exports", None)  # the original's exports are not beside the copy
     _copy_atomic(model_path, out)
-    write_json_atomic(sidecar_path(out), new)
+    write_json_atomic(sidecar_path(out), signed(new, {"keras": file_digest(out)}))
     card = model_path.with_suffix(".md")
     text = card.read_text(encoding="utf-8") if card.is_file() else f"# Model card: {meta.get('name', out.stem)}\n"
     write_text_atomic(out.with_suffix(".md"), text + _card_section(record, task.binary))
     return record
+
+
+def distinct_images(index, data: str | Path, class_names) -> tuple:
+    """``index`` without the files whose content (SHA-256) an earlier row of the same class
+    has, and how many rows were left out; :class:`ValueError` naming two files when one
+    content is under two classes (no threshold can separate an image from itself)."""
+    digests = index["path"].map(file_digest)
+    labels = index["label"].to_numpy()
+    first: dict[str, int] = {}
+    keep = []
+    for row, (digest, label) in enumerate(zip(digests, labels, strict=True)):
+        seen = first.setdefault(digest, row)
+        if labels[seen] != label:
+            raise ValueError(
+                f"{data}: {index['path'].iloc[seen]} ({class_names[labels[seen]]}) and "
+                f"{index['path'].iloc[row]} ({class_names[label]}) have the same content; each "
+                "image of a calibration set needs one label: remove the copies"
+            )
+        keep.append(seen == row)
+    return index[keep].reset_index(drop=True), int(len(index) - sum(keep))
+
+
+def check_counts(counts: dict[str, int], data: str | Path, where: str) -> None:
+    """:class:`ValueError` when a class has fewer than :data:`MIN_IMAGES_PER_CLASS` images."""
+    few = {name: n for name, n in counts.items() if n < MIN_IMAGES_PER_CLASS}
+    if few:
+        raise ValueError(
+            f"{data} has only {', '.join(f'{n} {name}' for name, n in few.items())} distinct "
+            f"image(s){where}; calibration needs at least {MIN_IMAGES_PER_CLASS} per class "
+            f"({MIN_PER_CLASS} or more for figures to rely on): add labelled images of the site"
+        )
+
+
+def _check_temperature(temperature: float, data: str | Path, n: int) -> str | None:
+    """:class:`ValueError` when the fitted temperature lies at the lower bound of the search
+    (every prediction would read "100%"); a warning when it lies at the upper bound (the
+    model's scores carry almost nothing about these images' classes, so calibrated
+    probabilities stay near the base rate, which is honest but worth saying)."""
+    if abs(temperature - MIN_TEMPERATURE) <= TEMPERATURE_EDGE * MIN_TEMPERATURE:
+        raise ValueError(
+            f"the temperature fitted on the {n} images of {data} is {temperature:.3g}, at the "
+            f"edge of the range searched ({MIN_TEMPERATURE}-{MAX_TEMPERATURE:g}): the model's "
+            "scores on them separate the classes perfectly, so they do not support any "
+            f"temperature; calibrate on more images of the site (at least {MIN_PER_CLASS} per class)"
+        )
+    if abs(temperature - MAX_TEMPERATURE) <= TEMPERATURE_EDGE * MAX_TEMPERATURE:
+        return (f"the temperature fitted on the {n} images is {temperature:.3g}, the largest "
+                "searched: the model's scores barely separate this site's classes, so its "
+                "calibrated probabilities stay near the base rate")
+    return None
 
 
 def _binary_figures(labels: np.ndarray, proba: np.ndarray, threshold: float, n_boot: int, seed: int,

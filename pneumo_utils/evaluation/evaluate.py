@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pneumo_utils.cli import fail
-from pneumo_utils.data.datasets import load_class_folder, load_kermany
+from pneumo_utils.data.kermany import load_class_folder, load_kermany
 from pneumo_utils.data.tasks import TASKS, get_task, task_index, task_of
 from pneumo_utils.evaluation.metrics import (
     ARGMAX_RULE,
@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from pneumo_utils.deploy.runtime import is_exported, load_any, predict_paths
     from pneumo_utils.files import write_json_atomic
     from pneumo_utils.model import input_check
+    from pneumo_utils.model.inference import is_exported, load_any, predict_paths
     from pneumo_utils.sidecar import ModelFileError, read_sidecar
 
     for flag, value in (("--batch-size", args.batch_size), ("--n-boot", args.n_boot)):

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
-from scipy.stats import rankdata
+from scipy.stats import binomtest, rankdata
 from sklearn import metrics as skm
 
 from pneumo_utils import CLASS_NAMES
@@ -133,27 +133,46 @@ def binary_metrics(y_true: np.ndarray, proba: np.ndarray, threshold: float = 0.5
     """
     y_true = np.asarray(y_true).astype(int)
     proba = np.asarray(proba, dtype=float).reshape(-1)
-    y_pred = (proba >= threshold).astype(int)
-    tn, fp, fn, tp = skm.confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
-    both = len(np.unique(y_true)) == 2
+    scores, counts = _threshold_metrics(y_true, proba, threshold)
     return {
         "n": int(len(y_true)),
         "n_positive": int(y_true.sum()),
         "threshold": float(threshold),
+        **scores,
+        "ece": expected_calibration_error(y_true, proba),
+        **counts,
+    }
+
+
+def _threshold_metrics(
+    y_true: np.ndarray, proba: np.ndarray, threshold: float
+) -> tuple[dict[str, float], dict[str, int]]:
+    """:data:`CI_METRICS` and the confusion counts (``tp``, ``fp``, ``tn``, ``fn``) of labels
+    ``y_true`` ``(n,)`` (0/1) and probabilities ``proba`` ``(n,)`` at ``threshold``: the one
+    implementation behind :func:`binary_metrics` and each resample of :func:`bootstrap_ci`.
+
+    The AUCs come from scikit-learn (NaN unless both classes are present); the counting metrics
+    and Brier are plain numpy (a ratio with a zero denominator is 0, as scikit-learn's
+    ``zero_division=0``), which keeps a 1,000-resample bootstrap fast.
+    """
+    pred = proba >= threshold
+    positive = y_true == 1
+    tp, fn = int(np.sum(pred & positive)), int(np.sum(~pred & positive))
+    fp, tn = int(np.sum(pred & ~positive)), int(np.sum(~pred & ~positive))
+    sensitivity = tp / (tp + fn) if tp + fn else 0.0
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    both = tp + fn > 0 and tn + fp > 0
+    scores = {
         "auc": float(skm.roc_auc_score(y_true, proba)) if both else float("nan"),
         "pr_auc": float(skm.average_precision_score(y_true, proba)) if both else float("nan"),
-        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "sensitivity": float(skm.recall_score(y_true, y_pred, zero_division=0)),
-        "specificity": float(skm.recall_score(1 - y_true, 1 - y_pred, zero_division=0)),
-        "precision": float(skm.precision_score(y_true, y_pred, zero_division=0)),
-        "f1": float(skm.f1_score(y_true, y_pred, zero_division=0)),
-        "brier": float(skm.brier_score_loss(y_true, proba)),
-        "ece": expected_calibration_error(y_true, proba),
-        "tp": int(tp),
-        "fp": int(fp),
-        "tn": int(tn),
-        "fn": int(fn),
+        "accuracy": (tp + tn) / len(y_true) if len(y_true) else 0.0,
+        "sensitivity": sensitivity,
+        "specificity": tn / (tn + fp) if tn + fp else 0.0,
+        "precision": precision,
+        "f1": 2 * precision * sensitivity / (precision + sensitivity) if precision + sensitivity else 0.0,
+        "brier": float(np.mean((proba - y_true) ** 2)),
     }
+    return scores, {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
 
 
 def roc_points(y_true: np.ndarray, proba: np.ndarray) -> dict[str, list[float]]:
@@ -184,12 +203,39 @@ def bootstrap_ci(
     positive image): images of one patient are correlated, so resampling images would give
     intervals that are too narrow. The threshold is held fixed: it was chosen on validation
     data, so the interval covers test-sampling variation only.
+
+    Each proportion (:data:`PROPORTIONS`) gets at least its exact binomial interval
+    (:func:`proportion_ci`, Clopper-Pearson, on the images): a percentile bootstrap
+    degenerates on small or perfect samples (30 of 30 right resamples to 1.0 - 1.0 every
+    time), where the exact interval is 0.88 - 1.0.
     """
     y_true = np.asarray(y_true).astype(int)
     proba = np.asarray(proba, dtype=float).reshape(-1)
-    samples = [_ci_metrics(y_true[idx], proba[idx], threshold)
+    samples = [_threshold_metrics(y_true[idx], proba[idx], threshold)[0]
                for idx in _resamples(y_true, n_boot, seed, groups)]
-    return _percentile_intervals(samples, CI_METRICS, level)
+    intervals = _percentile_intervals(samples, CI_METRICS, level)
+    _, counts = _threshold_metrics(y_true, proba, threshold)
+    right_of = {"sensitivity": (counts["tp"], counts["tp"] + counts["fn"]),
+                "specificity": (counts["tn"], counts["tn"] + counts["fp"]),
+                "accuracy": (counts["tp"] + counts["tn"], len(y_true))}
+    for name, (k, n) in right_of.items():
+        lo, hi = proportion_ci(k, n, level)
+        intervals[name] = (min(intervals[name][0], lo), max(intervals[name][1], hi))
+    return intervals
+
+
+PROPORTIONS = ("sensitivity", "specificity", "accuracy")
+"""Metrics of :func:`bootstrap_ci` that are a share of images, whose intervals cover at least
+the exact binomial interval."""
+
+
+def proportion_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) interval of a proportion ``successes / n`` at ``level``
+    (``scipy.stats.binomtest``); ``(nan, nan)`` when ``n`` is 0."""
+    if n == 0:
+        return float("nan"), float("nan")
+    interval = binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="exact")
+    return float(interval.low), float(interval.high)
 
 
 def _resamples(
@@ -228,32 +274,6 @@ def _percentile_intervals(
         values = np.array([sample[m] for sample in samples], dtype=float)
         out[m] = (float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100 - tail)))
     return out
-
-
-def _ci_metrics(y_true: np.ndarray, proba: np.ndarray, threshold: float) -> dict[str, float]:
-    """:data:`CI_METRICS` as :func:`binary_metrics` computes them, for one bootstrap resample.
-
-    The AUCs still come from scikit-learn; the counting metrics and Brier are plain numpy,
-    which makes a 1,000-resample bootstrap several times faster than calling the full
-    :func:`binary_metrics` (with its input validation) per resample.
-    """
-    pred = proba >= threshold
-    positive = y_true == 1
-    tp, fn = int(np.sum(pred & positive)), int(np.sum(~pred & positive))
-    fp, tn = int(np.sum(pred & ~positive)), int(np.sum(~pred & ~positive))
-    sensitivity = tp / (tp + fn) if tp + fn else 0.0
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    both = tp + fn > 0 and tn + fp > 0
-    return {
-        "auc": float(skm.roc_auc_score(y_true, proba)) if both else float("nan"),
-        "pr_auc": float(skm.average_precision_score(y_true, proba)) if both else float("nan"),
-        "accuracy": (tp + tn) / len(y_true),
-        "sensitivity": sensitivity,
-        "specificity": tn / (tn + fp) if tn + fp else 0.0,
-        "precision": precision,
-        "f1": 2 * precision * sensitivity / (precision + sensitivity) if precision + sensitivity else 0.0,
-        "brier": float(np.mean((proba - y_true) ** 2)),
-    }
 
 
 def multiclass_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -> dict:

@@ -30,6 +30,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from pneumo_utils.data.frames import other_class_references, swap_frame
 from pneumo_utils.data.tasks import predicted_labels
 
 STATISTIC_GROUPS: dict[str, list[str]] = {
@@ -101,22 +102,6 @@ def audit(
     return pd.DataFrame(rows).set_index("statistics").sort_values("validation auc", ascending=False)
 
 
-def other_class_references(
-    labels: np.ndarray, reference_labels: np.ndarray, seed: int = 0
-) -> np.ndarray:
-    """For each label, the index of a random reference of the *other* class, ``(n,)`` int."""
-    labels, reference_labels = np.asarray(labels), np.asarray(reference_labels)
-    rng = np.random.default_rng(seed)
-    out = np.empty(len(labels), dtype=int)
-    for value in np.unique(labels):
-        pool = np.flatnonzero(reference_labels != value)
-        if pool.size == 0:
-            raise ValueError(f"no reference image of a class other than {value}")
-        rows = np.flatnonzero(labels == value)
-        out[rows] = rng.choice(pool, size=rows.size)
-    return out
-
-
 def counterfactual(
     image: np.ndarray, reference: np.ndarray, kind: str, border: float = 0.12
 ) -> np.ndarray:
@@ -124,21 +109,16 @@ def counterfactual(
     :data:`COUNTERFACTUALS`. ``reference`` has the same shape; ``border`` is the frame's share
     of each side."""
     image = np.asarray(image, dtype=np.float32)
-    h, w = image.shape[:2]
-    bh, bw = round(h * border), round(w * border)
     if kind == "histogram_swap":
         grey, ref = _grey(image[None])[0], _grey(np.asarray(reference)[None])[0]
         ranks = np.argsort(np.argsort(grey.ravel(), kind="stable"), kind="stable")
         matched = np.sort(ref.ravel())[(ranks * ref.size) // grey.size].reshape(grey.shape)
         return np.repeat(matched[..., None], 3, axis=-1).astype(np.float32)
     if kind == "border_swap":
-        out = np.asarray(reference, dtype=np.float32).copy()
-    elif kind == "border_mask":
-        out = np.full_like(image, 128.0)
-    else:
-        raise ValueError(f"unknown counterfactual {kind!r}; choose from {', '.join(COUNTERFACTUALS)}")
-    out[bh: h - bh, bw: w - bw] = image[bh: h - bh, bw: w - bw]
-    return out
+        return swap_frame(image, np.asarray(reference, dtype=np.float32), border)
+    if kind == "border_mask":
+        return swap_frame(image, np.full_like(image, 128.0), border)
+    raise ValueError(f"unknown counterfactual {kind!r}; choose from {', '.join(COUNTERFACTUALS)}")
 
 
 def counterfactuals(
@@ -150,7 +130,7 @@ def counterfactuals(
     """``{"clean": images, kind: counterfactual images, ...}``, each ``(n, h, w, 3)`` float32.
 
     ``references[i]`` is the image whose cue ``images[i]`` receives (see
-    :func:`other_class_references`).
+    :func:`~pneumo_utils.data.frames.other_class_references`).
     """
     out = {"clean": np.asarray(images, dtype=np.float32)}
     for kind in kinds:

@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pathlib import Path
 
-    from pneumo_utils.data.images import check_image, is_image_file
+    from pneumo_utils.data.image_checks import check_image
+    from pneumo_utils.data.images import is_image_file
 
     folder = Path(args.data)
     if not folder.is_dir():
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(readable) < len(files):
         print(f"skipped {len(files) - len(readable)} unreadable or damaged images", file=sys.stderr)
 
-    from pneumo_utils.deploy.runtime import is_exported
+    from pneumo_utils.model.inference import is_exported
     from pneumo_utils.sidecar import ModelFileError
 
     if is_exported(args.model):

@@ -1,4 +1,4 @@
-"""Grad-CAM (Selvaraju et al. 2017) for the flat classifiers in :mod:`pneumo_utils.models`.
+"""Grad-CAM (Selvaraju et al. 2017) for the flat classifiers in :mod:`pneumo_utils.model.backbones`.
 
 The heat map weights the last convolutional feature maps by the gradient of the class score,
 showing which regions drove a prediction. It explains the model, not the disease: a model

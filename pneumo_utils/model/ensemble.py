@@ -21,13 +21,22 @@ MEAN_LAYER = "ensemble_mean"
 """Name of the layer that averages the members' outputs; :func:`members_of` looks for it."""
 
 
-def average(members: Sequence[keras.Model], image_size: int, name: str = "ensemble") -> keras.Model:
+def average(
+    members: Sequence[keras.Model],
+    image_size: int,
+    name: str = "ensemble",
+    sizes: Sequence[int | None] | None = None,
+) -> keras.Model:
     """One model whose output is the mean of ``members``' outputs.
 
     ``members`` are Keras classifiers with the same output (one sigmoid unit, or the same
     softmax classes) and ``(n, s, s, 3)`` inputs in 0-255; ``image_size`` is the ensemble's
-    input side. Returns a model ``(n, image_size, image_size, 3) -> (n, units)``; the members'
-    weights are shared with (not copied from) the models given.
+    input side. ``sizes`` gives each member's input side (``None``: read from its input); a
+    member that accepts any size (``Input(shape=(None, None, 3))``) needs it, the side it was
+    trained at (its sidecar's ``image_size``). Returns a model
+    ``(n, image_size, image_size, 3) -> (n, units)``; the members' weights are shared with
+    (not copied from) the models given. The members' tasks are not visible here: combine
+    models of one task (``python -m pneumo_utils.ensemble`` checks their sidecars).
     """
     if len(members) < 2:
         raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
@@ -38,11 +47,18 @@ def average(members: Sequence[keras.Model], image_size: int, name: str = "ensemb
     names = [m.name for m in members]
     if len(set(names)) != len(names):
         raise ValueError(f"member names must differ (they name the layers of the ensemble): {names}")
+    sizes = list(sizes) if sizes is not None else [None] * len(members)
     inputs = keras.Input((image_size, image_size, 3), name="image")
     outputs = []
-    for member in members:
+    for member, given in zip(members, sizes, strict=True):
         member.trainable = False
-        size = int(member.inputs[0].shape[1])
+        side = member.inputs[0].shape[1]
+        if given is None and side is None:
+            raise ValueError(
+                f"member {member.name} accepts any input size; give the side it was trained at "
+                "(its sidecar's image_size) in sizes"
+            )
+        size = int(given if given is not None else side)
         x = inputs if size == image_size else keras.layers.Resizing(size, size, name=f"{member.name}_resize")(inputs)
         outputs.append(member(x))
     mean = keras.layers.Average(name=MEAN_LAYER)(outputs)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import os
 import time
 import warnings
@@ -24,11 +23,12 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
+from pneumo_utils.data.frames import other_class_references, swap_frame
 from pneumo_utils.data.pipelines import DECODER, image_dataset
 from pneumo_utils.files import write_bytes_atomic
 from pneumo_utils.model.backbones import pooled_features_model
-from pneumo_utils.model.saving import ProgressBar
 
 DEFAULT_CACHE_DIR = ".cache/pneumo/features"
 
@@ -97,17 +97,17 @@ def extract_split_features(
 ) -> dict[str, np.ndarray]:
     """Pooled backbone features per split, ``{split: (n_images, channels) float32}``, cached.
 
-    ``model`` is a classifier from :mod:`pneumo_utils.models` (or any model with a
+    ``model`` is a classifier from :mod:`pneumo_utils.model.backbones` (or any model with a
     ``head_gap`` layer); its layers up to the pooling run once per image, in one pass over
-    every file list not found in the cache (one extractor, traced once), with a progress
-    bar when ``verbose``. Each list is cached under its own content key, so a split that did
+    every file list not found in the cache (one extractor, traced once), with Keras' closing
+    line and a summary when ``verbose``. Each list is cached under its own content key, so a split that did
     not change is reused even when another did. With ``cache_dir=None`` nothing is read or
     written. Cache files are written through a temporary file and a rename, so an
     interrupted run leaves no half-written cache; a cache file that fails its checksum is
     deleted and recomputed (with a warning naming it).
 
-    ``frame_from`` makes *frame-swapped views* (see :mod:`pneumo_utils.evaluation.shortcuts`): for a split
-    named in it, image ``i`` keeps its centre but its outer frame (``border`` of each side) is
+    ``frame_from`` makes *frame-swapped views* (:func:`pneumo_utils.data.frames.swap_frame`): for a
+    split named in it, image ``i`` keeps its centre but its outer frame (``border`` of each side) is
     taken from ``frame_from[split][i]``, e.g. an image of the other class. Training a head on
     such views as well as on the clean images makes the frame useless for telling the
     classes apart, so the model must use the centre.
@@ -146,11 +146,11 @@ def extract_split_features(
         dataset = image_dataset(all_paths, image_size=image_size, batch_size=batch_size, cache=False)
         if group is framed:
             frames = [p for split in group for p in frame_from[split]]
-            dataset = _with_frames(dataset, image_dataset(
-                frames, image_size=image_size, batch_size=batch_size, cache=False), border)
+            frame_images = image_dataset(frames, image_size=image_size, batch_size=batch_size, cache=False)
+            dataset = tf.data.Dataset.zip((dataset, frame_images)).map(
+                lambda x, f: swap_frame(x, f, border), num_parallel_calls=tf.data.AUTOTUNE)
         start = time.perf_counter()
-        progress = [ProgressBar(math.ceil(len(all_paths) / batch_size), "features")] if verbose else []
-        features = extractor.predict(dataset, verbose=0, callbacks=progress).astype(np.float32)
+        features = extractor.predict(dataset, verbose=2 if verbose else 0).astype(np.float32)
         seconds = time.perf_counter() - start
         if verbose:
             print(f"features: computed {features.shape} for {', '.join(group)} in {seconds:.0f} s "
@@ -162,20 +162,6 @@ def extract_split_features(
             if cache_file is not None:
                 _save_atomic(cache_file, out[split])
     return {split: out[split] for split in paths}
-
-
-def _with_frames(images, frames, border: float):
-    """Batches of ``images`` whose outer frame (``border`` of each side) comes from ``frames``."""
-    import tensorflow as tf
-
-    size = int(images.element_spec.shape[1])
-    edge = round(size * border)
-    inner = np.zeros((size, size, 1), dtype=np.float32)
-    inner[edge: size - edge, edge: size - edge] = 1.0
-    inner = tf.constant(inner)
-    return tf.data.Dataset.zip((images, frames)).map(
-        lambda x, f: x * inner + f * (1.0 - inner), num_parallel_calls=tf.data.AUTOTUNE
-    )
 
 
 def _checksum(features: np.ndarray) -> str:
@@ -253,13 +239,11 @@ def extract_with_frame_swaps(
 
     With ``frame_swap``, every training image gets a second copy whose outer frame comes from
     a random training image of the other class (``seed``; see :func:`extract_split_features`
-    and :mod:`pneumo_utils.evaluation.shortcuts`), so the frame says nothing about the label across the
+    and :mod:`pneumo_utils.data.frames`), so the frame says nothing about the label across the
     two copies. Returns ``(features, x_train, y_train)``: ``features`` maps each split of
     ``paths`` to ``(n, channels)``; ``x_train``/``y_train`` stack the clean training features
     and, with ``frame_swap``, their swapped copies (labels repeated).
     """
-    from pneumo_utils.evaluation.shortcuts import other_class_references
-
     views = {}
     if frame_swap:
         other = other_class_references(labels["train"], labels["train"], seed=seed)

@@ -298,11 +298,11 @@ def feature_model(model):
 
 
 def predict_with_looks(model, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, Looks | None]:
-    """Probabilities (as :func:`pneumo_utils.model.saving.predict_paths` gives them: ``(n,)``
+    """Probabilities (as :func:`pneumo_utils.model.inference.predict_paths` gives them: ``(n,)``
     or ``(n, K)``) and what the check sees of image files, in one forward pass; ``None`` looks
     for a model without :data:`FEATURE_LAYER`."""
     from pneumo_utils.data.pipelines import image_dataset
-    from pneumo_utils.model.saving import predict_paths
+    from pneumo_utils.model.inference import predict_paths
 
     both = feature_model(model)
     if both is None:

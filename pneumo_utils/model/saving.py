@@ -9,19 +9,15 @@ sigmoid unit, P(second class); a three-class model in a softmax with one unit pe
 
 from __future__ import annotations
 
-import math
 import re
-import time
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 
 from pneumo_utils import CLASS_NAMES, __version__
-from pneumo_utils.data.pipelines import image_dataset
 from pneumo_utils.files import atomic_path, file_digest, write_json_atomic
 from pneumo_utils.model.preprocessing import HistogramEqualization  # noqa: F401  (registers the layer for loading)
 from pneumo_utils.sidecar import (
@@ -32,6 +28,7 @@ from pneumo_utils.sidecar import (
     check_fingerprint,
     check_output,
     read_sidecar,
+    signed,
     validate_metadata,
 )
 
@@ -54,8 +51,10 @@ def model_metadata(model: keras.Model, task: str | None = None, **info: Any) -> 
     names (an NIH finding) write no task. ``output`` and ``decision`` come from the model's
     last layer: a sigmoid model decides with ``threshold`` (default 0.5), a softmax model by
     argmax and has no threshold (``threshold=None``, as a multi-class evaluation gives, writes
-    none). Raises :class:`~pneumo_utils.sidecar.ModelFileError` when the model's output does not
-    fit the task.
+    none). ``image_size`` is the model's input side, or for a model that accepts any size
+    (``Input(shape=(None, None, 3))``) the side it was trained at, which it then needs. Raises
+    :class:`~pneumo_utils.sidecar.ModelFileError` when the model's output does not fit the
+    task.
     """
     output, units = output_kind(model)
     if task is None:
@@ -66,9 +65,15 @@ def model_metadata(model: keras.Model, task: str | None = None, **info: Any) -> 
             task = "pneumonia"
         else:
             task = next((t for t, names in TASK_CLASS_NAMES.items() if len(names) == units), None)
+    side = info.pop("image_size", None) or model.inputs[0].shape[1]
+    if side is None:
+        raise ModelFileError(
+            f"model {model.name} accepts any image size; give the side it was trained at, "
+            "model_metadata(model, image_size=N)"
+        )
     meta: dict[str, Any] = {
         "name": model.name,
-        "image_size": int(model.inputs[0].shape[1]),
+        "image_size": int(side),
         "input": "RGB pixels in 0-255; preprocessing is inside the model",
     }
     if task is not None:
@@ -128,51 +133,6 @@ def output_kind(model: keras.Model, path: str | Path | None = None) -> tuple[str
     )
 
 
-def predict_paths(
-    model: keras.Model, paths: list[str], batch_size: int = 32, verbose: bool = False
-) -> np.ndarray:
-    """Probabilities for image files, decoded in parallel and batched: ``(n,)`` P(positive
-    class) for a one-unit sigmoid model, ``(n, K)`` for a ``K``-class softmax.
-
-    ``verbose`` shows a progress bar over the batches on a terminal (:class:`ProgressBar`)
-    and prints one closing line.
-    """
-    size = int(model.inputs[0].shape[1])
-    dataset = image_dataset(paths, image_size=size, batch_size=batch_size, cache=False)
-    callbacks = [ProgressBar(math.ceil(len(paths) / batch_size), "predict")] if verbose else []
-    start = time.perf_counter()
-    proba = model.predict(dataset, verbose=0, callbacks=callbacks)
-    if verbose:
-        print(f"predict: {len(paths)} images in {time.perf_counter() - start:.0f} s")
-    return proba.reshape(-1) if proba.shape[-1] == 1 else proba
-
-
-class ProgressBar(keras.callbacks.Callback):
-    """A ``tqdm`` bar over the batches of ``model.predict`` (``total`` batches), drawn only
-    when stderr is a terminal.
-
-    In a Jupyter kernel (papermill included), a pipe or a log file every redraw of a text
-    bar stays behind as a line (one per batch in a notebook's HTML report), so there the
-    bar is off (``tqdm``'s ``disable=None``) and the caller prints one closing line.
-    """
-
-    def __init__(self, total: int, description: str) -> None:
-        super().__init__()
-        self.total, self.description, self.bar = total, description, None
-
-    def on_predict_begin(self, logs=None) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=self.total, desc=self.description, unit="batch", leave=False,
-                        disable=None)
-
-    def on_predict_batch_end(self, batch, logs=None) -> None:
-        self.bar.update(1)
-
-    def on_predict_end(self, logs=None) -> None:
-        self.bar.close()
-
-
 def sidecar_path(model_path: str | Path) -> Path:
     """The JSON sidecar that travels with ``model_path`` (same stem, ``.json``)."""
     return Path(model_path).with_suffix(".json")
@@ -185,8 +145,9 @@ def save_model(model: keras.Model, path: str | Path, metadata: dict | None = Non
     of a save that was killed (its name carries the process id) is removed by the next save
     into the same folder. The sidecar records the SHA-256 of the ``.keras`` file it was
     written with (``sha256``: ``{"keras": ...}``, replacing any digests in ``metadata``, whose
-    exports describe other weights), so :func:`load_model` refuses it beside another model;
-    rewriting only the sidecar later keeps it valid.
+    exports describe other weights) and the ``fingerprint`` binding it to the fields that
+    decide what a prediction means (:func:`~pneumo_utils.sidecar.signed`), so
+    :func:`load_model` refuses it beside another model or after one of those fields is edited.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +156,7 @@ def save_model(model: keras.Model, path: str | Path, metadata: dict | None = Non
     with atomic_path(path, suffix=".keras") as tmp:
         model.save(tmp)
         digest = file_digest(tmp)
-    write_json_atomic(sidecar_path(path), {**meta, "sha256": {"keras": digest}})
+    write_json_atomic(sidecar_path(path), signed(meta, {"keras": digest}))
     return path
 
 
@@ -223,8 +184,9 @@ def load_model(path: str | Path) -> tuple[keras.Model, dict]:
     disagrees with the model's input, or when its task does not fit the output
     (:func:`~pneumo_utils.sidecar.check_output`: a sigmoid model with a three-class sidecar, a
     softmax model whose sidecar names no multi-class task or is missing, a softmax of the
-    wrong width), or when it records the SHA-256 of another ``.keras`` file
-    (:func:`~pneumo_utils.sidecar.check_fingerprint`). Without a sidecar, the metadata of a
+    wrong width), or when it lacks its fingerprint, records the SHA-256 of another ``.keras``
+    file or was edited after it was written (:func:`~pneumo_utils.sidecar.check_fingerprint`).
+    Without a sidecar, the metadata of a
     sigmoid model is inferred from the model (task pneumonia, threshold 0.5).
     """
     path = Path(path)

@@ -1,48 +1,18 @@
-"""Training with ``model.fit`` and Keras callbacks.
+"""The notebooks' compile/fit recipe as functions, for code that trains without a notebook
+(benchmarks, the distributed test worker).
 
-The notebooks write their ``model.compile`` and ``model.fit`` calls out in the open; this
-module holds what is not worth repeating there: a one-line-per-epoch progress callback, so a
-run stays quiet (``verbose=0``) and still shows where it is, and the same compile/fit recipe
-as functions for code that trains without a notebook (benchmarks, tests): Adam, binary
-cross-entropy, ROC AUC as the monitored metric, early stopping that restores the best epoch,
-and a learning rate reduced on plateaus.
+The notebooks write their ``model.compile`` and ``model.fit`` calls out in the open (with
+``verbose=2``: one summary line per epoch, no progress bar in the reports); this is the same
+recipe: Adam, binary cross-entropy, ROC AUC as the monitored metric, early stopping that
+restores the best epoch, and a learning rate reduced on plateaus.
 """
 
 from __future__ import annotations
-
-import time
 
 import keras
 import numpy as np
 
 from pneumo_utils.model.backbones import head_on_features
-
-
-class EpochLine(keras.callbacks.Callback):
-    """Print one line per epoch: epoch, seconds, loss and AUC (train and validation), learning rate.
-
-    For ``model.fit(..., verbose=0)``: a long run shows progress in the notebook and in the
-    terminal running papermill, without Keras' per-batch progress bars in the report.
-    """
-
-    def __init__(self, keys: tuple[str, ...] = ("loss", "auc", "val_loss", "val_auc")):
-        super().__init__()
-        self.keys = keys
-        self._start = 0.0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        total = self.params.get("epochs") if self.params else None
-        parts = [f"epoch {epoch + 1}" + (f"/{total}" if total else ""),
-                 f"{time.perf_counter() - self._start:.0f} s"]
-        parts += [f"{key} {logs[key]:.4f}" for key in self.keys if key in logs]
-        learning_rate = self.model.optimizer.learning_rate if self.model.optimizer else None
-        if learning_rate is not None:
-            parts.append(f"lr {float(keras.ops.convert_to_numpy(learning_rate)):.1e}")
-        print("  ".join(parts), flush=True)
 
 
 def compile_binary(
@@ -65,56 +35,6 @@ def compile_binary(
     return model
 
 
-def standard_callbacks(
-    patience: int = 5, monitor: str = "val_auc", lr_patience: int = 2
-) -> list[keras.callbacks.Callback]:
-    """EarlyStopping (best weights restored) and ReduceLROnPlateau (x0.3, down to 1e-6).
-
-    Validation ROC AUC rather than loss is monitored: it is what the reports lead with, and
-    class weights do not distort it.
-    """
-    return [
-        keras.callbacks.EarlyStopping(
-            monitor=monitor, mode="max", patience=patience, restore_best_weights=True
-        ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor=monitor, mode="max", factor=0.3, patience=lr_patience, min_lr=1e-6
-        ),
-    ]
-
-
-def fit(
-    model: keras.Model,
-    train_data,
-    val_data,
-    epochs: int = 10,
-    class_weight: dict[int, float] | None = None,
-    patience: int = 5,
-    verbose: int = 0,
-    callbacks: list[keras.callbacks.Callback] | None = None,
-    **fit_kwargs,
-) -> dict[str, list[float]]:
-    """``model.fit`` with :func:`standard_callbacks`; returns the history as a plain dict.
-
-    ``train_data``/``val_data`` are tf.data datasets or ``(x, y)`` tuples of arrays; the
-    model must be compiled (:func:`compile_binary`). ``callbacks`` run after the standard
-    ones (a timer, :class:`EpochLine`). The history maps each metric to one value per epoch.
-    """
-    if isinstance(train_data, tuple):
-        fit_kwargs.update(x=train_data[0], y=train_data[1])
-    else:
-        fit_kwargs.update(x=train_data, shuffle=False)  # tf.data pipelines shuffle themselves
-    history = model.fit(
-        validation_data=val_data,
-        epochs=epochs,
-        class_weight=class_weight,
-        callbacks=[*standard_callbacks(patience), *(callbacks or [])],
-        verbose=verbose,
-        **fit_kwargs,
-    )
-    return {key: [float(v) for v in values] for key, values in history.history.items()}
-
-
 def fit_head_on_features(
     model: keras.Model,
     train_features: np.ndarray,
@@ -131,27 +51,35 @@ def fit_head_on_features(
     callbacks: list[keras.callbacks.Callback] | None = None,
     label_smoothing: float = 0.0,
 ) -> dict[str, list[float]]:
-    """Train ``model``'s head in place on cached pooled features ``(n, channels)``.
+    """Train ``model``'s head in place on cached pooled features ``(n, channels)``; returns the
+    history, each metric with one value per epoch.
 
-    The head, loss, class weights, callbacks and optimiser are those of training over images
-    with a frozen base; only the backbone's forward pass is skipped
-    (:func:`pneumo_utils.model.backbones.head_on_features` shares the head's layers). Afterwards
-    ``model`` (base and trained head) predicts as a model trained over images would.
-    ``seed``, when given, seeds Keras (head initialisation aside: it exists already) so the
-    shuffling of the feature rows is reproducible.
+    The head, loss, class weights and optimiser are those of training over images with a
+    frozen base; only the backbone's forward pass is skipped
+    (:func:`pneumo_utils.model.backbones.head_on_features` shares the head's layers). Early
+    stopping on validation ROC AUC (``patience`` epochs; the best epoch's weights restored)
+    and a learning rate cut to 0.3x after 2 epochs without gain (down to 1e-6) run before
+    ``callbacks``. Afterwards ``model`` (base and trained head) predicts as a model trained
+    over images would. ``seed``, when given, seeds Keras (head initialisation aside: it
+    exists already) so the shuffling of the feature rows is reproducible.
     """
     if seed is not None:
         keras.utils.set_random_seed(seed)
     head = compile_binary(head_on_features(model), learning_rate, label_smoothing)
-    return fit(
-        head,
-        (np.asarray(train_features), np.asarray(train_labels, dtype=np.float32)),
-        (np.asarray(val_features), np.asarray(val_labels, dtype=np.float32)),
+    history = head.fit(
+        np.asarray(train_features), np.asarray(train_labels, dtype=np.float32),
+        validation_data=(np.asarray(val_features), np.asarray(val_labels, dtype=np.float32)),
         epochs=epochs,
-        class_weight=class_weight,
-        patience=patience,
         batch_size=batch_size,
+        class_weight=class_weight,
         shuffle=True,
         verbose=verbose,
-        callbacks=callbacks,
+        callbacks=[
+            keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience,
+                                          restore_best_weights=True),
+            keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.3, patience=2,
+                                              min_lr=1e-6),
+            *(callbacks or []),
+        ],
     )
+    return {key: [float(v) for v in values] for key, values in history.history.items()}

@@ -131,13 +131,25 @@ def describe_error(exc: BaseException) -> str:
 
 @functools.cache
 def _kernel_manager_class() -> type:
-    """nbclient's kernel manager, keeping each instance in :data:`KERNELS`."""
+    """nbclient's kernel manager, keeping each instance in :data:`KERNELS`, whose shutdown
+    sends the kernel no SIGINT.
+
+    ``jupyter_client``'s ``shutdown_kernel`` interrupts the kernel before asking it to shut
+    down, to stop a running cell. A notebook's kernel is shut down only when papermill has
+    every cell's reply (an interrupted run kills it, :func:`kill_kernels`), so there is no cell
+    to stop; the SIGINT lands in whatever message the kernel still handles, and ipykernel
+    prints ``[IPKernelApp] ERROR | KeyboardInterrupt caught in kernel.`` on the console.
+    """
     from jupyter_client import AsyncKernelManager
 
     class TrackedKernelManager(AsyncKernelManager):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             KERNELS.add(self)
+
+        async def _async_interrupt_kernel(self) -> None:
+            if not self.shutting_down:
+                await super()._async_interrupt_kernel()
 
         async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
             kw["stderr"] = subprocess.PIPE
@@ -194,7 +206,7 @@ def run_notebook(nb: Notebook, reports_dir: Path, kernel: str | None, engine: st
     except Exception as exc:  # a cell error, a dead or missing kernel, a full disk
         nb.error = describe_error(exc)
     nb.seconds = time.monotonic() - started
-    nb.metrics = read_metrics(paths["metrics"])
+    nb.metrics, nb.metrics_problem = read_metrics(paths["metrics"])
     try:
         render_reports(nb, paths)
     except Exception as exc:  # a full disk, an unreadable partial notebook
@@ -202,13 +214,48 @@ def run_notebook(nb: Notebook, reports_dir: Path, kernel: str | None, engine: st
     nb.status = "failed" if nb.error else "ok"
 
 
-def read_metrics(path: Path) -> dict | None:
-    """The notebook's metrics JSON (written by ``report.save_run``), or None."""
+MAX_METRICS_BYTES = 2 * 2**20
+"""Largest metrics JSON the index reads: a real one is tens of KB (two models with their ROC
+points and bootstrap intervals are under 150 KB)."""
+
+MAX_METRICS_DEPTH = 32
+"""Deepest nesting of a metrics JSON the index reads (a real one is 7 deep), checked before
+parsing so that the parser never recurses into a hostile file."""
+
+MAX_METRICS_MODELS = 50
+"""Most model entries in one metrics JSON (a notebook writes one to a few): each is a row of a
+table on the index."""
+
+
+def read_metrics(path: Path) -> tuple[dict | None, str | None]:
+    """The notebook's metrics JSON (written by ``report.save_run``) and why it is not shown.
+
+    ``(None, None)`` when there is no file; ``(None, reason)`` when the file is beyond
+    :data:`MAX_METRICS_BYTES`, :data:`MAX_METRICS_DEPTH` or :data:`MAX_METRICS_MODELS`, or is not
+    a JSON object: the index says so and the run goes on.
+    """
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_METRICS_BYTES + 1)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"{path.name} cannot be read ({exc.strerror or exc})"
+    if len(raw) > MAX_METRICS_BYTES:
+        return None, f"{path.name} is larger than {MAX_METRICS_BYTES // 2**20} MiB"
+    text = raw.decode("utf-8", errors="replace")
+    if files.json_depth(text) > MAX_METRICS_DEPTH:
+        return None, f"{path.name} is nested deeper than {MAX_METRICS_DEPTH} levels"
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        return None, f"{path.name} is not JSON ({exc})"
+    if not isinstance(data, dict):
+        return None, f"{path.name} is not a JSON object"
+    models = data.get("models")
+    if isinstance(models, list) and len(models) > MAX_METRICS_MODELS:
+        return None, f"{path.name} lists {len(models):,} models, more than {MAX_METRICS_MODELS}"
+    return data, None
 
 
 def render_reports(nb: Notebook, paths: dict[str, Path]) -> None:

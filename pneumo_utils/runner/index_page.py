@@ -38,6 +38,10 @@ LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "numpy", "scikit-learn", "
 MAX_ROC_POINTS = 500
 """Most points drawn per ROC curve on the index (about two per pixel of its axes)."""
 
+MAX_ROC_CURVES = 20
+"""Most ROC curves in one figure: the first rows of its table (the legend of more is
+unreadable, and each curve costs scikit-learn's display about 50 ms)."""
+
 
 def number(value: Any) -> float | None:
     """``value`` as a finite float, else None."""
@@ -267,7 +271,8 @@ def roc_figure(rows: Sequence[dict], key: str, split: str = "test") -> str | Non
     Each row's ROC points hold ``fpr`` and ``tpr``, lists of rates in 0..1 of equal length;
     pairs with a missing or non-finite rate are dropped, and a curve of more than
     :data:`MAX_ROC_POINTS` points keeps every k-th (the figure is 3 inches wide, so more
-    points only lengthen ``index.html``). Curves are drawn by scikit-learn's
+    points only lengthen ``index.html``). The first :data:`MAX_ROC_CURVES` rows with points
+    are drawn. Curves are drawn by scikit-learn's
     ``RocCurveDisplay`` with the chance diagonal, each labelled with the row's name and
     AUC on that split. The figure is a ``matplotlib.figure.Figure`` that pyplot never holds, so no
     backend is chosen and nothing stays open; text stays text (``svg.fonttype: none``), and
@@ -278,6 +283,8 @@ def roc_figure(rows: Sequence[dict], key: str, split: str = "test") -> str | Non
     points, auc, label = ROC_SPLITS[split]
     curves = []
     for row in rows:
+        if len(curves) == MAX_ROC_CURVES:
+            break
         roc = row.get(points)
         if not isinstance(roc, dict) or not isinstance(roc.get("fpr"), list) or not isinstance(roc.get("tpr"), list):
             continue
@@ -353,7 +360,7 @@ def write_index(notebooks: Sequence[Notebook], reports_dir: Path, run: dict, bes
             "of": nb.of,
             "status": nb.status,
             "seconds": f"{nb.seconds:.0f}" if nb.status in ("ok", "failed") else "",
-            "error": nb.error or "",
+            "error": "; ".join(filter(None, [nb.error, nb.metrics_problem and f"metrics not shown: {nb.metrics_problem}"])),
             "parameters": {k: json.dumps(v) for k, v in nb.parameters.items()},
             **{k: paths[k].name if paths[k].is_file() else None for k in ("html", "code_html", "ipynb")},
         })
@@ -391,7 +398,8 @@ def write_index(notebooks: Sequence[Notebook], reports_dir: Path, run: dict, bes
                  for task, b in best.items()},
         "notebooks": {
             nb.name: {"of": nb.of, "status": nb.status, "seconds": round(nb.seconds, 2), "error": nb.error,
-                      "parameters": nb.parameters, "metrics": nb.metrics}
+                      "parameters": nb.parameters, "metrics": nb.metrics,
+                      "metrics_problem": nb.metrics_problem}
             for nb in notebooks
         },
     }

@@ -50,6 +50,7 @@ VALUE_RULES: dict[str, tuple[str, Any]] = {
     "patience": ("an integer >= 1", lambda v: _int(v) and v >= 1),
     "max_images_per_class": ("null or an integer >= 2", lambda v: v is None or (_int(v) and v >= 2)),
     "images_per_epoch": ("null or an integer >= 1", lambda v: v is None or (_int(v) and v >= 1)),
+    "unfreeze_layers": ("null or an integer >= 1", lambda v: v is None or (_int(v) and v >= 1)),
     "learning_rate": ("a number above 0 and at most 1", lambda v: _number(v) and 0 < v <= 1),
     "fine_tune_learning_rate": ("a number above 0 and at most 1", lambda v: _number(v) and 0 < v <= 1),
     "val_fraction": ("a number above 0 and below 1", lambda v: _number(v) and 0 < v < 1),
@@ -57,9 +58,11 @@ VALUE_RULES: dict[str, tuple[str, Any]] = {
     "stretch": ("a number from 0 to 0.9", lambda v: _number(v) and 0 <= v <= 0.9),
     "label_smoothing": ("a number from 0 to below 1", lambda v: _number(v) and 0 <= v < 1),
     "seed": ("an integer from 0 to 2**32 - 1", lambda v: _int(v) and 0 <= v < 2**32),
+    "remove_cues": ("true or false", lambda v: isinstance(v, bool)),
 }
-"""The ranges of the notebooks' numeric parameters, checked before any kernel starts: a value
-outside them fails inside a notebook with a Keras traceback, or silently trains nothing."""
+"""The ranges of the notebooks' numeric and true/false parameters, checked before any kernel
+starts: a value outside them fails inside a notebook with a Keras traceback, or silently trains
+nothing (``"false"``, a string, is true)."""
 
 FOLDER_PARAMETERS = ("reports_dir", "models_dir", "cache_dir", "shards_dir")
 """Parameters that name a folder a notebook writes into: an existing file there is refused."""
@@ -106,6 +109,7 @@ class Notebook:
     seconds: float = 0.0
     error: str | None = None
     metrics: dict | None = None
+    metrics_problem: str | None = None
 
     def default(self, key: str) -> Any:
         """The notebook's own value of parameter ``key`` (None when not a literal)."""
@@ -247,8 +251,31 @@ def read_notebooks(folder: Path) -> list[Notebook]:
     notebooks = []
     for name, path in sorted(paths.items()):
         node = jupytext.read(path)
-        notebooks.append(Notebook(name, path, node, papermill.inspect_notebook(node)))
+        try:
+            declared = settings_of(node) | papermill.inspect_notebook(node)
+        except ValueError as exc:  # no kernelspec: papermill cannot tell the language
+            raise UsageError(f"{path}: {exc}; add one with: jupytext --set-kernel python3 {path}") from None
+        notebooks.append(Notebook(name, path, node, declared))
     return notebooks
+
+
+def settings_of(node: Any) -> dict[str, dict]:
+    """The parameters a notebook declares in cells tagged ``settings`` (the run's folders,
+    strategy and seed), as ``papermill.inspect_notebook`` gives those of its ``parameters``
+    cell (the story's). Settings cells come before the ``parameters`` cell, so the values
+    papermill injects after that cell replace them too.
+    """
+    from papermill.translators import papermill_translators
+    from papermill.utils import nb_kernel_name, nb_language
+
+    translator = papermill_translators.find_translator(nb_kernel_name(node), nb_language(node))
+    tags = [cell.get("metadata", {}).get("tags", []) for cell in node.cells]
+    first = next((i for i, cell in enumerate(tags) if "parameters" in cell), len(tags))
+    if any("settings" in cell for cell in tags[first:]):
+        raise ValueError("a cell tagged settings comes after the parameters cell, where papermill's values "
+                         "would be overwritten; move it before")
+    return {p.name: p._asdict() for cell, cell_tags in zip(node.cells, tags, strict=True) if "settings" in cell_tags
+            for p in translator.inspect(cell)}
 
 
 def add_runs(notebooks: Sequence[Notebook], runs: dict[str, Any]) -> list[Notebook]:

@@ -1,2 +1,3 @@
-"""Beyond one machine: `tf.distribute` strategies and mixed precision (`distribute`), and
-TFRecord shards of an index with a reader split by file (`shards`)."""
+"""Beyond one machine: `tf.distribute` strategies (`distribute`), and
+TFRecord shards of an index (`shard_manifest`: the manifest and its checks; `shard_writer`;
+`shard_reader`: a tf.data reader split by file, figures' images, features; `shard_command`)."""

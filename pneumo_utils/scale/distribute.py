@@ -1,4 +1,4 @@
-"""Which ``tf.distribute`` strategy to train under, the global batch size, and mixed precision.
+"""Which ``tf.distribute`` strategy to train under, and the global batch size.
 
 Everything that creates variables (building, compiling, training, fine-tuning, feature
 extraction) runs inside ``strategy.scope()``; ``model.fit`` then splits each global batch
@@ -29,7 +29,6 @@ import keras
 import tensorflow as tf
 
 STRATEGY_NAMES: tuple[str, ...] = ("auto", "default", "mirrored", "multiworker", "tpu")
-PRECISION_SETTINGS: tuple[str, ...] = ("auto", "on", "off", "float32", "mixed_float16", "mixed_bfloat16")
 
 _TPU_ENV = ("TPU_NAME", "COLAB_TPU_ADDR", "TPU_ACCELERATOR_TYPE")
 _CLASS_NAMES = {
@@ -207,39 +206,3 @@ def describe(strategy) -> str:
     workers = f"{info['workers']} worker{'s' if info['workers'] != 1 else ''}"
     return (f"{name}: {replicas} ({', '.join(info['devices'])}), {workers}, "
             f"precision {info['precision']}")
-
-
-def precision_policy(setting: str = "auto", strategy=None) -> str:
-    """The Keras dtype policy name for a mixed-precision ``setting``, without setting it.
-
-    ``"auto"``: ``mixed_bfloat16`` under a TPU strategy, ``mixed_float16`` when a GPU is
-    visible, ``float32`` on CPU (bfloat16 brought no speed-up on the project's CPU).
-    ``"on"``: the same but ``mixed_bfloat16`` on CPU. ``"off"``: ``float32``. A policy name
-    is taken as it is.
-    """
-    key = str(setting).strip().lower()
-    if key not in PRECISION_SETTINGS:
-        raise ValueError(f"unknown precision setting {setting!r}; choose one of {list(PRECISION_SETTINGS)}")
-    if key in ("float32", "mixed_float16", "mixed_bfloat16"):
-        return key
-    if key == "off":
-        return "float32"
-    if strategy is not None and strategy_kind(strategy) == "tpu":
-        return "mixed_bfloat16"
-    if tf.config.list_physical_devices("GPU"):
-        return "mixed_float16"
-    return "mixed_bfloat16" if key == "on" else "float32"
-
-
-def set_precision(setting: str = "auto", strategy=None) -> str:
-    """Set Keras' global dtype policy from ``setting`` (see :func:`precision_policy`) and
-    return its name.
-
-    Call it before building a model: layers take the policy when they are created. A model
-    built under a mixed policy must compute its output in float32 (a sigmoid in float16
-    saturates and its loss loses precision): the classification layer is created with
-    ``dtype="float32"``.
-    """
-    name = precision_policy(setting, strategy)
-    keras.mixed_precision.set_global_policy(name)
-    return name

@@ -1,12 +1,15 @@
-"""Running an exported model (``.tflite`` or ``.onnx``) without TensorFlow.
+"""Running a model on image files: a ``.keras`` model, or its ``.tflite``/``.onnx`` export
+without TensorFlow.
 
 An export written by :mod:`pneumo_utils.deploy.export` keeps the ``.keras`` model's input contract:
 one ``(batch, n, n, 3)`` float32 array of RGB pixels in 0-255, preprocessing inside; and its
 output: one sigmoid unit per image for a binary task, one softmax unit per class for
 ``three_class``. It travels with its own JSON sidecar (same stem), so a laptop or
 workstation with only ``ai-edge-litert`` (for ``.tflite``) or ``onnxruntime`` (for
-``.onnx``), NumPy and the image readers can answer in about a second: nothing here imports
-TensorFlow or Keras, and the runtimes are imported only when a model of their kind is loaded.
+``.onnx``), NumPy and the image readers can answer in about a second: for exports nothing
+here imports TensorFlow or Keras, and the runtimes are imported only when a model of their
+kind is loaded. :func:`load_any` and :func:`predict_paths` take either kind of model, so
+``predict``, ``evaluate`` and ``site_shift`` do not ask which one they hold.
 
 :class:`ExportedModel` answers ``predict(images)`` and ``input_shape`` like a Keras model,
 so :func:`pneumo_utils.deploy.predict.predict_images` takes either.
@@ -14,7 +17,9 @@ so :func:`pneumo_utils.deploy.predict.predict_images` takes either.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +33,7 @@ from pneumo_utils.sidecar import (
     ModelFileError,
     check_fingerprint,
     check_output,
+    check_probabilities,
     read_sidecar,
     validate_metadata,
 )
@@ -417,8 +423,9 @@ def load_exported(path: str | os.PathLike, threads: int | None = None) -> tuple[
     the runtime cannot load, a missing runtime package, a sidecar that fails validation,
     whose ``image_size`` disagrees with the export's input, or whose task does not fit the
     export's output width (:func:`pneumo_utils.sidecar.check_output`; an export's activation
-    cannot be read, so more than one output unit needs a sidecar naming a multi-class task).
-    Without a sidecar the metadata of a one-unit export is inferred (threshold 0.5).
+    cannot be read, so more than one output unit needs a sidecar naming a multi-class task),
+    or that lacks its fingerprint, records another file's SHA-256 or was edited after it was
+    written (:func:`pneumo_utils.sidecar.check_fingerprint`). Without a sidecar the metadata of a one-unit export is inferred (threshold 0.5).
     """
     meta_file = Path(path).with_suffix(".json")
     meta = read_sidecar(meta_file)
@@ -451,34 +458,43 @@ def load_any(path: str | os.PathLike):
 
 def predict_paths(model, paths: list[str], batch_size: int = 32, verbose: bool = False,
                   workers: int | None = None) -> np.ndarray:
-    """Probabilities for image files, with an export or a Keras model: ``(n,)`` (P(positive
+    """Probabilities for image files, with a Keras model or an export: ``(n,)`` (P(positive
     class)) for a one-unit model, ``(n, K)`` for a ``K``-class softmax.
 
-    A Keras model goes to :func:`pneumo_utils.model.saving.predict_paths` (tf.data). For an
-    :class:`ExportedModel`, images are decoded with
+    A Keras model reads the files through :func:`pneumo_utils.data.pipelines.image_dataset`
+    (tf.data, decoded in parallel); ``verbose`` prints Keras' one closing line (batches,
+    seconds, time per batch) on stderr. For an :class:`ExportedModel`, images are decoded with
     :func:`pneumo_utils.data.images.read_resized` in ``workers`` threads (default one per CPU;
     the decoders release the GIL), the next batch decoding while the current one runs
-    through the model; ``verbose`` shows a progress bar over the batches. ``batch_size`` is
+    through the model; ``verbose`` shows a ``tqdm`` bar over the batches. ``batch_size`` is
     lowered to fit :data:`BATCH_BYTES`. Raises
     :class:`~pneumo_utils.data.images.ImageReadError` for an unreadable file and
     :class:`~pneumo_utils.sidecar.ModelFileError` for outputs that are not probabilities
     (:func:`~pneumo_utils.sidecar.check_probabilities`).
     """
-    from pneumo_utils.sidecar import check_probabilities
-
     size = int(model.input_shape[1])
     batch_size = batch_size_for(size, batch_size)
-    if not isinstance(model, ExportedModel):
-        from pneumo_utils.model.saving import predict_paths as predict_with_keras
+    if isinstance(model, ExportedModel):
+        proba, name = _predict_exported(model, paths, batch_size, verbose, workers), model.path
+    else:
+        from pneumo_utils.data.pipelines import image_dataset
 
-        proba = predict_with_keras(model, paths, batch_size=batch_size, verbose=verbose)
-        return check_probabilities(proba, "the model").astype(np.float32)
+        dataset = image_dataset(paths, image_size=size, batch_size=batch_size, cache=False)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout may carry a command's JSON
+            proba, name = model.predict(dataset, verbose=2 if verbose else 0), "the model"
+    proba = check_probabilities(np.asarray(proba), name).astype(np.float32)
+    return proba.reshape(-1) if proba.shape[-1] == 1 else proba
+
+
+def _predict_exported(model: ExportedModel, paths: list[str], batch_size: int, verbose: bool,
+                      workers: int | None) -> np.ndarray:
+    """``(n, output_units)`` outputs of an export, decoding the next batch while one runs."""
     from tqdm.auto import tqdm
 
     from pneumo_utils.data.images import read_resized
 
+    size = int(model.input_shape[1])
     batches = [paths[i: i + batch_size] for i in range(0, len(paths), batch_size)]
-    units = model.output_units
     out: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         pending = [pool.submit(read_resized, p, size) for p in batches[0]] if batches else []
@@ -488,6 +504,4 @@ def predict_paths(model, paths: list[str], batch_size: int = 32, verbose: bool =
             following = batches[i + 1] if i + 1 < len(batches) else []
             pending = [pool.submit(read_resized, p, size) for p in following]
             out.append(model.predict(images))
-    proba = np.concatenate(out) if out else np.zeros((0, units), np.float32)
-    proba = check_probabilities(proba, model.path).astype(np.float32)
-    return proba.reshape(-1) if units == 1 else proba
+    return np.concatenate(out) if out else np.zeros((0, model.output_units), np.float32)
