@@ -39,7 +39,7 @@ TIME_LIMIT_S = 120.0
 @dataclass(frozen=True)
 class Case:
     """One hostile input. ``build(folder)`` writes the inputs under ``folder`` and returns the
-    command's arguments after ``python`` (e.g. ``["-m", "pneumo_utils.evaluate", ...]``)."""
+    command's arguments after ``python`` (e.g. ``["-m", "pneumo_utils", "evaluate", ...]``)."""
 
     area: str
     name: str

@@ -7,7 +7,7 @@ For MobileNetV2 and ResNet50 at 224 px (ImageNet backbone, head trained for a fe
 cached features of ``--train-images`` training images, so that AUCs mean something):
 
 - ``predict`` on one image, process start to answer (median of ``--repeats`` runs of
-  ``python -m pneumo_utils.predict IMAGE --model FILE``), for ``.keras``, ``.tflite``,
+  ``pneumo predict IMAGE --model FILE``), for ``.keras``, ``.tflite``,
   ``.onnx`` and the quantised exports;
 - batch throughput on ``--images`` hold-out images: the project's path from files
   (``inference.predict_paths``, for Keras models and exports) against a bare
@@ -153,7 +153,7 @@ def _sample(paths, labels, n, rng):
 
 
 def _command_seconds(image: str, model: Path, repeats: int) -> float:
-    """Median wall time of ``python -m pneumo_utils.predict IMAGE --model MODEL``."""
+    """Median wall time of ``pneumo predict IMAGE --model MODEL``."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

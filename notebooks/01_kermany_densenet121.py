@@ -395,7 +395,7 @@ plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions
 # threshold and rule, the input check and the uncertain band, data split, weights, metrics) and
 # a markdown model card, and writes the
 # run's metrics JSON, which the index page of `run_all.sh` reads;
-# `python -m pneumo_utils.predict IMAGE --model saved_models/01_kermany_densenet121.keras` needs
+# `pneumo predict IMAGE --model saved_models/01_kermany_densenet121.keras` needs
 # nothing else.
 
 # %%

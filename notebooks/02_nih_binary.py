@@ -46,7 +46,7 @@ if "google.colab" in sys.modules:
 # %% tags=["settings"]
 # The run: where the data and the outputs are, how it runs (run_all.sh and --set change them)
 data_dir = None  # type: str|None NIH folder (images and Data_Entry_2017*.csv) or a path,label CSV (None: found in data/ or ../shared/data/, else the Kaggle sample)
-shards_dir = None  # type: str|None TFRecord shards folder to read instead of the image files (python -m pneumo_utils.shards writes one; when it holds none yet, this notebook writes it from data_dir). None: read data_dir's files
+shards_dir = None  # type: str|None TFRecord shards folder to read instead of the image files (pneumo shards writes one; when it holds none yet, this notebook writes it from data_dir). None: read data_dir's files
 batch_size: int = 32  # images per batch on each replica (device)
 strategy: str = "auto"  # tf.distribute strategy: auto, default, mirrored, multiworker or tpu
 seed: int = 42  # seeds the balancing, the split, the initial weights and the shuffling
@@ -106,7 +106,7 @@ else:  # complete shards are read alone; a data_dir given must be the folder the
 # patient and split, into each file: `tf.data` streams a few large files in parallel and decodes
 # in the graph, and under `tf.distribute` with several workers each worker reads its own files
 # (the input is split by file). Write them once with
-# `python -m pneumo_utils.shards --data-root DIR --out DIR` and pass `shards_dir`; when
+# `pneumo shards --data-root DIR --out DIR` and pass `shards_dir`; when
 # `shards_dir` holds no shards yet, the cell below writes them from `data_dir`, with this
 # notebook's finding and patient split (a rerun after an interruption resumes). Shards are read as
 # they are: after the images or the table change, write them into a new folder.

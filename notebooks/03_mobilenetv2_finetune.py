@@ -417,4 +417,4 @@ _ = report.save_run(
 image_path = paths["test"][0]
 
 # %%
-# !{sys.executable} -m pneumo_utils.predict {image_path} --model {model_path}
+# !{sys.executable} -m pneumo_utils predict {image_path} --model {model_path}

@@ -1,4 +1,4 @@
-"""``python -m pneumo_utils.ensemble``: saved members of one task become one saved model with
+"""``pneumo ensemble``: saved members of one task become one saved model with
 its own sidecar (threshold chosen on labelled images, or recorded as not chosen); members of
 different tasks and free-size members without a size are refused with a clear message."""
 

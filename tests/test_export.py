@@ -266,7 +266,7 @@ def test_predict_and_evaluate_with_an_export_never_import_tensorflow(saved, suff
         (data / name).mkdir(parents=True)
         for i in range(3):
             (data / name / f"{i}.png").write_bytes((images / f"{2 * i + label}.png").read_bytes())
-    done = _run(["-m", "pneumo_utils.evaluate", "--model", exported, "--data", str(data),
+    done = _run(["-m", "pneumo_utils", "evaluate", "--model", exported, "--data", str(data),
                  "--n-boot", "20"], env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["n"] == 6

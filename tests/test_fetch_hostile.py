@@ -1,5 +1,5 @@
 """Data folders that are in place but that the loaders would refuse (issue 22): the runner and
-``python -m pneumo_utils.fetch`` refuse them in one line before any kernel starts. Only file
+``pneumo fetch`` refuse them in one line before any kernel starts. Only file
 names are made; nothing is decoded and nothing touches the network."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from hostile_inputs import Case
 
 def _rule(rule: str):
     def build(folder: Path) -> list[str]:
-        return ["-m", "pneumo_utils.calibrate", "--model", str(folder / "absent.keras"),
+        return ["-m", "pneumo_utils", "calibrate", "--model", str(folder / "absent.keras"),
                 "--data", str(folder), "--rule", rule, "--out", str(folder / "x.keras")]
     return build
 

@@ -32,7 +32,7 @@ print(images.shape, labels.sum())
 
 _RELATIVE = """
 import os, sys
-from pneumo_utils.shards import main
+from pneumo_utils.scale.shard_command import main
 try:
     from pneumo_utils.scale.shard_manifest import check_source
 except ImportError:
@@ -56,7 +56,7 @@ def _data(folder: Path) -> Path:
 def _shards(folder: Path) -> Path:
     """PNG shards (32 px, 2 per split) of a small synthetic set, written with this checkout."""
     out = folder / "shards"
-    subprocess.run([sys.executable, "-m", "pneumo_utils.shards", "--data-root", str(_data(folder)),
+    subprocess.run([sys.executable, "-m", "pneumo_utils", "shards", "--data-root", str(_data(folder)),
                     "--out", str(out), "--image-size", "32", "--format", "png", "--min-shards", "2"],
                    check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     return out
@@ -154,7 +154,7 @@ def _edited_index(folder: Path) -> Path:
 
 def _verify(make):
     def build(folder: Path) -> list[str]:
-        return ["-m", "pneumo_utils.shards", "--out", str(make(folder)), "--verify"]
+        return ["-m", "pneumo_utils", "shards", "--out", str(make(folder)), "--verify"]
     return build
 
 
@@ -165,7 +165,7 @@ def _read(make):
 
 
 def _image_size(folder: Path) -> list[str]:
-    return ["-m", "pneumo_utils.shards", "--data-root", str(_data(folder)), "--out",
+    return ["-m", "pneumo_utils", "shards", "--data-root", str(_data(folder)), "--out",
             str(folder / "shards"), "--image-size", "100000"]
 
 

@@ -2,9 +2,9 @@
 
 Usage::
 
-    python -m pneumo_utils.fetch kermany [--dest data]  # -> data/chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}
-    python -m pneumo_utils.fetch nih-sample             # -> data/nih_sample/{sample_labels.csv,images/}
-    python -m pneumo_utils.fetch nih                    # -> data/nih (the full 45 GB ChestX-ray14 set)
+    pneumo fetch kermany [--dest data]  # -> data/chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}
+    pneumo fetch nih-sample             # -> data/nih_sample/{sample_labels.csv,images/}
+    pneumo fetch nih                    # -> data/nih (the full 45 GB ChestX-ray14 set)
 
 Downloads go to kagglehub's cache (``~/.cache/kagglehub`` unless ``KAGGLEHUB_CACHE`` says
 otherwise, with a progress bar) and are *symlinked* into the data folder (``--copy`` copies), so
@@ -281,7 +281,7 @@ def how_to_fix(needs: dict[str, str]) -> str:
         "kermany": ("--data-root DIR (env PNEUMO_DATA_ROOT)", "kermany"),
         "nih": ("--nih-root DIR (env PNEUMO_NIH_ROOT)", "nih-sample"),
     }
-    fetches = "; ".join(f"python -m pneumo_utils.fetch {options[n][1]}" for n in needs)
+    fetches = "; ".join(f"pneumo fetch {options[n][1]}" for n in needs)
     folders = "\n".join(
         f"     {options[n][0]}: a folder with {DATASETS[SEARCH_ORDER[n][0]].layout}" for n in needs
     )
@@ -469,7 +469,7 @@ def find(need: str, explicit: str | Path | None = None, required: bool = True,
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns 0 on success and 2 when the data set could not be fetched."""
     parser = argparse.ArgumentParser(
-        prog="python -m pneumo_utils.fetch",
+        prog="pneumo fetch",
         description="Download a public chest X-ray data set with kagglehub into data/.",
     )
     parser.add_argument("dataset", choices=sorted(DATASETS), help="which data set")

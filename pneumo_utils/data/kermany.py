@@ -85,7 +85,7 @@ def find_kermany_root(path: str | Path, splits: Sequence[str] = SPLITS) -> Path:
         raise FileNotFoundError(
             f"data root {path} does not exist. Point data_dir at a folder laid out as "
             "{train,val,test}/{NORMAL,PNEUMONIA}, or download the data set with "
-            "`python -m pneumo_utils.fetch kermany --dest data/`."
+            "`pneumo fetch kermany --dest data/`."
         )
     first = splits[0] if splits else SPLITS[0]
     candidates = [path] + sorted(p for p in path.rglob(first) if "__MACOSX" not in p.parts)

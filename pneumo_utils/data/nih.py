@@ -80,7 +80,7 @@ def find_labels_csv(data_dir_or_csv: str | Path) -> Path:
         raise FileNotFoundError(
             f"NIH data {path} does not exist. Point data_dir at a folder holding images/ and "
             "Data_Entry_2017.csv (or .csv.gz), or at a labels CSV; download the data set with "
-            "`python -m pneumo_utils.fetch nih --dest data/nih`."
+            "`pneumo fetch nih --dest data/nih`."
         )
     if path.is_file():
         return path

@@ -1,6 +1,6 @@
 """Exporting a saved model for fast, TensorFlow-free inference; slimming a ``.keras`` file.
 
-``python -m pneumo_utils.export --model M.keras [--format tflite|onnx|savedmodel]
+``pneumo export --model M.keras [--format tflite|onnx|savedmodel]
 [--quantize none|fp16|int8 --calibration DIR] [--slim]`` writes the export beside the model:
 
 ========== ============ ==================================================================
@@ -343,7 +343,7 @@ def export_model(
                 f"{target.name} gives probabilities up to {difference:.2g} away from "
                 f"{model_path.name} on {len(images)} {source} images and changes "
                 f"{int(changed.sum())} decisions: the {quantize} ranges do not fit this model; "
-                f"check it on labelled images (python -m pneumo_utils.evaluate) or use the "
+                f"check it on labelled images (pneumo evaluate) or use the "
                 "float32 or fp16 export"
             )
             warnings.warn(entry["warning"], ExportWarning, stacklevel=2)
@@ -405,7 +405,7 @@ def _update_card(card: Path, exports: list[dict]) -> None:
     )
     section = (
         f"{_CARD_HEADING}\nSame input (RGB 0-255, preprocessing inside), output and decision as "
-        "the `.keras` model; run with `python -m pneumo_utils.predict IMAGE --model FILE`.\n\n"
+        "the `.keras` model; run with `pneumo predict IMAGE --model FILE`.\n\n"
         "| file | format | quantisation | size | largest probability difference vs `.keras` |\n"
         f"|---|---|---|---|---|\n{rows}\n"
         + "".join(f"\n**Warning:** {e['warning']}\n" for e in exports if "warning" in e)
@@ -441,7 +441,7 @@ def slim(model_path: str | os.PathLike, out: str | os.PathLike | None = None) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pneumo_utils.export",
+        prog="pneumo export",
         description="Export a saved pneumo model to LiteRT, ONNX or SavedModel beside it "
         "(research use only).",
     )

@@ -1,6 +1,6 @@
 """Prediction from the command line, for one image, several, or a folder.
 
-``python -m pneumo_utils.predict IMAGE --model MODEL.keras [--gradcam OUT.png]`` prints e.g.
+``pneumo predict IMAGE --model MODEL.keras [--gradcam OUT.png]`` prints e.g.
 ``Prediction: PNEUMONIA (96.40% confidence)`` with the class names stored beside the model: a
 binary task's model decides with its stored threshold, a three-class model by the most
 probable class (``Prediction: VIRAL PNEUMONIA (71.20% confidence)``); ``--gradcam`` explains
@@ -286,7 +286,7 @@ def _write_gradcam(model, result: dict, target: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pneumo_utils.predict",
+        prog="pneumo predict",
         description="Predict the class of chest X-rays with a saved pneumo model, named by its "
         "sidecar's classes (research use only).",
     )

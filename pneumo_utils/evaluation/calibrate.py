@@ -5,7 +5,7 @@ hospital the same threshold can call half the healthy children "pneumonia": expo
 processing and population move the scores. A small labelled sample of the site's own images
 fixes the operating point without touching the weights::
 
-    python -m pneumo_utils.calibrate --model saved_models/M.keras --data SITE_DIR \\
+    pneumo calibrate --model saved_models/M.keras --data SITE_DIR \\
         --out saved_models/M.site.keras [--rule youden] [--n-boot 1000] [--json]
 
 ``SITE_DIR`` holds ``NORMAL/`` and ``PNEUMONIA/`` (a Kermany-layout folder; the subtype tasks
@@ -101,7 +101,7 @@ def calibrate(
     model_path, out = Path(model_path), Path(out)
     if model_path.suffix != ".keras":
         raise ValueError(f"{model_path} is not a .keras model; calibrate the .keras file, then export "
-                         "the calibrated copy (python -m pneumo_utils.export)")
+                         "the calibrated copy (pneumo export)")
     if out.suffix != ".keras":
         raise ValueError(f"--out {out} must name a .keras file")
     if out.resolve() == model_path.resolve():
@@ -298,7 +298,7 @@ the original model. 95% CIs: {record['ci_method']}.
 def main(argv: list[str] | None = None) -> int:
     """Calibrate a model to a site's labelled images; 0 done, 2 bad input."""
     parser = argparse.ArgumentParser(
-        prog="python -m pneumo_utils.calibrate",
+        prog="pneumo calibrate",
         description="Write a copy of a saved model whose threshold and temperature are fitted on a "
         "site's labelled images (NORMAL/ and PNEUMONIA/); the weights are not changed.",
     )

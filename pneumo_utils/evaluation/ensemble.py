@@ -2,7 +2,7 @@
 
 ::
 
-    python -m pneumo_utils.ensemble --out ENSEMBLE.keras MEMBER.keras MEMBER.keras ... \\
+    pneumo ensemble --out ENSEMBLE.keras MEMBER.keras MEMBER.keras ... \\
         [--data DIR --rule youden] [--image-size N]
 
 Each member is loaded with its sidecar (:func:`pneumo_utils.model.saving.load_model`: its
@@ -36,7 +36,7 @@ from pneumo_utils.sidecar import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ModelFileError,
 
 UNSET_RULE = ("default 0.5, not chosen for this ensemble (no --data): the members' thresholds do "
               "not apply to the mean of their outputs; choose one with python -m "
-              "pneumo_utils.calibrate on labelled images")
+              "pneumo calibrate on labelled images")
 """``threshold_rule`` of a binary ensemble saved without labelled images."""
 
 
@@ -138,7 +138,7 @@ def _layer_name(stem: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Save an ensemble of saved models; 0 written, 2 bad input."""
     parser = argparse.ArgumentParser(
-        prog="python -m pneumo_utils.ensemble",
+        prog="pneumo ensemble",
         description="Save saved models of one task as one ensemble model (the mean of their "
         "probabilities) with its own sidecar; research use only.",
     )

@@ -1,6 +1,6 @@
 """The ``evaluate`` command: a saved model scored on a folder of labelled images.
 
-Command line: ``python -m pneumo_utils.evaluate --model MODEL.keras --data DIR [--task T]
+Command line: ``pneumo evaluate --model MODEL.keras --data DIR [--task T]
 [--out F]`` evaluates a saved model on a Kermany-layout folder (``{NORMAL,PNEUMONIA}``, or a
 data root's ``test/``; the subtype tasks read bacteria/virus from the file names) for the task
 it was trained for (its sidecar's), and prints one JSON object: binary tasks at the threshold
@@ -51,7 +51,7 @@ def folder_index(data: str, task) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> int:
     """Evaluate a saved model on a folder and print one JSON object."""
     parser = argparse.ArgumentParser(
-        prog="python -m pneumo_utils.evaluate",
+        prog="pneumo evaluate",
         description="Evaluate a saved pneumo model on a Kermany-layout folder ({NORMAL,PNEUMONIA}; "
         "bacteria/virus read from the file names) for the task it was trained for.",
     )

@@ -12,7 +12,7 @@ images in the model's own feature space, with no labels needed:
 A small p-value says the site's images differ from the training collection in a way the model
 sees: calibrate on a labelled sample of them (``calibrate``) before trusting its threshold. A
 large one does not prove there is no shift that matters, only that none was detected.
-``python -m pneumo_utils.site_shift --model MODEL.keras --data FOLDER`` prints the report.
+``pneumo site-shift --model MODEL.keras --data FOLDER`` prints the report.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from pneumo_utils.cli import fail
 
     parser = argparse.ArgumentParser(
-        prog="python -m pneumo_utils.site_shift",
+        prog="pneumo site-shift",
         description="How far a site's chest X-rays are from a model's training images: the share "
         "beyond its input check's limit and an MMD two-sample test against its validation images "
         "(labels not needed; research use only).",

@@ -36,7 +36,7 @@ def average(
     trained at (its sidecar's ``image_size``). Returns a model
     ``(n, image_size, image_size, 3) -> (n, units)``; the members' weights are shared with
     (not copied from) the models given. The members' tasks are not visible here: combine
-    models of one task (``python -m pneumo_utils.ensemble`` checks their sidecars).
+    models of one task (``pneumo ensemble`` checks their sidecars).
     """
     if len(members) < 2:
         raise ValueError(f"an ensemble needs at least two members, got {len(members)}")

@@ -263,7 +263,7 @@ def check_onnx_graph(path: str | os.PathLike) -> None:
     except (ValueError, IndexError, TypeError):
         raise ModelFileError(
             f"{path} is not an ONNX model (its bytes are not an ONNX graph); export the "
-            ".keras model again with python -m pneumo_utils.export --format onnx"
+            ".keras model again with pneumo export --format onnx"
         ) from None
     for op, domain, inputs, pads in nodes:
         if domain not in ("", "ai.onnx") or op not in ONNX_OPS:
@@ -271,7 +271,7 @@ def check_onnx_graph(path: str | os.PathLike) -> None:
             raise ModelFileError(
                 f"{path} uses the ONNX operator {name}, which pneumo exports never contain "
                 "(control flow, shape-generating or custom ops are refused: they can run "
-                "unbounded); export the .keras model again with python -m pneumo_utils.export"
+                "unbounded); export the .keras model again with pneumo export"
             )
         if op == "Pad" and pads is None:
             pads = constants.get(inputs[1]) if len(inputs) > 1 else None
@@ -283,13 +283,13 @@ def check_onnx_graph(path: str | os.PathLike) -> None:
                 raise ModelFileError(
                     f"{path} has a {op} node making a tensor of constant size {values[:8]}, "
                     "larger than pneumo exports make; export the .keras model again with "
-                    "python -m pneumo_utils.export"
+                    "pneumo export"
                 )
         if pads is not None and (len(pads) == 0 or max(abs(int(v)) for v in pads) > MAX_PAD):
             raise ModelFileError(
                 f"{path} has a {op} node padding by more than {MAX_PAD} px (or by an amount "
                 "computed at run time), which pneumo exports never do; export the .keras "
-                "model again with python -m pneumo_utils.export"
+                "model again with pneumo export"
             )
 
 

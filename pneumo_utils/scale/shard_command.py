@@ -1,9 +1,9 @@
-"""``python -m pneumo_utils.shards``: write a data set into TFRecord shards, or verify a folder.
+"""``pneumo shards``: write a data set into TFRecord shards, or verify a folder.
 
 Command line::
 
-    python -m pneumo_utils.shards --data-root DIR --out DIR [--image-size 224] [--shard-mb 100]
-    python -m pneumo_utils.shards --out DIR --verify
+    pneumo shards --data-root DIR --out DIR [--image-size 224] [--shard-mb 100]
+    pneumo shards --out DIR --verify
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pneumo_utils.sidecar import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pneumo_utils.shards",
+        prog="pneumo shards",
         description="Write a data set (Kermany folders or the NIH table) into TFRecord shards "
                     "with a manifest, or verify a shards folder.",
     )

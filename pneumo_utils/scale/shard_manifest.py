@@ -37,8 +37,8 @@ SPLIT_ORDER = ("train", "val", "test")
 IMAGE_FORMATS = ("jpeg", "png")
 MAX_MANIFEST_BYTES = 64 * 2**20
 """Largest manifest read (64 MiB): the full NIH set in 100 MB shards is about 500 entries."""
-REWRITE = "rewrite the shards with python -m pneumo_utils.shards --data-root DIR --out DIR"
-CHECK = "check the folder with python -m pneumo_utils.shards --out DIR --verify, or " + REWRITE
+REWRITE = "rewrite the shards with pneumo shards --data-root DIR --out DIR"
+CHECK = "check the folder with pneumo shards --out DIR --verify, or " + REWRITE
 _SAFE_SPLIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _SAFE_SHARD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}-\d{5}-of-\d{5}\.tfrecord$")
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
@@ -185,7 +185,7 @@ def read_manifest(folder: str | Path) -> dict:
     manifest = manifest_or_none(folder)
     if manifest is None:
         raise FileNotFoundError(f"{folder} is not a shards folder (no {MANIFEST}); write one with "
-                                "`python -m pneumo_utils.shards --data-root DIR --out DIR`.")
+                                "`pneumo shards --data-root DIR --out DIR`.")
     if not manifest["complete"]:
         raise CorruptShardError(f"the shards in {folder} are incomplete (the writer was "
                                 "interrupted); run the same command again to finish them.")

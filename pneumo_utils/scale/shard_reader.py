@@ -229,14 +229,14 @@ def read_split_index(folder: str | Path, finding: str | None = None) -> tuple[pd
             raise ValueError(
                 f"the shards in {folder} were split by {how} (source {manifest.get('source')}), not "
                 "by patient for an NIH-style task; write NIH shards with python -m "
-                "pneumo_utils.shards --data-root NIH_DIR --out OTHER_DIR"
+                "pneumo shards --data-root NIH_DIR --out OTHER_DIR"
             )
         held = str(rule.get("finding", ""))
         if manifest.get("source") == ["nih"] and held.lower() != finding.lower():
             raise ValueError(
                 f"the shards in {folder} hold {held!r} against No Finding, not {finding!r}: set "
                 f"finding={held!r}, or write {finding!r} shards into another folder with python -m "
-                f"pneumo_utils.shards --data-root NIH_DIR --out OTHER_DIR --finding {finding!r}"
+                f"pneumo shards --data-root NIH_DIR --out OTHER_DIR --finding {finding!r}"
             )
     index = read_index(folder)
     root = manifest["data_root"].rstrip("/")
