@@ -258,7 +258,7 @@ def test_damaged_jpegs_in_a_folder_are_skipped_and_listed_by_evaluate(damaged, s
     assert json.loads(out.read_text())["skipped"] == printed["skipped"]
 
 
-def test_image_checks_are_cached_by_size_and_mtime(damaged, monkeypatch):
+def test_image_checks_are_cached_by_content(damaged, monkeypatch):
     paths = [damaged["good"], damaged["overwritten"]]
     first = image_checks.check_images(paths)
     assert first[0] is None and "damaged" in first[1]

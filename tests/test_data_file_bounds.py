@@ -1,4 +1,4 @@
-"""Hostile data files (third round): image headers before decoding, DICOM bombs, feature
+"""Data files beyond their bounds: image headers before decoding, DICOM bombs, feature
 caches, shard manifests, profiles and fetched folders; small generated inputs only."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hostile exports, sidecars and outputs (third round): each is refused in one line, exit 2.
+"""Bad model files, sidecars and outputs: each is refused in one line, exit 2.
 
 The ``.onnx`` files are generated here with ``onnx.helper`` (a few hundred bytes each); the
 Keras models are a few layers at 32 px, never trained.
