@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo_utils import calibrate as calibrate_command
-from pneumo_utils import predict as predict_command
+from pneumo_utils.deploy import predict as predict_command
+from pneumo_utils.evaluation import calibrate as calibrate_command
 from pneumo_utils.model import backbones, saving
 from pneumo_utils.sidecar import ModelFileError, check_fingerprint, fingerprint, signed
 
