@@ -22,4 +22,4 @@ python -m pneumo_utils.runner --profile smoke --offline --prepare-only "$build/n
   --set "models_dir=$out/saved_models" --set "cache_dir=$out/cache" \
   --set "02_nih_binary_shards.shards_dir=$out/nih-shards"
 echo "[tests] pytest (package) + nbval (notebooks, smoke profile on synthetic data)"
-python -m pytest tests "$build/nbval" --nbval-lax -p no:cacheprovider "$@"
+python -m pytest tests "$build/nbval" --nbval-lax -p no:cacheprovider -n 2 --dist loadscope "$@"

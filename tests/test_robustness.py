@@ -671,7 +671,7 @@ def test_notebook_01_smoke_profile_is_repeatable(tmp_path):
                                            stderr=subprocess.STDOUT, text=True)))
     metrics = []
     for run, proc in runs:
-        out, _ = proc.communicate(timeout=300)
+        out, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, out[-3000:]
         assert list((run / "cache" / "features").glob("*.npy")), "features were not computed"
         metrics.append(json.loads((run / "reports" / "01_kermany_densenet121.metrics.json").read_text()))
