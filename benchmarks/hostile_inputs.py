@@ -39,7 +39,7 @@ TIME_LIMIT_S = 120.0
 @dataclass(frozen=True)
 class Case:
     """One hostile input. ``build(folder)`` writes the inputs under ``folder`` and returns the
-    command's arguments after ``python`` (e.g. ``["-m", "pneumo_utils", "evaluate", ...]``)."""
+    command's arguments after ``python`` (e.g. ``[*command("evaluate"), ...]``)."""
 
     area: str
     name: str
@@ -55,6 +55,19 @@ class Outcome:
     peak_mb: float
     seconds: float
     last_line: str
+
+
+CHECKOUT = ROOT
+"""The checkout whose code runs the commands (``--checkout``)."""
+
+
+def command(name: str) -> list[str]:
+    """``python`` arguments that run pneumo command ``name`` in :data:`CHECKOUT`: ``-m
+    pneumo_utils NAME``, or ``-m pneumo_utils.NAME`` in a checkout older than the ``pneumo``
+    command (so that the same case measures both)."""
+    if (CHECKOUT / "pneumo_utils" / "__main__.py").is_file():
+        return ["-m", "pneumo_utils", name]
+    return ["-m", f"pneumo_utils.{name.replace('-', '_')}"]
 
 
 def measure(argv: list[str], cwd: Path, checkout: Path = ROOT,
@@ -105,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkout", type=Path, default=ROOT,
                         help="pneumo checkout whose code runs the commands (default: this one)")
     args = parser.parse_args(argv)
+    global CHECKOUT
+    CHECKOUT = args.checkout.resolve()
+    sys.modules.setdefault("hostile_inputs", sys.modules[__name__])  # the cases read CHECKOUT
     cases = [c for c in all_cases(args.area) if not args.case or args.case in c.name]
     print(f"checkout {args.checkout}; cap {ADDRESS_SPACE_CAP / 2**30:.0f} GiB address space, "
           f"{TIME_LIMIT_S:.0f} s\n")

@@ -15,6 +15,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import hostile_inputs
 import numpy as np
 from hostile_inputs import ROOT, Case
 from PIL import Image
@@ -77,21 +78,21 @@ def _add_critical_chunk(path: Path) -> None:
 def _critical_chunk_evaluate(folder: Path) -> list[str]:
     data = _folder(folder, ".png")
     _add_critical_chunk(data / "PNEUMONIA" / "0.png")
-    return ["-m", "pneumo_utils", "evaluate", "--model", str(_model(folder)), "--data", str(data),
+    return [*hostile_inputs.command("evaluate"), "--model", str(_model(folder)), "--data", str(data),
             "--n-boot", "10"]
 
 
 def _critical_chunk_predict(folder: Path) -> list[str]:
     data = _folder(folder, ".png")
     _add_critical_chunk(data / "PNEUMONIA" / "0.png")
-    return ["-m", "pneumo_utils", "predict", "--model", str(_model(folder)), str(data / "PNEUMONIA")]
+    return [*hostile_inputs.command("predict"), "--model", str(_model(folder)), str(data / "PNEUMONIA")]
 
 
 def _damaged_in_place(folder: Path) -> list[str]:
     """A first ``evaluate`` fills the verdict cache; then 300 bytes of one JPEG are zeroed
     with its size and modification time kept."""
     data = _folder(folder, ".jpeg", size=256)
-    argv = ["-m", "pneumo_utils", "evaluate", "--model", str(_model(folder)), "--data", str(data),
+    argv = [*hostile_inputs.command("evaluate"), "--model", str(_model(folder)), "--data", str(data),
             "--n-boot", "10"]
     _python(argv, cwd=folder)
     victim = data / "PNEUMONIA" / "0.jpeg"
@@ -111,7 +112,7 @@ def _large_pngs(n: int, batch_size: int | None = None):
             label = ("NORMAL", "PNEUMONIA")[k % 2]
             (data / label).mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (6000, 6000), (40 + k, 90, 140)).save(data / label / f"{k}.png")
-        argv = ["-m", "pneumo_utils", "evaluate", "--model", str(_model(folder)), "--data", str(data),
+        argv = [*hostile_inputs.command("evaluate"), "--model", str(_model(folder)), "--data", str(data),
                 "--n-boot", "10"]
         return argv + (["--batch-size", str(batch_size)] if batch_size else [])
     return build
@@ -119,7 +120,7 @@ def _large_pngs(n: int, batch_size: int | None = None):
 
 def _large_pngs_predict(folder: Path) -> list[str]:
     argv = _large_pngs(8)(folder)
-    return ["-m", "pneumo_utils", "predict", "--model", argv[3], "--no-input-check", argv[5]]
+    return [*hostile_inputs.command("predict"), "--model", argv[3], "--no-input-check", argv[5]]
 
 
 CASES = [

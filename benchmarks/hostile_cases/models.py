@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import hostile_inputs
 import numpy as np
 from hostile_inputs import Case
 from PIL import Image
@@ -61,7 +62,7 @@ def _site(root: Path, per_class: int, grey: dict[str, float]) -> Path:
 def edited_task(folder: Path) -> list[str]:
     model = _model(folder / "m.keras")
     _edit_sidecar(model, _to_viral)
-    return ["-m", "pneumo_utils", "predict", str(_image(folder / "x.png", 200)), "--model", str(model)]
+    return [*hostile_inputs.command("predict"), str(_image(folder / "x.png", 200)), "--model", str(model)]
 
 
 def deleted_digest(folder: Path) -> list[str]:
@@ -73,18 +74,18 @@ def deleted_digest(folder: Path) -> list[str]:
         meta.pop("fingerprint", None)
 
     _edit_sidecar(model, change)
-    return ["-m", "pneumo_utils", "predict", str(_image(folder / "x.png", 200)), "--model", str(model)]
+    return [*hostile_inputs.command("predict"), str(_image(folder / "x.png", 200)), "--model", str(model)]
 
 
 def mixed_ensemble(folder: Path) -> list[str]:
     pneumonia = _model(folder / "pneumonia.keras")
     viral = _model(folder / "viral.keras", task="bacterial_vs_viral")
-    return ["-m", "pneumo_utils", "ensemble", "--out", str(folder / "ensemble.keras"),
+    return [*hostile_inputs.command("ensemble"), "--out", str(folder / "ensemble.keras"),
             str(pneumonia), str(viral)]
 
 
 def _calibrate(folder: Path, site: Path) -> list[str]:
-    return ["-m", "pneumo_utils", "calibrate", "--model", str(_model(folder / "m.keras")),
+    return [*hostile_inputs.command("calibrate"), "--model", str(_model(folder / "m.keras")),
             "--data", str(site), "--out", str(folder / "m.site.keras"), "--n-boot", "200"]
 
 

@@ -73,5 +73,6 @@ CASES = [
     Case("runner", "metrics JSON with 10,000 models", _many_models),
     Case("runner", "metrics JSON of 100,000 nested arrays", _nested),
     *(Case("runner", f"--set {setting}", _value(setting))
-      for setting in ("epochs=-1", "max_images_per_class=0", "image_size=16", "models_dir=<a file>")),
+      for setting in ("epochs=-1", "max_images_per_class=0", "image_size=16", "models_dir=<a file>",
+                      "run_name=../../../outside/x")),
 ]

@@ -17,6 +17,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import hostile_inputs
 from hostile_inputs import ROOT, Case
 
 _READ = """
@@ -56,7 +57,7 @@ def _data(folder: Path) -> Path:
 def _shards(folder: Path) -> Path:
     """PNG shards (32 px, 2 per split) of a small synthetic set, written with this checkout."""
     out = folder / "shards"
-    subprocess.run([sys.executable, "-m", "pneumo_utils", "shards", "--data-root", str(_data(folder)),
+    subprocess.run([sys.executable, *hostile_inputs.command("shards"), "--data-root", str(_data(folder)),
                     "--out", str(out), "--image-size", "32", "--format", "png", "--min-shards", "2"],
                    check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     return out
@@ -154,7 +155,7 @@ def _edited_index(folder: Path) -> Path:
 
 def _verify(make):
     def build(folder: Path) -> list[str]:
-        return ["-m", "pneumo_utils", "shards", "--out", str(make(folder)), "--verify"]
+        return [*hostile_inputs.command("shards"), "--out", str(make(folder)), "--verify"]
     return build
 
 
@@ -165,7 +166,7 @@ def _read(make):
 
 
 def _image_size(folder: Path) -> list[str]:
-    return ["-m", "pneumo_utils", "shards", "--data-root", str(_data(folder)), "--out",
+    return [*hostile_inputs.command("shards"), "--data-root", str(_data(folder)), "--out",
             str(folder / "shards"), "--image-size", "100000"]
 
 

@@ -168,6 +168,19 @@ def _simple_labels(values: pd.Series, csv: Path) -> pd.Series:
     return labels.astype(np.int64)
 
 
+def _labels_table(data_dir_or_csv: str | Path, labels_csv: str | Path | None
+                  ) -> tuple[Path, Path, pd.DataFrame, str]:
+    """``(csv, base, table, kind)``: the label table found from the arguments of
+    :func:`load_nih`, the folder its image paths are relative to, the table and its kind."""
+    if labels_csv is not None:
+        csv, base = find_labels_csv(labels_csv), Path(data_dir_or_csv).expanduser()
+    else:
+        csv = find_labels_csv(data_dir_or_csv)
+        base = csv.parent
+    table, kind = read_labels_table(csv)
+    return csv, base, table, kind
+
+
 def load_nih(
     data_dir_or_csv: str | Path,
     images_dir: str | Path | None = None,
@@ -225,12 +238,7 @@ def load_nih(
     for name, value in (("on_missing", on_missing), ("on_bad_image", on_bad_image)):
         if value not in ("warn", "error"):
             raise ValueError(f"{name} must be 'warn' or 'error', got {value!r}")
-    if labels_csv is not None:
-        csv, base = find_labels_csv(labels_csv), Path(data_dir_or_csv).expanduser()
-    else:
-        csv = find_labels_csv(data_dir_or_csv)
-        base = csv.parent
-    table, kind = read_labels_table(csv)
+    csv, base, table, kind = _labels_table(data_dir_or_csv, labels_csv)
     summary: dict = {"table": str(csv), "format": kind, "rows in table": len(table)}
     table = _check_rows(table, kind, csv)
     summary["dropped: duplicate rows"] = summary["rows in table"] - len(table)
@@ -465,12 +473,7 @@ def finding_counts(
     :func:`load_nih`). For choosing a positive finding: a patient-level three-way split
     needs a few dozen positive patients. Sorted by images, most common first.
     """
-    if labels_csv is not None:
-        csv, base = find_labels_csv(labels_csv), Path(data_dir_or_csv).expanduser()
-    else:
-        csv = find_labels_csv(data_dir_or_csv)
-        base = csv.parent
-    table, kind = read_labels_table(csv)
+    csv, base, table, kind = _labels_table(data_dir_or_csv, labels_csv)
     if kind != "nih":
         raise DatasetLayoutError(f"{csv} is not an NIH table (columns {list(NIH_COLUMNS)})")
     if on_disk_only:
