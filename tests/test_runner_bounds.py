@@ -142,3 +142,15 @@ def test_shutting_a_kernel_down_sends_it_no_sigint() -> None:
 
     asyncio.run(run())
     assert sent == [signal.SIGINT]
+
+
+def test_papermill_warning_about_settings_parameters_is_dropped_and_others_kept() -> None:
+    """Papermill reads only the ``parameters`` cell and warns about every key of the
+    ``settings`` cell; the plan has checked those keys, so only that warning is dropped."""
+    import logging
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("papermill", logging.WARNING, __file__, 0, message, None, None)
+
+    assert not engine._settled_parameters(record("Passed unknown parameter: data_dir"))
+    assert engine._settled_parameters(record("Kernel died while waiting for execute reply."))

@@ -35,6 +35,7 @@ import contextlib
 import datetime as dt
 import functools
 import json
+import logging
 import os
 import re
 import signal
@@ -186,9 +187,20 @@ def kill_kernels() -> None:
                 process.kill()
 
 
+def _settled_parameters(record: logging.LogRecord) -> bool:
+    """Drop papermill's "Passed unknown parameter" warning: papermill looks only at the cell
+    tagged ``parameters``, while a notebook's ``settings`` cell declares the rest, and
+    :mod:`pneumo_utils.runner.plan` has checked every key against both cells already."""
+    return not record.getMessage().startswith("Passed unknown parameter")
+
+
 def run_notebook(nb: Notebook, reports_dir: Path, kernel: str | None, engine: str) -> None:
     """Execute ``nb`` with papermill, then render its reports; failures go into ``nb.error``."""
     import papermill
+
+    papermill_log = logging.getLogger("papermill")
+    if _settled_parameters not in papermill_log.filters:
+        papermill_log.addFilter(_settled_parameters)
 
     paths = outputs(nb, reports_dir)
     started = time.monotonic()
