@@ -76,12 +76,11 @@ from pathlib import Path
 import keras
 from IPython.display import display
 
-import pneumo_utils
-from pneumo_utils.data import datasets, fetch, nih, pipelines, splits
+from pneumo_utils.data import datasets, nih, pipelines, splits
 from pneumo_utils.evaluation import metrics
 from pneumo_utils.explain import gradcam, plots, report
-from pneumo_utils.model import backbones, features
-from pneumo_utils.scale import distribute, session, shard_manifest, shard_reader, shard_writer
+from pneumo_utils.model import backbones
+from pneumo_utils.scale import distribute, session, storage
 
 RUN_NAME = run_name
 run = session.setup(  # the data is found below (image files or shards); folders from the project folder,
@@ -90,13 +89,6 @@ run = session.setup(  # the data is found below (image files or shards); folders
 )
 reports_dir, models_dir, cache_dir = run.reports_dir, run.models_dir, run.cache_dir
 strat, batch_size = run.strategy, run.batch_size  # batch_size: per replica -> per step
-if shards_dir is not None:
-    shards_dir = fetch.in_project(shards_dir)  # relative paths: to the project folder
-if shards_dir is None or not shard_manifest.is_complete(shards_dir):  # the folder is read, or written into shards
-    data_dir = fetch.find("nih", data_dir)  # the folder given, else data/ or ../shared/data/ of the project, else a download
-else:  # complete shards are read alone; a data_dir given must be the folder they were written from
-    shard_manifest.check_source(shards_dir, data_dir)
-    data_dir = None
 
 # %% [markdown]
 # ## Input: image files or TFRecord shards
@@ -109,23 +101,16 @@ else:  # complete shards are read alone; a data_dir given must be the folder the
 # `pneumo shards --data-root DIR --out DIR` and pass `shards_dir`; when
 # `shards_dir` holds no shards yet, the cell below writes them from `data_dir`, with this
 # notebook's finding and patient split (a rerun after an interruption resumes). Shards are read as
-# they are: after the images or the table change, write them into a new folder.
+# they are: after the images or the table change, write them into a new folder. Either way the
+# notebook asks one source for its index, images and features.
 
 # %%
-if shards_dir is not None and not shard_manifest.is_complete(shards_dir):  # none there yet: write them once
-    source_index, split_rule = shard_writer.load_index(
-        data_dir, kind="nih", finding=finding, balance=True, val_fraction=val_fraction,
-        test_fraction=test_fraction, seed=seed,
-    )
-    shard_writer.write_shards(source_index, shards_dir, data_root=data_dir, image_size=image_size, split_rule=split_rule)
-if shards_dir is None:
-    table_path = nih.find_labels_csv(data_dir)
-    _, table_format = nih.read_labels_table(table_path)
-else:
-    manifest = shard_manifest.read_manifest(shards_dir)
-    table_path = f"{shards_dir} (TFRecord shards of {manifest['data_root']})"
-    table_format = "nih" if manifest["source"] == ["nih"] else "simple"
-print(f"input: {table_path}")
+source = storage.open_nih(  # the folder given, else data/ or ../shared/data/ of the project, else a download
+    data_dir=data_dir, shards_dir=shards_dir, finding=finding, image_size=image_size,
+    test_fraction=test_fraction, val_fraction=val_fraction, seed=seed,
+)
+data_dir = source.data_dir  # None when complete shards are read alone
+print(f"input: {source.table}")
 
 # %% [markdown]
 # ## 1. The label table and the class names
@@ -135,15 +120,15 @@ print(f"input: {table_path}")
 # NORMAL/PNEUMONIA labels.
 
 # %%
-CLASS_NAMES = ("NO FINDING", finding.upper()) if table_format == "nih" else pneumo_utils.CLASS_NAMES
-print(f"{table_path} ({table_format} format): label 0 = {CLASS_NAMES[0]}, label 1 = {CLASS_NAMES[1]}")
+CLASS_NAMES = source.class_names
+print(f"{source.table} ({source.table_format} format): label 0 = {CLASS_NAMES[0]}, label 1 = {CLASS_NAMES[1]}")
 
 # %% [markdown]
 # The rule applied to the whole table, whether the images are on disk or not (shown when the NIH
 # folder is read; complete shards are read without it):
 
 # %%
-if table_format == "nih" and data_dir is not None:
+if source.table_format == "nih" and data_dir is not None:
     display(nih.label_rule_counts(data_dir, findings=["Pneumonia", finding]))
 
 # %% [markdown]
@@ -153,7 +138,7 @@ if table_format == "nih" and data_dir is not None:
 # split in section 4 stops and names a more common finding; this table shows the candidates.
 
 # %%
-if table_format == "nih" and data_dir is not None:
+if source.table_format == "nih" and data_dir is not None:
     display(nih.finding_counts(data_dir, on_disk_only=True).T)
 
 # %% [markdown]
@@ -164,14 +149,11 @@ if table_format == "nih" and data_dir is not None:
 # index already (the writer left out, and reported, what it could not read), with its split.
 
 # %%
-if shards_dir is None:
-    index = nih.load_nih(data_dir, finding=finding, balance=True, seed=seed)
-    n_missing = int(index.attrs["load_summary"].get("dropped: image not on disk", 0))
-    display(nih.load_steps(index).T)
+index = source.index(test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)  # path, label, patient, split
+if source.steps is not None:  # a folder: how the table's rows became these images
+    display(source.steps.T)
 else:
-    index, split_rule = shard_reader.read_split_index(shards_dir, finding=finding)  # path, label, patient, split, row
-    n_missing = None  # not recorded in shards: the writer reported images missing from the folder
-    print(f"split as written into the shards: {split_rule}")
+    print(f"split as written into the shards: {source.split_rule}")
 
 # %% [markdown]
 # ## 4. Train / validation / test split by patient
@@ -181,27 +163,21 @@ else:
 # run on them has the same patients in each split.
 
 # %%
-if shards_dir is None:
-    index = splits.patient_split(index, test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
 index = splits.subsample(index, max_images_per_class, seed=seed)
 splits.assert_no_patient_leak(index)
-paths, labels = splits.split_files(index)
+_, labels = splits.split_files(index)  # labels per split, in index order
 datasets.summarize(index)
 
 # %% [markdown]
 # Figures need a few images as arrays: from the shards when reading them, else from the files.
 
 # %%
-def load_images(rows):
-    """The images of some index rows, ``(n, image_size, image_size, 3)`` float32 in 0-255."""
-    if shards_dir is not None:
-        return shard_reader.read_images(shards_dir, rows["row"], image_size=image_size)[0]
-    return pipelines.load_images(rows["path"].tolist(), image_size)
+load_images = source.images  # a few index rows -> (n, size, size, 3) float32 in 0-255
 
 
 examples = index[index["split"] == "train"].groupby("label").head(4).sort_values("label", kind="stable")
 titles = [f"{CLASS_NAMES[y]} ({p})" for y, p in zip(examples["label"], examples["patient"], strict=True)]
-plots.sample_grid(load_images(examples), titles, ncols=4)
+plots.sample_grid(load_images(examples, image_size), titles, ncols=4)
 
 # %% [markdown]
 # ## 5. A frozen ImageNet backbone with an L2-regularised head
@@ -238,16 +214,7 @@ print(report.describe_weights(weights_file))
 # kept above are taken in index order.
 
 # %%
-if shards_dir is None:
-    feats = features.extract_split_features(model, paths, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
-else:
-    feats = {
-        split: shard_reader.extract_features_from_shards(
-            model, shards_dir, split, strat, batch_size=batch_size // strat.num_replicas_in_sync,
-            cache_dir=f"{cache_dir}/features",
-        ).of_rows(index.loc[index["split"] == split, "row"]).outputs
-        for split in ("train", "val", "test")
-    }
+feats = source.split_features(model, index, strat, batch_size=batch_size, cache_dir=f"{cache_dir}/features")
 with strat.scope():
     head = backbones.head_on_features(model)
 head.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy",
@@ -296,7 +263,7 @@ plots.roc_pr_curves({"test": (labels["test"], p_test), "validation": (labels["va
 # %%
 rows, captions = report.pick_examples(labels=labels["test"], proba=p_test, threshold=threshold, seed=seed,
                                       class_names=CLASS_NAMES)
-images = load_images(index[index["split"] == "test"].iloc[rows])
+images = load_images(index[index["split"] == "test"].iloc[rows], image_size)
 heatmaps = gradcam.grad_cam(model, images)
 plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions, class_names=CLASS_NAMES)
 
@@ -307,8 +274,8 @@ plots.gradcam_grid(images, heatmaps, probabilities=p_test[rows], titles=captions
 model_path = Path(models_dir) / f"{RUN_NAME}.keras"
 weights_used = report.describe_weights(weights_file)
 split_description = report.describe_split(index, class_names=CLASS_NAMES)
-balanced = "balanced" if shards_dir is None or split_rule.get("balance") else "not balanced"
-data_line = f"{table_path}: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}, {balanced}, split by patient; {split_description}"
+balanced = "balanced" if source.balanced else "not balanced"
+data_line = f"{source.table}: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}, {balanced}, split by patient; {split_description}"
 _ = report.save_run(
     [report.TrainedModel(
         model, model_path, name=f"{spec.constructor}: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}", backbone=backbone,
@@ -319,5 +286,5 @@ _ = report.save_run(
     metrics_path=Path(reports_dir) / f"{RUN_NAME}.metrics.json", run_name=RUN_NAME,
     title=f"NIH ChestX-ray14: {CLASS_NAMES[1]} vs {CLASS_NAMES[0]}", data=data_line, task=None,
     class_names=CLASS_NAMES, data_set=f"nih:{CLASS_NAMES[1]}", distribution=distribute.strategy_info(strat),
-    missing_images=n_missing,
+    missing_images=source.missing_images,
 )

@@ -194,13 +194,18 @@ def _settled_parameters(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Passed unknown parameter")
 
 
+def _quiet_settled_parameters() -> None:
+    """Attach :func:`_settled_parameters` to papermill's logger (once)."""
+    papermill_log = logging.getLogger("papermill")
+    if _settled_parameters not in papermill_log.filters:
+        papermill_log.addFilter(_settled_parameters)
+
+
 def run_notebook(nb: Notebook, reports_dir: Path, kernel: str | None, engine: str) -> None:
     """Execute ``nb`` with papermill, then render its reports; failures go into ``nb.error``."""
     import papermill
 
-    papermill_log = logging.getLogger("papermill")
-    if _settled_parameters not in papermill_log.filters:
-        papermill_log.addFilter(_settled_parameters)
+    _quiet_settled_parameters()
 
     paths = outputs(nb, reports_dir)
     started = time.monotonic()
@@ -571,6 +576,7 @@ def prepare(notebooks: Sequence[Notebook], out_dir: Path, kernel: str | None) ->
     """Write each notebook with its parameters injected to ``out_dir`` (nothing executed)."""
     import papermill
 
+    _quiet_settled_parameters()
     out_dir.mkdir(parents=True, exist_ok=True)
     for nb in notebooks:
         target = out_dir / f"{nb.name}.ipynb"
