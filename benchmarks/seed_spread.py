@@ -15,6 +15,10 @@ the validation threshold or argmax), its accuracy, the hold-out AUC, and per tas
 range of the external AUC.
 
     python benchmarks/seed_spread.py --seeds 42 43 44 --reuse-full reports
+    python benchmarks/seed_spread.py --tasks pneumonia --set ema_momentum=0.99 --out build/seed-spread-ema
+
+``--set KEY=VALUE`` (YAML values, as the runner's) changes the recipe; give such a variant its own
+``--out`` folder, and leave ``--reuse-full`` out, since the full profile ran the recipe as it is.
 
 About 6-8 minutes per run on 2 CPU cores (pneumonia and three classes; bacterial vs viral less).
 """
@@ -32,13 +36,14 @@ FULL_RUNS = {"pneumonia": "03_mobilenetv2_finetune", "bacterial_vs_viral": "03_f
 """The full profile's run of notebook 03 for each task (pneumo_utils/runner/profiles/full.yaml)."""
 
 
-def notebook_parameters(task: str, seed: int, out: Path) -> dict:
-    """The full profile's parameters of notebook 03, with the task, seed and output folders."""
+def notebook_parameters(task: str, seed: int, out: Path, changes: dict | None = None) -> dict:
+    """The full profile's parameters of notebook 03 with ``changes``, the task, seed and output
+    folders."""
     from pneumo_utils.data import fetch
     from pneumo_utils.runner import plan
 
     profile = plan.load_profile("full")
-    parameters = {**(profile.get("default") or {}), **(profile.get("03_mobilenetv2_finetune") or {})}
+    parameters = {**(profile.get("default") or {}), **(profile.get("03_mobilenetv2_finetune") or {}), **(changes or {})}
     run = f"seed_{task}_{seed}"
     parameters.update(task=task, seed=seed, run_name=run, data_dir=str(fetch.find("kermany")),
                       external_dir=str(fetch.find("external", required=False)),
@@ -46,7 +51,7 @@ def notebook_parameters(task: str, seed: int, out: Path) -> dict:
     return parameters
 
 
-def run_once(task: str, seed: int, out: Path) -> dict:
+def run_once(task: str, seed: int, out: Path, changes: dict | None = None) -> dict:
     """The metrics JSON of notebook 03 for ``task`` and ``seed``, running it when absent."""
     metrics = out / "reports" / f"seed_{task}_{seed}.metrics.json"
     if not metrics.is_file():
@@ -57,7 +62,7 @@ def run_once(task: str, seed: int, out: Path) -> dict:
         (out / "notebooks").mkdir(parents=True, exist_ok=True)
         notebook = out / "notebooks" / f"seed_{task}_{seed}.ipynb"
         jupytext.write(jupytext.read(source), notebook)
-        papermill.execute_notebook(str(notebook), str(notebook), parameters=notebook_parameters(task, seed, out),
+        papermill.execute_notebook(str(notebook), str(notebook), parameters=notebook_parameters(task, seed, out, changes),
                                    cwd=str(source.parents[1]), progress_bar=False)
     return json.loads(metrics.read_text())
 
@@ -76,7 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--out", type=Path, default=Path("build/seed-spread"), help="runs' models and metrics")
     parser.add_argument("--reuse-full", type=Path, help="reports folder of a full-profile run: its seed-42 runs are used")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a notebook 03 parameter changed from the full profile's (repeatable)")
     args = parser.parse_args(argv)
+    from pneumo_utils.runner import plan
+
+    changes = {key: value for _, key, value in plan.parse_sets(args.sets)}
+    for key, value in changes.items():
+        if plan.value_problem(key, value):
+            parser.error(plan.value_problem(key, value))
+    if changes and args.reuse_full:
+        parser.error("--set changes the recipe: the full profile's runs are not runs of it; leave --reuse-full out")
     rows = []
     for task in args.tasks:
         for seed in args.seeds:
@@ -84,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             if seed == 42 and full is not None and full.is_file():
                 metrics, source = json.loads(full.read_text()), f"full profile ({full})"
             else:
-                metrics, source = run_once(task, seed, args.out), "this script"
+                metrics, source = run_once(task, seed, args.out, changes), "this script"
             rows.append({"task": task, "seed": seed, **figures(metrics), "source": source})
             r = rows[-1]
             print(f"{task:<20} seed {seed}: external A AUC {r['external_auc']:.4f}, accuracy "

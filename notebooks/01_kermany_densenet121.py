@@ -86,7 +86,7 @@ import numpy as np
 import tensorflow as tf
 from IPython.display import display
 
-from pneumo_utils.data import datasets, fetch, kermany, pipelines, splits, tasks
+from pneumo_utils.data import datasets, kermany, pipelines, splits, tasks
 from pneumo_utils.deploy.predict import predict_image
 from pneumo_utils.evaluation import metrics, shortcuts, site_shift
 from pneumo_utils.explain import explorer, gradcam, plots, report

@@ -66,6 +66,7 @@ epochs: int = 20  # most epochs of phase 1 (head on the frozen base)
 fine_tune_epochs: int = 4  # most epochs of phase 2 (the backbone fine-tuned on augmented images)
 fine_tune_learning_rate: float = 1e-4  # Adam's initial learning rate in phase 2, cosine decay (phase 1: 1e-3)
 unfreeze_layers = None  # type: int|None backbone layers trained in phase 2, from the top (None: all; BatchNorm never)
+ema_momentum = None  # type: float|None phase 2: weights averaged over steps (EMA, e.g. 0.99; None: the last step's)
 stretch: float = 0.2  # phase-2 augmentation: random horizontal stretch of up to this share
 images_per_epoch = None  # type: int|None training images per phase-2 epoch, drawn at random (None: all)
 max_images_per_class = None  # type: int|None at most this many images per split and class, for quick runs (None: all)
@@ -82,7 +83,7 @@ import pandas as pd
 from IPython.display import display
 from sklearn.metrics import roc_auc_score
 
-from pneumo_utils.data import augment, datasets, fetch, kermany, pipelines, splits, tasks
+from pneumo_utils.data import augment, datasets, kermany, pipelines, splits, tasks
 from pneumo_utils.evaluation import metrics, shortcuts, site_shift
 from pneumo_utils.explain import explorer, gradcam, plots, report
 from pneumo_utils.model import backbones, features, inference, input_check, preprocessing
@@ -229,6 +230,9 @@ print(sum(layer.trainable for layer in base.layers), "of", len(base.layers), "ba
 # The backbone now changes with every step, so its features cannot be cached: this phase runs the
 # whole network over augmented images, which is the expensive part of the notebook. The epoch
 # count continues from phase 1, so both phases share one set of curves.
+# With `ema_momentum` set, the optimizer also keeps an exponential moving average of the weights
+# over the steps (Polyak averaging, Keras's `use_ema`), and validation, the epoch kept and the
+# model saved use those averaged weights, which sit in a flatter region than the last step's.
 
 # %%
 train_ds, steps = augment.training_dataset(paths["train"], targets(labels["train"]), image_size,
@@ -237,12 +241,14 @@ train_ds, steps = augment.training_dataset(paths["train"], targets(labels["train
 val_ds = pipelines.image_dataset(paths["val"], targets(labels["val"]), image_size, batch_size=batch_size)
 schedule = keras.optimizers.schedules.CosineDecay(fine_tune_learning_rate,
                                                   decay_steps=fine_tune_epochs * (steps or len(train_ds)))
-model.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=[keras.metrics.AUC(name="auc")])
+optimizer = keras.optimizers.Adam(schedule, use_ema=ema_momentum is not None, ema_momentum=ema_momentum or 0.99)
+model.compile(optimizer=optimizer, loss=loss, metrics=[keras.metrics.AUC(name="auc")])
 history2 = model.fit(
     train_ds, validation_data=val_ds, steps_per_epoch=steps, shuffle=False,  # the pipeline shuffles
     initial_epoch=len(history1.epoch), epochs=len(history1.epoch) + fine_tune_epochs,
     class_weight=pipelines.class_weights(labels["train"]),
-    callbacks=[
+    callbacks=[  # with EMA, validation and the kept epoch use the averaged weights
+        *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if ema_momentum is not None else []),
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=2, restore_best_weights=True),
     ],
     verbose=2,  # one summary line per epoch, no progress bar

@@ -68,6 +68,8 @@ scratch_epochs: int = 3  # most epochs of the CNN from scratch over augmented im
 fine_tune_epochs: int = 0  # most epochs of fine-tuning the whole ResNet50 backbone, BatchNorm frozen (0: none)
 fine_tune_learning_rate: float = 1e-4  # Adam's initial learning rate when fine-tuning, cosine decay
 images_per_epoch = 640  # type: int|None training images per epoch over images, drawn at random (None: all)
+ensemble_members = []  # type: list[str] models averaged into one: resnet50, scratch_cnn or names of saved models in models_dir
+ensemble_keep: str = "if_better"  # "if_better": kept only if it ranks external validation better than every member; "always"
 label_smoothing: float = 0.0  # share of each ResNet50 target moved towards 0.5 (0.1: 0.05/0.95 instead of 0/1)
 threshold_rule: str = "youden"  # threshold rule on validation, for both models
 remove_cues: bool = True  # centre crop + histogram equalisation in both models, frame-swapped training copies
@@ -83,10 +85,11 @@ import pandas as pd
 from IPython.display import display
 from sklearn.metrics import roc_auc_score
 
-from pneumo_utils.data import augment, datasets, explore, fetch, kermany, pipelines, splits
+from pneumo_utils.data import augment, datasets, explore, kermany, pipelines, splits
 from pneumo_utils.evaluation import metrics, shortcuts, site_shift
+from pneumo_utils.evaluation.ensemble import against_members
 from pneumo_utils.explain import gradcam, plots, report
-from pneumo_utils.model import backbones, features, inference, input_check, preprocessing
+from pneumo_utils.model import backbones, ensemble, features, inference, input_check, preprocessing
 from pneumo_utils.scale import distribute, session
 
 RUN_NAME = "04_resnet_vs_scratch_cnn"
@@ -98,6 +101,7 @@ run = session.setup(  # the data found (the folder given, else data/ or ../share
 data_dir, external_dir = run.data_dir, run.external_dir  # external_dir: None when there is none
 reports_dir, models_dir, cache_dir = run.reports_dir, run.models_dir, run.cache_dir
 strat, batch_size = run.strategy, run.batch_size  # batch_size: per replica -> per step
+saved_members = ensemble.load_members(ensemble_members, models_dir, own=("resnet50", "scratch_cnn"))  # (model, sidecar)
 
 # %% [markdown]
 # ## 1. Explore the data
@@ -289,6 +293,40 @@ if fine_tune_epochs:
     print(f"{judge[2]}: frozen base {auc_frozen:.4f}, fine-tuned {auc_tuned:.4f}; kept: {kept}")
 
 # %% [markdown]
+# ### An ensemble, kept only if it ranks the external images better
+# With `ensemble_members` set (the long profile: this ResNet50 and notebook 03's fine-tuned
+# MobileNetV2), the members' probabilities are averaged in one Keras model. Networks with
+# different backbones make partly independent errors, but the mean of a strong model and a
+# weaker one can also rank a new site's images worse than the strong one alone. So the ensemble
+# joins the comparison below (and may become `best.json`) only if its AUC on external validation
+# is higher than every member's; without an external set, validation decides. Saved members come
+# from the same split (same `seed`), so no member has seen the validation or test images.
+
+# %%
+if ensemble_keep not in ("if_better", "always"):
+    raise ValueError(f"ensemble_keep must be 'if_better' or 'always', got {ensemble_keep!r}")
+if ensemble_members:
+    own = {"resnet50": resnet, "scratch_cnn": scratch}
+    members = [own.get(name) or saved_members[name][0] for name in ensemble_members]
+    sizes = [int(m.inputs[0].shape[1] or saved_members[name][1]["image_size"])  # a free-size input: its sidecar's
+             for name, m in zip(ensemble_members, members, strict=True)]
+    averaged = ensemble.average(members, image_size=max(sizes), sizes=sizes, name="ensemble")
+    judge_paths, judge_labels, judge_name = ((external["path"].tolist(), external["label"].to_numpy(), "external validation")
+                                             if external is not None else (paths["val"], labels["val"], "validation"))
+    table, keep_ensemble = against_members(
+        judge_labels, {name: inference.predict_paths(m, judge_paths, batch_size) for name, m in zip(ensemble_members, members, strict=True)},
+        inference.predict_paths(averaged, judge_paths, batch_size))
+    display(table.rename(columns={"auc": f"{judge_name} AUC"}).round(4))
+    verdict = (f"{judge_name} AUC {table.loc['ensemble', 'auc']:.4f}, best member "
+               f"{table['auc'].drop('ensemble').max():.4f}")
+    why = "it ranks better than every member" if keep_ensemble else "ensemble_keep='always'"
+    keep_ensemble = keep_ensemble or ensemble_keep == "always"
+    print(f"ensemble of {', '.join(ensemble_members)}: {'kept' if keep_ensemble else 'not kept'} ({verdict})")
+    ensemble_recipe = ("ensemble", "mean of " + "; ".join(
+        f"{name}: {saved_members[name][1].get('weights', 'weights not stated')}" if name in saved_members else name
+        for name in ensemble_members), f"mean of the members' probabilities ({verdict}); kept: {why}")
+
+# %% [markdown]
 # Training curves. The CNN from scratch starts from nothing and its BatchNorm statistics need
 # many steps to settle, so its first validation scores are poor; ResNet50's head starts from
 # ImageNet features.
@@ -306,7 +344,9 @@ plots.training_curves(resnet_history.history)
 
 # %%
 candidates = {"CNN from scratch": scratch, "ResNet50 transfer": resnet}
-rules = {"CNN from scratch": threshold_rule, "ResNet50 transfer": threshold_rule}
+if ensemble_members and keep_ensemble:
+    candidates["Ensemble"] = averaged
+rules = {name: threshold_rule for name in candidates}
 proba, looks = {}, {}  # each model's probabilities, and what its input check sees (section 7)
 for name, model in candidates.items():
     for split in ("val", "test"):
@@ -428,6 +468,8 @@ recipes = {
                           f"up to {fine_tune_epochs} epochs of {images_per_epoch or 'all'} images; kept: {kept}; "
                           f"cue removal: {remove_cues}"),
 }
+if "Ensemble" in candidates:
+    recipes["Ensemble"] = ensemble_recipe
 split_description = report.describe_split(index)
 trained = []
 for name, model in candidates.items():

@@ -63,3 +63,51 @@ def test_members_that_cannot_be_averaged_are_refused(members):
         ensemble.average([members[0], three], image_size=64)
     with pytest.raises(ValueError, match="names must differ"):
         ensemble.average([members[0], members[0]], image_size=64)
+
+
+def test_an_ensemble_is_checked_through_its_first_member_with_pooled_features(members, kermany_root):
+    from pneumo_utils.model import input_check
+
+    model = ensemble.average(members[::-1], image_size=64)  # first member: b, 48 px
+    paths = [str(p) for p in sorted((kermany_root / "train" / "NORMAL").iterdir())[:24]]
+    proba, looks = input_check.predict_with_looks(model, paths, batch_size=8)
+    np.testing.assert_allclose(proba, inference.predict_paths(model, paths, 8), rtol=1e-5, atol=1e-6)
+    from pneumo_utils.data.pipelines import load_images
+
+    resized = tf.image.resize(load_images(paths, 64).astype("float32"), (48, 48)).numpy()
+    pooled = keras.Model(members[1].inputs, members[1].get_layer("head_gap").output).predict(resized, verbose=0)
+    np.testing.assert_allclose(looks.features, pooled, rtol=1e-4, atol=1e-5)
+    assert looks.features.shape == (24, members[1].get_layer("head_gap").output.shape[-1])
+    check = input_check.fit(model, paths[:16], paths[16:], components={"features": 2, "thumbnail": 2}, seed=0)
+    assert check.limits and np.isfinite(list(check.limits.values())).all()
+
+
+def test_an_ensemble_is_kept_only_when_it_ranks_better_than_every_member():
+    from pneumo_utils.evaluation.ensemble import against_members
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    a = np.array([0.1, 0.2, 0.6, 0.3, 0.5, 0.7, 0.8, 0.9])  # one negative ranked above a positive
+    b = np.array([0.1, 0.7, 0.2, 0.3, 0.6, 0.5, 0.8, 0.9])  # another one
+    table, keep = against_members(labels, {"a": a, "b": b}, (a + b) / 2)
+    assert keep and table.loc["ensemble", "auc"] == 1.0 and table.loc["a", "auc"] < 1.0
+    strong, weak = labels * 0.8 + 0.1, np.array([0.9, 0.8, 0.95, 0.7, 0.05, 0.3, 0.1, 0.2])  # weak: inverted
+    table, keep = against_members(labels, {"strong": strong, "weak": weak}, (strong + weak) / 2)
+    assert not keep and table.loc["strong", "auc"] == 1.0 > table.loc["ensemble", "auc"]
+    three = np.eye(3)[[0, 1, 2, 0, 1, 2]] * 0.7 + 0.1
+    table, keep = against_members(np.array([0, 1, 2, 0, 1, 2]), {"x": three, "y": three}, three)
+    assert not keep and table.loc["ensemble", "auc"] == table.loc["x", "auc"] == 1.0
+    with pytest.raises(ValueError, match="at least two members"):
+        against_members(labels, {"a": a}, a)
+
+
+def test_saved_members_are_loaded_renamed_and_missing_ones_named(members, tmp_path):
+    path = tmp_path / "03_run.keras"
+    saving.save_model(members[0], path, saving.model_metadata(members[0], threshold=0.5, threshold_rule="fixed 0.5"))
+    loaded = ensemble.load_members(["resnet50", "03_run"], tmp_path, own=("resnet50",))
+    assert list(loaded) == ["03_run"] and loaded["03_run"][0].name == "saved_03_run"
+    assert loaded["03_run"][1]["threshold"] == 0.5
+    assert ensemble.load_members([], tmp_path) == {}
+    with pytest.raises(FileNotFoundError, match=r"not_there\.keras.*run the notebooks that save them first"):
+        ensemble.load_members(["03_run", "not_there"], tmp_path)
+    with pytest.raises(ValueError, match="at least two different members"):
+        ensemble.load_members(["03_run", "03_run"], tmp_path)

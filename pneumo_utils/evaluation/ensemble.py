@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
 
 from pneumo_utils.cli import fail
 from pneumo_utils.evaluation.metrics import choose_threshold, describe_rule
@@ -98,6 +100,35 @@ def combine(
     meta = model_metadata(model, task=task, **info)
     save_model(model, out, meta)
     return meta
+
+
+def against_members(
+    labels: np.ndarray,
+    members: dict[str, np.ndarray],
+    ensemble: np.ndarray,
+) -> tuple[pd.DataFrame, bool]:
+    """AUC of each member and of the ensemble on the same labelled images, and whether the
+    ensemble ranks them better than its best member.
+
+    Why: a mean of a strong model and weaker ones can rank a new site's images worse than the
+    strong model alone (``RESULTS.md``), so an ensemble is kept only when it beats every member
+    on images none of them was fitted on. ``labels``: ``(n,)`` class indices; ``members``: each
+    member's probabilities, ``(n,)`` for a sigmoid or ``(n, K)`` for a softmax; ``ensemble``:
+    the ensemble's, same shape. Macro one-vs-rest AUC for more than two classes. Returns a
+    table (rows: members, then ``"ensemble"``; column ``auc``) and the verdict.
+    """
+    if len(members) < 2:
+        raise ValueError(f"an ensemble has at least two members, got {len(members)}")
+
+    def auc(proba: np.ndarray) -> float:
+        proba = np.asarray(proba)
+        if proba.ndim == 2 and proba.shape[1] > 1:
+            return float(roc_auc_score(labels, proba, multi_class="ovr", average="macro"))
+        return float(roc_auc_score(labels, proba.reshape(-1)))
+
+    table = pd.DataFrame({"auc": {name: auc(p) for name, p in members.items()} | {"ensemble": auc(ensemble)}})
+    best_member = table["auc"].drop("ensemble").max()
+    return table, bool(table.loc["ensemble", "auc"] > best_member)
 
 
 def _chosen_threshold(model, data: str | Path, rule: str, task, batch_size: int) -> dict:

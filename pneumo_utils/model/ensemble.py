@@ -14,6 +14,7 @@ image, as the prediction pipeline would.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import keras
 
@@ -72,3 +73,32 @@ def members_of(model: keras.Model) -> list[keras.Model]:
     except ValueError:
         return []
     return [layer for layer in model.layers if isinstance(layer, keras.Model)]
+
+
+def load_members(names: Sequence[str], models_dir: str | Path, own: Sequence[str] = ()) -> dict[str, tuple]:
+    """The saved models an ensemble names, loaded with their sidecars: ``{name: (model, meta)}``
+    for each of ``names`` not in ``own`` (the calling run's own models), from
+    ``models_dir/NAME.keras``, each renamed ``saved_NAME`` (letters, digits, ``_``) so that
+    members' layer names in the ensemble differ.
+
+    Called before a run trains anything, so a missing member stops it at once. Raises
+    ``ValueError`` for fewer than two names or a repeated one, and ``FileNotFoundError`` naming
+    every missing file and what to do.
+    """
+    from pneumo_utils.model.saving import load_model
+
+    names = list(names)
+    if names and (len(names) < 2 or len(set(names)) != len(names)):
+        raise ValueError(f"an ensemble names at least two different members, got {names}")
+    wanted = {name: Path(models_dir) / f"{name}.keras" for name in names if name not in own}
+    missing = [str(path) for path in wanted.values() if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"ensemble members not found: {', '.join(missing)}; run the notebooks that save them first "
+            f"(the long profile runs 03 before 04), or name only {', '.join(own) or 'saved models'} "
+            "and saved models in the ensemble"
+        )
+    loaded = {name: load_model(path) for name, path in wanted.items()}
+    for name, (model, _) in loaded.items():
+        model.name = "saved_" + "".join(c if c.isalnum() else "_" for c in name)
+    return loaded

@@ -277,16 +277,30 @@ def _decode(text: object, shape: tuple[int, ...], bad) -> np.ndarray:
 
 def feature_model(model):
     """A Keras model giving ``[output, pooled features, thumbnails]`` of ``model`` in one
-    forward pass, or ``None`` when ``model`` has no :data:`FEATURE_LAYER` (an ensemble, a model
-    built elsewhere): such a model has no input check."""
+    forward pass, or ``None`` when neither ``model`` nor any member of it has a
+    :data:`FEATURE_LAYER` (a model built elsewhere): such a model has no input check.
+
+    An ensemble (:func:`pneumo_utils.model.ensemble.average`) is seen through its first member
+    with that layer: its pooled features, on the image resized to that member's input as the
+    ensemble resizes it, so the ensemble's check asks whether an image looks like the images
+    that member was trained on.
+    """
     import keras
 
-    try:
-        layer = model.get_layer(FEATURE_LAYER)
-    except ValueError:
-        return None
+    from pneumo_utils.model.ensemble import members_of
+
     image = model.inputs[0]
     size = int(image.shape[1])
+    try:
+        pooled = model.get_layer(FEATURE_LAYER).output
+    except ValueError:
+        seen = next((m for m in members_of(model) if FEATURE_LAYER in {layer.name for layer in m.layers}), None)
+        if seen is None:
+            return None
+        side = int(seen.inputs[0].shape[1])
+        resized = image if side == size else keras.layers.Resizing(side, side, name="input_check_resize")(image)
+        pooled = keras.Model(seen.inputs, seen.get_layer(FEATURE_LAYER).output,
+                             name="input_check_features")(resized)
     grey = keras.ops.mean(image, axis=-1, keepdims=True)
     if size % THUMBNAIL_SIDE == 0:
         small = keras.layers.AveragePooling2D(pool_size=size // THUMBNAIL_SIDE, name="input_check_thumbnail")(grey)
@@ -294,7 +308,7 @@ def feature_model(model):
         small = keras.layers.Resizing(THUMBNAIL_SIDE, THUMBNAIL_SIDE, interpolation="area",
                                       name="input_check_thumbnail")(grey)
     flat = keras.layers.Flatten(name="input_check_flat")(small)
-    return keras.Model(model.inputs, [model.outputs[0], layer.output, flat])
+    return keras.Model(model.inputs, [model.outputs[0], pooled, flat])
 
 
 def predict_with_looks(model, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, Looks | None]:

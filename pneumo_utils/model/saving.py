@@ -10,6 +10,7 @@ sigmoid unit, P(second class); a three-class model in a softmax with one unit pe
 from __future__ import annotations
 
 import re
+import warnings
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -202,7 +203,10 @@ def load_model(path: str | Path) -> tuple[keras.Model, dict]:
     meta = read_sidecar(meta_file)
     check_fingerprint(meta, path, f"sidecar {meta_file}")
     try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        with warnings.catch_warnings():  # an ensemble's members keep the optimizers they trained with;
+            # compile=False loads none of them, and inference needs none
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer", category=UserWarning)
+            model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:
         text = " ".join(str(exc).split())
         if "safe_mode" in text or "unsafe" in text.lower():

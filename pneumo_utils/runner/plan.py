@@ -59,6 +59,9 @@ VALUE_RULES: dict[str, tuple[str, Any]] = {
     "label_smoothing": ("a number from 0 to below 1", lambda v: _number(v) and 0 <= v < 1),
     "seed": ("an integer from 0 to 2**32 - 1", lambda v: _int(v) and 0 <= v < 2**32),
     "remove_cues": ("true or false", lambda v: isinstance(v, bool)),
+    "ema_momentum": ("null or a number from 0.5 to below 1", lambda v: v is None or (_number(v) and 0.5 <= v < 1)),
+    "ensemble_members": ("a list of model names", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "ensemble_keep": ("if_better or always", lambda v: v in ("if_better", "always")),
 }
 """The ranges of the notebooks' numeric and true/false parameters, checked before any kernel
 starts: a value outside them fails inside a notebook with a Keras traceback, or silently trains
