@@ -101,6 +101,8 @@ run = session.setup(  # the data found (the folder given, else data/ or ../share
 data_dir, external_dir = run.data_dir, run.external_dir  # external_dir: None when there is none
 reports_dir, models_dir, cache_dir = run.reports_dir, run.models_dir, run.cache_dir
 strat, batch_size = run.strategy, run.batch_size  # batch_size: per replica -> per step
+if ensemble_keep not in ("if_better", "always"):
+    raise ValueError(f"ensemble_keep must be 'if_better' or 'always', got {ensemble_keep!r}")
 saved_members = ensemble.load_members(ensemble_members, models_dir, own=("resnet50", "scratch_cnn"))  # (model, sidecar)
 
 # %% [markdown]
@@ -303,18 +305,17 @@ if fine_tune_epochs:
 # from the same split (same `seed`), so no member has seen the validation or test images.
 
 # %%
-if ensemble_keep not in ("if_better", "always"):
-    raise ValueError(f"ensemble_keep must be 'if_better' or 'always', got {ensemble_keep!r}")
 if ensemble_members:
     own = {"resnet50": resnet, "scratch_cnn": scratch}
-    members = [own.get(name) or saved_members[name][0] for name in ensemble_members]
+    members = {name: own[name] if name in own else saved_members[name][0] for name in ensemble_members}
     sizes = [int(m.inputs[0].shape[1] or saved_members[name][1]["image_size"])  # a free-size input: its sidecar's
-             for name, m in zip(ensemble_members, members, strict=True)]
-    averaged = ensemble.average(members, image_size=max(sizes), sizes=sizes, name="ensemble")
-    judge_paths, judge_labels, judge_name = ((external["path"].tolist(), external["label"].to_numpy(), "external validation")
-                                             if external is not None else (paths["val"], labels["val"], "validation"))
+             for name, m in members.items()]
+    averaged = ensemble.average(list(members.values()), image_size=max(sizes), sizes=sizes, name="ensemble")
+    judge_paths, judge_labels, judge_name = (
+        (external["path"].tolist(), external["label"].to_numpy(), "external validation") if external is not None
+        else (paths["val"], labels["val"], "validation"))
     table, keep_ensemble = against_members(
-        judge_labels, {name: inference.predict_paths(m, judge_paths, batch_size) for name, m in zip(ensemble_members, members, strict=True)},
+        judge_labels, {name: inference.predict_paths(m, judge_paths, batch_size) for name, m in members.items()},
         inference.predict_paths(averaged, judge_paths, batch_size))
     display(table.rename(columns={"auc": f"{judge_name} AUC"}).round(4))
     verdict = (f"{judge_name} AUC {table.loc['ensemble', 'auc']:.4f}, best member "
@@ -323,8 +324,8 @@ if ensemble_members:
     keep_ensemble = keep_ensemble or ensemble_keep == "always"
     print(f"ensemble of {', '.join(ensemble_members)}: {'kept' if keep_ensemble else 'not kept'} ({verdict})")
     ensemble_recipe = ("ensemble", "mean of " + "; ".join(
-        f"{name}: {saved_members[name][1].get('weights', 'weights not stated')}" if name in saved_members else name
-        for name in ensemble_members), f"mean of the members' probabilities ({verdict}); kept: {why}")
+        f"{name}: {saved_members[name][1].get('weights', 'weights not stated')}" if name in saved_members
+        else f"{name} of this run" for name in ensemble_members), f"mean of the members' probabilities ({verdict}); kept: {why}")
 
 # %% [markdown]
 # Training curves. The CNN from scratch starts from nothing and its BatchNorm statistics need
