@@ -24,8 +24,11 @@
 # * a small **CNN trained from scratch** (Conv2D, BatchNormalization, MaxPooling, Dropout),
 #   which must learn every feature from a few thousand X-rays;
 # * **ResNet50 transfer learning**: ImageNet weights, a new head trained on the frozen base, then
-#   (`fine_tune_epochs > 0`, the full profile) the whole backbone fine-tuned on the same
+#   (`fine_tune_epochs > 0`, the long profile) the whole backbone fine-tuned on the same
 #   augmented images the CNN sees, as notebook 03 fine-tunes MobileNetV2.
+#
+# With `ensemble_members` (the long profile), ResNet50 is also averaged with notebook 03's
+# fine-tuned network, and the ensemble is kept only if it ranks external validation better.
 #
 # Both are evaluated the same way, side by side. Before that, a **shortcut audit** asks how well
 # trivial image statistics (border darkness, grey-level percentiles) predict the label on this
