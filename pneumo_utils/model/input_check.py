@@ -297,7 +297,7 @@ def feature_model(model):
         seen = next((m for m in members_of(model) if FEATURE_LAYER in {layer.name for layer in m.layers}), None)
         if seen is None:
             return None
-        side = int(seen.inputs[0].shape[1])
+        side = int(seen.inputs[0].shape[1] or size)  # a free-size member: the ensemble's size
         resized = image if side == size else keras.layers.Resizing(side, side, name="input_check_resize")(image)
         pooled = keras.Model(seen.inputs, seen.get_layer(FEATURE_LAYER).output,
                              name="input_check_features")(resized)
