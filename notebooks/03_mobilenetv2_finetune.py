@@ -232,7 +232,8 @@ print(sum(layer.trainable for layer in base.layers), "of", len(base.layers), "ba
 # count continues from phase 1, so both phases share one set of curves.
 # With `ema_momentum` set, the optimizer also keeps an exponential moving average of the weights
 # over the steps (Polyak averaging, Keras's `use_ema`), and validation, the epoch kept and the
-# model saved use those averaged weights, which sit in a flatter region than the last step's.
+# model saved use those averaged weights. On three seeds it did not rank external validation
+# better than the last step's weights (RESULTS.md), so it is off by default.
 
 # %%
 train_ds, steps = augment.training_dataset(paths["train"], targets(labels["train"]), image_size,
@@ -403,8 +404,11 @@ else:
 model_path = Path(models_dir) / f"{run_name}.keras"
 weights_used = report.describe_weights(weights_file)
 split_description = report.describe_split(index, class_names=CLASS_NAMES)
-training = (f"phase 1: head on the frozen base, Adam 1e-3; phase 2: top {unfreeze_layers} layers "
-            f"(BatchNorm frozen), Adam {fine_tune_learning_rate:g}, {augment.describe(augmentation)}; "
+backbone_layers = "every backbone layer" if unfreeze_layers is None else f"the top {unfreeze_layers} backbone layers"
+training = (f"phase 1: head on the frozen base, Adam 1e-3; phase 2: {backbone_layers} "
+            f"(BatchNorm frozen), Adam {fine_tune_learning_rate:g}"
+            f"{f', weights averaged over steps (EMA {ema_momentum:g})' if ema_momentum is not None else ''}, "
+            f"{augment.describe(augmentation)}; "
             f"kept: {kept} ({phase_rule}); cue removal: {remove_cues}")
 _ = report.save_run(
     [report.TrainedModel(
